@@ -1,0 +1,5 @@
+import sys
+
+from conpet.cli import main
+
+sys.exit(main())

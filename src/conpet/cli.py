@@ -1,0 +1,149 @@
+"""The ``conpet`` command line: a thin layer over the Python API.
+
+    conpet run [--config FILE] [--model M] [--learner L] [--benchmark B | --data FILE ...]
+    conpet report DIR [DIR ...] [--plot FILE]
+    conpet benchmarks | learners | pets
+
+Any user error (bad data, bad config, missing model) prints one line ``conpet: error: ...``
+and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from conpet.errors import ConpetError
+
+RUN_FLAGS = [
+    # flag, config key, type, help
+    ("--model", "model", str, "minilm, smollm2, a local HF model folder or a .gguf file (default: minilm)"),
+    ("--learner", "learner", str, "continual learner: sequential, joint, ... (default: sequential)"),
+    ("--benchmark", "data.benchmark", str, "built-in benchmark (default: wordnet-typing; see `conpet benchmarks`)"),
+    ("--data", "data.file", str, "your own JSONL/CSV rows (text, label, optional split/entity/head/tail)"),
+    ("--tasks", "data.tasks", str, "task file: JSON/YAML list of label groups (with --data)"),
+    ("--n-tasks", "data.n_tasks", int, "split the labels of --data into N tasks at random (seeded)"),
+    ("--template", "data.template", str, "prompt template: auto, typing, relation, text"),
+    ("--setting", "data.setting", str, "class-incremental (default) or task-incremental"),
+    ("--max-train-per-class", "data.max_train_per_class", int, "cap on training rows per class"),
+    ("--pet", "pet.method", str, "PET method (default: lora; see `conpet pets`)"),
+    ("--epochs", "train.epochs", int, "epochs per task (default: 3)"),
+    ("--batch-size", "train.batch_size", int, "training batch size (default: 16)"),
+    ("--lr", "train.lr", float, "learning rate of the PET module (default: 1e-3)"),
+    ("--precision", "train.precision", str, "auto (bf16 where the CPU supports it), bf16 or fp32"),
+    ("--threads", "train.threads", int, "torch threads (default: all cores)"),
+    ("--seeds", "seeds", int, "number of seeds; reports mean ± std (default: 1)"),
+    ("--seed", "seed", int, "first seed (default: 0)"),
+    ("--out", "out", str, "run directory (default: runs/<learner>-<pet>-<model>-<data>)"),
+]
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="learn a continual stream and write a run directory",
+                       description="Learn a stream of tasks with a continual learner and a PET method. "
+                                   "Writes config.yaml, metrics.json, summary.md, plots and per-task "
+                                   "adapters (peft format) into the run directory.")
+    p.add_argument("--config", help="YAML config file (flags below override it)")
+    for flag, key, tp, help_text in RUN_FLAGS:
+        p.add_argument(flag, dest=key, type=tp, default=None, help=help_text)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set pet.options.r=4 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (one line per task instead)")
+
+
+def cmd_run(args) -> int:
+    from conpet.config import load_config
+    from conpet.report import metrics_table, per_task_seconds_table
+    from conpet.runner import run
+
+    overrides = {key: getattr(args, key) for _, key, _, _ in RUN_FLAGS}
+    if overrides.get("data.file"):
+        overrides.setdefault("data.benchmark", None)
+    cfg = load_config(args.config, overrides, args.sets)
+    progress = None if not args.no_progress else False
+    metrics = run(cfg, progress=progress)
+    name = f"{cfg.learner}/{cfg.pet.method}/{cfg.model}"
+    print(f"\n{metrics['run']['benchmark']}: {len(metrics['run']['tasks'])} tasks, "
+          f"{cfg.seeds} seed(s), {cfg.data.setting}")
+    print(metrics_table([(name, metrics)]))
+    print()
+    print(per_task_seconds_table([(name, metrics)]))
+    print(f"\nrun directory: {cfg.out}  (summary.md, metrics.json, plots, adapters/)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from conpet.report import load_run, metrics_table, per_task_seconds_table, plot_comparison
+
+    runs = [(Path(d).name, load_run(d)) for d in args.dirs]
+    print(metrics_table(runs))
+    print()
+    print(per_task_seconds_table(runs))
+    plot = Path(args.plot) if args.plot else Path(args.dirs[0]).parent / "comparison.png"
+    plot_comparison(runs, plot)
+    print(f"\ncomparison plot: {plot}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    if args.command == "benchmarks":
+        from conpet.data.benchmarks import BENCHMARKS, benchmark_meta
+
+        for name in BENCHMARKS:
+            meta = benchmark_meta(name)
+            n = sum(sum(c.values()) for c in meta["counts"].values())
+            print(f"{name:20s} {meta['kind']:9s} {len(meta['tasks'])} tasks, {len(meta['counts'])} classes, "
+                  f"{n} rows. {meta['description']}")
+    elif args.command == "learners":
+        from conpet.learners import LEARNERS
+
+        for name, cls in sorted(LEARNERS.items()):
+            doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+            print(f"{name:12s} {doc}")
+    else:
+        from conpet.pet import PET_METHODS
+
+        for name, cls in sorted(PET_METHODS.items()):
+            print(f"{name:12s} {cls.paper}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="conpet", description="Continual parameter-efficient tuning of LLMs.")
+    from conpet import __version__
+
+    parser.add_argument("--version", action="version", version=f"conpet {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub)
+    p = sub.add_parser("report", help="print runs side by side and write a comparison plot",
+                       description="Print the metrics of one or more run directories side by side "
+                                   "and write a comparison plot.")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories (written by `conpet run`)")
+    p.add_argument("--plot", help="comparison plot path (default: comparison.png beside the first DIR)")
+    for name, help_text in [("benchmarks", "list the built-in benchmarks"), ("learners", "list the learners"),
+                            ("pets", "list the PET methods")]:
+        sub.add_parser(name, help=help_text, description=help_text.capitalize() + ".")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    handlers = {"run": cmd_run, "report": cmd_report}
+    try:
+        return handlers.get(args.command, cmd_list)(args)
+    except ConpetError as e:
+        print(f"conpet: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("conpet: interrupted; finished tasks are saved in the run directory", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""One typed configuration tree: YAML in, command-line flags override, saved with every run.
+
+A config file mirrors the dataclasses below, e.g.::
+
+    model: smollm2
+    learner: sequential
+    seeds: 3
+    data: {benchmark: wordnet-typing}
+    pet: {method: lora, options: {r: 8, lora_alpha: 16}}
+    train: {epochs: 3, batch_size: 16}
+
+Unknown keys and wrong types are errors that name the key, so a typo never silently falls back
+to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from conpet.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    benchmark: str | None = "wordnet-typing"
+    """Built-in benchmark name (``conpet benchmarks`` lists them). Ignored when ``file`` is set."""
+    file: str | None = None
+    """Your own JSONL or CSV rows (``text``, ``label``, optional ``split``, ``entity``, ``head``, ``tail``)."""
+    tasks: str | None = None
+    """Task file: a JSON/YAML list of label groups (or a mapping task name -> labels)."""
+    n_tasks: int | None = None
+    """Without a task file: split the labels into this many tasks at random (seeded)."""
+    template: str = "auto"
+    """``typing``, ``relation``, ``text`` or ``auto`` (from the benchmark, or from the row fields)."""
+    setting: str = "class-incremental"
+    """``class-incremental`` (predict over all seen classes) or ``task-incremental`` (task id known)."""
+    split_seed: int = 0
+    """Seed of the automatic task split and of the train/dev/test split of rows without ``split``."""
+    max_train_per_class: int | None = None
+    """Cap on training rows per class (a quick way to shorten a run); ``None`` keeps all."""
+
+
+@dataclass
+class PETConfig:
+    method: str = "lora"
+    """PET method name (``conpet pets`` lists them)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Method options, e.g. ``{r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj]}``."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 16
+    lr: float = 1e-3
+    """Learning rate of the PET parameters."""
+    head_lr: float = 5e-3
+    """Learning rate of the classification head."""
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    max_length: int = 128
+    """Maximum prompt length in tokens (the text is truncated, the template is kept)."""
+    eval_batch_size: int = 64
+    precision: str = "auto"
+    """``auto`` (bf16 autocast where the CPU supports it), ``bf16`` or ``fp32``."""
+    threads: int = 0
+    """torch intra-op threads; 0 = all cores."""
+
+
+@dataclass
+class RunConfig:
+    model: str = "minilm"
+    """``minilm``, ``smollm2``, a local HF model folder, or a ``.gguf`` file."""
+    learner: str = "sequential"
+    """Continual learner (``conpet learners`` lists them)."""
+    seeds: int = 1
+    """Number of seeds; seeds are ``seed, seed+1, ...``."""
+    seed: int = 0
+    out: str | None = None
+    """Run directory; default ``runs/<learner>-<model>-<benchmark>``."""
+    data: DataConfig = field(default_factory=DataConfig)
+    pet: PETConfig = field(default_factory=PETConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    learner_options: dict[str, Any] = field(default_factory=dict)
+    """Options of the chosen learner (see its docstring)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SETTINGS = ("class-incremental", "task-incremental")
+PRECISIONS = ("auto", "bf16", "fp32")
+TEMPLATES = ("auto", "typing", "relation", "text")
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is Any:
+        return True
+    if origin is dict:
+        return isinstance(value, dict)
+    if origin is list:
+        return isinstance(value, list)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def _build(cls: type, values: dict[str, Any], where: str, prefix: str = "") -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: '{prefix.rstrip('.') or 'config'}' must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"{where}: unknown key '{prefix}{key}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, where, f"{prefix}{key}.")
+            continue
+        if tp in (float, float | None):
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            elif isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
+        if not _type_ok(value, tp):
+            raise ConfigError(f"{where}: '{prefix}{key}' must be {_type_name(tp)}, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
+    """Check value ranges; raise ConfigError naming the field."""
+    checks = [
+        (cfg.seeds >= 1, "seeds", "must be >= 1"),
+        (cfg.train.epochs >= 1, "train.epochs", "must be >= 1"),
+        (cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1"),
+        (cfg.train.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1"),
+        (cfg.train.lr > 0, "train.lr", "must be > 0"),
+        (cfg.train.head_lr > 0, "train.head_lr", "must be > 0"),
+        (cfg.train.max_length >= 16, "train.max_length", "must be >= 16"),
+        (cfg.train.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}"),
+        (cfg.data.setting in SETTINGS, "data.setting", f"must be one of {', '.join(SETTINGS)}"),
+        (cfg.data.template in TEMPLATES, "data.template", f"must be one of {', '.join(TEMPLATES)}"),
+        (cfg.data.n_tasks is None or cfg.data.n_tasks >= 1, "data.n_tasks", "must be >= 1"),
+        (cfg.data.max_train_per_class is None or cfg.data.max_train_per_class >= 1,
+         "data.max_train_per_class", "must be >= 1"),
+        (cfg.data.file is not None or cfg.data.benchmark is not None, "data", "set data.benchmark or data.file"),
+    ]
+    for ok, key, msg in checks:
+        if not ok:
+            raise ConfigError(f"{where}: '{key}' {msg}")
+    return cfg
+
+
+def from_dict(values: dict[str, Any], where: str = "config") -> RunConfig:
+    return validate(_build(RunConfig, values or {}, where), where)
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{line}: invalid YAML: {problem}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys to values")
+    return values
+
+
+def set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
+    """``set_dotted(d, "train.epochs", 5)`` sets ``d["train"]["epochs"] = 5``."""
+    keys = dotted.split(".")
+    node = values
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key.sub=value`` (value read as YAML: numbers, lists, null...)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.epochs=5")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None,
+                sets: list[str] | None = None) -> RunConfig:
+    """Build the run config: defaults < YAML file < ``overrides`` (dotted keys) < ``--set`` pairs."""
+    values = load_yaml(path) if path else {}
+    where = str(path) if path else "config"
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            set_dotted(values, dotted, value)
+    for item in sets or []:
+        set_dotted(values, *parse_override(item))
+    return from_dict(values, where)

@@ -1,0 +1,40 @@
+"""Built-in real benchmarks, generated from WordNet 3.0 by ``scripts/build_wordnet_benchmarks.py``.
+
+See ``docs/benchmarks.md`` for how they were built, their sizes and class lists. WordNet's
+licence is in ``LICENSE-WordNet`` beside the data files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conpet.data.stream import Stream
+from conpet.errors import DataError
+
+HERE = Path(__file__).parent
+
+BENCHMARKS: dict[str, str] = {
+    "wordnet-typing": "wordnet_typing",
+    "wordnet-relations": "wordnet_relations",
+}
+
+
+def benchmark_meta(name: str) -> dict:
+    if name not in BENCHMARKS:
+        raise DataError(f"unknown benchmark '{name}' (built in: {', '.join(BENCHMARKS)})")
+    path = HERE / f"{BENCHMARKS[name]}.meta.json"
+    if not path.is_file():
+        raise DataError(f"{path}: benchmark file missing; rebuild with scripts/build_wordnet_benchmarks.py")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_benchmark(name: str, max_train_per_class: int | None = None) -> Stream:
+    """Load a built-in benchmark as a Stream (tasks as listed in its meta file)."""
+    from conpet.data.formats import build_stream, read_rows
+
+    meta = benchmark_meta(name)
+    rows = read_rows(HERE / f"{BENCHMARKS[name]}.jsonl.gz")
+    groups = [(f"task-{i + 1:02d}", list(labels)) for i, labels in enumerate(meta["tasks"])]
+    kind = {"typing": "typing", "relation": "relation"}[meta["kind"]]
+    return build_stream(name, rows, groups, kind, f"{name} meta", max_train_per_class)

@@ -1,0 +1,274 @@
+"""Read rows (JSONL or CSV, optionally gzipped) and task files, validate them, build a Stream.
+
+Every problem is a :class:`DataError` whose message starts with ``file:line`` (or ``file``)
+and says what is wrong; nothing is written anywhere before the data has been validated.
+
+Row fields: ``text`` and ``label`` (required), ``split`` (``train``/``dev``/``test``; all rows
+or none), ``entity``, ``head``, ``tail`` (a string, or ``[start, end]`` character offsets into
+``text``), ``id``. Other fields are kept out of the way (ignored).
+
+Task file: JSON or YAML, either a list of label groups ``[["a", "b"], ["c"]]`` or a mapping
+``{task name: [labels]}``. Without a task file, ``n_tasks`` splits the labels at random (seeded).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from conpet.data.stream import SPLITS, Row, Stream, Task
+from conpet.data.templates import infer_kind
+from conpet.errors import DataError
+
+SPLIT_ALIASES = {"train": "train", "dev": "dev", "valid": "dev", "validation": "dev", "val": "dev", "test": "test"}
+AUTO_SPLIT = (0.7, 0.1, 0.2)
+"""Train/dev/test fractions per class when rows carry no ``split``."""
+MAX_LINE_BYTES = 1_000_000
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
+
+
+def _format_of(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
+    ext = suffixes[-1] if suffixes else ""
+    if ext in (".jsonl", ".json", ".ndjson"):
+        return "jsonl"
+    if ext in (".csv", ".tsv"):
+        return ext[1:]
+    raise DataError(f"{path}: unknown data format '{ext or path.name}' (use .jsonl or .csv, optionally .gz)")
+
+
+def _span(value: Any, text: str, name: str, where: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return value
+    if (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        start, end = value
+        if not 0 <= start < end <= len(text):
+            raise DataError(f"{where}: field '{name}' span {list(value)} is outside the text (length {len(text)})")
+        return text[start:end]
+    raise DataError(f"{where}: field '{name}' must be a string or [start, end] offsets, got {value!r}")
+
+
+def _make_row(record: dict[str, Any], where: str) -> Row:
+    for name in ("text", "label"):
+        if name not in record or record[name] is None or record[name] == "":
+            raise DataError(f"{where}: missing field '{name}'")
+    text = record["text"]
+    if not isinstance(text, str):
+        raise DataError(f"{where}: field 'text' must be a string, got {type(text).__name__}")
+    label = record["label"]
+    if isinstance(label, (int, float)) and not isinstance(label, bool):
+        label = str(label)
+    if not isinstance(label, str):
+        raise DataError(f"{where}: field 'label' must be a string, got {type(label).__name__}")
+    split = record.get("split")
+    if split in (None, ""):
+        split = None
+    elif not isinstance(split, str) or split.lower() not in SPLIT_ALIASES:
+        raise DataError(f"{where}: field 'split' must be one of train, dev, test; got {split!r}")
+    else:
+        split = SPLIT_ALIASES[split.lower()]
+    rid = record.get("id")
+    return Row(
+        text=text,
+        label=label.strip(),
+        split=split,
+        entity=_span(record.get("entity"), text, "entity", where),
+        head=_span(record.get("head"), text, "head", where),
+        tail=_span(record.get("tail"), text, "tail", where),
+        id=None if rid is None else str(rid),
+        where=where,
+    )
+
+
+def read_rows(path: str | Path) -> list[Row]:
+    """Read and validate a JSONL or CSV data file (``.gz`` allowed)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: data file not found")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file")
+    fmt = _format_of(path)
+    rows: list[Row] = []
+    try:
+        with _open_text(path) as f:
+            if fmt == "jsonl":
+                for lineno, line in enumerate(f, 1):
+                    if len(line) > MAX_LINE_BYTES:
+                        raise DataError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES} characters")
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+                    if not isinstance(record, dict):
+                        raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+                    rows.append(_make_row(record, f"{path}:{lineno}"))
+            else:
+                reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
+                if reader.fieldnames is None:
+                    raise DataError(f"{path}: empty file (expected a header line with text,label)")
+                missing = [c for c in ("text", "label") if c not in reader.fieldnames]
+                if missing:
+                    raise DataError(f"{path}:1: header lacks column(s) {', '.join(missing)}")
+                for record in reader:
+                    if None in record:
+                        raise DataError(f"{path}:{reader.line_num}: more values than header columns")
+                    rows.append(_make_row(record, f"{path}:{reader.line_num}"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (OSError, EOFError, csv.Error) as e:
+        raise DataError(f"{path}: cannot read: {e}") from None
+    if not rows:
+        raise DataError(f"{path}: no rows (empty file)")
+    with_split = sum(r.split is not None for r in rows)
+    if 0 < with_split < len(rows):
+        first = next(r for r in rows if r.split is None)
+        raise DataError(f"{first.where}: field 'split' is missing here but set on other rows (set it on all rows or none)")
+    return rows
+
+
+def read_task_file(path: str | Path) -> list[tuple[str, list[str]]]:
+    """Read a task file: a list of label groups, or a mapping task name -> labels."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: task file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        value = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        line = getattr(e, "lineno", None) or (getattr(getattr(e, "problem_mark", None), "line", -1) + 1)
+        raise DataError(f"{path}:{line}: cannot parse task file: {getattr(e, 'msg', None) or e}") from None
+    if isinstance(value, dict) and "tasks" in value and isinstance(value["tasks"], (list, dict)):
+        value = value["tasks"]
+    if isinstance(value, dict):
+        groups = [(str(k), v) for k, v in value.items()]
+    elif isinstance(value, list):
+        groups = [(f"task-{i + 1:02d}", v) for i, v in enumerate(value)]
+    else:
+        raise DataError(f"{path}: expected a list of label lists or a mapping task -> labels")
+    if not groups:
+        raise DataError(f"{path}: no tasks")
+    out = []
+    for name, labels in groups:
+        if not isinstance(labels, list) or not all(isinstance(x, (str, int)) for x in labels):
+            raise DataError(f"{path}: task '{name}' must be a list of labels")
+        if not labels:
+            raise DataError(f"{path}: task '{name}' is empty (no labels)")
+        out.append((name, [str(x).strip() for x in labels]))
+    return out
+
+
+def split_labels(labels: list[str], n_tasks: int, seed: int) -> list[tuple[str, list[str]]]:
+    """Shuffle labels with ``seed`` and deal them into ``n_tasks`` groups of near-equal size."""
+    if n_tasks > len(labels):
+        raise DataError(f"--n-tasks {n_tasks}: more tasks than labels ({len(labels)})")
+    order = sorted(labels)
+    random.Random(seed).shuffle(order)
+    base, extra = divmod(len(order), n_tasks)
+    groups, start = [], 0
+    for i in range(n_tasks):
+        size = base + (1 if i < extra else 0)
+        groups.append((f"task-{i + 1:02d}", order[start:start + size]))
+        start += size
+    return groups
+
+
+def _assign_splits(rows: list[Row], seed: int) -> list[Row]:
+    """Give rows without a split a per-class 70/10/20 train/dev/test split (seeded)."""
+    by_label: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_label.setdefault(r.label, []).append(i)
+    rng = random.Random(seed)
+    split_of = {}
+    for label in sorted(by_label):
+        idx = by_label[label][:]
+        rng.shuffle(idx)
+        n = len(idx)
+        n_test = max(1, round(n * AUTO_SPLIT[2])) if n >= 3 else 0
+        n_dev = max(1, round(n * AUTO_SPLIT[1])) if n >= 5 else 0
+        for k, i in enumerate(idx):
+            split_of[i] = "test" if k < n_test else "dev" if k < n_test + n_dev else "train"
+    from dataclasses import replace
+    return [replace(r, split=split_of[i]) for i, r in enumerate(rows)]
+
+
+def build_stream(name: str, rows: list[Row], groups: list[tuple[str, list[str]]], kind: str,
+                 task_source: str = "task file", max_train_per_class: int | None = None,
+                 seed: int = 0) -> Stream:
+    """Check that tasks are class-disjoint and cover the data, then index rows into tasks."""
+    owner: dict[str, str] = {}
+    for task_name, labels in groups:
+        for label in labels:
+            if label in owner:
+                other = owner[label]
+                where = f"tasks '{other}' and '{task_name}'" if other != task_name else f"task '{task_name}' twice"
+                raise DataError(f"{task_source}: label '{label}' is in {where} (tasks must be class-disjoint)")
+            owner[label] = task_name
+    for r in rows:
+        if r.label not in owner:
+            raise DataError(f"{r.where}: label '{r.label}' is in no task of {task_source}")
+    if rows and rows[0].split is None:
+        rows = _assign_splits(rows, seed)
+    index = {label: t for t, (_, labels) in enumerate(groups) for label in labels}
+    tasks = [Task(name=n, labels=tuple(labels)) for n, labels in groups]
+    per_class_train: dict[str, int] = {}
+    for i, r in enumerate(rows):
+        task = tasks[index[r.label]]
+        if r.split == "train" and max_train_per_class is not None:
+            if per_class_train.get(r.label, 0) >= max_train_per_class:
+                continue
+            per_class_train[r.label] = per_class_train.get(r.label, 0) + 1
+        task.split(r.split).append(i)
+    present = {r.label for r in rows}
+    for task in tasks:
+        empty = [label for label in task.labels if label not in present]
+        if empty:
+            raise DataError(f"{task_source}: task '{task.name}' label '{empty[0]}' has no rows in the data")
+        for split in ("train", "test"):
+            if not task.split(split):
+                raise DataError(f"{task_source}: task '{task.name}' has no {split} rows")
+    return Stream(name=name, kind=kind, rows=rows, tasks=tasks)
+
+
+def load_stream(data_cfg) -> Stream:
+    """Build the stream described by a :class:`conpet.config.DataConfig`."""
+    from conpet.data.benchmarks import load_benchmark
+
+    if data_cfg.file is None:
+        stream = load_benchmark(data_cfg.benchmark, max_train_per_class=data_cfg.max_train_per_class)
+        if data_cfg.template not in ("auto", stream.kind):
+            stream.kind = data_cfg.template
+        return stream
+    path = Path(data_cfg.file)
+    rows = read_rows(path)
+    if data_cfg.tasks:
+        groups = read_task_file(data_cfg.tasks)
+        source = str(data_cfg.tasks)
+    elif data_cfg.n_tasks:
+        groups = split_labels(sorted({r.label for r in rows}), data_cfg.n_tasks, data_cfg.split_seed)
+        source = f"--n-tasks {data_cfg.n_tasks}"
+    else:
+        raise DataError(f"{path}: give a task file (--tasks FILE) or a number of tasks (--n-tasks N)")
+    kind = infer_kind(rows) if data_cfg.template == "auto" else data_cfg.template
+    return build_stream(path.stem, rows, groups, kind, source, data_cfg.max_train_per_class, data_cfg.split_seed)
+
+
+__all__ = ["read_rows", "read_task_file", "split_labels", "build_stream", "load_stream", "SPLITS"]

@@ -1,0 +1,70 @@
+"""The continual-learning vocabulary: a Row, a Task (a set of labels with train/dev/test rows)
+and a Stream (an ordered list of class-disjoint tasks).
+
+Tasks hold *indices* into ``Stream.rows`` so that every row is tokenized once per run and
+shared by every learner, replay buffer and evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SPLITS = ("train", "dev", "test")
+
+
+@dataclass(frozen=True)
+class Row:
+    text: str
+    label: str
+    split: str | None = None
+    entity: str | None = None
+    head: str | None = None
+    tail: str | None = None
+    id: str | None = None
+    where: str = ""
+    """``file:line`` the row came from, for error messages."""
+
+
+@dataclass
+class Task:
+    name: str
+    labels: tuple[str, ...]
+    train: list[int] = field(default_factory=list)
+    dev: list[int] = field(default_factory=list)
+    test: list[int] = field(default_factory=list)
+
+    def split(self, name: str) -> list[int]:
+        return {"train": self.train, "dev": self.dev, "test": self.test}[name]
+
+
+@dataclass
+class Stream:
+    name: str
+    kind: str
+    """Prompt template kind: ``typing``, ``relation`` or ``text``."""
+    rows: list[Row]
+    tasks: list[Task]
+
+    def __post_init__(self) -> None:
+        self.labels: list[str] = [label for task in self.tasks for label in task.labels]
+        self.label_index: dict[str, int] = {label: i for i, label in enumerate(self.labels)}
+        self.task_of_label: dict[str, int] = {
+            label: t for t, task in enumerate(self.tasks) for label in task.labels
+        }
+        self.targets: list[int] = [self.label_index.get(row.label, -1) for row in self.rows]
+
+    def seen_labels(self, t: int) -> list[str]:
+        """Labels of tasks 0..t, in the head's column order."""
+        return [label for task in self.tasks[: t + 1] for label in task.labels]
+
+    def class_range(self, t: int) -> tuple[int, int]:
+        """Column range [start, end) of task t's classes in the global label order."""
+        start = sum(len(task.labels) for task in self.tasks[:t])
+        return start, start + len(self.tasks[t].labels)
+
+    def describe(self) -> str:
+        sizes = ", ".join(
+            f"{task.name}: {len(task.labels)} classes {len(task.train)}/{len(task.dev)}/{len(task.test)}"
+            for task in self.tasks
+        )
+        return f"{self.name} ({self.kind}, {len(self.tasks)} tasks, {len(self.labels)} classes; train/dev/test: {sizes})"

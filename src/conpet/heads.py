@@ -1,0 +1,53 @@
+"""A linear classification head over the classes seen so far, growing as tasks arrive."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+class GrowingHead(nn.Module):
+    """``logits = features @ weight.T + bias`` over the labels added so far (in arrival order).
+
+    Unseen classes have no column, so they can never be predicted.
+    """
+
+    def __init__(self, hidden_size: int, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.init_std = init_std
+        self.labels: list[str] = []
+        self.weight = nn.Parameter(torch.zeros(0, hidden_size))
+        self.bias = nn.Parameter(torch.zeros(0))
+
+    def grow(self, labels: list[str], generator: torch.Generator | None = None) -> None:
+        """Append a column for each new label; existing columns keep their values."""
+        new = [label for label in labels if label not in self.labels]
+        if not new:
+            return
+        rows = torch.randn(len(new), self.hidden_size, generator=generator) * self.init_std
+        self.weight = nn.Parameter(torch.cat([self.weight.data, rows.to(self.weight.device)]))
+        self.bias = nn.Parameter(torch.cat([self.bias.data, torch.zeros(len(new), device=self.bias.device)]))
+        self.labels.extend(new)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(features.float(), self.weight, self.bias)
+
+    def save(self, folder: Path) -> None:
+        save_file({"weight": self.weight.detach().contiguous(), "bias": self.bias.detach().contiguous()},
+                  str(folder / "head.safetensors"))
+        (folder / "head.json").write_text(json.dumps({"labels": self.labels, "hidden_size": self.hidden_size}, indent=2))
+
+    @classmethod
+    def load(cls, folder: Path) -> "GrowingHead":
+        meta = json.loads((folder / "head.json").read_text())
+        head = cls(meta["hidden_size"])
+        tensors = load_file(str(folder / "head.safetensors"))
+        head.weight = nn.Parameter(tensors["weight"])
+        head.bias = nn.Parameter(tensors["bias"])
+        head.labels = list(meta["labels"])
+        return head

@@ -1,0 +1,92 @@
+"""From rows to tensors: prompts, tokenization (once per run), length buckets, padding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from conpet.data.stream import Row
+from conpet.data.templates import cloze_parts
+
+
+@dataclass
+class Encoded:
+    """Token ids and cloze position of every row of a stream (index = row index)."""
+
+    ids: list[list[int]]
+    cloze_pos: list[int]
+
+    def lengths(self, indices) -> np.ndarray:
+        return np.fromiter((len(self.ids[i]) for i in indices), dtype=np.int64)
+
+
+def encode_rows(rows: list[Row], kind: str, tokenizer, is_decoder: bool, max_length: int) -> Encoded:
+    """Tokenize every row's cloze prompt; the text is truncated, the template never is.
+
+    Encoder: ``[CLS] text before [MASK] after [SEP]``; the cloze position is the mask token.
+    Decoder: ``text before``; the cloze position is the last token.
+    """
+    parts = [cloze_parts(r, kind) for r in rows]
+    texts = [r.text for r in rows]
+    if is_decoder:
+        suffixes = [" " + before.rstrip() for before, _ in parts]
+    else:
+        suffixes = [" " + before + tokenizer.mask_token + after for before, after in parts]
+    text_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    suffix_ids = tokenizer(suffixes, add_special_tokens=False)["input_ids"]
+    ids, pos = [], []
+    if is_decoder:
+        bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else []
+        for t, s in zip(text_ids, suffix_ids):
+            budget = max(0, max_length - len(s) - len(bos))
+            seq = bos + t[:budget] + s
+            ids.append(seq)
+            pos.append(len(seq) - 1)
+    else:
+        cls, sep, mask = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id
+        for t, s in zip(text_ids, suffix_ids):
+            budget = max(0, max_length - len(s) - 2)
+            seq = [cls] + t[:budget] + s + [sep]
+            ids.append(seq)
+            pos.append(seq.index(mask))
+    return Encoded(ids=ids, cloze_pos=pos)
+
+
+def collate(encoded: Encoded, indices, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its own longest row (dynamic padding)."""
+    seqs = [encoded.ids[i] for i in indices]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        input_ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+        attention[r, : len(s)] = 1
+    pos = torch.tensor([encoded.cloze_pos[i] for i in indices], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention, "cloze_pos": pos}
+
+
+def length_bucketed_batches(indices, lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
+                            pool_batches: int = 50) -> list[list[int]]:
+    """Shuffle, then sort by length inside pools of ``pool_batches`` batches, then shuffle batches.
+
+    Rows of similar length share a batch (little padding) while the order stays random.
+    """
+    indices = np.asarray(list(indices))
+    order = rng.permutation(len(indices))
+    pool = batch_size * pool_batches
+    batches = []
+    for start in range(0, len(order), pool):
+        chunk = order[start:start + pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches.extend(indices[chunk[i:i + batch_size]].tolist() for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def sorted_batches(indices, lengths: np.ndarray, batch_size: int) -> list[list[int]]:
+    """Evaluation batches: sorted by length, no shuffling."""
+    indices = np.asarray(list(indices))
+    order = np.argsort(lengths, kind="stable")
+    return [indices[order[i:i + batch_size]].tolist() for i in range(0, len(order), batch_size)]

@@ -1,0 +1,169 @@
+"""Learners as small plugins: a registry, the shared run context, and the one-module base.
+
+A learner implements:
+
+- ``learn(t)``: learn task ``t`` of the stream (through :func:`conpet.learners.loop.fit`);
+- ``logits(indices)``: logits over the classes seen so far, in the stream's label order;
+- ``save(t, folder)``: write its modules after task ``t`` (peft adapter + head);
+- ``tunable_params()`` and ``close()``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from conpet.backbone import Backbone, cloze_features
+from conpet.config import RunConfig
+from conpet.data.stream import Stream
+from conpet.errors import ConfigError
+from conpet.heads import GrowingHead
+from conpet.inputs import Encoded, collate, length_bucketed_batches
+from conpet.learners.loop import FitStats, fit
+from conpet.pet.base import PETMethod
+
+LEARNERS: dict[str, type["Learner"]] = {}
+
+
+def register_learner(name: str) -> Callable[[type["Learner"]], type["Learner"]]:
+    def wrap(cls: type["Learner"]) -> type["Learner"]:
+        cls.name = name
+        LEARNERS[name] = cls
+        return cls
+
+    return wrap
+
+
+@dataclass
+class Context:
+    """Everything a learner needs, built once per seed by the runner."""
+
+    cfg: RunConfig
+    stream: Stream
+    backbone: Backbone
+    encoded: Encoded
+    pet: PETMethod
+    seed: int
+    precision: str
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.seed)
+        self.torch_gen = torch.Generator().manual_seed(self.seed)
+        self.targets_all = torch.tensor(self.stream.targets, dtype=torch.long)
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return collate(self.encoded, indices, self.backbone.pad_id)
+
+    def targets(self, indices: list[int]) -> torch.Tensor:
+        return self.targets_all[indices]
+
+    def epoch_batches(self, indices: list[int], epochs: int | None = None) -> list[list[int]]:
+        """``epochs`` passes over ``indices`` in length-bucketed random batches."""
+        lengths = self.encoded.lengths(range(len(self.encoded.ids)))
+        out: list[list[int]] = []
+        for _ in range(epochs or self.cfg.train.epochs):
+            out.extend(length_bucketed_batches(indices, lengths[indices], self.cfg.train.batch_size, self.rng))
+        return out
+
+
+class Learner:
+    name: ClassVar[str] = "?"
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.last_fit: FitStats | None = None
+
+    def learn(self, t: int) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def logits(self, indices: list[int]) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def save(self, t: int, folder: Path) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def tunable_params(self) -> dict[str, int]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Give the backbone back untouched (remove every PET module)."""
+
+
+class OneModuleLearner(Learner):
+    """One PET module + one growing head, trained with cross-entropy over all seen classes."""
+
+    module_name = "default"
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.model = None
+        self.head = GrowingHead(ctx.backbone.hidden_size)
+
+    def new_module(self) -> None:
+        """(Re)create a freshly initialised PET module and an empty head."""
+        if self.model is not None:
+            self.ctx.backbone.model = self.ctx.pet.detach(self.model)
+        torch.manual_seed(int(self.ctx.rng.integers(2**31)))
+        self.model = self.ctx.pet.attach(self.ctx.backbone.model, self.module_name)
+        self.head = GrowingHead(self.ctx.backbone.hidden_size)
+
+    def logits(self, indices: list[int]) -> torch.Tensor:
+        features = cloze_features(self.model, self.ctx.batch(indices))
+        return self.head(features)
+
+    def loss(self, indices: list[int]) -> torch.Tensor:
+        return F.cross_entropy(self.logits(indices), self.ctx.targets(indices))
+
+    def train_on(self, indices: list[int], desc: str) -> FitStats:
+        self.model.train()
+        train = self.ctx.cfg.train
+        groups = [
+            {"params": self.ctx.pet.parameters(self.model, self.module_name), "lr": train.lr},
+            {"params": list(self.head.parameters()), "lr": train.head_lr},
+        ]
+        stats = fit(self.loss, groups, self.ctx.epoch_batches(indices), train, self.ctx.precision,
+                    desc=desc, progress=self.ctx.progress)
+        self.model.eval()
+        self.last_fit = stats
+        return stats
+
+    def save(self, t: int, folder: Path) -> None:
+        self.ctx.pet.save(self.model, self.module_name, folder)
+        self.head.save(folder)
+        meta = {
+            "learner": self.name,
+            "task": self.ctx.stream.tasks[t].name,
+            "task_index": t,
+            "pet": self.ctx.pet.name,
+            "pet_options": self.ctx.pet.options,
+            "module": self.module_name,
+            "model": self.ctx.cfg.model,
+            "backbone_path": str(self.ctx.backbone.path),
+            "backbone_fingerprint": self.ctx.backbone.fingerprint,
+            "template": self.ctx.stream.kind,
+            "labels": self.head.labels,
+        }
+        (folder / "conpet.json").write_text(json.dumps(meta, indent=2))
+
+    def tunable_params(self) -> dict[str, int]:
+        pet = self.ctx.pet.count(self.model, self.module_name)
+        head = sum(p.numel() for p in self.head.parameters())
+        return {"pet_params": pet, "head_params": head, "tunable_params": pet + head}
+
+    def close(self) -> None:
+        if self.model is not None:
+            self.ctx.backbone.model = self.ctx.pet.detach(self.model)
+            self.model = None
+
+
+def get_learner(name: str) -> type[Learner]:
+    if name not in LEARNERS:
+        raise ConfigError(f"learner: unknown learner '{name}' (available: {', '.join(sorted(LEARNERS))})")
+    return LEARNERS[name]

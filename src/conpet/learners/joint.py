@@ -1,0 +1,20 @@
+"""``joint``: multi-task training on every task seen so far (the upper bound).
+
+At step t a fresh PET module and head are trained from scratch on the union of the training
+rows of tasks 1..t for the configured number of epochs. Its cost grows with t; that is the
+point of comparison for learners whose cost does not.
+"""
+
+from __future__ import annotations
+
+from conpet.learners.base import OneModuleLearner, register_learner
+
+
+@register_learner("joint")
+class Joint(OneModuleLearner):
+    def learn(self, t: int) -> None:
+        self.new_module()
+        stream = self.ctx.stream
+        self.head.grow(stream.seen_labels(t), self.ctx.torch_gen)
+        rows = [i for task in stream.tasks[: t + 1] for i in task.train]
+        self.train_on(rows, desc=f"joint 1..{t + 1} train")

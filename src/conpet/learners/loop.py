@@ -1,0 +1,111 @@
+"""THE training loop, and evaluation. Every learner trains through :func:`fit`.
+
+A learner gives ``fit`` three things: the batches to run (lists of row indices, all epochs
+already laid out, so replay schedules are just other lists), the parameter groups to optimize,
+and a ``loss_fn(indices) -> loss``. ``fit`` does the rest: autocast, backward, clipping, the
+optimizer step and a progress bar with loss and ETA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from conpet.config import TrainConfig
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> ``bf16`` where the CPU runs it natively, else ``fp32``."""
+    if precision == "auto":
+        return "bf16" if cpu_supports_bf16() else "fp32"
+    return precision
+
+
+def autocast(precision: str):
+    """bf16 autocast on CPU (weights stay fp32); a no-op context for fp32."""
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class FitStats:
+    steps: int = 0
+    seconds: float = 0.0
+    samples: int = 0
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def final_loss(self) -> float:
+        tail = self.losses[-20:]
+        return sum(tail) / len(tail) if tail else float("nan")
+
+
+def fit(
+    loss_fn: Callable[[list[int]], torch.Tensor],
+    param_groups: list[dict],
+    batches: list[list[int]],
+    train: TrainConfig,
+    precision: str,
+    desc: str = "train",
+    progress: bool = True,
+    after_step: Iterable[Callable[[int], None]] = (),
+) -> FitStats:
+    """Run one optimizer step per batch; return timing and loss statistics."""
+    params = [p for g in param_groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=train.weight_decay)
+    stats = FitStats()
+    start = time.perf_counter()
+    bar = tqdm(batches, desc=desc, unit="step", leave=False, disable=not progress, dynamic_ncols=True)
+    for step, indices in enumerate(bar):
+        with autocast(precision):
+            loss = loss_fn(indices)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
+        optimizer.step()
+        for hook in after_step:
+            hook(step)
+        stats.losses.append(loss.item())
+        stats.steps += 1
+        stats.samples += len(indices)
+        if step % 5 == 0:
+            bar.set_postfix(loss=f"{stats.final_loss:.3f}")
+    bar.close()
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+@torch.no_grad()
+def predict(logits_fn: Callable[[list[int]], torch.Tensor], batches: list[list[int]], precision: str,
+            allowed: tuple[int, int] | None = None) -> dict[int, int]:
+    """Argmax prediction (a global class index) for every row index in ``batches``.
+
+    ``allowed`` restricts the argmax to a column range (task-incremental evaluation).
+    """
+    out: dict[int, int] = {}
+    for indices in batches:
+        with autocast(precision):
+            logits = logits_fn(indices).float()
+        if allowed is not None:
+            masked = torch.full_like(logits, float("-inf"))
+            masked[:, allowed[0]:allowed[1]] = logits[:, allowed[0]:allowed[1]]
+            logits = masked
+        for i, p in zip(indices, logits.argmax(dim=-1).tolist()):
+            out[i] = p
+    return out

@@ -1,0 +1,19 @@
+"""``sequential``: one PET module trained on task after task, no replay.
+
+ConPET's "PET-only" lower bound: the shared module and the growing head see only the current
+task's rows, so earlier tasks are forgotten as far as the backbone's plasticity allows.
+"""
+
+from __future__ import annotations
+
+from conpet.learners.base import OneModuleLearner, register_learner
+
+
+@register_learner("sequential")
+class Sequential(OneModuleLearner):
+    def learn(self, t: int) -> None:
+        if self.model is None:
+            self.new_module()
+        task = self.ctx.stream.tasks[t]
+        self.head.grow(list(task.labels), self.ctx.torch_gen)
+        self.train_on(task.train, desc=f"{task.name} train")

@@ -1,0 +1,83 @@
+"""The PET interface: attach named modules to a frozen backbone, train, save, load, detach.
+
+A learner never touches a PET method's internals; it asks for:
+
+- ``attach(model, name)``: wrap the frozen backbone with a first module called ``name``;
+- ``add(model, name)``: add another module (one per task, a selector...) to the same backbone;
+- ``activate(model, name)``: route the forward pass through module ``name``;
+- ``parameters(model, name)``: the tensors to optimize;
+- ``save(model, name, folder)`` / ``load(model, folder, name)``;
+- ``detach(model)``: give the untouched backbone back.
+
+Methods register with ``@register_pet("name")`` and are built by :func:`get_pet`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+from torch import nn
+
+from conpet.errors import ConfigError
+
+PET_METHODS: dict[str, type["PETMethod"]] = {}
+
+
+def register_pet(name: str) -> Callable[[type["PETMethod"]], type["PETMethod"]]:
+    def wrap(cls: type["PETMethod"]) -> type["PETMethod"]:
+        cls.name = name
+        PET_METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+class PETMethod(ABC):
+    name: ClassVar[str] = "?"
+    paper: ClassVar[str] = ""
+
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        self.options = dict(options or {})
+
+    @abstractmethod
+    def attach(self, model: nn.Module, name: str) -> nn.Module:
+        """Wrap ``model`` with a first module ``name``; return the wrapped model."""
+
+    @abstractmethod
+    def add(self, model: nn.Module, name: str) -> None:
+        """Add a fresh module ``name`` to an already wrapped model."""
+
+    @abstractmethod
+    def activate(self, model: nn.Module, name: str) -> None:
+        """Make ``name`` the module used by the forward pass."""
+
+    @abstractmethod
+    def parameters(self, model: nn.Module, name: str) -> list[nn.Parameter]:
+        """Trainable tensors of module ``name``."""
+
+    @abstractmethod
+    def save(self, model: nn.Module, name: str, folder: Path) -> None:
+        """Write module ``name`` into ``folder`` (which exists and is empty)."""
+
+    @abstractmethod
+    def load(self, model: nn.Module, folder: Path, name: str) -> None:
+        """Load a saved module from ``folder`` under the name ``name``."""
+
+    @abstractmethod
+    def remove(self, model: nn.Module, name: str) -> None:
+        """Delete module ``name``."""
+
+    @abstractmethod
+    def detach(self, model: nn.Module) -> nn.Module:
+        """Remove every module and return the unchanged backbone."""
+
+    def count(self, model: nn.Module, name: str) -> int:
+        return sum(p.numel() for p in self.parameters(model, name))
+
+
+def get_pet(method: str, options: dict[str, Any] | None = None) -> PETMethod:
+    if method not in PET_METHODS:
+        raise ConfigError(f"pet.method: unknown PET method '{method}' (available: {', '.join(sorted(PET_METHODS))})")
+    return PET_METHODS[method](options)

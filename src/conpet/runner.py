@@ -1,0 +1,174 @@
+"""Run a continual stream: for each seed, learn task after task and fill the accuracy matrix.
+
+This is the library entry point behind ``conpet run``::
+
+    from conpet import RunConfig, run
+    cfg = RunConfig(model="minilm", learner="sequential")
+    metrics = run(cfg)            # writes the run directory, returns the aggregate metrics
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from conpet import metrics as M
+from conpet.backbone import Backbone, load_backbone
+from conpet.config import RunConfig
+from conpet.data.formats import load_stream
+from conpet.data.stream import Stream
+from conpet.errors import ConpetError
+from conpet.inputs import Encoded, encode_rows, sorted_batches
+from conpet.learners import Context, get_learner
+from conpet.learners.loop import predict, resolve_precision
+from conpet.pet import get_pet
+from conpet.runs import adapter_dir, atomic_directory, atomic_write_json, atomic_write_text, seed_dir
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def default_out(cfg: RunConfig) -> Path:
+    data = cfg.data.benchmark if cfg.data.file is None else Path(cfg.data.file).stem
+    model = Path(cfg.model).stem if cfg.model not in ("minilm", "smollm2") else cfg.model
+    return Path("runs") / f"{cfg.learner}-{cfg.pet.method}-{model}-{data}"
+
+
+def check_out_dir(out: Path) -> None:
+    """Fail before any training when the run directory cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".conpet-write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConpetError(f"{out}: cannot write the run directory ({e.strerror})") from None
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def evaluate(learner, ctx: Context, t: int) -> tuple[list[float], list[int]]:
+    """Accuracy on the test set of every task 0..t, predicting over all seen classes
+    (or only the task's classes in the task-incremental setting)."""
+    stream = ctx.stream
+    lengths = ctx.encoded.lengths(range(len(ctx.encoded.ids)))
+    accs, counts = [], []
+    for j in range(t + 1):
+        test = stream.tasks[j].test
+        allowed = stream.class_range(j) if ctx.cfg.data.setting == "task-incremental" else None
+        batches = sorted_batches(test, lengths[test], ctx.cfg.train.eval_batch_size)
+        preds = predict(learner.logits, batches, ctx.precision, allowed)
+        correct = sum(preds[i] == stream.targets[i] for i in test)
+        accs.append(correct / len(test))
+        counts.append(len(test))
+    return accs, counts
+
+
+def run_seed(cfg: RunConfig, stream: Stream, backbone: Backbone, encoded: Encoded, seed: int,
+             out: Path, progress: bool = True) -> dict:
+    """Learn the whole stream with one seed; write adapters and metrics under ``out/seed-<seed>``."""
+    set_seed(seed)
+    precision = resolve_precision(cfg.train.precision)
+    pet = get_pet(cfg.pet.method, cfg.pet.options)
+    ctx = Context(cfg=cfg, stream=stream, backbone=backbone, encoded=encoded, pet=pet, seed=seed,
+                  precision=precision, progress=progress)
+    learner = get_learner(cfg.learner)(ctx)
+    T = len(stream.tasks)
+    matrix: list[list[float | None]] = []
+    counts: list[int] = []
+    train_seconds: list[float] = []
+    eval_seconds: list[float] = []
+    train_samples: list[int] = []
+    sdir = seed_dir(out, seed)
+    bar = tqdm(range(T), desc=f"seed {seed}", unit="task", disable=not progress, dynamic_ncols=True)
+    try:
+        for t in bar:
+            task = stream.tasks[t]
+            bar.set_description(f"seed {seed} task {t + 1}/{T}")
+            start = time.perf_counter()
+            learner.learn(t)
+            train_seconds.append(time.perf_counter() - start)
+            train_samples.append(learner.last_fit.samples if learner.last_fit else 0)
+            start = time.perf_counter()
+            accs, counts = evaluate(learner, ctx, t)
+            eval_seconds.append(time.perf_counter() - start)
+            matrix.append(accs + [None] * (T - t - 1))
+            with atomic_directory(adapter_dir(out, seed, task.name)) as tmp:
+                learner.save(t, tmp)
+            atomic_write_json(sdir / "state.json", {
+                "finished_tasks": t + 1, "accuracy_matrix": matrix, "train_seconds": train_seconds,
+            })
+            bar.set_postfix(avg_acc=f"{100 * sum(accs) / len(accs):.1f}")
+            if not progress:
+                print(f"seed {seed} task {t + 1}/{T} {task.name}: train {train_seconds[-1]:.1f}s, "
+                      f"avg acc {100 * sum(accs) / len(accs):.2f}%", file=sys.stderr)
+        params = learner.tunable_params()
+    finally:
+        learner.close()
+    result = M.summarize(matrix, counts)
+    result.update({
+        "accuracy_matrix": matrix,
+        "test_counts": counts,
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "train_samples": train_samples,
+        **params,
+        "backbone_params": backbone.n_params,
+        "tunable_ratio": params["tunable_params"] / backbone.n_params,
+        "peak_rss_mb": peak_rss_mb(),
+        "seed": seed,
+        "precision": precision,
+    })
+    atomic_write_json(sdir / "metrics.json", result)
+    return result
+
+
+def prepare(cfg: RunConfig) -> tuple[Stream, Backbone, Encoded]:
+    """Load and validate the data (first: bad data fails fast), then the backbone; tokenize once."""
+    stream = load_stream(cfg.data)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    backbone = load_backbone(cfg.model)
+    encoded = encode_rows(stream.rows, stream.kind, backbone.tokenizer, backbone.is_decoder, cfg.train.max_length)
+    return stream, backbone, encoded
+
+
+def run(cfg: RunConfig, progress: bool | None = None) -> dict:
+    """Run ``cfg.seeds`` seeds of the stream; write the run directory; return aggregate metrics."""
+    from conpet.report import write_run_report
+
+    if progress is None:
+        progress = sys.stderr.isatty() and os.environ.get("CONPET_PROGRESS", "1") != "0"
+    get_learner(cfg.learner)
+    get_pet(cfg.pet.method, cfg.pet.options)
+    stream, backbone, encoded = prepare(cfg)
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    cfg.out = str(out)
+    check_out_dir(out)
+    atomic_write_text(out / "config.yaml", cfg.to_yaml())
+    per_seed = [run_seed(cfg, stream, backbone, encoded, cfg.seed + k, out, progress) for k in range(cfg.seeds)]
+    metrics = M.aggregate_seeds(per_seed)
+    metrics["run"] = {
+        "learner": cfg.learner,
+        "pet": cfg.pet.method,
+        "model": cfg.model,
+        "benchmark": stream.name,
+        "tasks": [t.name for t in stream.tasks],
+        "setting": cfg.data.setting,
+    }
+    atomic_write_json(out / "metrics.json", metrics)
+    write_run_report(out, metrics)
+    return metrics

@@ -1,0 +1,119 @@
+import json
+
+import pytest
+
+from conpet.config import DataConfig
+from conpet.data.formats import build_stream, load_stream, read_rows, read_task_file, split_labels
+from conpet.data.stream import Row
+from conpet.errors import DataError
+
+
+def test_stream_from_files_indexes_rows_into_tasks(typing_data):
+    data, tasks = typing_data
+    stream = load_stream(DataConfig(file=str(data), tasks=str(tasks)))
+    assert stream.kind == "typing"
+    assert [t.labels for t in stream.tasks] == [("animal", "food"), ("tool", "place")]
+    assert stream.labels == ["animal", "food", "tool", "place"]
+    assert stream.class_range(1) == (2, 4)
+    for t, task in enumerate(stream.tasks):
+        for split in ("train", "dev", "test"):
+            assert all(stream.task_of_label[stream.rows[i].label] == t for i in task.split(split))
+            assert all(stream.rows[i].split == split for i in task.split(split))
+    assert sum(len(t.train) + len(t.dev) + len(t.test) for t in stream.tasks) == len(stream.rows) == 48
+
+
+def test_csv_and_char_offsets(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('text,label,entity\n"I like the dog.",animal,\n"The cake is good.",food,\n')
+    rows = read_rows(path)
+    assert [r.label for r in rows] == ["animal", "food"]
+    row = read_rows(_jsonl(tmp_path, [{"text": "I like the dog.", "label": "a", "entity": [11, 14]}]))[0]
+    assert row.entity == "dog"
+
+
+def _jsonl(tmp_path, records, name="d.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+@pytest.mark.parametrize("records, message", [
+    (['{"text": "a", "label": "x"}', '{"text": "b", "label": }'], r"d.jsonl:2: invalid JSON"),
+    ([{"text": "a"}], r"d.jsonl:1: missing field 'label'"),
+    ([{"text": 3, "label": "x"}], r"d.jsonl:1: field 'text' must be a string"),
+    ([{"text": "a", "label": "x", "split": "holdout"}], r"d.jsonl:1: field 'split' must be one of"),
+    ([{"text": "a", "label": "x", "entity": [5, 9]}], r"d.jsonl:1: field 'entity' span \[5, 9\] is outside"),
+    (['[1, 2]'], r"d.jsonl:1: expected a JSON object"),
+    ([{"text": "a", "label": "x", "split": "train"}, {"text": "b", "label": "x"}], r"d.jsonl:2: field 'split' is missing"),
+])
+def test_bad_rows_name_file_and_line(tmp_path, records, message):
+    with pytest.raises(DataError, match=message):
+        read_rows(_jsonl(tmp_path, records))
+
+
+def test_empty_and_missing_and_non_utf8_files(tmp_path):
+    with pytest.raises(DataError, match="no rows"):
+        read_rows(_jsonl(tmp_path, []))
+    with pytest.raises(DataError, match="data file not found"):
+        read_rows(tmp_path / "nope.jsonl")
+    bad = tmp_path / "latin.jsonl"
+    bad.write_bytes(b'{"text": "caf\xe9", "label": "x"}\n')
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_rows(bad)
+    (tmp_path / "d.parquet").write_bytes(b"PAR1")
+    with pytest.raises(DataError, match="unknown data format"):
+        read_rows(tmp_path / "d.parquet")
+
+
+def _rows(labels_per_split):
+    return [Row(text=f"t{i}", label=label, split=split, where=f"d.jsonl:{i + 1}")
+            for i, (label, split) in enumerate(labels_per_split)]
+
+
+def test_label_in_no_task_is_named_with_its_line():
+    rows = _rows([("a", "train"), ("a", "test"), ("b", "train"), ("b", "test")])
+    with pytest.raises(DataError, match=r"d.jsonl:3: label 'b' is in no task of tasks.json"):
+        build_stream("s", rows, [("t1", ["a"])], "text", "tasks.json")
+
+
+def test_label_in_two_tasks_and_empty_tasks():
+    rows = _rows([("a", "train"), ("a", "test"), ("b", "train"), ("b", "test")])
+    with pytest.raises(DataError, match=r"label 'a' is in tasks 't1' and 't2'"):
+        build_stream("s", rows, [("t1", ["a"]), ("t2", ["a", "b"])], "text", "tasks.json")
+    with pytest.raises(DataError, match=r"task 't2' label 'c' has no rows"):
+        build_stream("s", rows, [("t1", ["a", "b"]), ("t2", ["c"])], "text", "tasks.json")
+    with pytest.raises(DataError, match=r"task 't1' has no test rows"):
+        build_stream("s", _rows([("a", "train")]), [("t1", ["a"])], "text", "tasks.json")
+
+
+def test_task_file_forms(tmp_path):
+    (tmp_path / "a.json").write_text('[["x", "y"], ["z"]]')
+    (tmp_path / "b.yaml").write_text("first: [x, y]\nsecond: [z]\n")
+    (tmp_path / "c.json").write_text('[["x"], []]')
+    assert read_task_file(tmp_path / "a.json") == [("task-01", ["x", "y"]), ("task-02", ["z"])]
+    assert read_task_file(tmp_path / "b.yaml") == [("first", ["x", "y"]), ("second", ["z"])]
+    with pytest.raises(DataError, match="c.json: task 'task-02' is empty"):
+        read_task_file(tmp_path / "c.json")
+
+
+def test_automatic_split_is_seeded_and_balanced(tmp_path):
+    labels = [f"l{i}" for i in range(10)]
+    a, b = split_labels(labels, 3, seed=1), split_labels(labels, 3, seed=1)
+    assert a == b and [len(g) for _, g in a] == [4, 3, 3]
+    assert sorted(x for _, g in a for x in g) == sorted(labels)
+    assert split_labels(labels, 3, seed=2) != a
+    with pytest.raises(DataError, match="more tasks than labels"):
+        split_labels(labels, 11, seed=0)
+
+
+def test_rows_without_split_get_a_per_class_split(tmp_path):
+    records = [{"text": f"{w} {i}", "label": w} for w in ("a", "b") for i in range(20)]
+    stream = load_stream(DataConfig(file=str(_jsonl(tmp_path, records)), n_tasks=2))
+    for task in stream.tasks:
+        assert (len(task.train), len(task.dev), len(task.test)) == (14, 2, 4)
+
+
+def test_max_train_per_class_caps_training_rows(typing_data):
+    data, tasks = typing_data
+    stream = load_stream(DataConfig(file=str(data), tasks=str(tasks), max_train_per_class=2))
+    assert all(len(t.train) == 4 for t in stream.tasks)
