@@ -1,0 +1,124 @@
+"""Replay: ConPET's dynamic replay schedule and bounded exemplar memories. Pure and seeded.
+
+Dynamic replay (Song et al. 2023, Static ConPET): from the second task on, a task trains a
+*fixed* number of steps whatever the number of old tasks, and every batch mixes new-task rows and
+old rows. Each old row comes from a uniformly chosen old task, then a uniformly chosen row of
+that task, so replay is balanced across tasks and the cost of task t does not grow with t.
+
+Deviation from the official code, named: the official loader draws the new rows of each batch
+independently of other batches; here they are drawn from a reshuffled cycle over the new task's
+rows (``new_sampling="cycle"``, the default), so every new row is seen equally often. The
+official behaviour is available as ``new_sampling="independent"``.
+
+Old rows come from the full history of every old task (ConPET's setting) or from a bounded
+exemplar memory per class (EMR-style): ``select_exemplars`` runs k-means on the rows' features
+and keeps the row nearest to each centroid.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def split_batch(batch_size: int, new_ratio: float) -> tuple[int, int]:
+    """Number of (new, old) rows in a batch for a new:old ratio ``new_ratio`` (1.0 = 1:1).
+
+    ``n_new = floor(B * r / (r + 1))`` as in the official code, at least 1.
+    """
+    if batch_size < 2:
+        raise ValueError("dynamic replay needs batch_size >= 2 (one new and one old row)")
+    if new_ratio <= 0:
+        raise ValueError("new_ratio must be > 0")
+    n_new = max(1, min(batch_size - 1, int(batch_size * new_ratio / (new_ratio + 1))))
+    return n_new, batch_size - n_new
+
+
+def dynamic_replay_batches(
+    new_rows: Sequence[int],
+    old_pools: Sequence[Sequence[int]],
+    steps: int,
+    batch_size: int,
+    rng: np.random.Generator,
+    new_ratio: float = 1.0,
+    new_sampling: str = "cycle",
+) -> list[list[int]]:
+    """``steps`` batches, each ``n_new`` new rows followed by ``n_old`` replayed old rows.
+
+    ``old_pools[k]`` holds the replayable rows of old task k (full history or memory). With no
+    old pools (the first task) every batch is all new rows.
+    """
+    new_rows = np.asarray(list(new_rows))
+    pools = [np.asarray(list(p)) for p in old_pools if len(p)]
+    if len(new_rows) == 0:
+        raise ValueError("the new task has no training rows")
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    n_new, n_old = split_batch(batch_size, new_ratio) if pools else (batch_size, 0)
+    n_new = min(n_new, len(new_rows)) if new_sampling == "independent" else n_new
+    batches: list[list[int]] = []
+    cycle, pos = rng.permutation(new_rows), 0
+    for _ in range(steps):
+        if new_sampling == "independent":
+            new = rng.choice(new_rows, size=n_new, replace=False)
+        elif new_sampling == "cycle":
+            new = []
+            while len(new) < n_new:
+                if pos == len(cycle):
+                    cycle, pos = rng.permutation(new_rows), 0
+                take = min(n_new - len(new), len(cycle) - pos)
+                new.extend(cycle[pos:pos + take].tolist())
+                pos += take
+            new = np.asarray(new)
+        else:
+            raise ValueError(f"new_sampling must be 'cycle' or 'independent', got {new_sampling!r}")
+        tasks = rng.integers(len(pools), size=n_old) if n_old else np.zeros(0, dtype=int)
+        old = [int(pools[k][rng.integers(len(pools[k]))]) for k in tasks]
+        batches.append([int(i) for i in new] + old)
+    return batches
+
+
+def select_exemplars(features: np.ndarray, m: int, seed: int = 0) -> list[int]:
+    """Indices (into ``features``) of at most ``m`` exemplars: k-means with m clusters, then the
+    row nearest to each centroid (EMR, Wang et al. 2019, as in ConPET's ``kmeans_client``).
+
+    All rows are kept when there are at most ``m``.
+    """
+    n = len(features)
+    if m < 1:
+        raise ValueError("memory size per class must be >= 1")
+    if n <= m:
+        return list(range(n))
+    from sklearn.cluster import KMeans
+
+    x = np.asarray(features, dtype=np.float64)
+    km = KMeans(n_clusters=m, n_init=3, random_state=seed).fit(x)
+    dist = ((x[:, None, :] - km.cluster_centers_[None, :, :]) ** 2).sum(-1)  # [n, m]
+    chosen: list[int] = []
+    for c in range(m):
+        for i in np.argsort(dist[:, c], kind="stable"):
+            if int(i) not in chosen:
+                chosen.append(int(i))
+                break
+    return sorted(chosen)
+
+
+class ExemplarMemory:
+    """A bounded memory: at most ``per_class`` training rows of every class seen so far."""
+
+    def __init__(self, per_class: int) -> None:
+        if per_class < 1:
+            raise ValueError("memory size per class must be >= 1")
+        self.per_class = per_class
+        self.rows_by_class: dict[str, list[int]] = {}
+
+    def add_class(self, label: str, rows: Sequence[int], features: np.ndarray, seed: int = 0) -> None:
+        keep = select_exemplars(features, self.per_class, seed)
+        self.rows_by_class[label] = [int(rows[i]) for i in keep]
+
+    def rows(self, labels: Sequence[str]) -> list[int]:
+        return [i for label in labels for i in self.rows_by_class.get(label, [])]
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.rows_by_class.values())
