@@ -101,7 +101,7 @@ def cmd_list(args) -> int:
         from conpet.learners import LEARNERS
 
         for name, cls in sorted(LEARNERS.items()):
-            doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+            doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
             print(f"{name:12s} {doc}")
     else:
         from conpet.pet import PET_METHODS

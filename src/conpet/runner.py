@@ -40,7 +40,8 @@ def peak_rss_mb() -> float:
 def default_out(cfg: RunConfig) -> Path:
     data = cfg.data.benchmark if cfg.data.file is None else Path(cfg.data.file).stem
     model = Path(cfg.model).stem if cfg.model not in ("minilm", "smollm2") else cfg.model
-    return Path("runs") / f"{cfg.learner}-{cfg.pet.method}-{model}-{data}"
+    learner = cfg.learner.replace("*", "-star")
+    return Path("runs") / f"{learner}-{cfg.pet.method}-{model}-{data}"
 
 
 def check_out_dir(out: Path) -> None:

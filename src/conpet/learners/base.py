@@ -114,25 +114,60 @@ class OneModuleLearner(Learner):
         self.model = self.ctx.pet.attach(self.ctx.backbone.model, self.module_name)
         self.head = GrowingHead(self.ctx.backbone.hidden_size)
 
-    def logits(self, indices: list[int]) -> torch.Tensor:
+    plugins: tuple = ()
+    """Method plugins (see :class:`conpet.learners.static.Plugin`); none for sequential/joint."""
+
+    def features(self, indices: list[int]) -> torch.Tensor:
+        """Cloze features of rows, after any plugin's feature transform (EA-EMR's alignment)."""
         features = cloze_features(self.model, self.ctx.batch(indices))
-        return self.head(features)
+        for plugin in self.plugins:
+            features = plugin.transform(features)
+        return features
+
+    def logits(self, indices: list[int]) -> torch.Tensor:
+        return self.head(self.features(indices))
 
     def loss(self, indices: list[int]) -> torch.Tensor:
-        return F.cross_entropy(self.logits(indices), self.ctx.targets(indices))
+        logits = self.logits(indices)
+        loss = F.cross_entropy(logits, self.ctx.targets(indices))
+        for plugin in self.plugins:
+            loss = loss + plugin.extra_loss(indices, logits)
+        return loss
 
-    def train_on(self, indices: list[int], desc: str) -> FitStats:
+    def pet_parameters(self) -> list[torch.nn.Parameter]:
+        return self.ctx.pet.parameters(self.model, self.module_name)
+
+    def train_on(self, indices: list[int], desc: str, batches: list[list[int]] | None = None) -> FitStats:
+        """Train on ``batches`` (default: ``epochs`` length-bucketed passes over ``indices``)."""
         self.model.train()
         train = self.ctx.cfg.train
         groups = [
-            {"params": self.ctx.pet.parameters(self.model, self.module_name), "lr": train.lr},
+            {"params": self.pet_parameters(), "lr": train.lr},
             {"params": list(self.head.parameters()), "lr": train.head_lr},
         ]
-        stats = fit(self.loss, groups, self.ctx.epoch_batches(indices), train, self.ctx.precision,
-                    desc=desc, progress=self.ctx.progress)
+        for plugin in self.plugins:
+            groups.extend(plugin.param_groups())
+        stats = fit(self.loss, groups, batches if batches is not None else self.ctx.epoch_batches(indices),
+                    train, self.ctx.precision, desc=desc, progress=self.ctx.progress)
         self.model.eval()
         self.last_fit = stats
         return stats
+
+    @torch.no_grad()
+    def raw_features(self, indices: list[int]) -> torch.Tensor:
+        """Backbone + PET cloze features (no plugin transform), in fp32, for memories and fits."""
+        from conpet.inputs import sorted_batches
+        from conpet.learners.loop import autocast
+
+        self.model.eval()
+        lengths = self.ctx.encoded.lengths(indices)
+        out = torch.zeros(len(indices), self.ctx.backbone.hidden_size)
+        position = {i: k for k, i in enumerate(indices)}
+        for batch in sorted_batches(indices, lengths, self.ctx.cfg.train.eval_batch_size):
+            with autocast(self.ctx.precision):
+                f = cloze_features(self.model, self.ctx.batch(batch)).float()
+            out[[position[i] for i in batch]] = f
+        return out
 
     def save(self, t: int, folder: Path) -> None:
         self.ctx.pet.save(self.model, self.module_name, folder)

@@ -12,6 +12,8 @@ from conpet.learners.base import OneModuleLearner, register_learner
 
 @register_learner("joint")
 class Joint(OneModuleLearner):
+    """A fresh PET module trained on all tasks seen so far at every step (the upper bound)."""
+
     def learn(self, t: int) -> None:
         self.new_module()
         stream = self.ctx.stream

@@ -11,6 +11,8 @@ from conpet.learners.base import OneModuleLearner, register_learner
 
 @register_learner("sequential")
 class Sequential(OneModuleLearner):
+    """One PET module trained task after task, no replay (ConPET's PET-only lower bound)."""
+
     def learn(self, t: int) -> None:
         if self.model is None:
             self.new_module()

@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+import torch
 from torch import nn
 
 from conpet.errors import ConfigError
@@ -72,6 +73,24 @@ class PETMethod(ABC):
     @abstractmethod
     def detach(self, model: nn.Module) -> nn.Module:
         """Remove every module and return the unchanged backbone."""
+
+    def copy(self, model: nn.Module, src: str, dst: str) -> None:
+        """Create (or overwrite) module ``dst`` as a frozen copy of module ``src``."""
+        names = dict(model.named_parameters())
+        if not any(f".{dst}." in n or n.endswith(f".{dst}") for n in names):
+            self.add(model, dst)
+            self.activate(model, src)
+            names = dict(model.named_parameters())
+        copied = 0
+        for n, p in names.items():
+            if f".{src}." in n or n.endswith(f".{src}"):
+                target = n.replace(f".{src}.", f".{dst}.") if f".{src}." in n else n[: -len(src)] + dst
+                with torch.no_grad():
+                    names[target].copy_(p)
+                names[target].requires_grad_(False)
+                copied += 1
+        if not copied:
+            raise ValueError(f"module '{src}' has no parameters to copy")
 
     def count(self, model: nn.Module, name: str) -> int:
         return sum(p.numel() for p in self.parameters(model, name))

@@ -1,0 +1,61 @@
+"""LwF: learning without forgetting (Li & Hoiem 2017), on the shared PET module.
+
+Before task t (t >= 2) the current PET module is copied into a frozen *teacher* module on the
+same backbone (a second named peft adapter: no second copy of the model) and the head's old
+columns are frozen into a teacher head. Every training batch then adds
+``lwf_lambda * T^2 * KL(softmax(teacher_old / T) || softmax(student_old / T))`` over the old
+classes, averaged over the batch (the official code sums over the batch with T = 1).
+
+The teacher's logits are computed on the fly, one extra no-grad forward per step, so the cost of
+a task does not grow with the number of old tasks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from conpet.backbone import cloze_features
+from conpet.learners.static import Plugin, register_method
+
+TEACHER = "lwf_teacher"
+
+
+@register_method
+class LwF(Plugin):
+    """Distillation of the previous model's old-class logits (Li & Hoiem 2017)."""
+
+    name = "lwf"
+    options = {"lwf_lambda": 1.0, "lwf_temperature": 2.0}
+
+    def __init__(self, learner, options) -> None:
+        super().__init__(learner, options)
+        self.n_old = 0
+        self.teacher_head: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def before_task(self, t: int) -> None:
+        learner = self.learner
+        if t == 0:
+            return
+        pet, model, name = learner.ctx.pet, learner.model, learner.module_name
+        pet.copy(model, name, TEACHER)
+        pet.activate(model, name)
+        self.n_old = len(learner.ctx.stream.seen_labels(t - 1))
+        self.teacher_head = (learner.head.weight[: self.n_old].detach().clone(),
+                             learner.head.bias[: self.n_old].detach().clone())
+
+    def extra_loss(self, indices, logits):
+        if self.teacher_head is None:
+            return 0.0
+        learner = self.learner
+        pet, model, name = learner.ctx.pet, learner.model, learner.module_name
+        with torch.no_grad():
+            pet.activate(model, TEACHER)
+            feats = cloze_features(model, learner.ctx.batch(indices)).float()
+            pet.activate(model, name)
+            teacher = F.linear(feats, *self.teacher_head)
+        T = float(self.opts["lwf_temperature"])
+        student = logits[:, : self.n_old].float()
+        kl = F.kl_div(F.log_softmax(student / T, dim=-1), F.log_softmax(teacher / T, dim=-1),
+                      log_target=True, reduction="batchmean")
+        return float(self.opts["lwf_lambda"]) * T * T * kl
