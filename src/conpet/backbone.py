@@ -180,6 +180,8 @@ def load_backbone(spec: str) -> Backbone:
     except Exception as e:
         raise ModelError(f"model '{spec}': cannot load {folder}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     model.eval()
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False  # no KV cache: every forward pass here is a full prompt
     for p in model.parameters():
         p.requires_grad_(False)
     decoder = _is_decoder(config)

@@ -74,6 +74,12 @@ class TrainConfig:
     """``auto`` (bf16 autocast where the CPU supports it), ``bf16`` or ``fp32``."""
     threads: int = 0
     """torch intra-op threads; 0 = all cores."""
+    top_layers: int | None = None
+    """Confine PET modules to the top L transformer layers and compute the frozen lower layers
+    once per row (cached, reused by every epoch, replay batch and evaluation). ``None`` = PET in
+    every layer, no cache."""
+    cache_mb: float = 4096.0
+    """Memory bound of the lower-layer cache (MB); the oldest rows are evicted beyond it."""
 
 
 @dataclass
@@ -169,6 +175,8 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
         (cfg.train.lr > 0, "train.lr", "must be > 0"),
         (cfg.train.head_lr > 0, "train.head_lr", "must be > 0"),
         (cfg.train.max_length >= 16, "train.max_length", "must be >= 16"),
+        (cfg.train.top_layers is None or cfg.train.top_layers >= 1, "train.top_layers", "must be >= 1 or null"),
+        (cfg.train.cache_mb > 0, "train.cache_mb", "must be > 0"),
         (cfg.train.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}"),
         (cfg.data.setting in SETTINGS, "data.setting", f"must be one of {', '.join(SETTINGS)}"),
         (cfg.data.template in TEMPLATES, "data.template", f"must be one of {', '.join(TEMPLATES)}"),

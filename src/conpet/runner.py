@@ -21,12 +21,13 @@ import torch
 from tqdm.auto import tqdm
 
 from conpet import metrics as M
-from conpet.backbone import Backbone, load_backbone
+from conpet.backbone import load_backbone
+from conpet.engine import FeatureEngine
 from conpet.config import RunConfig
 from conpet.data.formats import load_stream
 from conpet.data.stream import Stream
 from conpet.errors import ConpetError
-from conpet.inputs import Encoded, encode_rows, sorted_batches
+from conpet.inputs import encode_rows, sorted_batches
 from conpet.learners import Context, get_learner
 from conpet.learners.loop import predict, resolve_precision
 from conpet.pet import get_pet
@@ -78,14 +79,14 @@ def evaluate(learner, ctx: Context, t: int) -> tuple[list[float], list[int]]:
     return accs, counts
 
 
-def run_seed(cfg: RunConfig, stream: Stream, backbone: Backbone, encoded: Encoded, seed: int,
-             out: Path, progress: bool = True) -> dict:
+def run_seed(cfg: RunConfig, stream: Stream, engine: FeatureEngine, seed: int, out: Path,
+             progress: bool = True) -> dict:
     """Learn the whole stream with one seed; write adapters and metrics under ``out/seed-<seed>``."""
     set_seed(seed)
-    precision = resolve_precision(cfg.train.precision)
-    pet = get_pet(cfg.pet.method, cfg.pet.options)
+    backbone, encoded, precision = engine.backbone, engine.encoded, engine.precision
+    pet = get_pet(cfg.pet.method, {**cfg.pet.options, **engine.pet_layer_options()})
     ctx = Context(cfg=cfg, stream=stream, backbone=backbone, encoded=encoded, pet=pet, seed=seed,
-                  precision=precision, progress=progress)
+                  precision=precision, progress=progress, engine=engine)
     learner = get_learner(cfg.learner)(ctx)
     T = len(stream.tasks)
     matrix: list[list[float | None]] = []
@@ -100,6 +101,7 @@ def run_seed(cfg: RunConfig, stream: Stream, backbone: Backbone, encoded: Encode
             task = stream.tasks[t]
             bar.set_description(f"seed {seed} task {t + 1}/{T}")
             start = time.perf_counter()
+            engine.warm(task.train)
             learner.learn(t)
             train_seconds.append(time.perf_counter() - start)
             train_samples.append(learner.last_fit.samples if learner.last_fit else 0)
@@ -137,14 +139,18 @@ def run_seed(cfg: RunConfig, stream: Stream, backbone: Backbone, encoded: Encode
     return result
 
 
-def prepare(cfg: RunConfig) -> tuple[Stream, Backbone, Encoded]:
-    """Load and validate the data (first: bad data fails fast), then the backbone; tokenize once."""
+def prepare(cfg: RunConfig) -> tuple[Stream, FeatureEngine]:
+    """Load and validate the data (first: bad data fails fast), then the backbone; tokenize once;
+    build the feature engine shared by every seed (its lower-layer cache is seed-independent)."""
     stream = load_stream(cfg.data)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     backbone = load_backbone(cfg.model)
     encoded = encode_rows(stream.rows, stream.kind, backbone.tokenizer, backbone.is_decoder, cfg.train.max_length)
-    return stream, backbone, encoded
+    engine = FeatureEngine(backbone, encoded, cfg.train.top_layers, resolve_precision(cfg.train.precision),
+                           cfg.train.eval_batch_size, cfg.train.cache_mb)
+    engine.check(backbone.model, stream.tasks[0].train[:8])
+    return stream, engine
 
 
 def run(cfg: RunConfig, progress: bool | None = None) -> dict:
@@ -155,12 +161,12 @@ def run(cfg: RunConfig, progress: bool | None = None) -> dict:
         progress = sys.stderr.isatty() and os.environ.get("CONPET_PROGRESS", "1") != "0"
     get_learner(cfg.learner)
     get_pet(cfg.pet.method, cfg.pet.options)
-    stream, backbone, encoded = prepare(cfg)
+    stream, engine = prepare(cfg)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     cfg.out = str(out)
     check_out_dir(out)
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
-    per_seed = [run_seed(cfg, stream, backbone, encoded, cfg.seed + k, out, progress) for k in range(cfg.seeds)]
+    per_seed = [run_seed(cfg, stream, engine, cfg.seed + k, out, progress) for k in range(cfg.seeds)]
     metrics = M.aggregate_seeds(per_seed)
     metrics["run"] = {
         "learner": cfg.learner,

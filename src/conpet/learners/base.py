@@ -19,9 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from conpet.backbone import Backbone, cloze_features
+from conpet.backbone import Backbone
 from conpet.config import RunConfig
 from conpet.data.stream import Stream
+from conpet.engine import FeatureEngine
 from conpet.errors import ConfigError
 from conpet.heads import GrowingHead
 from conpet.inputs import Encoded, collate, length_bucketed_batches
@@ -52,11 +53,19 @@ class Context:
     seed: int
     precision: str
     progress: bool = True
+    engine: FeatureEngine | None = None
+    """Computes cloze features (and caches frozen lower layers); built by the runner."""
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
         self.torch_gen = torch.Generator().manual_seed(self.seed)
         self.targets_all = torch.tensor(self.stream.targets, dtype=torch.long)
+        if self.engine is None:
+            self.engine = FeatureEngine(self.backbone, self.encoded, None, self.precision)
+
+    def features(self, model: torch.nn.Module, indices: list[int]) -> torch.Tensor:
+        """Cloze features [batch, hidden] of rows through ``model`` (the backbone with its PET modules)."""
+        return self.engine.features(model, indices)
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         return collate(self.encoded, indices, self.backbone.pad_id)
@@ -119,7 +128,7 @@ class OneModuleLearner(Learner):
 
     def features(self, indices: list[int]) -> torch.Tensor:
         """Cloze features of rows, after any plugin's feature transform (EA-EMR's alignment)."""
-        features = cloze_features(self.model, self.ctx.batch(indices))
+        features = self.ctx.features(self.model, indices)
         for plugin in self.plugins:
             features = plugin.transform(features)
         return features
@@ -165,7 +174,7 @@ class OneModuleLearner(Learner):
         position = {i: k for k, i in enumerate(indices)}
         for batch in sorted_batches(indices, lengths, self.ctx.cfg.train.eval_batch_size):
             with autocast(self.ctx.precision):
-                f = cloze_features(self.model, self.ctx.batch(batch)).float()
+                f = self.ctx.features(self.model, batch).float()
             out[[position[i] for i in batch]] = f
         return out
 

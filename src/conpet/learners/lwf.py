@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from conpet.backbone import cloze_features
 from conpet.learners.static import Plugin, register_method
 
 TEACHER = "lwf_teacher"
@@ -51,7 +50,7 @@ class LwF(Plugin):
         pet, model, name = learner.ctx.pet, learner.model, learner.module_name
         with torch.no_grad():
             pet.activate(model, TEACHER)
-            feats = cloze_features(model, learner.ctx.batch(indices)).float()
+            feats = learner.ctx.features(model, indices).float()
             pet.activate(model, name)
             teacher = F.linear(feats, *self.teacher_head)
         T = float(self.opts["lwf_temperature"])

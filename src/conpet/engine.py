@@ -1,0 +1,182 @@
+"""The feature engine: cloze features of rows, optionally reusing frozen lower layers.
+
+With ``train.top_layers = L`` the PET modules live only in the top L transformer layers. The
+lower ``N - L`` layers are then frozen *and* see no PET, so their output for a row never changes:
+it is computed once per row (no grad, bf16 autocast where enabled), kept in a memory-bounded
+cache and reused by every epoch, replay batch, selector and evaluation pass. Each training step
+then runs only the top L layers forward and backward.
+
+The cache is keyed by the backbone's fingerprint, the split point and the row index; an engine
+built for another backbone or split refuses to serve (a new engine starts an empty cache).
+At construction the split path is checked against the plain forward pass on a few rows, so an
+architecture whose layers cannot be driven this way fails loudly instead of silently.
+
+Without ``top_layers`` the engine is a plain full forward pass.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from conpet.backbone import Backbone, cloze_features
+from conpet.errors import ConfigError
+from conpet.inputs import Encoded, collate, sorted_batches
+
+
+class _Passthrough(nn.Module):
+    """Stands in for an encoder's embedding module: returns ``inputs_embeds`` unchanged."""
+
+    def forward(self, input_ids=None, inputs_embeds=None, **kwargs):
+        return inputs_embeds
+
+
+class _Stop(Exception):
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+
+
+def find_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """(owner, attribute, ModuleList) of the transformer layer stack of an HF base model."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for owner in model.modules():
+        for attr, child in owner.named_children():
+            if isinstance(child, nn.ModuleList) and len(child) == n:
+                return owner, attr, child
+    raise ConfigError(f"train.top_layers: cannot find the {n} transformer layers of {type(model).__name__}")
+
+
+class FeatureEngine:
+    def __init__(self, backbone: Backbone, encoded: Encoded, top_layers: int | None = None,
+                 precision: str = "fp32", batch_size: int = 64, max_cache_mb: float = 4096.0,
+                 cache_dtype: torch.dtype | None = None) -> None:
+        self.backbone = backbone
+        self.encoded = encoded
+        self.precision = precision
+        self.batch_size = batch_size
+        self.cache_dtype = cache_dtype or (torch.bfloat16 if precision == "bf16" else torch.float32)
+        self.max_cache_bytes = int(max_cache_mb * 2**20)
+        self.cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.cache_bytes = 0
+        self.hits = self.misses = 0
+        self.top_layers = top_layers
+        self.split = None
+        if top_layers is not None:
+            owner, attr, layers = find_layers(backbone.model)
+            n = len(layers)
+            if not 1 <= top_layers <= n:
+                raise ConfigError(f"train.top_layers: must be between 1 and {n} for this model, got {top_layers}")
+            self.split = n - top_layers
+            self.n_layers = n
+            self.key = (backbone.fingerprint, self.split)
+
+    # -- which layers the PET modules may touch ---------------------------------------------
+    def pet_layer_options(self) -> dict:
+        """PET options confining modules to the top layers (peft's ``layers_to_transform``)."""
+        if self.split is None:
+            return {}
+        _, attr, _ = find_layers(self.backbone.model)
+        return {"layers_to_transform": list(range(self.split, self.n_layers)), "layers_pattern": attr}
+
+    # -- the forward passes ----------------------------------------------------------------------
+    def features(self, model: nn.Module, indices: list[int]) -> torch.Tensor:
+        """Cloze features [batch, hidden] of rows ``indices`` through ``model`` (PET included)."""
+        if self.split is None or self.split == 0:
+            return cloze_features(model, collate(self.encoded, indices, self.backbone.pad_id))
+        self._ensure(indices)
+        seqs = [self.cache[i] for i in indices]
+        width = max(s.shape[0] for s in seqs)
+        hidden = torch.zeros(len(seqs), width, seqs[0].shape[1])
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for r, s in enumerate(seqs):
+            hidden[r, : s.shape[0]] = s.float()
+            mask[r, : s.shape[0]] = 1
+        pos = torch.tensor([self.encoded.cloze_pos[i] for i in indices])
+        out = self._upper(model, hidden, mask)
+        return out[torch.arange(len(indices)), pos]
+
+    def _layers(self):
+        owner, attr, _ = find_layers(self.backbone.model)
+        return owner, attr, getattr(owner, attr)
+
+    def _upper(self, model: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        base = self.backbone.model
+        owner, attr, layers = self._layers()
+        embeddings = getattr(base, "embeddings", None)
+        try:
+            setattr(owner, attr, nn.ModuleList(list(layers)[self.split:]))
+            if embeddings is not None:
+                base.embeddings = _Passthrough()
+            out = model(inputs_embeds=hidden, attention_mask=mask)
+        finally:
+            setattr(owner, attr, layers)
+            if embeddings is not None:
+                base.embeddings = embeddings
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    @torch.no_grad()
+    def _lower(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Output of layer ``split - 1`` (input of the first PET layer) for a batch."""
+        from conpet.learners.loop import autocast
+
+        owner, attr, layers = self._layers()
+
+        def stop(module, args, output):
+            raise _Stop(output[0] if isinstance(output, tuple) else output)
+
+        handle = layers[self.split - 1].register_forward_hook(stop)
+        try:
+            with autocast(self.precision):
+                self.backbone.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        except _Stop as s:
+            return s.value.float()
+        finally:
+            handle.remove()
+        raise RuntimeError("the lower layers never reached the split point")
+
+    def _ensure(self, indices: list[int]) -> None:
+        missing = [i for i in dict.fromkeys(indices) if i not in self.cache]
+        self.hits += len(indices) - len(missing)
+        self.misses += len(missing)
+        if not missing:
+            for i in indices:
+                self.cache.move_to_end(i)
+            return
+        lengths = self.encoded.lengths(missing)
+        for rows in sorted_batches(missing, lengths, self.batch_size):
+            h = self._lower(collate(self.encoded, rows, self.backbone.pad_id))
+            for r, i in enumerate(rows):
+                t = h[r, : len(self.encoded.ids[i])].to(self.cache_dtype).clone()
+                self.cache[i] = t
+                self.cache_bytes += t.numel() * t.element_size()
+        for i in indices:
+            self.cache.move_to_end(i)
+        while self.cache_bytes > self.max_cache_bytes and len(self.cache) > len(indices):
+            _, t = self.cache.popitem(last=False)
+            self.cache_bytes -= t.numel() * t.element_size()
+
+    def warm(self, indices: list[int]) -> None:
+        """Compute and cache the lower layers for ``indices`` up front."""
+        if self.split:
+            for start in range(0, len(indices), 4096):
+                self._ensure(list(indices[start:start + 4096]))
+
+    def check(self, model: nn.Module, indices: list[int], atol: float = 5e-2) -> float:
+        """Relative max |split - full| feature difference on ``indices``; raises above ``atol``."""
+        if not self.split:
+            return 0.0
+        from conpet.learners.loop import autocast
+
+        batch = collate(self.encoded, indices, self.backbone.pad_id)
+        rows = torch.arange(len(indices))
+        with torch.no_grad(), autocast(self.precision):
+            full = cloze_features(model, batch).float()
+            split = self._upper(model, self._lower(batch), batch["attention_mask"])[rows, batch["cloze_pos"]].float()
+        diff = float((full - split).abs().max() / (full.abs().max() + 1e-6))
+        if diff > atol:
+            raise ConfigError(f"train.top_layers: the split forward pass of {type(self.backbone.model).__name__} "
+                              f"does not match the full one (relative difference {diff:.3g}); "
+                              "this architecture needs train.top_layers: null")
+        return diff
