@@ -1,0 +1,270 @@
+"""Speed benchmark: conpet against HF Trainer + peft on the same data, LoRA config and epochs.
+
+    python bench/speed.py [--model smollm2] [--benchmark wordnet-typing] [--tasks 2] [--epochs 3]
+                          [--top-layers 8] [--json bench/results/speed-smollm2.json]
+
+Every configuration runs in its own subprocess (so peak RSS is its own), one after the other on
+the same machine, in one invocation:
+
+- ``peak``: fp32 and bf16 matmul throughput of this CPU (2048^3, all threads), the reference for
+  "achieved GFLOP/s";
+- ``trainer``: HF Trainer + peft as a careful user configures it: bf16 autocast where the CPU
+  supports it, dynamic padding, ``train_sampling_strategy="group_by_length"``, no LM head (the
+  same cloze classifier), the same AdamW groups, no checkpoints or logging;
+- ``conpet``: conpet's loop with the same LoRA in every layer, step for step (same batches size,
+  epochs, optimizer);
+- ``conpet-fast``: conpet's fast path (LoRA in the top L layers, lower layers computed once per
+  row and cached; the cache build is included in the timing).
+
+Each reports wall seconds of training, samples/s, real (non-pad) tokens/s, achieved GFLOP/s
+(model FLOPs actually needed, counted per real token: forward 2 x layer params + attention, and
+backward to the inputs of every layer at or above the lowest PET layer, i.e. another 2 x), its
+ratio to the two measured peaks, peak RSS, and test accuracy after training. Ratios are
+conpet / trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+HERE = Path(__file__).resolve().parent
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def measure_peaks() -> dict:
+    import torch
+
+    out = {}
+    n = 2048
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        reps, start = 20, time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        out[f"{name}_peak_gflops"] = 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+    return out
+
+
+def setup(args):
+    """Stream, backbone, tokenized rows, train/test row indices (the first ``tasks`` tasks)."""
+    from conpet.backbone import load_backbone
+    from conpet.config import DataConfig
+    from conpet.data.formats import load_stream
+    from conpet.inputs import encode_rows
+
+    stream = load_stream(DataConfig(benchmark=args.benchmark))
+    stream.tasks = stream.tasks[: args.tasks]
+    stream.__post_init__()
+    bb = load_backbone(args.model)
+    enc = encode_rows(stream.rows, stream.kind, bb.tokenizer, bb.is_decoder, 128)
+    train = [i for t in stream.tasks for i in t.train]
+    test = [i for t in stream.tasks for i in t.test]
+    return stream, bb, enc, train, test
+
+
+def layer_flops_per_token(bb, lengths) -> list[float]:
+    """Forward FLOPs per real token of each transformer layer (weights + attention scores)."""
+    from conpet.engine import find_layers
+
+    _, _, layers = find_layers(bb.model)
+    mean_len = float(sum(lengths)) / len(lengths)
+    attn = 4 * mean_len * bb.hidden_size  # QK^T and AV, per token
+    return [2 * sum(p.numel() for p in layer.parameters()) + attn for layer in layers]
+
+
+def run_config(args) -> dict:
+    import torch
+
+    from conpet.config import RunConfig, TrainConfig
+    from conpet.engine import FeatureEngine
+    from conpet.learners import Context, get_learner
+    from conpet.learners.loop import predict, resolve_precision
+    from conpet.pet import get_pet
+
+    if args.one == "peak":
+        return measure_peaks()
+    stream, bb, enc, train, test = setup(args)
+    precision = resolve_precision("auto")
+    pet_options = {"r": 8, "lora_alpha": 16}
+    if args.one == "conpet-fast":
+        pet_options.update(json.loads(args.fast_pet_options))
+    train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=1e-3, head_lr=5e-3,
+                            precision=precision)
+    if args.one == "conpet-fast" and args.fast_lr:
+        train_cfg.lr = args.fast_lr
+    cfg = RunConfig(model=args.model, train=train_cfg)
+    lengths = [len(enc.ids[i]) for i in train]
+    per_layer = layer_flops_per_token(bb, lengths)
+    tokens = sum(lengths) * args.epochs
+    top = args.top_layers if args.one == "conpet-fast" else None
+    engine = FeatureEngine(bb, enc, top, precision, 64)
+    pet = get_pet("lora", {**pet_options, **engine.pet_layer_options()})
+    ctx = Context(cfg=cfg, stream=stream, backbone=bb, encoded=enc, pet=pet, seed=0, precision=precision,
+                  progress=False, engine=engine)
+    learner = get_learner("sequential")(ctx)
+    learner.new_module()
+    learner.head.grow(stream.seen_labels(len(stream.tasks) - 1), ctx.torch_gen)
+    torch.manual_seed(0)
+
+    if args.one == "trainer":
+        seconds = train_with_hf_trainer(learner, ctx, train, args)
+    else:
+        start = time.perf_counter()
+        engine.warm(train)
+        learner.train_on(train, "bench")
+        seconds = time.perf_counter() - start
+    if top is None:
+        flops = tokens * 2 * sum(per_layer)  # forward + backward to every layer's inputs
+    else:
+        split = len(per_layer) - top
+        flops = tokens * 2 * sum(per_layer[split:]) + sum(lengths) * sum(per_layer[:split])
+    lengths_all = ctx.encoded.lengths(range(len(ctx.encoded.ids)))
+    from conpet.inputs import sorted_batches
+
+    preds = predict(learner.logits, sorted_batches(test, lengths_all[test], 64), precision)
+    accuracy = sum(preds[i] == stream.targets[i] for i in test) / len(test)
+    return {
+        "config": args.one, "precision": precision, "train_seconds": seconds,
+        "samples": len(train) * args.epochs, "samples_per_s": len(train) * args.epochs / seconds,
+        "tokens_per_s": tokens / seconds, "gflops": flops / seconds / 1e9, "accuracy": accuracy,
+        "peak_rss_mb": peak_rss_mb(), "top_layers": top, "tunable_params": learner.tunable_params()["pet_params"],
+    }
+
+
+def train_with_hf_trainer(learner, ctx, train, args) -> float:
+    """HF Trainer + peft on the same classifier, data and optimizer groups; returns seconds."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import Trainer, TrainingArguments
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(train)
+
+        def __getitem__(self, k):
+            i = train[k]
+            return {"input_ids": ctx.encoded.ids[i], "cloze_pos": ctx.encoded.cloze_pos[i],
+                    "labels": ctx.stream.targets[i]}
+
+    def collate(items):
+        width = max(len(x["input_ids"]) for x in items)
+        ids = torch.full((len(items), width), ctx.backbone.pad_id)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for r, x in enumerate(items):
+            ids[r, : len(x["input_ids"])] = torch.tensor(x["input_ids"])
+            mask[r, : len(x["input_ids"])] = 1
+        return {"input_ids": ids, "attention_mask": mask,
+                "cloze_pos": torch.tensor([x["cloze_pos"] for x in items]),
+                "labels": torch.tensor([x["labels"] for x in items])}
+
+    class Cloze(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model, self.head = learner.model, learner.head
+
+        def forward(self, input_ids, attention_mask, cloze_pos, labels):
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            logits = self.head(hidden[torch.arange(len(labels)), cloze_pos])
+            return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+    model = Cloze()
+    groups = [{"params": learner.pet_parameters(), "lr": 1e-3}, {"params": list(learner.head.parameters()), "lr": 5e-3}]
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        targs = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
+            bf16=ctx.precision == "bf16", use_cpu=True, train_sampling_strategy="group_by_length",
+            report_to="none", save_strategy="no", logging_strategy="no", remove_unused_columns=False,
+            dataloader_num_workers=0, max_grad_norm=1.0, disable_tqdm=True, seed=0,
+        )
+        trainer = Trainer(model=model, args=targs, train_dataset=Rows(), data_collator=collate,
+                          optimizers=(optimizer, scheduler))
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+    learner.model.eval()
+    return seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--benchmark", default="wordnet-typing")
+    p.add_argument("--tasks", type=int, default=2, help="train on the first N tasks' rows (default 2)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--top-layers", type=int, default=8, help="L of the fast path")
+    p.add_argument("--fast-pet-options", default="{}", help="JSON LoRA options of the fast path only")
+    p.add_argument("--fast-lr", type=float, default=None, help="PET learning rate of the fast path only")
+    p.add_argument("--configs", default="peak,trainer,conpet,conpet-fast")
+    p.add_argument("--json", default=None, help="write all results to this JSON file")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(run_config(args)), flush=True)
+        return
+    results = {}
+    for config in args.configs.split(","):
+        passed = {k: v for k, v in vars(args).items() if k not in ("one", "configs", "json") and v is not None}
+        cmd = [sys.executable, __file__, "--one", config]
+        for key, value in passed.items():
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode or not line:
+            sys.exit(f"{config} failed:\n{proc.stderr[-3000:]}")
+        results[config] = json.loads(line[0][7:])
+        print(f"  {config}: done", file=sys.stderr)
+    report(results, args)
+
+
+def report(results: dict, args) -> None:
+    peak = results.get("peak", {})
+    rows = [c for c in results if c != "peak"]
+    print(f"\n{args.model} on {args.benchmark} (first {args.tasks} tasks), {args.epochs} epochs, batch {args.batch_size}")
+    if peak:
+        print(f"matmul peak this run: fp32 {peak['fp32_peak_gflops']:.0f} GFLOP/s, bf16 {peak['bf16_peak_gflops']:.0f} GFLOP/s")
+    header = f"{'config':12s} {'train s':>8s} {'samples/s':>9s} {'tokens/s':>9s} {'GFLOP/s':>8s} {'%fp32pk':>7s} {'%bf16pk':>7s} {'RSS MB':>7s} {'acc %':>6s}"
+    print(header)
+    print("-" * len(header))
+    for c in rows:
+        r = results[c]
+        print(f"{c:12s} {r['train_seconds']:8.1f} {r['samples_per_s']:9.2f} {r['tokens_per_s']:9.0f} {r['gflops']:8.1f} "
+              f"{100 * r['gflops'] / peak.get('fp32_peak_gflops', float('nan')):7.1f} "
+              f"{100 * r['gflops'] / peak.get('bf16_peak_gflops', float('nan')):7.1f} {r['peak_rss_mb']:7.0f} "
+              f"{100 * r['accuracy']:6.2f}")
+    if "trainer" in results:
+        base = results["trainer"]
+        print("\nratios against trainer (conpet / trainer):")
+        for c in rows:
+            if c == "trainer":
+                continue
+            r = results[c]
+            print(f"  {c:12s} speed x{r['samples_per_s'] / base['samples_per_s']:.2f}  "
+                  f"peak RSS x{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}  "
+                  f"accuracy {100 * (r['accuracy'] - base['accuracy']):+.2f} points")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+        print(f"\nresults: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
