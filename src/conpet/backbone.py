@@ -193,9 +193,11 @@ def load_backbone(spec: str) -> Backbone:
                     fingerprint=fingerprint(folder))
 
 
-def cloze_features(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Hidden state of the last layer at each row's cloze position: [batch, hidden]."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+def cloze_features(model: nn.Module, batch: dict[str, torch.Tensor], **forward_kwargs) -> torch.Tensor:
+    """Hidden state of the last layer at each row's cloze position: [batch, hidden].
+
+    ``forward_kwargs`` go to the model (e.g. peft's per-row ``adapter_names``)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **forward_kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return hidden[rows, batch["cloze_pos"]]

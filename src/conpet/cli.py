@@ -75,6 +75,34 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    import json
+
+    from conpet.data.formats import read_rows
+    from conpet.data.stream import Row
+    from conpet.errors import ConpetError
+    from conpet.predict import predict
+
+    if args.file:
+        rows = read_rows(args.file, require_label=False)
+    elif args.texts:
+        rows = [Row(text=t, label="?", entity=args.entity, head=args.head, tail=args.tail, where="argument")
+                for t in args.texts]
+    else:
+        raise ConpetError("predict: give TEXT arguments or --file FILE")
+    results = predict(args.run_dir, rows, seed=args.seed)
+    if args.json:
+        for r in results:
+            print(json.dumps(r))
+        return 0
+    for r in results:
+        tasks = ", ".join(r["tasks"])
+        sel = r.get("selector_confidence")
+        conf = f"selector {', '.join(f'{c:.2f}' for c in sel)}" if sel else f"p={r['probability']:.2f}"
+        print(f"{r['label']:24s} task {tasks:16s} {conf:20s} {r['text'][:70]}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from conpet.report import load_run, metrics_table, per_task_seconds_table, plot_comparison
 
@@ -123,6 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and write a comparison plot.")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories (written by `conpet run`)")
     p.add_argument("--plot", help="comparison plot path (default: comparison.png beside the first DIR)")
+    p = sub.add_parser("predict", help="predict labels with a finished run",
+                       description="Predict the label of each input with the modules of a finished run "
+                                   "(any learner). Prints label, chosen task(s) and confidence.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
+    p.add_argument("--file", help="JSONL/CSV rows to classify (text, and entity or head/tail)")
+    p.add_argument("--entity", help="the entity of the TEXTs (typing runs)")
+    p.add_argument("--head", help="the head of the TEXTs (relation runs)")
+    p.add_argument("--tail", help="the tail of the TEXTs (relation runs)")
+    p.add_argument("--seed", type=int, help="which seed's modules (default: the run's first seed)")
+    p.add_argument("--json", action="store_true", help="one JSON object per input")
     for name, help_text in [("benchmarks", "list the built-in benchmarks"), ("learners", "list the learners"),
                             ("pets", "list the PET methods")]:
         sub.add_parser(name, help=help_text, description=help_text.capitalize() + ".")
@@ -134,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    handlers = {"run": cmd_run, "report": cmd_report}
+    handlers = {"run": cmd_run, "report": cmd_report, "predict": cmd_predict}
     try:
         return handlers.get(args.command, cmd_list)(args)
     except ConpetError as e:

@@ -81,10 +81,13 @@ class FeatureEngine:
         return {"layers_to_transform": list(range(self.split, self.n_layers)), "layers_pattern": attr}
 
     # -- the forward passes ----------------------------------------------------------------------
-    def features(self, model: nn.Module, indices: list[int]) -> torch.Tensor:
-        """Cloze features [batch, hidden] of rows ``indices`` through ``model`` (PET included)."""
+    def features(self, model: nn.Module, indices: list[int], **forward_kwargs) -> torch.Tensor:
+        """Cloze features [batch, hidden] of rows ``indices`` through ``model`` (PET included).
+
+        ``forward_kwargs`` go to the model, e.g. peft's ``adapter_names`` to route each row
+        through its own module in one batch."""
         if self.split is None or self.split == 0:
-            return cloze_features(model, collate(self.encoded, indices, self.backbone.pad_id))
+            return cloze_features(model, collate(self.encoded, indices, self.backbone.pad_id), **forward_kwargs)
         self._ensure(indices)
         seqs = [self.cache[i] for i in indices]
         width = max(s.shape[0] for s in seqs)
@@ -94,14 +97,14 @@ class FeatureEngine:
             hidden[r, : s.shape[0]] = s.float()
             mask[r, : s.shape[0]] = 1
         pos = torch.tensor([self.encoded.cloze_pos[i] for i in indices])
-        out = self._upper(model, hidden, mask)
+        out = self._upper(model, hidden, mask, **forward_kwargs)
         return out[torch.arange(len(indices)), pos]
 
     def _layers(self):
         owner, attr, _ = find_layers(self.backbone.model)
         return owner, attr, getattr(owner, attr)
 
-    def _upper(self, model: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _upper(self, model: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, **forward_kwargs) -> torch.Tensor:
         base = self.backbone.model
         owner, attr, layers = self._layers()
         embeddings = getattr(base, "embeddings", None)
@@ -109,7 +112,7 @@ class FeatureEngine:
             setattr(owner, attr, nn.ModuleList(list(layers)[self.split:]))
             if embeddings is not None:
                 base.embeddings = _Passthrough()
-            out = model(inputs_embeds=hidden, attention_mask=mask)
+            out = model(inputs_embeds=hidden, attention_mask=mask, **forward_kwargs)
         finally:
             setattr(owner, attr, layers)
             if embeddings is not None:

@@ -204,6 +204,28 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
 # --------------------------------------------------------------------------- tables
 
 
+def _kb_cell(values: Any) -> str:
+    """Mean bytes on disk per task, in KB."""
+    if not values:
+        return MISSING
+    return f"{np.mean([v for v in values if v is not None]) / 1024:,.0f}"
+
+
+def _selector_cell(m: dict[str, Any]) -> str:
+    """Selector accuracy after the last task, mean over seen tasks (± std across seeds)."""
+    def final(metrics: dict[str, Any]) -> float | None:
+        rows = metrics.get("selector_accuracy") or []
+        last = [v for v in rows[-1] if v is not None] if rows else []
+        return 100 * float(np.mean(last)) if last else None
+
+    per_seed = [final(s) for s in m.get("per_seed") or [m]]
+    per_seed = [v for v in per_seed if v is not None]
+    if not per_seed:
+        return MISSING
+    std = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else None
+    return _mean_std(float(np.mean(per_seed)), std, len(per_seed), ".2f")
+
+
 def _metrics_rows(runs: Runs) -> list[list[str]]:
     rows = []
     for label, key in PERCENT_ROWS:
@@ -222,6 +244,9 @@ def _metrics_rows(runs: Runs) -> list[list[str]]:
     rows.append(["seconds per task", *(_seconds_cell(m, np.mean) for _, m in runs)])
     rows.append(["total train seconds", *(_seconds_cell(m, np.sum) for _, m in runs)])
     rows.append(["tunable params", *(_int_cell(m.get("tunable_params")) for _, m in runs)])
+    rows.append(["storage per task (KB)", *(_kb_cell(m.get("adapter_bytes")) for _, m in runs)])
+    if any(m.get("selector_accuracy") for _, m in runs):
+        rows.append(["selector accuracy (%)", *(_selector_cell(m) for _, m in runs)])
     rows.append(["backbone params", *(_int_cell(m.get("backbone_params")) for _, m in runs)])
     rows.append(["tunable ratio", *(_ratio_cell(m.get("tunable_ratio")) for _, m in runs)])
     rows.append(

@@ -94,6 +94,8 @@ def run_seed(cfg: RunConfig, stream: Stream, engine: FeatureEngine, seed: int, o
     train_seconds: list[float] = []
     eval_seconds: list[float] = []
     train_samples: list[int] = []
+    adapter_bytes: list[int] = []
+    extra: dict[str, list] = {}
     sdir = seed_dir(out, seed)
     bar = tqdm(range(T), desc=f"seed {seed}", unit="task", disable=not progress, dynamic_ncols=True)
     try:
@@ -109,8 +111,12 @@ def run_seed(cfg: RunConfig, stream: Stream, engine: FeatureEngine, seed: int, o
             accs, counts = evaluate(learner, ctx, t)
             eval_seconds.append(time.perf_counter() - start)
             matrix.append(accs + [None] * (T - t - 1))
+            for key, values in learner.eval_extra(t).items():
+                extra.setdefault(key, []).append(values + [None] * (T - t - 1))
             with atomic_directory(adapter_dir(out, seed, task.name)) as tmp:
                 learner.save(t, tmp)
+            adapter_bytes.append(sum(f.stat().st_size for f in adapter_dir(out, seed, task.name).rglob("*")
+                                     if f.is_file()))
             atomic_write_json(sdir / "state.json", {
                 "finished_tasks": t + 1, "accuracy_matrix": matrix, "train_seconds": train_seconds,
             })
@@ -128,6 +134,8 @@ def run_seed(cfg: RunConfig, stream: Stream, engine: FeatureEngine, seed: int, o
         "train_seconds": train_seconds,
         "eval_seconds": eval_seconds,
         "train_samples": train_samples,
+        "adapter_bytes": adapter_bytes,
+        **extra,
         **params,
         "backbone_params": backbone.n_params,
         "tunable_ratio": params["tunable_params"] / backbone.n_params,
@@ -166,6 +174,10 @@ def run(cfg: RunConfig, progress: bool | None = None) -> dict:
     cfg.out = str(out)
     check_out_dir(out)
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
+    atomic_write_json(out / "stream.json", {
+        "name": stream.name, "kind": stream.kind,
+        "tasks": [{"name": t.name, "labels": list(t.labels)} for t in stream.tasks],
+    })
     per_seed = [run_seed(cfg, stream, engine, cfg.seed + k, out, progress) for k in range(cfg.seeds)]
     metrics = M.aggregate_seeds(per_seed)
     metrics["run"] = {

@@ -62,7 +62,9 @@ def _span(value: Any, text: str, name: str, where: str) -> str | None:
     raise DataError(f"{where}: field '{name}' must be a string or [start, end] offsets, got {value!r}")
 
 
-def _make_row(record: dict[str, Any], where: str) -> Row:
+def _make_row(record: dict[str, Any], where: str, require_label: bool = True) -> Row:
+    if not require_label and record.get("label") in (None, ""):
+        record = {**record, "label": "?"}
     for name in ("text", "label"):
         if name not in record or record[name] is None or record[name] == "":
             raise DataError(f"{where}: missing field '{name}'")
@@ -94,8 +96,10 @@ def _make_row(record: dict[str, Any], where: str) -> Row:
     )
 
 
-def read_rows(path: str | Path) -> list[Row]:
-    """Read and validate a JSONL or CSV data file (``.gz`` allowed)."""
+def read_rows(path: str | Path, require_label: bool = True) -> list[Row]:
+    """Read and validate a JSONL or CSV data file (``.gz`` allowed).
+
+    ``require_label=False`` reads rows to predict (their label, if any, is kept)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: data file not found")
@@ -117,18 +121,18 @@ def read_rows(path: str | Path) -> list[Row]:
                         raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
                     if not isinstance(record, dict):
                         raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-                    rows.append(_make_row(record, f"{path}:{lineno}"))
+                    rows.append(_make_row(record, f"{path}:{lineno}", require_label))
             else:
                 reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
                 if reader.fieldnames is None:
                     raise DataError(f"{path}: empty file (expected a header line with text,label)")
-                missing = [c for c in ("text", "label") if c not in reader.fieldnames]
+                missing = [c for c in ("text", "label")[: 2 if require_label else 1] if c not in reader.fieldnames]
                 if missing:
                     raise DataError(f"{path}:1: header lacks column(s) {', '.join(missing)}")
                 for record in reader:
                     if None in record:
                         raise DataError(f"{path}:{reader.line_num}: more values than header columns")
-                    rows.append(_make_row(record, f"{path}:{reader.line_num}"))
+                    rows.append(_make_row(record, f"{path}:{reader.line_num}", require_label))
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except (OSError, EOFError, csv.Error) as e:

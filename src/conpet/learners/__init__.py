@@ -2,6 +2,6 @@
 former methods, each as ``<name>`` (original schedule) and ``<name>*`` (dynamic replay)."""
 
 from conpet.learners.base import LEARNERS, Context, Learner, get_learner, register_learner
-from conpet.learners import ea_emr, emr, ewc, joint, l2, lwf, sequential  # noqa: F401  (registers the learners)
+from conpet.learners import dynamic, ea_emr, emr, ewc, joint, l2, lwf, sequential  # noqa: F401  (registers the learners)
 
 __all__ = ["LEARNERS", "Context", "Learner", "get_learner", "register_learner"]

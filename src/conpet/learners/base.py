@@ -63,9 +63,9 @@ class Context:
         if self.engine is None:
             self.engine = FeatureEngine(self.backbone, self.encoded, None, self.precision)
 
-    def features(self, model: torch.nn.Module, indices: list[int]) -> torch.Tensor:
+    def features(self, model: torch.nn.Module, indices: list[int], **forward_kwargs) -> torch.Tensor:
         """Cloze features [batch, hidden] of rows through ``model`` (the backbone with its PET modules)."""
-        return self.engine.features(model, indices)
+        return self.engine.features(model, indices, **forward_kwargs)
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         return collate(self.encoded, indices, self.backbone.pad_id)
@@ -99,6 +99,14 @@ class Learner:
         raise NotImplementedError
 
     def tunable_params(self) -> dict[str, int]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def eval_extra(self, t: int) -> dict[str, list[float]]:
+        """Extra per-task metrics after task ``t`` (one value per seen task), e.g. selector accuracy."""
+        return {}
+
+    def restore(self, seed_folder: Path) -> None:  # pragma: no cover - abstract
+        """Load the learner's state after the last task from ``seed_folder`` (for prediction)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -181,6 +189,8 @@ class OneModuleLearner(Learner):
     def save(self, t: int, folder: Path) -> None:
         self.ctx.pet.save(self.model, self.module_name, folder)
         self.head.save(folder)
+        for plugin in self.plugins:
+            plugin.save(folder)
         meta = {
             "learner": self.name,
             "task": self.ctx.stream.tasks[t].name,
@@ -195,6 +205,15 @@ class OneModuleLearner(Learner):
             "labels": self.head.labels,
         }
         (folder / "conpet.json").write_text(json.dumps(meta, indent=2))
+
+    def restore(self, seed_folder: Path) -> None:
+        """Load the state after the stream's last task from a run's ``seed-<s>`` folder."""
+        folder = seed_folder / "adapters" / self.ctx.stream.tasks[-1].name
+        self.model = self.ctx.pet.attach_from(self.ctx.backbone.model, folder, self.module_name)
+        self.model.eval()
+        self.head = GrowingHead.load(folder)
+        for plugin in self.plugins:
+            plugin.load(folder)
 
     def tunable_params(self) -> dict[str, int]:
         pet = self.ctx.pet.count(self.model, self.module_name)

@@ -39,6 +39,16 @@ class EAEMR(EMR):
     def needs_memory(self) -> bool:
         return True
 
+    def save(self, folder) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in self.align.state_dict().items()}, str(folder / "alignment.safetensors"))
+
+    def load(self, folder) -> None:
+        from safetensors.torch import load_file
+
+        self.align.load_state_dict(load_file(str(folder / "alignment.safetensors")))
+
     def transform(self, features: torch.Tensor) -> torch.Tensor:
         return self.align(features.float())
 

@@ -71,6 +71,12 @@ class Plugin:
         """Extra trainable tensors of the method (optimizer groups)."""
         return []
 
+    def save(self, folder) -> None:
+        """Write the method's own state needed at prediction time (beside the adapter)."""
+
+    def load(self, folder) -> None:
+        """Read what :meth:`save` wrote."""
+
     def needs_memory(self) -> bool:
         """Whether an exemplar memory must be kept (default: only to replay from it)."""
         return self.learner.dynamic and self.opts["replay_source"] == "memory"

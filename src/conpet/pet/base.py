@@ -47,6 +47,10 @@ class PETMethod(ABC):
         """Wrap ``model`` with a first module ``name``; return the wrapped model."""
 
     @abstractmethod
+    def attach_from(self, model: nn.Module, folder: Path, name: str) -> nn.Module:
+        """Wrap ``model`` with a saved module loaded from ``folder`` under the name ``name``."""
+
+    @abstractmethod
     def add(self, model: nn.Module, name: str) -> None:
         """Add a fresh module ``name`` to an already wrapped model."""
 

@@ -36,18 +36,32 @@ class PeftBacked(PETMethod):
         self.activate(wrapped, name)
         return wrapped
 
+    def attach_from(self, model: nn.Module, folder: Path, name: str) -> nn.Module:
+        from peft import PeftModel
+
+        wrapped = PeftModel.from_pretrained(model, str(folder), adapter_name=name, is_trainable=False)
+        self.activate(wrapped, name)
+        return wrapped
+
     def add(self, model: nn.Module, name: str) -> None:
         model.add_adapter(name, self._config())
 
     def activate(self, model: nn.Module, name: str) -> None:
         model.set_adapter(name)
 
-    def parameters(self, model: nn.Module, name: str) -> list[nn.Parameter]:
+    def tensors(self, model: nn.Module, name: str) -> list[nn.Parameter]:
+        """Parameters of module ``name`` (peft puts the adapter name in every parameter path)."""
         marker = f".{name}."
-        params = [p for n, p in model.named_parameters() if marker in n or n.endswith(f".{name}")]
+        return [p for n, p in model.named_parameters() if marker in n or n.endswith(f".{name}")]
+
+    def parameters(self, model: nn.Module, name: str) -> list[nn.Parameter]:
+        params = self.tensors(model, name)
         for p in params:
             p.requires_grad_(True)
         return params
+
+    def count(self, model: nn.Module, name: str) -> int:
+        return sum(p.numel() for p in self.tensors(model, name))
 
     def save(self, model: nn.Module, name: str, folder: Path) -> None:
         model.save_pretrained(str(folder), selected_adapters=[name])

@@ -1,0 +1,308 @@
+"""Dynamic ConPET (Song et al. 2023): one PET module per task and a learned PET module selector.
+
+- **Experts.** Task t gets its own PET module ``expert-<t>`` (a named peft adapter on the one
+  shared backbone) and a head over task t's classes. Nothing an expert learned is ever
+  overwritten by a later task.
+- **Selector.** Its own PET module ``selector`` plus a head over task ids. From the second task
+  on it is retrained at each new task with cross-entropy over tasks on ConPET's dynamic replay
+  batches (new-task rows + old rows, each old row from a uniformly chosen old task), a fixed
+  number of steps. Initialisation (documented choice): at task 2 the selector module is fresh;
+  at later tasks it continues from the previous selector (the official code starts it from the
+  previous *expert's* LoRA with the previous selector's head, a quirk not copied); its head grows
+  by keeping the old rows (copied) and adding one new row for the new task.
+- **Prediction.** One selector pass -> top-k tasks -> only those experts run (rows routed with
+  peft's per-row ``adapter_names`` in one batch) -> their logits fill their class columns, all
+  others -inf -> argmax over seen classes. Cost per input: 1 + k backbone passes, whatever the
+  number of tasks (and with ``train.top_layers`` the frozen lower layers are shared by all of them).
+- **Expert training** uses teacher forcing (the gold task is always among the k). With k = 1 the
+  new expert trains on its own rows only (old rows could not give it a gradient). With k >= 2 it
+  trains on the replay batches against the frozen old experts' logits, which are cached by
+  (task, row, module version) so that a stale entry can never be read.
+
+Options (``learner_options``): ``top_k`` (1), ``steps_per_task`` (default ``epochs *
+ceil(|new rows| / n_new)``), ``new_ratio`` (1.0), ``replay_source`` (``history`` | ``memory``),
+``memory_per_class`` (16), ``expert_init`` (``fresh`` | ``previous``: copy the last expert).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from conpet.errors import ConfigError
+from conpet.heads import GrowingHead
+from conpet.learners.base import Context, Learner, register_learner
+from conpet.learners.loop import fit
+from conpet.replay import ExemplarMemory, dynamic_replay_batches, split_batch
+
+SELECTOR = "selector"
+OPTIONS = {"top_k": 1, "steps_per_task": None, "new_ratio": 1.0, "replay_source": "history",
+           "memory_per_class": 16, "expert_init": "fresh"}
+
+
+def expert_name(t: int) -> str:
+    return f"expert-{t:03d}"
+
+
+@register_learner("dynamic")
+class DynamicConPET(Learner):
+    """One PET module per task + a learned PET module selector (Dynamic ConPET, Song et al. 2023)."""
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        unknown = sorted(set(ctx.cfg.learner_options) - set(OPTIONS))
+        if unknown:
+            raise ConfigError(f"learner_options: unknown option '{unknown[0]}' for learner 'dynamic' "
+                              f"(known: {', '.join(sorted(OPTIONS))})")
+        self.opts = {**OPTIONS, **ctx.cfg.learner_options}
+        if int(self.opts["top_k"]) < 1:
+            raise ConfigError("learner_options.top_k: must be >= 1")
+        if self.opts["expert_init"] not in ("fresh", "previous"):
+            raise ConfigError("learner_options.expert_init: must be 'fresh' or 'previous'")
+        split_batch(ctx.cfg.train.batch_size, float(self.opts["new_ratio"]))
+        self.model = None
+        self.expert_heads: list[GrowingHead] = []
+        self.selector_head = GrowingHead(ctx.backbone.hidden_size)
+        self.memory = ExemplarMemory(int(self.opts["memory_per_class"]))
+        self.versions: dict[str, int] = {}
+        self.logit_cache: dict[tuple[int, int, int], torch.Tensor] = {}
+        self.n_tasks = 0
+        self.last_selection: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.routed: dict[int, int] = {}
+        """Top-1 task chosen for each row by the current selector (reused by eval_extra)."""
+
+    # -- modules ---------------------------------------------------------------------------------
+    def _new_module(self, name: str, copy_from: str | None = None) -> None:
+        torch.manual_seed(int(self.ctx.rng.integers(2**31)))
+        pet = self.ctx.pet
+        if self.model is None:
+            self.model = pet.attach(self.ctx.backbone.model, name)
+        elif copy_from is not None:
+            pet.copy(self.model, copy_from, name)
+        elif name not in self.model.peft_config:
+            pet.add(self.model, name)
+        self.versions[name] = self.versions.get(name, -1) + 1
+
+    def _train(self, module: str, head: GrowingHead, loss_fn, batches, desc: str):
+        self.ctx.pet.activate(self.model, module)
+        self.model.train()
+        train = self.ctx.cfg.train
+        groups = [{"params": self.ctx.pet.parameters(self.model, module), "lr": train.lr},
+                  {"params": list(head.parameters()), "lr": train.head_lr}]
+        stats = fit(loss_fn, groups, batches, train, self.ctx.precision, desc=desc, progress=self.ctx.progress)
+        self.model.eval()
+        return stats
+
+    def _features(self, indices: list[int], modules: list[str]) -> torch.Tensor:
+        """Features of each row through its own module (one batch, peft's per-row routing)."""
+        if self.model.training or len(set(modules)) == 1:
+            self.ctx.pet.activate(self.model, modules[0])
+            return self.ctx.features(self.model, indices)
+        return self.ctx.features(self.model, indices, adapter_names=modules)
+
+    # -- schedules ---------------------------------------------------------------------------------
+    def replay_batches(self, t: int) -> list[list[int]]:
+        stream, train = self.ctx.stream, self.ctx.cfg.train
+        new = stream.tasks[t].train
+        n_new, _ = split_batch(train.batch_size, float(self.opts["new_ratio"]))
+        steps = self.opts["steps_per_task"] or train.epochs * math.ceil(len(new) / n_new)
+        if self.opts["replay_source"] == "memory":
+            pools = [self.memory.rows(stream.tasks[j].labels) for j in range(t)]
+        else:
+            pools = [list(stream.tasks[j].train) for j in range(t)]
+        return dynamic_replay_batches(new, pools, int(steps), train.batch_size, self.ctx.rng,
+                                      new_ratio=float(self.opts["new_ratio"]))
+
+    def task_ids(self, indices: list[int]) -> torch.Tensor:
+        stream = self.ctx.stream
+        return torch.tensor([stream.task_of_label[stream.rows[i].label] for i in indices])
+
+    # -- learning ----------------------------------------------------------------------------------
+    def learn(self, t: int) -> None:
+        stream = self.ctx.stream
+        task = stream.tasks[t]
+        self.n_tasks = t + 1
+        self.routed = {}
+        self.selector_head.grow([task.name], self.ctx.torch_gen)
+        replay = self.replay_batches(t) if t > 0 else None
+        if t > 0:
+            self._new_module(SELECTOR)
+
+            def selector_loss(indices):
+                feats = self.ctx.features(self.model, indices)
+                return F.cross_entropy(self.selector_head(feats), self.task_ids(indices))
+
+            self._train(SELECTOR, self.selector_head, selector_loss, replay, f"{task.name} selector")
+            self.versions[SELECTOR] += 1
+
+        name = expert_name(t)
+        copy = expert_name(t - 1) if t > 0 and self.opts["expert_init"] == "previous" else None
+        self._new_module(name, copy_from=copy)
+        head = GrowingHead(self.ctx.backbone.hidden_size)
+        head.grow(list(task.labels), self.ctx.torch_gen)
+        self.expert_heads.append(head)
+        k = min(int(self.opts["top_k"]), t + 1)
+        if k == 1 or t == 0:
+            start = stream.class_range(t)[0]
+
+            def expert_loss(indices):
+                feats = self.ctx.features(self.model, indices)
+                return F.cross_entropy(head(feats), self.ctx.targets(indices) - start)
+
+            self.last_fit = self._train(name, head, expert_loss, self.ctx.epoch_batches(task.train),
+                                        f"{task.name} expert")
+        else:
+            self.last_fit = self._train(name, head, lambda idx: self._calibrated_loss(idx, t, k), replay,
+                                        f"{task.name} expert (k={k})")
+        if self.opts["replay_source"] == "memory":
+            self._update_memory(t)
+
+    def _update_memory(self, t: int) -> None:
+        stream = self.ctx.stream
+        self.ctx.pet.activate(self.model, expert_name(t))
+        for label in stream.tasks[t].labels:
+            rows = [i for i in stream.tasks[t].train if stream.rows[i].label == label]
+            with torch.no_grad():
+                feats = self.ctx.features(self.model, rows).float().numpy()
+            self.memory.add_class(label, rows, feats, seed=self.ctx.seed)
+
+    @torch.no_grad()
+    def select(self, indices: list[int], k: int, gold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k task ids [B, k] and selector probabilities [B, tasks]; with ``gold`` (teacher
+        forcing) the gold task replaces the last pick when missing."""
+        if self.n_tasks == 1 or SELECTOR not in (self.model.peft_config if self.model else {}):
+            probs = torch.ones(len(indices), 1)
+        else:
+            was_training = self.model.training
+            self.model.eval()
+            feats = self._features(indices, [SELECTOR] * len(indices))
+            self.model.train(was_training)
+            probs = F.softmax(self.selector_head(feats).float(), dim=-1)
+        k = min(k, probs.shape[1])
+        top = probs.topk(k, dim=-1).indices
+        if gold is not None:
+            missing = ~(top == gold[:, None]).any(dim=1)
+            top[missing, -1] = gold[missing]
+        return top, probs
+
+    def _old_expert_logits(self, task: int, indices: list[int]) -> torch.Tensor:
+        """Frozen old expert's logits for rows, cached by (task, row, module version)."""
+        name = expert_name(task)
+        version = self.versions[name]
+        missing = [i for i in indices if (task, i, version) not in self.logit_cache]
+        if missing:
+            was_training = self.model.training
+            self.model.eval()
+            with torch.no_grad():
+                feats = self._features(missing, [name] * len(missing))
+                self.ctx.pet.activate(self.model, expert_name(self.n_tasks - 1))
+                logits = self.expert_heads[task](feats).float()
+            self.model.train(was_training)
+            for r, i in enumerate(missing):
+                self.logit_cache[(task, i, version)] = logits[r]
+        return torch.stack([self.logit_cache[(task, i, version)] for i in indices])
+
+    def _calibrated_loss(self, indices: list[int], t: int, k: int) -> torch.Tensor:
+        """k >= 2: cross-entropy over all seen classes with the new expert's columns trainable and
+        the selected old experts' columns filled from the frozen (cached) experts."""
+        stream = self.ctx.stream
+        gold = self.task_ids(indices)
+        top, _ = self.select(indices, k, gold)
+        n_seen = stream.class_range(t)[1]
+        logits = torch.full((len(indices), n_seen), float("-inf"))
+        for j in range(t):
+            rows = (top == j).any(dim=1).nonzero().flatten().tolist()
+            if rows:
+                lo, hi = stream.class_range(j)
+                logits[rows, lo:hi] = self._old_expert_logits(j, [indices[r] for r in rows])
+        rows = (top == t).any(dim=1).nonzero().flatten().tolist()
+        self.ctx.pet.activate(self.model, expert_name(t))
+        lo, hi = stream.class_range(t)
+        if rows:
+            new_logits = self.expert_heads[t](self.ctx.features(self.model, [indices[r] for r in rows])).float()
+            logits = logits.index_put((torch.tensor(rows)[:, None], torch.arange(lo, hi)[None, :]), new_logits)
+        return F.cross_entropy(logits, self.ctx.targets(indices))
+
+    # -- prediction --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def logits(self, indices: list[int]) -> torch.Tensor:
+        stream = self.ctx.stream
+        k = min(int(self.opts["top_k"]), self.n_tasks)
+        top, probs = self.select(indices, k)
+        self.last_selection = (top, probs)
+        self.routed.update(zip(indices, top[:, 0].tolist()))
+        out = torch.full((len(indices), stream.class_range(self.n_tasks - 1)[1]), float("-inf"))
+        for j in range(top.shape[1]):
+            modules = [expert_name(int(task)) for task in top[:, j]]
+            feats = self._features(indices, modules).float()
+            for task in top[:, j].unique().tolist():
+                rows = (top[:, j] == task).nonzero().flatten()
+                lo, hi = stream.class_range(task)
+                out[rows, lo:hi] = self.expert_heads[task](feats[rows]).float()
+        return out
+
+    def eval_extra(self, t: int) -> dict[str, list[float]]:
+        """Selector accuracy (top-1 task id) on each seen task's test rows."""
+        accs = []
+        for j in range(t + 1):
+            rows = self.ctx.stream.tasks[j].test
+            missing = [i for i in rows if i not in self.routed]
+            for start in range(0, len(missing), self.ctx.cfg.train.eval_batch_size):
+                batch = missing[start:start + self.ctx.cfg.train.eval_batch_size]
+                self.routed.update(zip(batch, self.select(batch, 1)[0][:, 0].tolist()))
+            accs.append(sum(self.routed[i] == j for i in rows) / len(rows))
+        return {"selector_accuracy": accs}
+
+    # -- saving --------------------------------------------------------------------------------------
+    def save(self, t: int, folder: Path) -> None:
+        import json
+
+        pet = self.ctx.pet
+        pet.save(self.model, expert_name(t), folder)
+        self.expert_heads[t].save(folder)
+        if t > 0:
+            (folder / SELECTOR).mkdir()
+            pet.save(self.model, SELECTOR, folder / SELECTOR)
+            self.selector_head.save(folder / SELECTOR)
+        meta = {"learner": self.name, "task": self.ctx.stream.tasks[t].name, "task_index": t,
+                "pet": pet.name, "pet_options": pet.options, "module": expert_name(t),
+                "model": self.ctx.cfg.model, "backbone_path": str(self.ctx.backbone.path),
+                "backbone_fingerprint": self.ctx.backbone.fingerprint, "template": self.ctx.stream.kind,
+                "labels": self.expert_heads[t].labels, "top_k": int(self.opts["top_k"])}
+        (folder / "conpet.json").write_text(json.dumps(meta, indent=2))
+
+    def restore(self, seed_folder: Path) -> None:
+        """Load every expert and the last selector from a run's ``seed-<s>`` folder."""
+        pet, tasks = self.ctx.pet, self.ctx.stream.tasks
+        for t, task in enumerate(tasks):
+            folder = seed_folder / "adapters" / task.name
+            if self.model is None:
+                self.model = pet.attach_from(self.ctx.backbone.model, folder, expert_name(t))
+            else:
+                pet.load(self.model, folder, expert_name(t))
+            self.expert_heads.append(GrowingHead.load(folder))
+            self.versions[expert_name(t)] = 0
+        last = seed_folder / "adapters" / tasks[-1].name / SELECTOR
+        if last.is_dir():
+            pet.load(self.model, last, SELECTOR)
+            self.selector_head = GrowingHead.load(last)
+        self.n_tasks = len(tasks)
+        self.model.eval()
+
+    def tunable_params(self) -> dict[str, int]:
+        pet = self.ctx.pet
+        per_expert = pet.count(self.model, expert_name(0))
+        selector = pet.count(self.model, SELECTOR) if SELECTOR in self.model.peft_config else 0
+        heads = sum(p.numel() for h in self.expert_heads for p in h.parameters())
+        heads += sum(p.numel() for p in self.selector_head.parameters())
+        total = per_expert * len(self.expert_heads) + selector + heads
+        return {"pet_params": per_expert * len(self.expert_heads) + selector, "head_params": heads,
+                "tunable_params": total, "pet_params_per_task": per_expert}
+
+    def close(self) -> None:
+        if self.model is not None:
+            self.ctx.backbone.model = self.ctx.pet.detach(self.model)
+            self.model = None
