@@ -26,7 +26,6 @@ ceil(|new rows| / n_new)``), ``new_ratio`` (1.0), ``replay_source`` (``history``
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -36,7 +35,8 @@ from conpet.errors import ConfigError
 from conpet.heads import GrowingHead
 from conpet.learners.base import Context, Learner, register_learner
 from conpet.learners.loop import fit
-from conpet.replay import ExemplarMemory, dynamic_replay_batches, split_batch
+from conpet.learners.static import replay_schedule
+from conpet.replay import ExemplarMemory, split_batch
 
 SELECTOR = "selector"
 OPTIONS = {"top_k": 1, "steps_per_task": None, "new_ratio": 1.0, "replay_source": "history",
@@ -105,16 +105,7 @@ class DynamicConPET(Learner):
 
     # -- schedules ---------------------------------------------------------------------------------
     def replay_batches(self, t: int) -> list[list[int]]:
-        stream, train = self.ctx.stream, self.ctx.cfg.train
-        new = stream.tasks[t].train
-        n_new, _ = split_batch(train.batch_size, float(self.opts["new_ratio"]))
-        steps = self.opts["steps_per_task"] or train.epochs * math.ceil(len(new) / n_new)
-        if self.opts["replay_source"] == "memory":
-            pools = [self.memory.rows(stream.tasks[j].labels) for j in range(t)]
-        else:
-            pools = [list(stream.tasks[j].train) for j in range(t)]
-        return dynamic_replay_batches(new, pools, int(steps), train.batch_size, self.ctx.rng,
-                                      new_ratio=float(self.opts["new_ratio"]))
+        return replay_schedule(self.ctx, t, self.opts, self.memory)
 
     def task_ids(self, indices: list[int]) -> torch.Tensor:
         stream = self.ctx.stream

@@ -42,6 +42,21 @@ COMMON_OPTIONS: dict[str, Any] = {
 }
 
 
+def replay_schedule(ctx: Context, t: int, opts: dict[str, Any], memory: ExemplarMemory) -> list[list[int]]:
+    """ConPET's dynamic replay batches for task ``t``: ``steps_per_task`` steps (default: each new
+    row seen ``epochs`` times), old rows from each old task's full training set or its memory."""
+    stream, train = ctx.stream, ctx.cfg.train
+    new = stream.tasks[t].train
+    n_new, _ = split_batch(train.batch_size, float(opts["new_ratio"]))
+    steps = opts["steps_per_task"] or train.epochs * math.ceil(len(new) / n_new)
+    if opts["replay_source"] == "memory":
+        pools = [memory.rows(stream.tasks[j].labels) for j in range(t)]
+    else:
+        pools = [list(stream.tasks[j].train) for j in range(t)]
+    return dynamic_replay_batches(new, pools, int(steps), train.batch_size, ctx.rng,
+                                  new_ratio=float(opts["new_ratio"]))
+
+
 class Plugin:
     """A former continual-learning method as hooks on the training loop."""
 
@@ -105,21 +120,9 @@ class StaticConPET(OneModuleLearner):
         self.memory = ExemplarMemory(int(self.opts["memory_per_class"]))
         self.plugins = (self.plugin_cls(self, self.opts),)
 
-    def old_pools(self, t: int) -> list[list[int]]:
-        """Replayable rows of each old task: its full training set or its memory."""
-        stream = self.ctx.stream
-        if self.opts["replay_source"] == "memory":
-            return [self.memory.rows(stream.tasks[j].labels) for j in range(t)]
-        return [list(stream.tasks[j].train) for j in range(t)]
-
     def replay_batches(self, t: int) -> list[list[int]]:
         """ConPET's dynamic replay schedule for task t >= 1."""
-        train = self.ctx.cfg.train
-        new = self.ctx.stream.tasks[t].train
-        n_new, _ = split_batch(train.batch_size, float(self.opts["new_ratio"]))
-        steps = self.opts["steps_per_task"] or train.epochs * math.ceil(len(new) / n_new)
-        return dynamic_replay_batches(new, self.old_pools(t), int(steps), train.batch_size, self.ctx.rng,
-                                      new_ratio=float(self.opts["new_ratio"]))
+        return replay_schedule(self.ctx, t, self.opts, self.memory)
 
     def update_memory(self, t: int) -> None:
         """Add exemplars of task t's classes, chosen on the current model's features."""
