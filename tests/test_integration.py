@@ -14,8 +14,8 @@ pytestmark = pytest.mark.integration
 
 def test_minilm_sequential_on_wordnet_typing(tmp_path):
     cfg = from_dict({"model": "minilm", "out": str(tmp_path / "run"),
-                     "data": {"benchmark": "wordnet-typing", "max_train_per_class": 16},
-                     "train": {"epochs": 2}})
+                     "data": {"benchmark": "wordnet-typing", "max_train_per_class": 32},
+                     "train": {"epochs": 4}})
     metrics = run(cfg, progress=False)
     A = metrics["accuracy_matrix"]
     assert len(A) == 10

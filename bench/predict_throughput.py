@@ -1,0 +1,104 @@
+"""Prediction throughput of Dynamic ConPET for streams of 1, 5, 10 and 20 tasks, against a
+single-adapter model (one LoRA + one head) measured in the same run.
+
+    python bench/predict_throughput.py [--model minilm] [--tasks 1,5,10,20] [--rows 512] [--top-k 1]
+
+The modules are freshly initialised (non-zero LoRA weights): throughput does not depend on what
+they learned. The stream is ``wordnet-typing`` split into 20 tasks (``--n-tasks``-style, seeded),
+of which the first N are attached as experts, with a selector. Dynamic ConPET's cost per input is
+1 + k backbone passes whatever N is, so its rows/s should stay flat in N (at about 1/(1+k) of
+the single-adapter model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+warnings.filterwarnings("ignore")
+
+
+def main() -> None:
+    import torch
+
+    from conpet.backbone import load_backbone
+    from conpet.config import DataConfig, RunConfig
+    from conpet.data.benchmarks import load_benchmark
+    from conpet.data.formats import build_stream, split_labels
+    from conpet.engine import FeatureEngine
+    from conpet.heads import GrowingHead
+    from conpet.inputs import encode_rows
+    from conpet.learners import Context, get_learner
+    from conpet.learners.dynamic import SELECTOR, expert_name
+    from conpet.learners.loop import autocast, resolve_precision
+    from conpet.pet import get_pet
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--tasks", default="1,5,10,20")
+    p.add_argument("--rows", type=int, default=512)
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--top-layers", type=int, default=None)
+    args = p.parse_args()
+    sizes = [int(x) for x in args.tasks.split(",")]
+
+    base = load_benchmark("wordnet-typing")
+    groups = split_labels(sorted(base.labels), max(sizes), seed=0)
+    stream = build_stream("wordnet-typing-20", base.rows, groups, base.kind)
+    bb = load_backbone(args.model)
+    precision = resolve_precision("auto")
+    enc = encode_rows(stream.rows, stream.kind, bb.tokenizer, bb.is_decoder, 128)
+    engine = FeatureEngine(bb, enc, args.top_layers, precision, args.batch_size)
+    rows = [i for t in stream.tasks for i in t.test][: args.rows]
+    opts = {"init_lora_weights": False, **engine.pet_layer_options()}
+
+    def timed(logits_fn) -> float:
+        batches = [rows[i:i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
+        with torch.no_grad(), autocast(precision):
+            logits_fn(batches[0])  # warm-up (and fills the lower-layer cache when enabled)
+            start = time.perf_counter()
+            for b in batches:
+                logits_fn(b)
+        return len(rows) / (time.perf_counter() - start)
+
+    results = {}
+    cfg = RunConfig(model=args.model, learner="sequential")
+    ctx = Context(cfg=cfg, stream=stream, backbone=bb, encoded=enc, pet=get_pet("lora", opts), seed=0,
+                  precision=precision, progress=False, engine=engine)
+    single = get_learner("sequential")(ctx)
+    single.new_module()
+    single.head.grow(stream.labels)
+    single.model.eval()
+    results["single adapter"] = timed(single.logits)
+    single.close()
+
+    for n in sizes:
+        cfg = RunConfig(model=args.model, learner="dynamic", learner_options={"top_k": args.top_k})
+        ctx = Context(cfg=cfg, stream=stream, backbone=bb, encoded=enc, pet=get_pet("lora", opts), seed=0,
+                      precision=precision, progress=False, engine=engine)
+        dyn = get_learner("dynamic")(ctx)
+        for t in range(n):
+            dyn._new_module(expert_name(t))
+            head = GrowingHead(bb.hidden_size)
+            head.grow(list(stream.tasks[t].labels))
+            dyn.expert_heads.append(head)
+            dyn.selector_head.grow([stream.tasks[t].name])
+        if n > 1:
+            dyn._new_module(SELECTOR)
+        dyn.n_tasks = n
+        dyn.model.eval()
+        results[f"dynamic, {n} tasks"] = timed(dyn.logits)
+        dyn.close()
+
+    ref = results["single adapter"]
+    print(f"\n{args.model}, {len(rows)} test rows, batch {args.batch_size}, top-k {args.top_k}, "
+          f"top_layers {args.top_layers}, {precision}")
+    print(f"{'model':22s} {'rows/s':>8s} {'x single':>9s}")
+    for name, rate in results.items():
+        print(f"{name:22s} {rate:8.1f} {rate / ref:9.2f}")
+
+
+if __name__ == "__main__":
+    main()
