@@ -134,7 +134,7 @@ def run_config(args) -> dict:
     else:
         split = len(per_layer) - top
         flops = tokens * 2 * sum(per_layer[split:]) + sum(lengths) * sum(per_layer[:split])
-    lengths_all = ctx.encoded.lengths(range(len(ctx.encoded.ids)))
+    lengths_all = ctx.encoded.all_lengths
     from conpet.inputs import sorted_batches
 
     preds = predict(learner.logits, sorted_batches(test, lengths_all[test], 64), precision)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -19,7 +20,12 @@ class Encoded:
     cloze_pos: list[int]
 
     def lengths(self, indices) -> np.ndarray:
-        return np.fromiter((len(self.ids[i]) for i in indices), dtype=np.int64)
+        return self.all_lengths[np.asarray(list(indices), dtype=np.int64)]
+
+    @cached_property
+    def all_lengths(self) -> np.ndarray:
+        """Token count of every row (index = row index), computed once."""
+        return np.fromiter((len(ids) for ids in self.ids), dtype=np.int64, count=len(self.ids))
 
 
 def encode_rows(rows: list[Row], kind: str, tokenizer, is_decoder: bool, max_length: int) -> Encoded:

@@ -66,7 +66,7 @@ def evaluate(learner, ctx: Context, t: int) -> tuple[list[float], list[int]]:
     """Accuracy on the test set of every task 0..t, predicting over all seen classes
     (or only the task's classes in the task-incremental setting)."""
     stream = ctx.stream
-    lengths = ctx.encoded.lengths(range(len(ctx.encoded.ids)))
+    lengths = ctx.encoded.all_lengths
     accs, counts = [], []
     for j in range(t + 1):
         test = stream.tasks[j].test

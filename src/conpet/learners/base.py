@@ -75,7 +75,7 @@ class Context:
 
     def epoch_batches(self, indices: list[int], epochs: int | None = None) -> list[list[int]]:
         """``epochs`` passes over ``indices`` in length-bucketed random batches."""
-        lengths = self.encoded.lengths(range(len(self.encoded.ids)))
+        lengths = self.encoded.all_lengths
         out: list[list[int]] = []
         for _ in range(epochs or self.cfg.train.epochs):
             out.extend(length_bucketed_batches(indices, lengths[indices], self.cfg.train.batch_size, self.rng))
