@@ -6,9 +6,9 @@ it is computed once per row (no grad, bf16 autocast where enabled), kept in a me
 cache and reused by every epoch, replay batch, selector and evaluation pass. Each training step
 then runs only the top L layers forward and backward.
 
-The cache is keyed by the backbone's fingerprint, the split point and the row index; an engine
-built for another backbone or split refuses to serve (a new engine starts an empty cache).
-At construction the split path is checked against the plain forward pass on a few rows, so an
+The cache belongs to one engine, which belongs to one backbone, one tokenization and one split
+point, and is keyed by row index; another backbone or split means another engine with an empty
+cache. At construction the split path is checked against the plain forward pass on a few rows, so an
 architecture whose layers cannot be driven this way fails loudly instead of silently.
 
 Without ``top_layers`` the engine is a plain full forward pass.
@@ -61,24 +61,23 @@ class FeatureEngine:
         self.cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self.cache_bytes = 0
         self.hits = self.misses = 0
-        self.top_layers = top_layers
         self.split = None
         if top_layers is not None:
-            owner, attr, layers = find_layers(backbone.model)
+            # the layer stack's owner and attribute are found once; PET wrapping and unwrapping
+            # replace modules inside the layers, never the stack itself
+            self._owner, self._attr, layers = find_layers(backbone.model)
             n = len(layers)
             if not 1 <= top_layers <= n:
                 raise ConfigError(f"train.top_layers: must be between 1 and {n} for this model, got {top_layers}")
             self.split = n - top_layers
             self.n_layers = n
-            self.key = (backbone.fingerprint, self.split)
 
     # -- which layers the PET modules may touch ---------------------------------------------
     def pet_layer_options(self) -> dict:
         """PET options confining modules to the top layers (peft's ``layers_to_transform``)."""
         if self.split is None:
             return {}
-        _, attr, _ = find_layers(self.backbone.model)
-        return {"layers_to_transform": list(range(self.split, self.n_layers)), "layers_pattern": attr}
+        return {"layers_to_transform": list(range(self.split, self.n_layers)), "layers_pattern": self._attr}
 
     # -- the forward passes ----------------------------------------------------------------------
     def features(self, model: nn.Module, indices: list[int], **forward_kwargs) -> torch.Tensor:
@@ -101,8 +100,7 @@ class FeatureEngine:
         return out[torch.arange(len(indices)), pos]
 
     def _layers(self):
-        owner, attr, _ = find_layers(self.backbone.model)
-        return owner, attr, getattr(owner, attr)
+        return self._owner, self._attr, getattr(self._owner, self._attr)
 
     def _upper(self, model: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, **forward_kwargs) -> torch.Tensor:
         base = self.backbone.model
@@ -124,7 +122,7 @@ class FeatureEngine:
         """Output of layer ``split - 1`` (input of the first PET layer) for a batch."""
         from conpet.learners.loop import autocast
 
-        owner, attr, layers = self._layers()
+        layers = self._layers()[2]
 
         def stop(module, args, output):
             raise _Stop(output[0] if isinstance(output, tuple) else output)

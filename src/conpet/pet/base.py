@@ -26,6 +26,11 @@ from conpet.errors import ConfigError
 PET_METHODS: dict[str, type["PETMethod"]] = {}
 
 
+def in_module(param_name: str, module: str) -> bool:
+    """Whether a parameter path belongs to module ``module`` (peft puts the adapter name in it)."""
+    return f".{module}." in param_name or param_name.endswith(f".{module}")
+
+
 def register_pet(name: str) -> Callable[[type["PETMethod"]], type["PETMethod"]]:
     def wrap(cls: type["PETMethod"]) -> type["PETMethod"]:
         cls.name = name
@@ -81,13 +86,13 @@ class PETMethod(ABC):
     def copy(self, model: nn.Module, src: str, dst: str) -> None:
         """Create (or overwrite) module ``dst`` as a frozen copy of module ``src``."""
         names = dict(model.named_parameters())
-        if not any(f".{dst}." in n or n.endswith(f".{dst}") for n in names):
+        if not any(in_module(n, dst) for n in names):
             self.add(model, dst)
             self.activate(model, src)
             names = dict(model.named_parameters())
         copied = 0
         for n, p in names.items():
-            if f".{src}." in n or n.endswith(f".{src}"):
+            if in_module(n, src):
                 target = n.replace(f".{src}.", f".{dst}.") if f".{src}." in n else n[: -len(src)] + dst
                 with torch.no_grad():
                     names[target].copy_(p)

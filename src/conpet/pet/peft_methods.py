@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from conpet.errors import ConfigError
-from conpet.pet.base import PETMethod, register_pet
+from conpet.pet.base import PETMethod, in_module, register_pet
 
 
 class PeftBacked(PETMethod):
@@ -51,8 +51,7 @@ class PeftBacked(PETMethod):
 
     def tensors(self, model: nn.Module, name: str) -> list[nn.Parameter]:
         """Parameters of module ``name`` (peft puts the adapter name in every parameter path)."""
-        marker = f".{name}."
-        return [p for n, p in model.named_parameters() if marker in n or n.endswith(f".{name}")]
+        return [p for n, p in model.named_parameters() if in_module(n, name)]
 
     def parameters(self, model: nn.Module, name: str) -> list[nn.Parameter]:
         params = self.tensors(model, name)
