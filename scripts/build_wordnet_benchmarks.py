@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build conpet's built-in benchmarks from the WordNet 3.0 database files.
 
-Two benchmarks are produced (see docs/benchmarks.md for the full description):
+Three benchmarks are produced (see docs/benchmarks.md for the full description):
 
 * ``wordnet_typing``: entity typing.  A word marked in a sentence is labelled
   with the WordNet lexicographer file (supersense) of the sense it is used in,
@@ -12,6 +12,10 @@ Two benchmarks are produced (see docs/benchmarks.md for the full description):
   pointer from synset H to synset T always becomes ``head = H``, ``tail = T``,
   and the label reads as "tail is the <label> of head" (``hypernym``: the tail
   is the hypernym of the head).
+* ``wordnet_fine``: fine-grained noun typing.  Like ``wordnet_typing`` for
+  nouns, but the label is a category synset of the noun hypernym tree (the
+  most specific synsets with at least FINE_MIN_DESCENDANTS eligible synsets
+  below them), e.g. ``musician`` or ``wheeled_vehicle``.
 
 Only the Python standard library is used and the output is byte-identical on
 every run with the same ``--seed`` (everything is sorted before it is
@@ -35,7 +39,7 @@ import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "src" / "conpet" / "data" / "benchmarks"
@@ -49,6 +53,26 @@ CAPS = {"train": 64, "dev": 16, "test": 32}
 MINIMA = {"train": 40, "dev": 8, "test": 16}
 N_TYPING_TASKS = 10
 N_RELATION_TASKS = 4
+
+# wordnet_fine: fine-grained noun typing with categories cut from the noun
+# hypernym tree (see build_fine).
+FINE_CAPS = {"train": 32, "dev": 8, "test": 16}
+FINE_MINIMA = {"train": 20, "dev": 4, "test": 8}
+N_FINE_TASKS = 20
+# A category is a noun synset with at least this many eligible hyponyms
+# (direct or indirect) none of whose direct hyponyms has that many.
+FINE_MIN_DESCENDANTS = 200
+# Left out of wordnet_fine, as (lemma, sense number in index.noun):
+# * subtrees: Linnaean taxa (genus/family/order names, told apart only by
+#   their rank and Latin form) and racial categories of people (a subtree of
+#   dated and offensive terms);
+# * synsets whose usage domain (";u" pointer) is one of these, and synsets
+#   whose definition matches FINE_OFFENSIVE_RE: slurs, disparaging words and
+#   obscenities are not wanted as class members.
+FINE_EXCLUDED_SUBTREES = (("taxonomic group", 1), ("person of color", 1))
+FINE_EXCLUDED_USAGE = (("ethnic slur", 1), ("disparagement", 1), ("obscenity", 2))
+FINE_OFFENSIVE_RE = re.compile(r"\b(?:slur|offensive|disparaging|derogatory|obscene|vulgar)\b",
+                               re.IGNORECASE)
 
 # lexnames(5WN): file number -> lexicographer file name.
 LEXNAMES = [
@@ -339,16 +363,17 @@ def deal_tasks(labels: Iterable[str], n_tasks: int, rng: random.Random) -> List[
     return tasks
 
 
-def split_sizes(n: int) -> Optional[Dict[str, int]]:
+def split_sizes(n: int, caps: Dict[str, int] = CAPS,
+                minima: Dict[str, int] = MINIMA) -> Optional[Dict[str, int]]:
     """Split sizes for a class with ``n`` usable rows, or None if too few."""
-    n = min(n, sum(CAPS.values()))
-    if n < sum(MINIMA.values()):
+    n = min(n, sum(caps.values()))
+    if n < sum(minima.values()):
         return None
-    total = sum(CAPS.values())
-    sizes = {s: max(MINIMA[s], CAPS[s] * n // total) for s in ("dev", "test")}
+    total = sum(caps.values())
+    sizes = {s: max(minima[s], caps[s] * n // total) for s in ("dev", "test")}
     sizes["train"] = n - sizes["dev"] - sizes["test"]
     for s in ("test", "dev"):
-        while sizes["train"] < MINIMA["train"] and sizes[s] > MINIMA[s]:
+        while sizes["train"] < minima["train"] and sizes[s] > minima[s]:
             sizes[s] -= 1
             sizes["train"] += 1
     return sizes
@@ -357,7 +382,9 @@ def split_sizes(n: int) -> Optional[Dict[str, int]]:
 # --------------------------------------------------------------------------- #
 # Entity typing
 # --------------------------------------------------------------------------- #
-def typing_candidates(wn: WordNet, syn: Synset) -> List[Tuple[int, int, str, str, str, str]]:
+def typing_candidates(wn: WordNet, syn: Synset,
+                      class_of: Callable[[Synset], Optional[str]] = lambda s: s.lexfile,
+                      ) -> List[Tuple[int, int, str, str, str, str]]:
     """(tier, word_no, lemma_key, lemma, text, entity) for one synset.
 
     tier 0: example sentence, lemma unambiguous for the class
@@ -365,7 +392,8 @@ def typing_candidates(wn: WordNet, syn: Synset) -> List[Tuple[int, int, str, str
     tier 2: example sentence, ambiguous lemma
     tier 3: definitional sentence, ambiguous lemma
     "Unambiguous" = this synset is the lemma's most frequent sense in its
-    part of speech, or all senses of the lemma share this lexicographer file.
+    part of speech, or all senses of the lemma share this synset's class
+    (``class_of``: the lexicographer file by default).
     """
     out = []
     index = wn.index[syn.pos]
@@ -376,8 +404,8 @@ def typing_candidates(wn: WordNet, syn: Synset) -> List[Tuple[int, int, str, str
         senses = index.get(key)
         if not senses or syn.offset not in senses:
             continue
-        classes = {wn.synset(syn.pos, off).lexfile for off in senses}
-        unambiguous = senses[0] == syn.offset or classes == {syn.lexfile}
+        classes = {class_of(wn.synset(syn.pos, off)) for off in senses}
+        unambiguous = senses[0] == syn.offset or classes == {class_of(syn)}
         forms = inflections(lemma, syn.pos, wn.exc[syn.pos])
         text = entity = None
         for example in syn.examples:
@@ -413,22 +441,26 @@ def typing_candidates(wn: WordNet, syn: Synset) -> List[Tuple[int, int, str, str
     return out
 
 
-def build_typing(wn: WordNet, seed: int) -> Tuple[List[dict], dict]:
-    classes = list(TYPING_CLASSES)
-    pool: Dict[str, List[Tuple[str, list]]] = {c: [] for c in classes}
-    for pos in ("noun", "verb"):
-        for offset in sorted(wn.data[pos]):
-            syn = wn.data[pos][offset]
-            if syn.lexfile not in pool:
-                continue
-            cands = typing_candidates(wn, syn)
-            if cands:
-                pool[syn.lexfile].append((syn.key, cands))
-    for label in classes:
-        random.Random(f"{seed}:typing:{label}").shuffle(pool[label])
+def select_typing_rows(pool: Dict[str, List[Tuple[str, list]]], seed: int, tag: str,
+                       caps: Dict[str, int] = CAPS, minima: Dict[str, int] = MINIMA,
+                       ) -> Tuple[List[str], List[dict]]:
+    """Pick the rows of a typing benchmark from per-class candidate pools.
 
-    active = [c for c in classes if len(pool[c]) >= sum(MINIMA.values())]
-    cap = sum(CAPS.values())
+    ``pool`` maps a class to ``(synset_key, typing_candidates)`` pairs in
+    synset order.  Each pool is shuffled with ``{seed}:{tag}:{class}``; tiers
+    are filled globally with a benchmark-wide set of used lemmas and surface
+    forms (so a word occurs at most once), classes that cannot reach the
+    split minima are dropped (and the selection redone without them), and
+    every surviving class is split into test/dev/train by synset with
+    ``{seed}:{tag}-split:{class}``.  Returns (surviving classes, rows without
+    ids; ``label`` is the class).
+    """
+    classes = sorted(pool)
+    for label in classes:
+        random.Random(f"{seed}:{tag}:{label}").shuffle(pool[label])
+
+    active = [c for c in classes if len(pool[c]) >= sum(minima.values())]
+    cap = sum(caps.values())
     while True:
         # Scarce classes pick first inside each tier; tiers are global so that
         # a lemma's best (tier 0) use is claimed before any ambiguous use.
@@ -450,17 +482,17 @@ def build_typing(wn: WordNet, seed: int) -> Tuple[List[dict], dict]:
                             taken[label].add(syn_key)
                             chosen[label].append((syn_key, cand))
                             break
-        failing = [c for c in active if split_sizes(len(chosen[c])) is None]
+        failing = [c for c in active if split_sizes(len(chosen[c]), caps, minima) is None]
         if not failing:
             break
         active = [c for c in active if c not in failing]
 
     rows = []
     for label in sorted(active):
-        rng = random.Random(f"{seed}:typing-split:{label}")
+        rng = random.Random(f"{seed}:{tag}-split:{label}")
         picked = sorted(chosen[label], key=lambda item: item[0])
         rng.shuffle(picked)
-        sizes = split_sizes(len(picked))
+        sizes = split_sizes(len(picked), caps, minima)
         assert sizes is not None
         start = 0
         for split in ("test", "dev", "train"):
@@ -468,11 +500,33 @@ def build_typing(wn: WordNet, seed: int) -> Tuple[List[dict], dict]:
                 rows.append({"text": text, "entity": entity, "label": label, "split": split,
                              "synset": syn_key, "lemma": key})
             start += sizes[split]
-    rows.sort(key=lambda r: (SPLITS.index(r["split"]), r["label"], r["synset"]))
+    return sorted(active), rows
+
+
+def number_typing_rows(rows: List[dict], prefix: str) -> List[dict]:
+    """Sort rows by (split, label, synset) and put an ``id`` first in each."""
+    rows = sorted(rows, key=lambda r: (SPLITS.index(r["split"]), r["label"], r["synset"]))
+    out = []
     for i, row in enumerate(rows, start=1):
-        row_id = {"id": f"typing-{i:06d}"}
+        row_id = {"id": f"{prefix}-{i:06d}"}
         row_id.update(row)
-        rows[i - 1] = row_id
+        out.append(row_id)
+    return out
+
+
+def build_typing(wn: WordNet, seed: int) -> Tuple[List[dict], dict]:
+    classes = list(TYPING_CLASSES)
+    pool: Dict[str, List[Tuple[str, list]]] = {c: [] for c in classes}
+    for pos in ("noun", "verb"):
+        for offset in sorted(wn.data[pos]):
+            syn = wn.data[pos][offset]
+            if syn.lexfile not in pool:
+                continue
+            cands = typing_candidates(wn, syn)
+            if cands:
+                pool[syn.lexfile].append((syn.key, cands))
+    active, rows = select_typing_rows(pool, seed, "typing")
+    rows = number_typing_rows(rows, "typing")
     labels = sorted(active)
     meta = {
         "name": "wordnet-typing",
@@ -486,6 +540,149 @@ def build_typing(wn: WordNet, seed: int) -> Tuple[List[dict], dict]:
         "source": SOURCE,
         "seed": seed,
         "tasks": deal_tasks(labels, N_TYPING_TASKS, random.Random(f"{seed}:typing-tasks")),
+        "counts": count_rows(rows, labels),
+    }
+    return rows, meta
+
+
+# --------------------------------------------------------------------------- #
+# Fine-grained noun typing
+# --------------------------------------------------------------------------- #
+def noun_ancestors(wn: WordNet) -> Dict[str, frozenset]:
+    """noun offset -> all its hypernym ancestors via ``@`` and ``@i`` (every path)."""
+    nouns = wn.data["noun"]
+    parents = {off: sorted({t_off for sym, t_pos, t_off, _s, _t in syn.pointers
+                            if sym in ("@", "@i") and t_pos == "noun"})
+               for off, syn in nouns.items()}
+    memo: Dict[str, frozenset] = {}
+
+    def walk(off: str) -> frozenset:
+        if off not in memo:
+            found = set()
+            for parent in parents[off]:
+                found.add(parent)
+                found |= walk(parent)
+            memo[off] = frozenset(found)
+        return memo[off]
+
+    for off in sorted(nouns):
+        walk(off)
+    return memo
+
+
+def noun_sense(wn: WordNet, lemma: str, sense_no: int) -> str:
+    return wn.index["noun"][lemma][sense_no - 1]
+
+
+def fine_categories(wn: WordNet, ancestors: Dict[str, frozenset],
+                    eligible: Sequence[str]) -> List[str]:
+    """The category synsets: noun synsets with at least FINE_MIN_DESCENDANTS
+    eligible descendants, none of whose direct hyponyms has that many (the
+    most specific synsets that are still well populated).  They form an
+    antichain: no category lies below another on any hypernym path."""
+    below: Dict[str, int] = defaultdict(int)
+    for off in eligible:
+        for anc in ancestors[off]:
+            below[anc] += 1
+    children: Dict[str, List[str]] = defaultdict(list)
+    for off, syn in wn.data["noun"].items():
+        for sym, t_pos, t_off, _s, _t in syn.pointers:
+            if sym in ("@", "@i") and t_pos == "noun":
+                children[t_off].append(off)
+    return sorted(off for off, n in below.items()
+                  if n >= FINE_MIN_DESCENDANTS
+                  and all(below.get(child, 0) < FINE_MIN_DESCENDANTS for child in children[off]))
+
+
+def fine_label_names(wn: WordNet, categories: Sequence[str]) -> Dict[str, str]:
+    """category offset -> label: its first lemma with underscores, plus a
+    ``.n.<sense number>`` suffix when two categories share a first lemma."""
+    nouns = wn.data["noun"]
+    base = {off: nouns[off].words[0].replace(" ", "_") for off in categories}
+    clashes = defaultdict(int)
+    for name in base.values():
+        clashes[name.lower()] += 1
+    names = {}
+    for off in categories:
+        name = base[off]
+        if clashes[name.lower()] > 1:
+            sense_no = wn.index["noun"][nouns[off].words[0].lower()].index(off) + 1
+            name = f"{name}.n.{sense_no}"
+        names[off] = name
+    assert len(set(names.values())) == len(names)
+    return names
+
+
+def build_fine(wn: WordNet, seed: int) -> Tuple[List[dict], dict]:
+    nouns = wn.data["noun"]
+    ancestors = noun_ancestors(wn)
+    excluded = {noun_sense(wn, lemma, no) for lemma, no in FINE_EXCLUDED_SUBTREES}
+    usage = {noun_sense(wn, lemma, no) for lemma, no in FINE_EXCLUDED_USAGE}
+    eligible = [off for off in sorted(nouns)
+                if off not in excluded and not ancestors[off] & excluded
+                and not any(sym == ";u" and t_off in usage
+                            for sym, _p, t_off, _s, _t in nouns[off].pointers)
+                and not FINE_OFFENSIVE_RE.search(nouns[off].definition)
+                and typing_candidates(wn, nouns[off])]
+    categories = fine_categories(wn, ancestors, eligible)
+    category_set = set(categories)
+    # A synset belongs to the category it descends from; synsets below two or
+    # more categories (multiple inheritance) are dropped, and so are the
+    # category synsets themselves (they descend from none).
+    category_of: Dict[str, str] = {}
+    n_multi = 0
+    for off in eligible:
+        found = sorted(ancestors[off] & category_set)
+        if len(found) == 1:
+            category_of[off] = found[0]
+        elif len(found) > 1:
+            n_multi += 1
+
+    def class_of(syn: Synset) -> Optional[str]:
+        return category_of.get(syn.offset) if syn.pos == "noun" else None
+
+    pool: Dict[str, List[Tuple[str, list]]] = {f"noun:{c}": [] for c in categories}
+    for off in sorted(category_of):
+        syn = nouns[off]
+        pool[f"noun:{category_of[off]}"].append((syn.key, typing_candidates(wn, syn, class_of)))
+    active, rows = select_typing_rows(pool, seed, "fine", FINE_CAPS, FINE_MINIMA)
+    names = fine_label_names(wn, [key.split(":")[1] for key in active])
+    for row in rows:
+        row["label"] = names[row["label"].split(":")[1]]
+    rows = number_typing_rows(rows, "fine")
+    labels = sorted(names.values())
+    by_name = {name: off for off, name in names.items()}
+    meta = {
+        "name": "wordnet-fine",
+        "kind": "typing",
+        "description": (
+            "Fine-grained noun typing built from WordNet 3.0: a noun marked in a sentence (a "
+            "WordNet example sentence, or a definitional sentence built from the gloss) is "
+            "labelled with the category synset its sense descends from in the noun hypernym "
+            "tree (@ and @i pointers), e.g. musical_instrument or city. Categories are the most "
+            f"specific noun synsets with at least {FINE_MIN_DESCENDANTS} eligible hyponyms; "
+            "senses below two categories are dropped. Splits are disjoint by synset and by "
+            "lemma."
+        ),
+        "source": SOURCE,
+        "seed": seed,
+        "rule": {
+            "min_descendants": FINE_MIN_DESCENDANTS,
+            "candidate_categories": len(categories),
+            "eligible_synsets": len(eligible),
+            "dropped_multi_category_synsets": n_multi,
+            "labelled_synsets": len(category_of),
+        },
+        "categories": {
+            name: {"synset": f"noun:{by_name[name]}",
+                   "lemmas": nouns[by_name[name]].words,
+                   "definition": nouns[by_name[name]].definition}
+            for name in labels
+        },
+        "dropped_categories": sorted(
+            nouns[c].words[0].replace(" ", "_") + f" (noun:{c})"
+            for c in categories if f"noun:{c}" not in set(active)),
+        "tasks": deal_tasks(labels, N_FINE_TASKS, random.Random(f"{seed}:fine-tasks")),
         "counts": count_rows(rows, labels),
     }
     return rows, meta
@@ -645,7 +842,7 @@ def meta_bytes(meta: dict) -> bytes:
 DOC_HEADER = """\
 # Built-in benchmarks (WordNet 3.0)
 
-conpet ships two small, real benchmarks generated from the WordNet 3.0
+conpet ships three small, real benchmarks generated from the WordNet 3.0
 database, so that continual-learning experiments can run offline without
 downloading anything. The files live in `src/conpet/data/benchmarks/`:
 
@@ -655,6 +852,8 @@ downloading anything. The files live in `src/conpet/data/benchmarks/`:
 | `wordnet_typing.meta.json` | labels, task sequence, per-class counts |
 | `wordnet_relations.jsonl.gz` | relation classification rows |
 | `wordnet_relations.meta.json` | labels, task sequence, per-class counts |
+| `wordnet_fine.jsonl.gz` | fine-grained noun typing rows |
+| `wordnet_fine.meta.json` | labels, category synsets, task sequence, per-class counts |
 | `LICENSE-WordNet` | the WordNet 3.0 licence (copy of `/usr/share/doc/wordnet-base/copyright`) |
 
 Source: {source}, read from `/usr/share/wordnet` (`data.*`, `index.*`,
@@ -677,9 +876,11 @@ with `mtime=0` and no file name, and every file is written atomically
 (temporary file + `os.replace`). `tests/test_wordnet_benchmarks.py` rebuilds
 the files into a temporary directory and checks they are byte-identical.
 
-Every row has an `id` and a `split` (`train`, `dev` or `test`). Each class has
+Every row has an `id` and a `split` (`train`, `dev` or `test`). In
+`wordnet_typing` and `wordnet_relations` each class has
 at most {cap_train} train, {cap_dev} dev and {cap_test} test rows; a class that cannot
-reach at least {min_train} train, {min_dev} dev and {min_test} test rows is dropped. When a
+reach at least {min_train} train, {min_dev} dev and {min_test} test rows is dropped
+(`wordnet_fine` uses smaller caps and minima, see below). When a
 class has fewer than {cap_total} rows, dev and test shrink proportionally (never
 below their minima). The labels of each benchmark are shuffled with the seed
 and dealt into class-disjoint tasks of near-equal size (sizes differ by at
@@ -767,10 +968,59 @@ rows after filtering):
 | label | WordNet pointer | meaning ("tail is the label of head") | used |
 | --- | --- | --- | --- |
 {relation_table}
+
+## Fine-grained noun typing (`wordnet_fine`)
+
+Benchmark name `wordnet-fine`. Same rows as `wordnet_typing` (ids `fine-...`),
+nouns only, e.g.
+
+```json
+{fine_example}
+```
+
+but the label is a category synset of the noun hypernym tree instead of a
+supersense, e.g. `musician`, `wheeled_vehicle`, `city`, `disease`.
+
+* **Eligible senses**: every noun synset with at least one usable
+  (entity, sentence) candidate, built exactly as for `wordnet_typing`,
+  except: the Linnaean taxa (the subtree of `taxonomic group`, i.e. genus,
+  family and order names, which differ only by rank and Latin form), the
+  subtree of `person of color` (racial categories, many dated or offensive
+  terms), synsets whose usage domain (`;u` pointer) is `ethnic slur`,
+  `disparagement` or `obscenity`, and synsets whose definition contains
+  `slur`, `offensive`, `disparaging`, `derogatory`, `obscene` or `vulgar`.
+* **Categories**: ancestors are followed through hypernym (`@`) and
+  instance-hypernym (`@i`) pointers, over every path. A noun synset is a
+  category when at least {fine_min_desc} eligible synsets lie below it and none of its
+  direct hyponyms has {fine_min_desc} or more below it: the most specific synsets that
+  are still well populated. No category lies below another, so a sense
+  descends from at most one category along any single path.
+* **Labels**: each eligible synset is labelled with the category it descends
+  from. A synset below two or more categories (multiple inheritance, e.g.
+  a city that is also listed as a port, or a dog breed below both `canine`
+  and `domestic animal`) is **dropped**, as are the category
+  synsets themselves (so the entity is never the label word's own synset)
+  and synsets below no category. Of {fine_eligible} eligible synsets, {fine_labelled} are
+  labelled and {fine_multi} dropped as multi-category; {fine_candidates} categories qualify.
+  The label is the category's first lemma with spaces as underscores; if two
+  surviving categories shared a first lemma, both would get a
+  `.n.<sense number>` suffix (none does with the default seed and WordNet 3.0).
+* **Ambiguity tiers** as in `wordnet_typing`, with the category in place of
+  the lexicographer file: a lemma is unambiguous when the synset is its most
+  frequent noun sense or all its noun senses carry the same category.
+* **Splits and sizes**: the selection code of `wordnet_typing` is reused
+  (one row per synset, per lemma and per surface form; splits disjoint by
+  synset, lemma and entity string), with at most {fine_cap_train} train,
+  {fine_cap_dev} dev and {fine_cap_test} test rows per class and minima {fine_min_train} / {fine_min_dev} / {fine_min_test}.
+  Classes that cannot reach the minima are dropped: {fine_dropped}.
+  The {fine_n_classes} surviving classes are dealt into {fine_n_tasks} tasks.
+* **Meta file**: besides `tasks` and `counts`, `categories` maps each label
+  to its synset (`noun:offset`), lemmas and definition, and `rule` records
+  the threshold and the counts above.
 """
 
 
-def doc_tables(meta: dict) -> str:
+def doc_tables(meta: dict, categories: Optional[Dict[str, dict]] = None) -> str:
     lines = []
     counts = meta["counts"]
     totals = {s: sum(c[s] for c in counts.values()) for s in SPLITS}
@@ -778,12 +1028,21 @@ def doc_tables(meta: dict) -> str:
         f"**{meta['name']}**: {sum(totals.values())} rows (train {totals['train']}, "
         f"dev {totals['dev']}, test {totals['test']}), {len(counts)} classes, "
         f"{len(meta['tasks'])} tasks.\n")
-    lines.append("| task | label | train | dev | test |")
-    lines.append("| --- | --- | ---: | ---: | ---: |")
+    if categories is None:
+        lines.append("| task | label | train | dev | test |")
+        lines.append("| --- | --- | ---: | ---: | ---: |")
+    else:
+        lines.append("| task | label | category synset: definition | train | dev | test |")
+        lines.append("| --- | --- | --- | ---: | ---: | ---: |")
     for t, task in enumerate(meta["tasks"]):
         for label in task:
             c = counts[label]
-            lines.append(f"| task-{t + 1:02d} | `{label}` | {c['train']} | {c['dev']} | "
+            extra = ""
+            if categories is not None:
+                cat = categories[label]
+                definition = cat["definition"].replace("|", "/")
+                extra = f" `{cat['synset']}`: {definition} |"
+            lines.append(f"| task-{t + 1:02d} | `{label}` |{extra} {c['train']} | {c['dev']} | "
                          f"{c['test']} |")
     return "\n".join(lines) + "\n"
 
@@ -791,6 +1050,7 @@ def doc_tables(meta: dict) -> str:
 def render_docs(out_dir: Path) -> str:
     typing_meta = json.loads((out_dir / "wordnet_typing.meta.json").read_text())
     rel_meta = json.loads((out_dir / "wordnet_relations.meta.json").read_text())
+    fine_meta = json.loads((out_dir / "wordnet_fine.meta.json").read_text())
 
     def first_row(name: str, split: str = "test") -> str:
         with gzip.open(out_dir / name, "rt", encoding="ascii") as handle:
@@ -814,6 +1074,17 @@ def render_docs(out_dir: Path) -> str:
         relation_table="\n".join(rel_lines),
         typing_dropped=", ".join(f"`{c}`" for c in TYPING_CLASSES
                                  if c not in typing_meta["counts"]) or "none",
+        fine_example=first_row("wordnet_fine.jsonl.gz"),
+        fine_min_desc=fine_meta["rule"]["min_descendants"],
+        fine_eligible=fine_meta["rule"]["eligible_synsets"],
+        fine_labelled=fine_meta["rule"]["labelled_synsets"],
+        fine_multi=fine_meta["rule"]["dropped_multi_category_synsets"],
+        fine_candidates=fine_meta["rule"]["candidate_categories"],
+        fine_cap_train=FINE_CAPS["train"], fine_cap_dev=FINE_CAPS["dev"],
+        fine_cap_test=FINE_CAPS["test"], fine_min_train=FINE_MINIMA["train"],
+        fine_min_dev=FINE_MINIMA["dev"], fine_min_test=FINE_MINIMA["test"],
+        fine_dropped=", ".join(f"`{c}`" for c in fine_meta["dropped_categories"]) or "none",
+        fine_n_classes=len(fine_meta["counts"]), fine_n_tasks=len(fine_meta["tasks"]),
     )
     text += "\n## Sizes and task sequences\n\n"
     text += ("Generated from the meta files (seed "
@@ -822,6 +1093,8 @@ def render_docs(out_dir: Path) -> str:
              "sequence order.\n\n")
     text += "### Entity typing\n\n" + doc_tables(typing_meta)
     text += "\n### Relation classification\n\n" + doc_tables(rel_meta)
+    text += ("\n### Fine-grained noun typing\n\n"
+             + doc_tables(fine_meta, fine_meta["categories"]))
     return text
 
 
@@ -844,7 +1117,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     wn = WordNet(args.wordnet_dir)
     out: Path = args.out
     for name, (rows, meta) in (("wordnet_typing", build_typing(wn, args.seed)),
-                               ("wordnet_relations", build_relations(wn, args.seed))):
+                               ("wordnet_relations", build_relations(wn, args.seed)),
+                               ("wordnet_fine", build_fine(wn, args.seed))):
         atomic_write(out / f"{name}.jsonl.gz", gzip_bytes(jsonl_bytes(rows)))
         atomic_write(out / f"{name}.meta.json", meta_bytes(meta))
         totals = {s: sum(c[s] for c in meta["counts"].values()) for s in SPLITS}

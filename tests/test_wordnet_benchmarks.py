@@ -24,11 +24,15 @@ WORDNET_LICENSE = Path("/usr/share/doc/wordnet-base/copyright")
 SPLITS = ("train", "dev", "test")
 CAPS = {"train": 64, "dev": 16, "test": 32}
 MINIMA = {"train": 40, "dev": 8, "test": 16}
+FINE_CAPS = {"train": 32, "dev": 8, "test": 16}
+FINE_MINIMA = {"train": 20, "dev": 4, "test": 8}
 FILES = (
     "wordnet_typing.jsonl.gz",
     "wordnet_typing.meta.json",
     "wordnet_relations.jsonl.gz",
     "wordnet_relations.meta.json",
+    "wordnet_fine.jsonl.gz",
+    "wordnet_fine.meta.json",
     "LICENSE-WordNet",
 )
 
@@ -50,7 +54,13 @@ def relation_data():
     return load("wordnet_relations")
 
 
-def _check_meta(rows, meta, kind, n_tasks_exact=None, min_tasks=1, min_classes=1):
+@pytest.fixture(scope="module")
+def fine_data():
+    return load("wordnet_fine")
+
+
+def _check_meta(rows, meta, kind, n_tasks_exact=None, min_tasks=1, min_classes=1,
+                caps=CAPS, minima=MINIMA):
     assert meta["kind"] == kind
     assert meta["source"].startswith("WordNet 3.0")
     assert isinstance(meta["seed"], int)
@@ -74,7 +84,7 @@ def _check_meta(rows, meta, kind, n_tasks_exact=None, min_tasks=1, min_classes=1
         assert set(per_split) == set(SPLITS)
         for split in SPLITS:
             assert per_split[split] == counts[label][split], (label, split)
-            assert MINIMA[split] <= per_split[split] <= CAPS[split], (label, split)
+            assert minima[split] <= per_split[split] <= caps[split], (label, split)
 
 
 def _check_common(rows, prefix):
@@ -99,8 +109,7 @@ def test_typing_rows(typing_data):
         assert ";" not in row["text"] and '"' not in row["text"]
 
 
-def test_typing_splits_disjoint(typing_data):
-    rows, _ = typing_data
+def _check_typing_splits_disjoint(rows):
     by_synset = defaultdict(set)
     by_lemma = defaultdict(set)
     by_entity = defaultdict(set)
@@ -114,6 +123,11 @@ def test_typing_splits_disjoint(typing_data):
     # one row per synset and per lemma
     assert len(by_synset) == len(rows)
     assert len(by_lemma) == len(rows)
+
+
+def test_typing_splits_disjoint(typing_data):
+    rows, _ = typing_data
+    _check_typing_splits_disjoint(rows)
 
 
 def test_typing_meta(typing_data):
@@ -157,6 +171,88 @@ def test_relation_meta(relation_data):
     assert meta["name"] == "wordnet-relations"
     _check_meta(rows, meta, "relation", n_tasks_exact=4, min_tasks=4, min_classes=12)
     assert "hypernym" in meta["counts"]
+
+
+def test_fine_rows(fine_data):
+    rows, meta = fine_data
+    _check_common(rows, "fine-")
+    for row in rows:
+        assert set(row) >= {"id", "text", "entity", "label", "split", "synset", "lemma"}
+        assert row["entity"] and row["entity"] in row["text"], row
+        assert row["lemma"] == row["lemma"].lower()
+        pos, offset = row["synset"].split(":")
+        assert pos == "noun" and len(offset) == 8 and offset.isdigit()
+        assert ";" not in row["text"] and '"' not in row["text"]
+        # a sense is never labelled with its own category synset
+        assert row["synset"] != meta["categories"][row["label"]]["synset"]
+
+
+def test_fine_splits_disjoint(fine_data):
+    rows, _ = fine_data
+    _check_typing_splits_disjoint(rows)
+
+
+def test_fine_meta(fine_data):
+    rows, meta = fine_data
+    assert meta["name"] == "wordnet-fine"
+    _check_meta(rows, meta, "typing", min_tasks=20, min_classes=100,
+                caps=FINE_CAPS, minima=FINE_MINIMA)
+    assert len(meta["tasks"]) >= 20 and len(meta["counts"]) >= 100
+    # every label has train, dev and test rows
+    per_label = defaultdict(set)
+    for row in rows:
+        per_label[row["label"]].add(row["split"])
+    assert all(splits == set(SPLITS) for splits in per_label.values())
+    # labels are readable category names: first lemma (+ .n.N only on a clash)
+    cats = meta["categories"]
+    assert set(cats) == set(meta["counts"])
+    synsets = [cat["synset"] for cat in cats.values()]
+    assert len(synsets) == len(set(synsets))
+    for label, cat in cats.items():
+        base = cat["lemmas"][0].replace(" ", "_")
+        assert label == base or label.startswith(base + ".n."), label
+        assert cat["synset"].startswith("noun:") and cat["definition"]
+    # no typing label (supersense) is reused here
+    assert not any(label.startswith(("noun.", "verb.")) for label in cats)
+
+
+def test_fine_categories_are_exclusive(fine_data):
+    """Each synset has one label, and (when WordNet is installed) descends
+    from exactly one category synset, which is not an ancestor of another."""
+    rows, meta = fine_data
+    labels_of = defaultdict(set)
+    for row in rows:
+        labels_of[row["synset"]].add(row["label"])
+    assert all(len(v) == 1 for v in labels_of.values())
+    if not (WORDNET / "data.noun").exists():
+        pytest.skip("WordNet 3.0 (Debian package wordnet-base) is not installed")
+    parents = defaultdict(set)
+    with open(WORDNET / "data.noun", encoding="latin-1") as handle:
+        for line in handle:
+            if line.startswith("  "):
+                continue
+            fields = line.split(" | ")[0].split()
+            i = 4 + 2 * int(fields[3], 16)
+            for j in range(int(fields[i])):
+                sym, off, pos = fields[i + 1 + 4 * j:i + 4 + 4 * j]
+                if sym in ("@", "@i") and pos == "n":
+                    parents[fields[0]].add(off)
+
+    def ancestors(off):
+        seen, todo = set(), [off]
+        while todo:
+            for parent in parents[todo.pop()]:
+                if parent not in seen:
+                    seen.add(parent)
+                    todo.append(parent)
+        return seen
+
+    cat_of = {cat["synset"].split(":")[1]: label for label, cat in meta["categories"].items()}
+    for off in cat_of:
+        assert not ancestors(off) & set(cat_of), "a category lies below another"
+    for row in rows:
+        found = ancestors(row["synset"].split(":")[1]) & set(cat_of)
+        assert [cat_of[c] for c in found] == [row["label"]], row
 
 
 def test_license_present():

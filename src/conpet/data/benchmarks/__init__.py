@@ -17,6 +17,7 @@ HERE = Path(__file__).parent
 BENCHMARKS: dict[str, str] = {
     "wordnet-typing": "wordnet_typing",
     "wordnet-relations": "wordnet_relations",
+    "wordnet-fine": "wordnet_fine",
 }
 
 
