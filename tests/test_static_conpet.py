@@ -91,13 +91,28 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_grows_away_from_it(tiny_encoder, 
     learner = _learner(tiny_encoder, typing_data, tmp_path, "ewc", ewc_lambda=10.0)
     learner.learn(0)
     plugin = learner.plugins[0]
-    assert len(plugin.anchors) == 1 and all((f >= 0).all() for f in plugin.anchors[0][1])
-    assert float(plugin.extra_loss([], None)) == 0.0
+    assert plugin.n_penalties == 1 and all((a >= 0).all() for a, _, _ in plugin.sums)
+    assert float(plugin.extra_loss([], None)) == pytest.approx(0.0, abs=1e-6)
     with torch.no_grad():
         for p in learner.pet_parameters():
             p.add_(0.1)
     assert float(plugin.extra_loss([], None)) > 0.0
     learner.close()
+
+
+def test_ewc_running_sums_equal_one_penalty_per_old_task():
+    from conpet.learners.ewc import accumulate, penalty
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(4, 3), (5,)]
+    tasks = [([torch.rand(s, generator=gen) for s in shapes], [torch.randn(s, generator=gen) for s in shapes])
+             for _ in range(3)]
+    sums = []
+    for fisher, theta in tasks:
+        sums = accumulate(sums, fisher, theta)
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    explicit = sum((f * (p - th) ** 2).sum() for fisher, theta in tasks for p, f, th in zip(params, fisher, theta))
+    assert float(penalty(params, sums)) == pytest.approx(float(explicit), rel=1e-5)
 
 
 def test_l2_pulls_towards_the_previous_weights(tiny_encoder, typing_data, tmp_path):

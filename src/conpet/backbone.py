@@ -121,6 +121,9 @@ def resolve_model(spec: str) -> Path:
         return convert_gguf(path)
     if not (path / "config.json").is_file():
         raise ModelError(f"model '{spec}': folder {path} has no config.json")
+    if not any(path.glob("*.safetensors")):
+        raise ModelError(f"model '{spec}': folder {path} has no .safetensors weights; conpet never loads pickled "
+                         f"weights (.bin/.pt): convert them to safetensors first")
     return path
 
 
@@ -174,9 +177,11 @@ def load_backbone(spec: str) -> Backbone:
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     try:
-        config = AutoConfig.from_pretrained(str(folder))
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        model = AutoModel.from_pretrained(str(folder), dtype=torch.float32)
+        # Safe loading: safetensors weights only, and never code shipped with the model.
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        model = AutoModel.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True,
+                                          trust_remote_code=False)
     except Exception as e:
         raise ModelError(f"model '{spec}': cannot load {folder}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     model.eval()

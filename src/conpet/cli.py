@@ -21,7 +21,7 @@ from conpet.errors import ConpetError
 RUN_FLAGS = [
     # flag, config key, type, help
     ("--model", "model", str, "minilm, smollm2, a local HF model folder or a .gguf file (default: minilm)"),
-    ("--learner", "learner", str, "continual learner: sequential, joint, ... (default: sequential)"),
+    ("--learner", "learner", str, "continual learner: sequential, joint, emr*, dynamic, ... (see `conpet learners`); a comma-separated list runs each on the same data and model and prints one comparison; per-learner options in brackets, e.g. 'dynamic,dynamic[top_k=2]' (default: sequential)"),
     ("--benchmark", "data.benchmark", str, "built-in benchmark (default: wordnet-typing; see `conpet benchmarks`)"),
     ("--data", "data.file", str, "your own JSONL/CSV rows (text, label, optional split/entity/head/tail)"),
     ("--tasks", "data.tasks", str, "task file: JSON/YAML list of label groups (with --data)"),
@@ -52,6 +52,8 @@ def _add_run(sub) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set pet.options.r=4 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (one line per task instead)")
+    p.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its last finished task "
+                   "(and in-task checkpoint) with the configuration saved in DIR; no other flag applies")
 
 
 def cmd_run(args) -> int:
@@ -59,10 +61,22 @@ def cmd_run(args) -> int:
     from conpet.report import metrics_table, per_task_seconds_table
     from conpet.runner import run
 
+    if args.resume:
+        return resume_run(args)
+
     overrides = {key: getattr(args, key) for _, key, _, _ in RUN_FLAGS}
     if overrides.get("data.file"):
         overrides.setdefault("data.benchmark", None)
+    learners = split_learners(args.learner or "")
+    if len(learners) > 1:
+        return run_compare(args, overrides, learners)
+    from conpet.runner import parse_learner_spec
+
+    name, options = parse_learner_spec(learners[0]) if learners else (None, {})
+    if name:
+        overrides["learner"] = name
     cfg = load_config(args.config, overrides, args.sets)
+    cfg.learner_options.update(options)
     progress = None if not args.no_progress else False
     metrics = run(cfg, progress=progress)
     name = f"{cfg.learner}/{cfg.pet.method}/{cfg.model}"
@@ -72,6 +86,67 @@ def cmd_run(args) -> int:
     print()
     print(per_task_seconds_table([(name, metrics)]))
     print(f"\nrun directory: {cfg.out}  (summary.md, metrics.json, plots, adapters/)")
+    return 0
+
+
+def resume_run(args) -> int:
+    from conpet.report import metrics_table
+    from conpet.runner import resume
+
+    given = [flag for flag, key, _, _ in RUN_FLAGS if getattr(args, key) is not None]
+    if given or args.sets or args.config:
+        raise ConpetError(f"--resume uses the configuration saved in the run directory; drop {', '.join(given) or '--set/--config'}")
+    metrics = resume(args.resume, progress=None if not args.no_progress else False)
+    run = metrics["run"]
+    print(f"\n{run['benchmark']}: {len(run['tasks'])} tasks (resumed)")
+    print(metrics_table([(f"{run['learner']}/{run['pet']}/{run['model']}", metrics)]))
+    print(f"\nrun directory: {args.resume}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from conpet.runs import verify_run
+
+    problems, notes = verify_run(args.run_dir)
+    for line in notes:
+        print(line)
+    for line in problems:
+        print(f"PROBLEM {line}")
+    print(f"{args.run_dir}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 0 if not problems else 1
+
+
+def split_learners(text: str) -> list[str]:
+    """Split ``a,b[x=1,y=2],c`` on the commas outside brackets."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur.strip())
+    return [x for x in out if x]
+
+
+def run_compare(args, overrides: dict, learners: list[str]) -> int:
+    """``conpet run --learner a,b,c``: the same stream and model for several learners, one table."""
+    from conpet.config import load_config
+    from conpet.report import metrics_table, per_task_seconds_table
+    from conpet.runner import run_many
+
+    cfg = load_config(args.config, {**overrides, "learner": learners[0]}, args.sets)
+    out = cfg.out or f"runs/compare-{cfg.pet.method}-{Path(cfg.model).stem}-{cfg.data.benchmark or Path(cfg.data.file).stem}"
+    results = run_many(cfg, learners, out, progress=None if not args.no_progress else False)
+    rows = [(name, m) for name, m in results.items()]
+    first = next(iter(results.values()))
+    print(f"\n{first['run']['benchmark']}: {len(first['run']['tasks'])} tasks, {cfg.seeds} seed(s), "
+          f"{cfg.data.setting}, {cfg.pet.method} on {cfg.model}")
+    print(metrics_table(rows))
+    print()
+    print(per_task_seconds_table(rows))
+    print(f"\nrun directories: {out}/<learner>  (compare again with `conpet report {out}/*`)")
     return 0
 
 
@@ -162,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tail", help="the tail of the TEXTs (relation runs)")
     p.add_argument("--seed", type=int, help="which seed's modules (default: the run's first seed)")
     p.add_argument("--json", action="store_true", help="one JSON object per input")
+    p = sub.add_parser("verify", help="check a run directory's files against their recorded SHA-256",
+                       description="Check every artifact of a run directory against manifest.json (or, for an "
+                                   "unfinished run, the adapter hashes in each seed's state.json). Exit 1 when a "
+                                   "file is missing or changed.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
     for name, help_text in [("benchmarks", "list the built-in benchmarks"), ("learners", "list the learners"),
                             ("pets", "list the PET methods")]:
         sub.add_parser(name, help=help_text, description=help_text.capitalize() + ".")
@@ -173,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    handlers = {"run": cmd_run, "report": cmd_report, "predict": cmd_predict}
+    handlers = {"run": cmd_run, "report": cmd_report, "predict": cmd_predict, "verify": cmd_verify}
     try:
         return handlers.get(args.command, cmd_list)(args)
     except ConpetError as e:

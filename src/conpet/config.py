@@ -80,6 +80,8 @@ class TrainConfig:
     every layer, no cache."""
     cache_mb: float = 4096.0
     """Memory bound of the lower-layer cache (MB); the oldest rows are evicted beyond it."""
+    checkpoint_seconds: float = 60.0
+    """Save an in-task checkpoint (for ``conpet run --resume``) at most this often; 0 = every step."""
 
 
 @dataclass
@@ -177,6 +179,7 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
         (cfg.train.max_length >= 16, "train.max_length", "must be >= 16"),
         (cfg.train.top_layers is None or cfg.train.top_layers >= 1, "train.top_layers", "must be >= 1 or null"),
         (cfg.train.cache_mb > 0, "train.cache_mb", "must be > 0"),
+        (cfg.train.checkpoint_seconds >= 0, "train.checkpoint_seconds", "must be >= 0"),
         (cfg.train.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}"),
         (cfg.data.setting in SETTINGS, "data.setting", f"must be one of {', '.join(SETTINGS)}"),
         (cfg.data.template in TEMPLATES, "data.template", f"must be one of {', '.join(TEMPLATES)}"),

@@ -18,6 +18,7 @@ import torch
 from conpet.config import load_config
 from conpet.data.stream import Row, Stream, Task
 from conpet.errors import ConpetError
+from conpet.pet.base import check_binding
 from conpet.runs import read_json, seed_dir
 
 
@@ -48,6 +49,8 @@ def predict(run_dir: str | Path, rows: list[Row], seed: int | None = None, batch
     if not (sdir / "adapters" / stream.tasks[-1].name).is_dir():
         raise ConpetError(f"{sdir}: the run has not finished its last task ({stream.tasks[-1].name})")
     backbone = load_backbone(cfg.model)
+    for meta in sorted((sdir / "adapters").glob("*/conpet.json")):  # every module must match this base
+        check_binding(meta.parent, backbone.fingerprint, str(backbone.path))
     precision = resolve_precision(cfg.train.precision)
     encoded = encode_rows(rows, stream.kind, backbone.tokenizer, backbone.is_decoder, cfg.train.max_length)
     engine = FeatureEngine(backbone, encoded, cfg.train.top_layers, precision, batch_size)

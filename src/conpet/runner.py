@@ -31,7 +31,9 @@ from conpet.inputs import encode_rows, sorted_batches
 from conpet.learners import Context, get_learner
 from conpet.learners.loop import predict, resolve_precision
 from conpet.pet import get_pet
-from conpet.runs import adapter_dir, atomic_directory, atomic_write_json, atomic_write_text, seed_dir
+from conpet.checkpoint import Checkpointer
+from conpet.runs import (adapter_dir, atomic_directory, atomic_write_json, atomic_write_text, hash_files, read_json,
+                         recover_interrupted, seed_dir, write_manifest)
 
 
 def peak_rss_mb() -> float:
@@ -80,28 +82,46 @@ def evaluate(learner, ctx: Context, t: int) -> tuple[list[float], list[int]]:
 
 
 def run_seed(cfg: RunConfig, stream: Stream, engine: FeatureEngine, seed: int, out: Path,
-             progress: bool = True) -> dict:
-    """Learn the whole stream with one seed; write adapters and metrics under ``out/seed-<seed>``."""
+             progress: bool = True, resume: bool = False) -> dict:
+    """Learn the whole stream with one seed; write adapters and metrics under ``out/seed-<seed>``.
+
+    With ``resume``, continue from the last finished task recorded in ``seed-<seed>/state.json``
+    (and inside the next task from its in-task checkpoint, if one was written)."""
     set_seed(seed)
     backbone, encoded, precision = engine.backbone, engine.encoded, engine.precision
     pet = get_pet(cfg.pet.method, {**cfg.pet.options, **engine.pet_layer_options()})
-    ctx = Context(cfg=cfg, stream=stream, backbone=backbone, encoded=encoded, pet=pet, seed=seed,
-                  precision=precision, progress=progress, engine=engine)
-    learner = get_learner(cfg.learner)(ctx)
-    T = len(stream.tasks)
-    matrix: list[list[float | None]] = []
-    counts: list[int] = []
-    train_seconds: list[float] = []
-    eval_seconds: list[float] = []
-    train_samples: list[int] = []
-    adapter_bytes: list[int] = []
-    extra: dict[str, list] = {}
     sdir = seed_dir(out, seed)
-    bar = tqdm(range(T), desc=f"seed {seed}", unit="task", disable=not progress, dynamic_ncols=True)
+    checkpointer = Checkpointer(sdir, cfg.train.checkpoint_seconds)
+    ctx = Context(cfg=cfg, stream=stream, backbone=backbone, encoded=encoded, pet=pet, seed=seed,
+                  precision=precision, progress=progress, engine=engine, checkpointer=checkpointer)
+    learner = get_learner(cfg.learner)(ctx)
+    checkpointer.bind(learner, ctx)
+    T = len(stream.tasks)
+    progress_state: dict = {"finished_tasks": 0, "accuracy_matrix": [], "test_counts": [], "train_seconds": [],
+                            "eval_seconds": [], "train_samples": [], "adapter_bytes": [], "extra": {},
+                            "artifacts": {}}
+    if resume and (sdir / "state.json").is_file():
+        progress_state.update(read_json(sdir / "state.json"))
+    done = progress_state["finished_tasks"]
+    matrix, counts = progress_state["accuracy_matrix"], progress_state["test_counts"]
+    train_seconds, eval_seconds = progress_state["train_seconds"], progress_state["eval_seconds"]
+    train_samples, adapter_bytes = progress_state["train_samples"], progress_state["adapter_bytes"]
+    extra, artifacts = progress_state["extra"], progress_state["artifacts"]
+    if done:
+        for task in stream.tasks[:done]:  # the same cache build order as an uninterrupted run
+            engine.warm(task.train)
+        checkpointer.load_task_end(done - 1)
+        if not progress:
+            print(f"seed {seed}: resuming after task {done}/{T}", file=sys.stderr)
+    if resume:
+        checkpointer.find_in_task(done)
+    bar = tqdm(range(done, T), desc=f"seed {seed}", unit="task", disable=not progress, dynamic_ncols=True,
+               initial=done, total=T)
     try:
         for t in bar:
             task = stream.tasks[t]
             bar.set_description(f"seed {seed} task {t + 1}/{T}")
+            checkpointer.start_task(t)
             start = time.perf_counter()
             engine.warm(task.train)
             learner.learn(t)
@@ -113,13 +133,18 @@ def run_seed(cfg: RunConfig, stream: Stream, engine: FeatureEngine, seed: int, o
             matrix.append(accs + [None] * (T - t - 1))
             for key, values in learner.eval_extra(t).items():
                 extra.setdefault(key, []).append(values + [None] * (T - t - 1))
-            with atomic_directory(adapter_dir(out, seed, task.name)) as tmp:
+            folder = adapter_dir(out, seed, task.name)
+            with atomic_directory(folder) as tmp:
                 learner.save(t, tmp)
-            adapter_bytes.append(sum(f.stat().st_size for f in adapter_dir(out, seed, task.name).rglob("*")
-                                     if f.is_file()))
+            adapter_bytes.append(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()))
+            artifacts.update(hash_files(out, folder))
+            checkpointer.save_task_end(t)
             atomic_write_json(sdir / "state.json", {
-                "finished_tasks": t + 1, "accuracy_matrix": matrix, "train_seconds": train_seconds,
+                "finished_tasks": t + 1, "accuracy_matrix": matrix, "test_counts": counts,
+                "train_seconds": train_seconds, "eval_seconds": eval_seconds, "train_samples": train_samples,
+                "adapter_bytes": adapter_bytes, "extra": extra, "artifacts": artifacts,
             })
+            checkpointer.finish_task(t)
             bar.set_postfix(avg_acc=f"{100 * sum(accs) / len(accs):.1f}")
             if not progress:
                 print(f"seed {seed} task {t + 1}/{T} {task.name}: train {train_seconds[-1]:.1f}s, "
@@ -142,8 +167,10 @@ def run_seed(cfg: RunConfig, stream: Stream, engine: FeatureEngine, seed: int, o
         "peak_rss_mb": peak_rss_mb(),
         "seed": seed,
         "precision": precision,
+        "resumed": bool(resume and done) or progress_state.get("resumed", False),
     })
     atomic_write_json(sdir / "metrics.json", result)
+    checkpointer.remove_all()
     return result
 
 
@@ -161,24 +188,67 @@ def prepare(cfg: RunConfig) -> tuple[Stream, FeatureEngine]:
     return stream, engine
 
 
-def run(cfg: RunConfig, progress: bool | None = None) -> dict:
-    """Run ``cfg.seeds`` seeds of the stream; write the run directory; return aggregate metrics."""
-    from conpet.report import write_run_report
+def run(cfg: RunConfig, progress: bool | None = None,
+        prepared: tuple[Stream, FeatureEngine] | None = None) -> dict:
+    """Run ``cfg.seeds`` seeds of the stream; write the run directory; return aggregate metrics.
 
+    ``prepared`` (from :func:`prepare`) reuses a loaded backbone and its feature cache, e.g. to
+    compare several learners on the same data and model (see :func:`run_many`)."""
     if progress is None:
         progress = sys.stderr.isatty() and os.environ.get("CONPET_PROGRESS", "1") != "0"
     get_learner(cfg.learner)
     get_pet(cfg.pet.method, cfg.pet.options)
-    stream, engine = prepare(cfg)
+    stream, engine = prepared or prepare(cfg)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     cfg.out = str(out)
     check_out_dir(out)
+    if (out / "config.yaml").exists() and any(out.glob("seed-*/state.json")):
+        raise ConpetError(f"{out}: holds a run already; continue it with `conpet run --resume {out}` "
+                          f"or choose another --out")
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
-    atomic_write_json(out / "stream.json", {
-        "name": stream.name, "kind": stream.kind,
-        "tasks": [{"name": t.name, "labels": list(t.labels)} for t in stream.tasks],
-    })
-    per_seed = [run_seed(cfg, stream, engine, cfg.seed + k, out, progress) for k in range(cfg.seeds)]
+    atomic_write_json(out / "stream.json", stream_description(stream))
+    return _run_seeds(cfg, stream, engine, out, progress, resume=False)
+
+
+def stream_description(stream: Stream) -> dict:
+    return {"name": stream.name, "kind": stream.kind,
+            "tasks": [{"name": t.name, "labels": list(t.labels)} for t in stream.tasks]}
+
+
+def resume(run_dir: str | Path, progress: bool | None = None) -> dict:
+    """Continue an interrupted run from its last finished task (and in-task checkpoint); seeds
+    that finished are kept. Ends with the same metrics as an uninterrupted run (docs/reliability.md)."""
+    from conpet.config import load_config
+
+    out = Path(run_dir)
+    if not (out / "config.yaml").is_file():
+        raise ConpetError(f"{out}: not a conpet run directory (no config.yaml)")
+    if progress is None:
+        progress = sys.stderr.isatty() and os.environ.get("CONPET_PROGRESS", "1") != "0"
+    recover_interrupted(out)
+    cfg = load_config(str(out / "config.yaml"))
+    cfg.out = str(out)
+    check_out_dir(out)
+    stream, engine = prepare(cfg)
+    saved = read_json(out / "stream.json") if (out / "stream.json").is_file() else None
+    if saved is not None and saved != stream_description(stream):
+        raise ConpetError(f"{out}: the data no longer matches the run's stream.json (tasks or labels changed); "
+                          f"cannot resume")
+    return _run_seeds(cfg, stream, engine, out, progress, resume=True)
+
+
+def _run_seeds(cfg: RunConfig, stream: Stream, engine: FeatureEngine, out: Path, progress: bool,
+               resume: bool) -> dict:
+    from conpet.report import write_run_report
+
+    per_seed = []
+    for k in range(cfg.seeds):
+        seed = cfg.seed + k
+        finished = seed_dir(out, seed) / "metrics.json"
+        if resume and finished.is_file():
+            per_seed.append(read_json(finished))
+        else:
+            per_seed.append(run_seed(cfg, stream, engine, seed, out, progress, resume=resume))
     metrics = M.aggregate_seeds(per_seed)
     metrics["run"] = {
         "learner": cfg.learner,
@@ -190,4 +260,54 @@ def run(cfg: RunConfig, progress: bool | None = None) -> dict:
     }
     atomic_write_json(out / "metrics.json", metrics)
     write_run_report(out, metrics)
+    write_manifest(out)
     return metrics
+
+
+def parse_learner_spec(spec: str) -> tuple[str, dict]:
+    """``"dynamic[top_k=2,new_ratio=0.5]"`` -> ``("dynamic", {"top_k": 2, "new_ratio": 0.5})``."""
+    import yaml
+
+    spec = spec.strip()
+    if "[" not in spec:
+        return spec, {}
+    if not spec.endswith("]"):
+        raise ConpetError(f"learner '{spec}': options go in brackets at the end, e.g. dynamic[top_k=2]")
+    name, inner = spec[:-1].split("[", 1)
+    options = {}
+    for pair in filter(None, (x.strip() for x in inner.split(","))):
+        if "=" not in pair:
+            raise ConpetError(f"learner '{spec}': expected KEY=VALUE, got '{pair}'")
+        key, value = pair.split("=", 1)
+        options[key.strip()] = yaml.safe_load(value)
+    return name.strip(), options
+
+
+def spec_dir_name(spec: str) -> str:
+    """A folder name for a learner spec: ``emr*`` -> ``emr-star``, ``dynamic[top_k=2]`` -> ``dynamic-top_k=2``."""
+    name, options = parse_learner_spec(spec)
+    return "-".join([name.replace("*", "-star")] + [f"{k}={v}" for k, v in options.items()])
+
+
+def run_many(cfg: RunConfig, learners: list[str], out: str | Path, progress: bool | None = None) -> dict[str, dict]:
+    """Run several learners on the same stream, model and settings, one after the other in this
+    process: the backbone is loaded and the data tokenized (and lower layers cached) once.
+
+    A learner may carry its own options in brackets, e.g. ``["dynamic", "dynamic[top_k=2]"]``
+    (added to ``cfg.learner_options``). Each writes its own run directory ``out/<learner>``
+    (``emr*`` -> ``emr-star``, ``dynamic[top_k=2]`` -> ``dynamic-top_k=2``)."""
+    import dataclasses
+
+    parsed = []
+    for spec in learners:
+        name, options = parse_learner_spec(spec)
+        get_learner(name)
+        parsed.append((spec, name, options))
+    check_out_dir(Path(out))
+    prepared = prepare(cfg)
+    results = {}
+    for spec, name, options in parsed:
+        one = dataclasses.replace(cfg, learner=name, out=str(Path(out) / spec_dir_name(spec)),
+                                  learner_options={**cfg.learner_options, **options})
+        results[spec] = run(one, progress=progress, prepared=prepared)
+    return results

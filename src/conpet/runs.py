@@ -13,11 +13,17 @@ Layout of a run directory::
     DIR/seed-<s>/metrics.json  metrics of one seed
     DIR/seed-<s>/state.json    progress of that seed (finished tasks), for resume
     DIR/seed-<s>/adapters/<task>/   peft adapter + head after learning <task>
+    DIR/seed-<s>/checkpoint/   training state for ``--resume`` (removed when the seed finishes)
+    DIR/manifest.json          every artifact with its size and SHA-256 (``conpet verify DIR``)
+
+While a seed runs, its ``state.json`` lists the SHA-256 of every adapter file written so far, so
+``conpet verify`` also checks an unfinished run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -106,3 +112,101 @@ def seed_dir(run_dir: str | os.PathLike, seed: int) -> Path:
 
 def adapter_dir(run_dir: str | os.PathLike, seed: int, task: str) -> Path:
     return seed_dir(run_dir, seed) / "adapters" / task
+
+
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _artifact_files(root: Path, under: Path) -> list[Path]:
+    """Files under ``under`` except temporaries, checkpoints and the manifest itself."""
+    out = []
+    for f in sorted(under.rglob("*")):
+        rel = f.relative_to(root)
+        if not f.is_file() or any(part.startswith(".") for part in rel.parts):
+            continue
+        if "checkpoint" in rel.parts or rel.as_posix() == MANIFEST:
+            continue
+        out.append(f)
+    return out
+
+
+def hash_files(root: str | os.PathLike, under: str | os.PathLike) -> dict[str, str]:
+    """``{path relative to root: sha256}`` of every artifact file under ``under``."""
+    root = Path(root)
+    return {f.relative_to(root).as_posix(): sha256_file(f) for f in _artifact_files(root, Path(under))}
+
+
+def write_manifest(run_dir: str | os.PathLike) -> Path:
+    """List every artifact of a finished run with its size and SHA-256 (written atomically)."""
+    root = Path(run_dir)
+    files = {f.relative_to(root).as_posix(): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+             for f in _artifact_files(root, root)}
+    return atomic_write_json(root / MANIFEST, {"files": files})
+
+
+def verify_run(run_dir: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """Check a run directory against its manifest (or, unfinished, its seeds' ``state.json``).
+
+    Returns ``(problems, notes)``: problems are missing or changed files; notes describe what was
+    checked (and files present but not listed)."""
+    root = Path(run_dir)
+    problems: list[str] = []
+    notes: list[str] = []
+    if (root / MANIFEST).is_file():
+        listed = read_json(root / MANIFEST)["files"]
+        for rel, info in listed.items():
+            f = root / rel
+            if not f.is_file():
+                problems.append(f"missing: {rel}")
+            elif f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]:
+                problems.append(f"changed: {rel} (SHA-256 differs from the manifest)")
+        extra = sorted(set(hash_files(root, root)) - set(listed))
+        notes.append(f"manifest: {len(listed)} files checked")
+        notes.extend(f"not in the manifest: {rel}" for rel in extra)
+        return problems, notes
+    states = sorted(root.glob("seed-*/state.json"))
+    if not states:
+        problems.append(f"{root}: no manifest.json and no seed state.json (not a conpet run directory?)")
+        return problems, notes
+    for state_file in states:
+        state = read_json(state_file)
+        artifacts = state.get("artifacts", {})
+        for rel, digest in artifacts.items():
+            f = root / rel
+            if not f.is_file():
+                problems.append(f"missing: {rel}")
+            elif sha256_file(f) != digest:
+                problems.append(f"changed: {rel} (SHA-256 differs from {state_file.relative_to(root)})")
+        notes.append(f"{state_file.parent.name}: unfinished run, {state.get('finished_tasks', 0)} task(s) done, "
+                     f"{len(artifacts)} adapter files checked")
+    return problems, notes
+
+
+def recover_interrupted(run_dir: str | os.PathLike) -> list[str]:
+    """Undo what a kill can leave behind: a folder replaced half-way by :func:`atomic_directory`
+    (``.NAME.old`` with no ``NAME``) is put back; temporary files and folders are removed."""
+    actions = []
+    root = Path(run_dir)
+    for old in sorted(root.rglob(".*.old")):
+        target = old.with_name(old.name[1:-4])
+        if old.is_dir() and not target.exists():
+            os.replace(old, target)
+            actions.append(f"restored {target.relative_to(root)}")
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    for tmp in sorted(root.rglob(".*.tmp"), reverse=True):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        actions.append(f"removed {tmp.relative_to(root)}")
+    return actions

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from conpet.errors import ConfigError
 from conpet.heads import GrowingHead
 from conpet.inputs import Encoded, collate, length_bucketed_batches
 from conpet.learners.loop import FitStats, fit
-from conpet.pet.base import PETMethod
+from conpet.pet.base import PETMethod, in_module
 
 LEARNERS: dict[str, type["Learner"]] = {}
 
@@ -55,6 +55,8 @@ class Context:
     progress: bool = True
     engine: FeatureEngine | None = None
     """Computes cloze features (and caches frozen lower layers); built by the runner."""
+    checkpointer: Any = None
+    """A :class:`conpet.checkpoint.Checkpointer` (in-task checkpoints and resume), or None."""
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
@@ -107,6 +109,15 @@ class Learner:
 
     def restore(self, seed_folder: Path) -> None:  # pragma: no cover - abstract
         """Load the learner's state after the last task from ``seed_folder`` (for prediction)."""
+        raise NotImplementedError
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # pragma: no cover - abstract
+        """Everything needed to continue training (for resume): tensors and JSON-able metadata."""
+        raise NotImplementedError
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:  # pragma: no cover
+        """Inverse of :meth:`state`; tensors that already exist are overwritten in place (an
+        optimizer holding them stays valid)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -165,7 +176,8 @@ class OneModuleLearner(Learner):
         for plugin in self.plugins:
             groups.extend(plugin.param_groups())
         stats = fit(self.loss, groups, batches if batches is not None else self.ctx.epoch_batches(indices),
-                    train, self.ctx.precision, desc=desc, progress=self.ctx.progress)
+                    train, self.ctx.precision, desc=desc, progress=self.ctx.progress,
+                    checkpointer=self.ctx.checkpointer)
         self.model.eval()
         self.last_fit = stats
         return stats
@@ -215,6 +227,37 @@ class OneModuleLearner(Learner):
         for plugin in self.plugins:
             plugin.load(folder)
 
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict[str, Any] = {"modules": []}
+        if self.model is not None:
+            tensors.update(module_tensors(self.model, list(self.model.peft_config)))
+            meta["modules"] = list(self.model.peft_config)
+        tensors.update({f"head/{k}": v for k, v in head_tensors(self.head).items()})
+        meta["head_labels"] = list(self.head.labels)
+        if getattr(self, "memory", None) is not None:
+            meta["memory"] = self.memory.rows_by_class
+        for k, plugin in enumerate(self.plugins):
+            t, m = plugin.state()
+            tensors.update({f"plugin{k}/{name}": v for name, v in t.items()})
+            meta[f"plugin{k}"] = m
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        if meta["modules"]:
+            if self.model is None:
+                self.new_module()
+            load_module_tensors(self.ctx.pet, self.model, meta["modules"], tensors)
+            self.ctx.pet.activate(self.model, self.module_name)
+        self.head = load_head(self.head, {k[5:]: v for k, v in tensors.items() if k.startswith("head/")},
+                              meta["head_labels"])
+        if "memory" in meta:
+            self.memory.rows_by_class = {k: list(v) for k, v in meta["memory"].items()}
+        for k, plugin in enumerate(self.plugins):
+            prefix = f"plugin{k}/"
+            plugin.load_state({n[len(prefix):]: v for n, v in tensors.items() if n.startswith(prefix)},
+                              meta[f"plugin{k}"])
+
     def tunable_params(self) -> dict[str, int]:
         pet = self.ctx.pet.count(self.model, self.module_name)
         head = sum(p.numel() for p in self.head.parameters())
@@ -224,6 +267,42 @@ class OneModuleLearner(Learner):
         if self.model is not None:
             self.ctx.backbone.model = self.ctx.pet.detach(self.model)
             self.model = None
+
+
+def module_tensors(model: torch.nn.Module, modules: list[str]) -> dict[str, torch.Tensor]:
+    """Every parameter of the named PET modules, keyed ``pet/<parameter path>``."""
+    return {f"pet/{n}": p.detach() for n, p in model.named_parameters() if any(in_module(n, m) for m in modules)}
+
+
+def load_module_tensors(pet: PETMethod, model: torch.nn.Module, modules: list[str],
+                        tensors: dict[str, torch.Tensor]) -> None:
+    """Create missing modules, then copy saved values into their parameters in place."""
+    for name in modules:
+        if name not in model.peft_config:
+            pet.add(model, name)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if key.startswith("pet/"):
+                params[key[4:]].copy_(value)
+
+
+def head_tensors(head: GrowingHead) -> dict[str, torch.Tensor]:
+    return {"weight": head.weight.detach(), "bias": head.bias.detach()}
+
+
+def load_head(head: GrowingHead, tensors: dict[str, torch.Tensor], labels: list[str]) -> GrowingHead:
+    """Put saved values into ``head`` in place when its shape matches, else into a new head."""
+    if head.weight.shape != tensors["weight"].shape:
+        head = GrowingHead(head.hidden_size, head.init_std)
+        head.weight = torch.nn.Parameter(tensors["weight"].clone())
+        head.bias = torch.nn.Parameter(tensors["bias"].clone())
+    else:
+        with torch.no_grad():
+            head.weight.copy_(tensors["weight"])
+            head.bias.copy_(tensors["bias"])
+    head.labels = list(labels)
+    return head
 
 
 def get_learner(name: str) -> type[Learner]:

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from conpet.errors import ConfigError
 from conpet.heads import GrowingHead
-from conpet.learners.base import Context, Learner, register_learner
+from conpet.learners.base import (Context, Learner, head_tensors, load_head, load_module_tensors, module_tensors,
+                                  register_learner)
 from conpet.learners.loop import fit
 from conpet.learners.static import replay_schedule
 from conpet.replay import ExemplarMemory, split_batch
@@ -92,7 +93,8 @@ class DynamicConPET(Learner):
         train = self.ctx.cfg.train
         groups = [{"params": self.ctx.pet.parameters(self.model, module), "lr": train.lr},
                   {"params": list(head.parameters()), "lr": train.head_lr}]
-        stats = fit(loss_fn, groups, batches, train, self.ctx.precision, desc=desc, progress=self.ctx.progress)
+        stats = fit(loss_fn, groups, batches, train, self.ctx.precision, desc=desc, progress=self.ctx.progress,
+                    checkpointer=self.ctx.checkpointer)
         self.model.eval()
         return stats
 
@@ -282,6 +284,50 @@ class DynamicConPET(Learner):
             self.selector_head = GrowingHead.load(last)
         self.n_tasks = len(tasks)
         self.model.eval()
+
+    # -- resume ----------------------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors: dict[str, torch.Tensor] = {}
+        modules = list(self.model.peft_config) if self.model is not None else []
+        if modules:
+            tensors.update(module_tensors(self.model, modules))
+        for t, head in enumerate(self.expert_heads):
+            tensors.update({f"expert_head/{t}/{k}": v for k, v in head_tensors(head).items()})
+        tensors.update({f"selector_head/{k}": v for k, v in head_tensors(self.selector_head).items()})
+        keys = sorted(self.logit_cache)
+        by_task: dict[int, list] = {}
+        for key in keys:
+            by_task.setdefault(key[0], []).append(key)
+        for task, task_keys in by_task.items():
+            tensors[f"cache/{task}/keys"] = torch.tensor(task_keys, dtype=torch.long)
+            tensors[f"cache/{task}/logits"] = torch.stack([self.logit_cache[k] for k in task_keys])
+        meta = {"modules": modules, "expert_labels": [h.labels for h in self.expert_heads],
+                "selector_labels": self.selector_head.labels, "versions": self.versions,
+                "n_tasks": self.n_tasks, "memory": self.memory.rows_by_class, "cache_tasks": sorted(by_task)}
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        pet = self.ctx.pet
+        if meta["modules"]:
+            if self.model is None:
+                self.model = pet.attach(self.ctx.backbone.model, meta["modules"][0])
+            load_module_tensors(pet, self.model, meta["modules"], tensors)
+        heads = []
+        for t, labels in enumerate(meta["expert_labels"]):
+            old = self.expert_heads[t] if t < len(self.expert_heads) else GrowingHead(self.ctx.backbone.hidden_size)
+            prefix = f"expert_head/{t}/"
+            heads.append(load_head(old, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                                   labels))
+        self.expert_heads = heads
+        self.selector_head = load_head(self.selector_head, {k[14:]: v for k, v in tensors.items()
+                                                            if k.startswith("selector_head/")}, meta["selector_labels"])
+        self.versions = dict(meta["versions"])
+        self.n_tasks = meta["n_tasks"]
+        self.memory.rows_by_class = {k: list(v) for k, v in meta["memory"].items()}
+        self.logit_cache = {}
+        for task in meta["cache_tasks"]:
+            keys, logits = tensors[f"cache/{task}/keys"].tolist(), tensors[f"cache/{task}/logits"]
+            self.logit_cache.update({tuple(k): logits[r].clone() for r, k in enumerate(keys)})
 
     def tunable_params(self) -> dict[str, int]:
         pet = self.ctx.pet

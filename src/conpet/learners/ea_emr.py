@@ -49,6 +49,20 @@ class EAEMR(EMR):
 
         self.align.load_state_dict(load_file(str(folder / "alignment.safetensors")))
 
+    def state(self):
+        rows = sorted(self.stored)
+        tensors = {f"align/{k}": v.detach() for k, v in self.align.state_dict().items()}
+        if rows:
+            tensors["stored"] = torch.stack([self.stored[i] for i in rows])
+        return tensors, {"stored_rows": rows}
+
+    def load_state(self, tensors, meta):
+        with torch.no_grad():  # in place: an optimizer may hold these tensors
+            for k, v in self.align.state_dict(keep_vars=True).items():
+                v.copy_(tensors[f"align/{k}"])
+        rows = meta["stored_rows"]
+        self.stored = {i: tensors["stored"][k].clone() for k, i in enumerate(rows)} if rows else {}
+
     def transform(self, features: torch.Tensor) -> torch.Tensor:
         return self.align(features.float())
 

@@ -22,12 +22,24 @@ class L2(Plugin):
     def __init__(self, learner, options) -> None:
         super().__init__(learner, options)
         self.previous: list[torch.Tensor] | None = None
+        self.params: list[torch.nn.Parameter] = []
+
+    def before_task(self, t: int) -> None:
+        self.params = self.learner.pet_parameters()
 
     def after_task(self, t: int) -> None:
         self.previous = [p.detach().clone() for p in self.learner.pet_parameters()]
 
+    def state(self):
+        if self.previous is None:
+            return {}, {"n": None}
+        return {f"previous/{i}": v for i, v in enumerate(self.previous)}, {"n": len(self.previous)}
+
+    def load_state(self, tensors, meta):
+        n = meta["n"]
+        self.previous = None if n is None else [tensors[f"previous/{i}"].clone() for i in range(n)]
+
     def extra_loss(self, indices, logits):
         if self.previous is None:
             return 0.0
-        params = self.learner.pet_parameters()
-        return float(self.opts["l2_lambda"]) * sum(((p - q) ** 2).sum() for p, q in zip(params, self.previous))
+        return float(self.opts["l2_lambda"]) * sum(((p - q) ** 2).sum() for p, q in zip(self.params, self.previous))

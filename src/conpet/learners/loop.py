@@ -64,14 +64,25 @@ def fit(
     desc: str = "train",
     progress: bool = True,
     after_step: Iterable[Callable[[int], None]] = (),
+    checkpointer=None,
 ) -> FitStats:
-    """Run one optimizer step per batch; return timing and loss statistics."""
+    """Run one optimizer step per batch; return timing and loss statistics.
+
+    With a ``checkpointer`` (:class:`conpet.checkpoint.Checkpointer`) the learner, optimizer and
+    random state are saved every ``train.checkpoint_seconds``, and a resumed run skips the steps
+    (or the whole fit) that an in-task checkpoint already holds.
+    """
     params = [p for g in param_groups for p in g["params"]]
     optimizer = torch.optim.AdamW(param_groups, weight_decay=train.weight_decay)
     stats = FitStats()
     start = time.perf_counter()
+    first = checkpointer.begin_fit(optimizer, stats) if checkpointer is not None else 0
     bar = tqdm(batches, desc=desc, unit="step", leave=False, disable=not progress, dynamic_ncols=True)
     for step, indices in enumerate(bar):
+        if first < 0 or step < first:  # done before the checkpoint this run resumes from
+            stats.steps += 1
+            stats.samples += len(indices)
+            continue
         with autocast(precision):
             loss = loss_fn(indices)
         optimizer.zero_grad(set_to_none=True)
@@ -86,6 +97,8 @@ def fit(
         stats.samples += len(indices)
         if step % 5 == 0:
             bar.set_postfix(loss=f"{stats.final_loss:.3f}")
+        if checkpointer is not None:
+            checkpointer.after_step(step, optimizer, stats)
     bar.close()
     stats.seconds = time.perf_counter() - start
     return stats

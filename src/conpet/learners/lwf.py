@@ -43,6 +43,17 @@ class LwF(Plugin):
         self.teacher_head = (learner.head.weight[: self.n_old].detach().clone(),
                              learner.head.bias[: self.n_old].detach().clone())
 
+    def state(self):
+        if self.teacher_head is None:
+            return {}, {"n_old": self.n_old, "teacher": False}
+        return {"teacher_weight": self.teacher_head[0], "teacher_bias": self.teacher_head[1]}, \
+            {"n_old": self.n_old, "teacher": True}
+
+    def load_state(self, tensors, meta):
+        self.n_old = meta["n_old"]
+        self.teacher_head = ((tensors["teacher_weight"].clone(), tensors["teacher_bias"].clone())
+                             if meta["teacher"] else None)
+
     def extra_loss(self, indices, logits):
         if self.teacher_head is None:
             return 0.0

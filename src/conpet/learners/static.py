@@ -92,6 +92,13 @@ class Plugin:
     def load(self, folder) -> None:
         """Read what :meth:`save` wrote."""
 
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The method's training state (for resume): tensors and JSON-able metadata."""
+        return {}, {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Inverse of :meth:`state`."""
+
     def needs_memory(self) -> bool:
         """Whether an exemplar memory must be kept (default: only to replay from it)."""
         return self.learner.dynamic and self.opts["replay_source"] == "memory"

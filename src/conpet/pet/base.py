@@ -21,7 +21,38 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from conpet.errors import ConfigError
+from conpet.errors import ConfigError, ModelError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz")
+
+
+def check_safe_folder(folder: Path) -> None:
+    """Refuse a saved module folder holding pickled files: conpet reads only safetensors and JSON
+    (unpickling runs arbitrary code)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(f"{folder}: no such adapter folder")
+    unsafe = sorted(f.name for f in folder.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
+    if unsafe:
+        raise ModelError(f"{folder}: refusing to load pickled file(s) {', '.join(unsafe)}; conpet reads only "
+                         f".safetensors and .json")
+    if not any(folder.glob("*.safetensors")):
+        raise ModelError(f"{folder}: no .safetensors weights in the adapter folder")
+
+
+def check_binding(folder: Path, fingerprint: str, backbone_desc: str) -> None:
+    """Refuse a module saved on another base model (its ``conpet.json`` records the base's fingerprint)."""
+    import json
+
+    meta_file = Path(folder) / "conpet.json"
+    if not meta_file.is_file():
+        return
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    saved = meta.get("backbone_fingerprint")
+    if saved and saved != fingerprint:
+        raise ModelError(f"{folder}: this adapter was trained on base model {meta.get('backbone_path', '?')} "
+                         f"(fingerprint {saved}), not on {backbone_desc} (fingerprint {fingerprint}); "
+                         f"refusing to load it onto a different base")
 
 PET_METHODS: dict[str, type["PETMethod"]] = {}
 

@@ -9,7 +9,19 @@ from typing import Any
 from torch import nn
 
 from conpet.errors import ConfigError
-from conpet.pet.base import PETMethod, in_module, register_pet
+from conpet.pet.base import PETMethod, check_safe_folder, in_module, register_pet
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Distinct short names of the linear layers inside the transformer blocks (what peft's
+    ``all-linear`` targets), e.g. ``[down_proj, gate_proj, k_proj, ...]``."""
+    import re
+
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and re.search(r"\.\d+\.", n)}
+    if not names:
+        raise ConfigError("pet.options: target_modules 'all-linear' found no linear layer in the backbone's blocks")
+    return sorted(names)
 
 
 class PeftBacked(PETMethod):
@@ -26,9 +38,13 @@ class PeftBacked(PETMethod):
         except ValueError as e:
             raise ConfigError(f"pet.options: {e}") from None
 
+    def resolve_options(self, model: nn.Module) -> None:
+        """Options that depend on the backbone, settled once before the first module is built."""
+
     def attach(self, model: nn.Module, name: str) -> nn.Module:
         from peft import get_peft_model
 
+        self.resolve_options(model)
         try:
             wrapped = get_peft_model(model, self._config(), adapter_name=name)
         except ValueError as e:
@@ -39,6 +55,7 @@ class PeftBacked(PETMethod):
     def attach_from(self, model: nn.Module, folder: Path, name: str) -> nn.Module:
         from peft import PeftModel
 
+        check_safe_folder(folder)
         wrapped = PeftModel.from_pretrained(model, str(folder), adapter_name=name, is_trainable=False)
         self.activate(wrapped, name)
         return wrapped
@@ -71,6 +88,7 @@ class PeftBacked(PETMethod):
             inner.rmdir()
 
     def load(self, model: nn.Module, folder: Path, name: str) -> None:
+        check_safe_folder(folder)
         model.load_adapter(str(folder), adapter_name=name, is_trainable=True)
 
     def remove(self, model: nn.Module, name: str) -> None:
@@ -91,6 +109,12 @@ class LoRA(PeftBacked):
 
     paper = "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models"
     defaults: dict[str, Any] = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
+
+    def resolve_options(self, model: nn.Module) -> None:
+        # peft refuses the string "all-linear" together with layers_to_transform (the fast path of
+        # train.top_layers); spell it out as the names of the backbone's linear layers instead.
+        if self.options.get("target_modules") == "all-linear" and self.options.get("layers_to_transform") is not None:
+            self.options["target_modules"] = linear_module_names(model)
 
     def peft_config(self):
         from peft import LoraConfig

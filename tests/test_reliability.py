@@ -1,0 +1,191 @@
+"""Nothing lost, nothing trusted blindly: kill -9 and resume, manifest and verify, adapters bound
+to their base model, no pickle.
+
+The kill test runs real ``conpet run`` processes (tiny random-weight encoder, 2 tasks) and kills
+them with SIGKILL at random moments, including inside a task (in-task checkpoints every step),
+then resumes each one and checks that the final metrics and every saved adapter tensor are
+identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conpet.cli import main
+from conpet.errors import ModelError
+from conpet.runs import recover_interrupted, verify_run
+
+LEARNERS = ["sequential", "ewc*", "lwf", "ea-emr*", "dynamic[top_k=2]"]
+
+
+def _args(model: Path, data: tuple[Path, Path], out: Path, learner: str) -> list[str]:
+    return ["run", "--model", str(model), "--data", str(data[0]), "--tasks", str(data[1]), "--learner", learner,
+            "--epochs", "3", "--batch-size", "4", "--no-progress", "--set", "train.checkpoint_seconds=0",
+            "--out", str(out)]
+
+
+def _adapters(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {str(f.relative_to(run)): load_file(str(f)) for f in sorted(run.glob("seed-0/adapters/**/*.safetensors"))}
+
+
+def _same_run(a: Path, b: Path) -> None:
+    ma, mb = (json.loads((d / "seed-0" / "metrics.json").read_text()) for d in (a, b))
+    assert ma["accuracy_matrix"] == mb["accuracy_matrix"]
+    assert ma["train_samples"] == mb["train_samples"]
+    ta, tb = _adapters(a), _adapters(b)
+    assert ta.keys() == tb.keys() and ta
+    for name in ta:
+        assert ta[name].keys() == tb[name].keys()
+        for key in ta[name]:
+            assert torch.equal(ta[name][key], tb[name][key]), f"{name}:{key} differs after resume"
+
+
+@pytest.fixture(scope="module")
+def baselines(tmp_path_factory, tiny_encoder):
+    from conftest import write_typing_data
+
+    root = tmp_path_factory.mktemp("reliability")
+    data = write_typing_data(root / "data")
+    runs = {}
+    for learner in LEARNERS:
+        out = root / f"base-{LEARNERS.index(learner)}"
+        assert main(_args(tiny_encoder, data, out, learner)) == 0
+        runs[learner] = out
+    return root, data, runs
+
+
+def test_kill_at_random_moments_then_resume_gives_the_same_run(baselines, tiny_encoder):
+    root, data, runs = baselines
+    rng = random.Random(0)
+    env = {**os.environ, "CONPET_PROGRESS": "0"}
+    killed_mid_run = 0
+    for trial in range(10):
+        learner = LEARNERS[trial % len(LEARNERS)]
+        out = root / f"trial-{trial}"
+        cmd = [sys.executable, "-m", "conpet.cli", *_args(tiny_encoder, data, out, learner)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        while not (out / "config.yaml").exists() and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 4.0))  # a random moment of the run (startup to the last task)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            killed_mid_run += 1
+        proc.wait()
+        if (out / "manifest.json").exists():  # it finished before the kill: nothing to resume
+            _same_run(runs[learner], out)
+            continue
+        assert main(["run", "--resume", str(out), "--no-progress"]) == 0
+        _same_run(runs[learner], out)
+        assert verify_run(out)[0] == []
+        assert not list(out.rglob("checkpoint")), "checkpoints are removed when the seed finishes"
+    assert killed_mid_run >= 7
+
+
+def test_resume_refuses_changed_flags_and_a_non_run(tmp_path, capsys):
+    assert main(["run", "--resume", str(tmp_path), "--no-progress"]) == 2
+    assert "not a conpet run directory" in capsys.readouterr().err
+    assert main(["run", "--resume", str(tmp_path), "--epochs", "2"]) == 2
+    assert "--resume uses the configuration saved in the run directory; drop --epochs" in capsys.readouterr().err
+
+
+def test_a_finished_run_is_not_overwritten(baselines, tiny_encoder, capsys):
+    root, data, runs = baselines
+    assert main(_args(tiny_encoder, data, runs["sequential"], "sequential")) == 2
+    assert "holds a run already" in capsys.readouterr().err
+
+
+def test_verify_detects_changed_and_missing_files(baselines, tmp_path, capsys):
+    import shutil
+
+    _, _, runs = baselines
+    run = tmp_path / "copy"
+    shutil.copytree(runs["sequential"], run)
+    assert main(["verify", str(run)]) == 0
+    assert "OK" in capsys.readouterr().out
+    adapter = next(run.glob("seed-0/adapters/task-01/*.safetensors"))
+    adapter.write_bytes(adapter.read_bytes()[:-1] + b"\0")
+    (run / "seed-0" / "metrics.json").unlink()
+    assert main(["verify", str(run)]) == 1
+    out = capsys.readouterr().out
+    assert "changed: seed-0/adapters/task-01/" in out and "missing: seed-0/metrics.json" in out
+
+
+def test_verify_checks_an_unfinished_run_from_its_state(baselines, tmp_path, capsys):
+    import shutil
+
+    _, _, runs = baselines
+    run = tmp_path / "unfinished"
+    shutil.copytree(runs["sequential"], run)
+    (run / "manifest.json").unlink()
+    assert main(["verify", str(run)]) == 0
+    assert "seed-0: unfinished run, 2 task(s) done" in capsys.readouterr().out
+
+
+def test_interrupted_folder_replacement_is_recovered(tmp_path):
+    """A kill between the two renames of atomic_directory leaves .NAME.old and no NAME."""
+    (tmp_path / "adapters" / ".task-01.old").mkdir(parents=True)
+    (tmp_path / "adapters" / ".task-01.old" / "w.safetensors").write_bytes(b"x")
+    (tmp_path / "adapters" / ".task-02.abc.tmp").mkdir()
+    (tmp_path / ".state.json.x.tmp").write_text("{")
+    actions = recover_interrupted(tmp_path)
+    assert (tmp_path / "adapters" / "task-01" / "w.safetensors").read_bytes() == b"x"
+    assert not list(tmp_path.rglob("*.tmp")) and len(actions) == 3
+
+
+def test_adapter_is_bound_to_its_base_model(baselines, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    from conftest import _tiny
+
+    _, _, runs = baselines
+    run = tmp_path / "moved"
+    shutil.copytree(runs["sequential"], run)
+    other = tmp_path / "other-base"
+    _tiny(other, "encoder")
+    torch.manual_seed(1)
+    weights = load_file(str(other / "model.safetensors"))
+    from safetensors.torch import save_file
+
+    save_file({k: v + 0.01 for k, v in weights.items()}, str(other / "model.safetensors"))
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"] = str(other)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["predict", str(run), "the dog barked", "--entity", "dog"]) == 2
+    err = capsys.readouterr().err
+    assert "was trained on base model" in err and "refusing to load it onto a different base" in err
+    assert str(other) in err
+
+
+def test_pickled_files_are_never_loaded(tmp_path):
+    from conpet.pet.base import check_safe_folder
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(ModelError, match="refusing to load pickled file"):
+        check_safe_folder(folder)
+
+
+def test_model_folder_without_safetensors_is_refused(tmp_path, tiny_encoder):
+    import shutil
+
+    from conpet.backbone import load_backbone
+
+    folder = tmp_path / "pickled-model"
+    shutil.copytree(tiny_encoder, folder)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(ModelError, match="never loads pickled weights"):
+        load_backbone(str(folder))
