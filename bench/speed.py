@@ -115,19 +115,21 @@ def run_config(args) -> dict:
     top = args.top_layers if args.one == "conpet-fast" else None
     engine = FeatureEngine(bb, enc, top, precision, 64)
     pet = get_pet("lora", {**pet_options, **engine.pet_layer_options()})
-    ctx = Context(cfg=cfg, stream=stream, backbone=bb, encoded=enc, pet=pet, seed=0, precision=precision,
+    ctx = Context(cfg=cfg, stream=stream, backbone=bb, encoded=enc, pet=pet, seed=args.seed, precision=precision,
                   progress=False, engine=engine)
+    torch.manual_seed(args.seed)
     learner = get_learner("sequential")(ctx)
     learner.new_module()
     learner.head.grow(stream.seen_labels(len(stream.tasks) - 1), ctx.torch_gen)
-    torch.manual_seed(0)
 
+    cache_seconds = 0.0
     if args.one == "trainer":
         seconds = train_with_hf_trainer(learner, ctx, train, args)
     else:
         start = time.perf_counter()
         engine.warm(train)
-        learner.train_on(train, "bench")
+        cache_seconds = time.perf_counter() - start
+        learner.train_on(train, f"bench-{args.seed}")
         seconds = time.perf_counter() - start
     if top is None:
         flops = tokens * 2 * sum(per_layer)  # forward + backward to every layer's inputs
@@ -140,7 +142,8 @@ def run_config(args) -> dict:
     preds = predict(learner.logits, sorted_batches(test, lengths_all[test], 64), precision)
     accuracy = sum(preds[i] == stream.targets[i] for i in test) / len(test)
     return {
-        "config": args.one, "precision": precision, "train_seconds": seconds,
+        "config": args.one, "seed": args.seed, "precision": precision, "train_seconds": seconds,
+        "cache_seconds": cache_seconds, "epoch_seconds": (seconds - cache_seconds) / args.epochs,
         "samples": len(train) * args.epochs, "samples_per_s": len(train) * args.epochs / seconds,
         "tokens_per_s": tokens / seconds, "gflops": flops / seconds / 1e9, "accuracy": accuracy,
         "peak_rss_mb": peak_rss_mb(), "top_layers": top, "tunable_params": learner.tunable_params()["pet_params"],
@@ -192,7 +195,7 @@ def train_with_hf_trainer(learner, ctx, train, args) -> float:
             output_dir=tmp, per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
             bf16=ctx.precision == "bf16", use_cpu=True, train_sampling_strategy="group_by_length",
             report_to="none", save_strategy="no", logging_strategy="no", remove_unused_columns=False,
-            dataloader_num_workers=0, max_grad_norm=1.0, disable_tqdm=True, seed=0,
+            dataloader_num_workers=0, max_grad_norm=1.0, disable_tqdm=True, seed=args.seed,
         )
         trainer = Trainer(model=model, args=targs, train_dataset=Rows(), data_collator=collate,
                           optimizers=(optimizer, scheduler))
@@ -214,52 +217,80 @@ def main() -> None:
     p.add_argument("--fast-pet-options", default="{}", help="JSON LoRA options of the fast path only")
     p.add_argument("--fast-lr", type=float, default=None, help="PET learning rate of the fast path only")
     p.add_argument("--configs", default="peak,trainer,conpet,conpet-fast")
+    p.add_argument("--seeds", type=int, default=1, help="repeat every training config with seeds 0..N-1")
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help="write all results to this JSON file")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         print("RESULT " + json.dumps(run_config(args)), flush=True)
         return
-    results = {}
-    for config in args.configs.split(","):
-        passed = {k: v for k, v in vars(args).items() if k not in ("one", "configs", "json") and v is not None}
-        cmd = [sys.executable, __file__, "--one", config]
-        for key, value in passed.items():
-            cmd += [f"--{key.replace('_', '-')}", str(value)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not line:
-            sys.exit(f"{config} failed:\n{proc.stderr[-3000:]}")
-        results[config] = json.loads(line[0][7:])
-        print(f"  {config}: done", file=sys.stderr)
+    results: dict[str, list[dict]] = {}
+    for seed in range(args.seeds):
+        for config in args.configs.split(","):
+            if config == "peak" and seed:
+                continue
+            passed = {k: v for k, v in vars(args).items()
+                      if k not in ("one", "configs", "json", "seeds", "seed") and v is not None}
+            cmd = [sys.executable, __file__, "--one", config, "--seed", str(seed)]
+            for key, value in passed.items():
+                cmd += [f"--{key.replace('_', '-')}", str(value)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode or not line:
+                sys.exit(f"{config} failed:\n{proc.stderr[-3000:]}")
+            results.setdefault(config, []).append(json.loads(line[0][7:]))
+            print(f"  {config} seed {seed}: done", file=sys.stderr)
     report(results, args)
 
 
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    import statistics
+
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _fmt(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+    mean, std = _mean_std([v * scale for v in values])
+    return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f}±{std:.{digits}f}"
+
+
 def report(results: dict, args) -> None:
-    peak = results.get("peak", {})
+    """Means (± sample std over seeds) per config, then ratios of means against ``trainer``."""
+    peak = results.get("peak", [{}])[0]
     rows = [c for c in results if c != "peak"]
-    print(f"\n{args.model} on {args.benchmark} (first {args.tasks} tasks), {args.epochs} epochs, batch {args.batch_size}")
+    print(f"\n{args.model} on {args.benchmark} (first {args.tasks} tasks), {args.epochs} epochs, "
+          f"batch {args.batch_size}, {args.seeds} seed(s)")
     if peak:
         print(f"matmul peak this run: fp32 {peak['fp32_peak_gflops']:.0f} GFLOP/s, bf16 {peak['bf16_peak_gflops']:.0f} GFLOP/s")
-    header = f"{'config':12s} {'train s':>8s} {'samples/s':>9s} {'tokens/s':>9s} {'GFLOP/s':>8s} {'%fp32pk':>7s} {'%bf16pk':>7s} {'RSS MB':>7s} {'acc %':>6s}"
+    header = (f"{'config':12s} {'train s':>11s} {'cache s':>8s} {'epoch s':>11s} {'samples/s':>11s} {'tokens/s':>9s} "
+              f"{'GFLOP/s':>8s} {'%fp32pk':>7s} {'%bf16pk':>7s} {'RSS MB':>7s} {'acc %':>11s}")
     print(header)
     print("-" * len(header))
+
+    def col(c, key):
+        return [r[key] for r in results[c]]
+
     for c in rows:
-        r = results[c]
-        print(f"{c:12s} {r['train_seconds']:8.1f} {r['samples_per_s']:9.2f} {r['tokens_per_s']:9.0f} {r['gflops']:8.1f} "
-              f"{100 * r['gflops'] / peak.get('fp32_peak_gflops', float('nan')):7.1f} "
-              f"{100 * r['gflops'] / peak.get('bf16_peak_gflops', float('nan')):7.1f} {r['peak_rss_mb']:7.0f} "
-              f"{100 * r['accuracy']:6.2f}")
+        gf = _mean_std(col(c, "gflops"))[0]
+        print(f"{c:12s} {_fmt(col(c, 'train_seconds')):>11s} {_fmt(col(c, 'cache_seconds')):>8s} "
+              f"{_fmt(col(c, 'epoch_seconds')):>11s} {_fmt(col(c, 'samples_per_s'), digits=2):>11s} "
+              f"{_mean_std(col(c, 'tokens_per_s'))[0]:9.0f} {gf:8.1f} "
+              f"{100 * gf / peak.get('fp32_peak_gflops', float('nan')):7.1f} "
+              f"{100 * gf / peak.get('bf16_peak_gflops', float('nan')):7.1f} {max(col(c, 'peak_rss_mb')):7.0f} "
+              f"{_fmt(col(c, 'accuracy'), 100, 2):>11s}")
     if "trainer" in results:
-        base = results["trainer"]
-        print("\nratios against trainer (conpet / trainer):")
+        base = {k: _mean_std(col("trainer", k))[0] for k in ("samples_per_s", "epoch_seconds", "accuracy")}
+        base_rss = max(col("trainer", "peak_rss_mb"))
+        print("\nratios against trainer (conpet / trainer, means over seeds):")
         for c in rows:
             if c == "trainer":
                 continue
-            r = results[c]
-            print(f"  {c:12s} speed x{r['samples_per_s'] / base['samples_per_s']:.2f}  "
-                  f"peak RSS x{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}  "
-                  f"accuracy {100 * (r['accuracy'] - base['accuracy']):+.2f} points")
+            mean = {k: _mean_std(col(c, k))[0] for k in ("samples_per_s", "epoch_seconds", "accuracy")}
+            print(f"  {c:12s} speed x{mean['samples_per_s'] / base['samples_per_s']:.2f} (incl. cache build)  "
+                  f"per epoch x{base['epoch_seconds'] / mean['epoch_seconds']:.2f}  "
+                  f"peak RSS x{max(col(c, 'peak_rss_mb')) / base_rss:.2f}  "
+                  f"accuracy {100 * (mean['accuracy'] - base['accuracy']):+.2f} points")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
