@@ -189,3 +189,22 @@ def test_model_folder_without_safetensors_is_refused(tmp_path, tiny_encoder):
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
     with pytest.raises(ModelError, match="never loads pickled weights"):
         load_backbone(str(folder))
+
+
+def test_unwritable_or_full_output_is_refused_before_training(tmp_path, capsys, monkeypatch, typing_data, tiny_encoder):
+    import shutil
+    from collections import namedtuple
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    args = ["run", "--model", str(tiny_encoder), "--data", str(typing_data[0]), "--tasks", str(typing_data[1]),
+            "--no-progress"]
+    assert main(args + ["--out", str(blocker / "run")]) == 2
+    assert "cannot write the run directory (Not a directory)" in capsys.readouterr().err
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 5 * 2**20, 5 * 2**20))
+    assert main(args + ["--out", str(tmp_path / "full")]) == 2
+    err = capsys.readouterr().err
+    assert "only 5 MB free on its disk" in err
+    assert not list((tmp_path / "full").glob("seed-*")), "nothing trained or written"

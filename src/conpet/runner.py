@@ -47,15 +47,25 @@ def default_out(cfg: RunConfig) -> Path:
     return Path("runs") / f"{learner}-{cfg.pet.method}-{model}-{data}"
 
 
+MIN_FREE_MB = 200
+"""A run refuses to start with less free space than this in its output folder's file system."""
+
+
 def check_out_dir(out: Path) -> None:
-    """Fail before any training when the run directory cannot be written."""
+    """Fail before any training when the run directory cannot be written or its disk is full."""
+    import shutil
+
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".conpet-write-test"
         probe.write_bytes(b"ok")
         probe.unlink()
+        free_mb = shutil.disk_usage(out).free / 2**20
     except OSError as e:
         raise ConpetError(f"{out}: cannot write the run directory ({e.strerror})") from None
+    if free_mb < MIN_FREE_MB:
+        raise ConpetError(f"{out}: only {free_mb:.0f} MB free on its disk; a run needs at least {MIN_FREE_MB} MB "
+                          f"(adapters, checkpoints) - free some space or choose another --out")
 
 
 def set_seed(seed: int) -> None:
@@ -196,7 +206,7 @@ def run(cfg: RunConfig, progress: bool | None = None,
     compare several learners on the same data and model (see :func:`run_many`)."""
     if progress is None:
         progress = sys.stderr.isatty() and os.environ.get("CONPET_PROGRESS", "1") != "0"
-    get_learner(cfg.learner)
+    get_learner(cfg.learner).check_options(cfg)
     get_pet(cfg.pet.method, cfg.pet.options)
     stream, engine = prepared or prepare(cfg)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
@@ -301,7 +311,7 @@ def run_many(cfg: RunConfig, learners: list[str], out: str | Path, progress: boo
     parsed = []
     for spec in learners:
         name, options = parse_learner_spec(spec)
-        get_learner(name)
+        get_learner(name).check_options(dataclasses.replace(cfg, learner_options={**cfg.learner_options, **options}))
         parsed.append((spec, name, options))
     check_out_dir(Path(out))
     prepared = prepare(cfg)

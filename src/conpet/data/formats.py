@@ -62,7 +62,26 @@ def _span(value: Any, text: str, name: str, where: str) -> str | None:
     raise DataError(f"{where}: field '{name}' must be a string or [start, end] offsets, got {value!r}")
 
 
+KNOWN_FIELDS = ("text", "label", "split", "entity", "head", "tail", "id")
+
+
+def _check_fields(record: dict[str, Any], where: str) -> None:
+    """A field that looks like a misspelt known field is an error (its data would be lost);
+    other extra fields are metadata and are ignored."""
+    import difflib
+
+    for name in record:
+        if name in KNOWN_FIELDS or not isinstance(name, str):
+            continue
+        close = difflib.get_close_matches(name.lower(), KNOWN_FIELDS, n=1, cutoff=0.75)
+        if close and name.lower() != close[0]:
+            raise DataError(f"{where}: unknown field '{name}' (did you mean '{close[0]}'?)")
+        if name.lower() in KNOWN_FIELDS:
+            raise DataError(f"{where}: unknown field '{name}' (field names are lower case: '{name.lower()}')")
+
+
 def _make_row(record: dict[str, Any], where: str, require_label: bool = True) -> Row:
+    _check_fields(record, where)
     if not require_label and record.get("label") in (None, ""):
         record = {**record, "label": "?"}
     for name in ("text", "label"):
@@ -129,7 +148,13 @@ def read_rows(path: str | Path, require_label: bool = True) -> list[Row]:
                 missing = [c for c in ("text", "label")[: 2 if require_label else 1] if c not in reader.fieldnames]
                 if missing:
                     raise DataError(f"{path}:1: header lacks column(s) {', '.join(missing)}")
-                for record in reader:
+                while True:
+                    try:
+                        record = next(reader)
+                    except StopIteration:
+                        break
+                    except csv.Error as e:
+                        raise DataError(f"{path}:{reader.line_num + 1}: {e}") from None
                     if None in record:
                         raise DataError(f"{path}:{reader.line_num}: more values than header columns")
                     rows.append(_make_row(record, f"{path}:{reader.line_num}", require_label))
@@ -139,6 +164,12 @@ def read_rows(path: str | Path, require_label: bool = True) -> list[Row]:
         raise DataError(f"{path}: cannot read: {e}") from None
     if not rows:
         raise DataError(f"{path}: no rows (empty file)")
+    first_of_id: dict[str, str] = {}
+    for r in rows:
+        if r.id is not None:
+            if r.id in first_of_id:
+                raise DataError(f"{r.where}: duplicate id '{r.id}' (first used at {first_of_id[r.id]})")
+            first_of_id[r.id] = r.where
     with_split = sum(r.split is not None for r in rows)
     if 0 < with_split < len(rows):
         first = next(r for r in rows if r.split is None)

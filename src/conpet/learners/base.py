@@ -91,6 +91,14 @@ class Learner:
         self.ctx = ctx
         self.last_fit: FitStats | None = None
 
+    @classmethod
+    def check_options(cls, cfg: RunConfig) -> dict[str, Any]:
+        """Validate ``cfg.learner_options`` before anything runs; return them with defaults."""
+        if cfg.learner_options:
+            raise ConfigError(f"learner_options: learner '{cls.name}' takes no options "
+                              f"(got {', '.join(sorted(cfg.learner_options))})")
+        return {}
+
     def learn(self, t: int) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -52,18 +52,23 @@ def expert_name(t: int) -> str:
 class DynamicConPET(Learner):
     """One PET module per task + a learned PET module selector (Dynamic ConPET, Song et al. 2023)."""
 
-    def __init__(self, ctx: Context) -> None:
-        super().__init__(ctx)
-        unknown = sorted(set(ctx.cfg.learner_options) - set(OPTIONS))
+    @classmethod
+    def check_options(cls, cfg) -> dict:
+        unknown = sorted(set(cfg.learner_options) - set(OPTIONS))
         if unknown:
             raise ConfigError(f"learner_options: unknown option '{unknown[0]}' for learner 'dynamic' "
                               f"(known: {', '.join(sorted(OPTIONS))})")
-        self.opts = {**OPTIONS, **ctx.cfg.learner_options}
-        if int(self.opts["top_k"]) < 1:
+        opts = {**OPTIONS, **cfg.learner_options}
+        if int(opts["top_k"]) < 1:
             raise ConfigError("learner_options.top_k: must be >= 1")
-        if self.opts["expert_init"] not in ("fresh", "previous"):
+        if opts["expert_init"] not in ("fresh", "previous"):
             raise ConfigError("learner_options.expert_init: must be 'fresh' or 'previous'")
-        split_batch(ctx.cfg.train.batch_size, float(self.opts["new_ratio"]))
+        split_batch(cfg.train.batch_size, float(opts["new_ratio"]))
+        return opts
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.opts = self.check_options(ctx.cfg)
         self.model = None
         self.expert_heads: list[GrowingHead] = []
         self.selector_head = GrowingHead(ctx.backbone.hidden_size)

@@ -114,18 +114,23 @@ class StaticConPET(OneModuleLearner):
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
-        known = {**COMMON_OPTIONS, **self.plugin_cls.options}
-        unknown = sorted(set(ctx.cfg.learner_options) - set(known))
-        if unknown:
-            raise ConfigError(f"learner_options: unknown option '{unknown[0]}' for learner '{self.name}' "
-                              f"(known: {', '.join(sorted(known))})")
-        self.opts = {**known, **ctx.cfg.learner_options}
-        if self.opts["replay_source"] not in ("history", "memory"):
-            raise ConfigError("learner_options.replay_source: must be 'history' or 'memory'")
-        if self.dynamic:
-            split_batch(ctx.cfg.train.batch_size, float(self.opts["new_ratio"]))
+        self.opts = self.check_options(ctx.cfg)
         self.memory = ExemplarMemory(int(self.opts["memory_per_class"]))
         self.plugins = (self.plugin_cls(self, self.opts),)
+
+    @classmethod
+    def check_options(cls, cfg) -> dict[str, Any]:
+        known = {**COMMON_OPTIONS, **cls.plugin_cls.options}
+        unknown = sorted(set(cfg.learner_options) - set(known))
+        if unknown:
+            raise ConfigError(f"learner_options: unknown option '{unknown[0]}' for learner '{cls.name}' "
+                              f"(known: {', '.join(sorted(known))})")
+        opts = {**known, **cfg.learner_options}
+        if opts["replay_source"] not in ("history", "memory"):
+            raise ConfigError("learner_options.replay_source: must be 'history' or 'memory'")
+        if cls.dynamic:
+            split_batch(cfg.train.batch_size, float(opts["new_ratio"]))
+        return opts
 
     def replay_batches(self, t: int) -> list[list[int]]:
         """ConPET's dynamic replay schedule for task t >= 1."""
