@@ -116,6 +116,72 @@ def cmd_verify(args) -> int:
     return 0 if not problems else 1
 
 
+def _print_accuracy(result: dict) -> None:
+    for task, acc in result["per_task"].items():
+        print(f"  {task:12s} {100 * acc:6.2f}%")
+    print(f"average accuracy {100 * result['average_accuracy']:.2f}%, whole accuracy "
+          f"{100 * result['whole_accuracy']:.2f}% (seed {result['seed']})")
+
+
+def cmd_evaluate(args) -> int:
+    from conpet.runner import evaluate_run
+
+    _print_accuracy(evaluate_run(args.run_dir, args.seed))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from conpet.adapters import merge_run
+    from conpet.config import parse_override
+    from conpet.merging import MERGE_METHODS
+
+    if args.list:
+        for name, m in MERGE_METHODS.items():
+            print(f"{name:16s} {m.paper}\n{'':16s} defaults: {m.defaults}")
+        return 0
+    if not args.run_dir or not args.out:
+        raise ConpetError("merge: give RUN_DIR and --out (or --list)")
+    options = dict(parse_override(pair) for pair in args.sets)
+    info = merge_run(args.run_dir, args.method, args.rank, args.out, args.seed, **options)
+    print(f"merged {info['tasks_merged']} experts with {args.method} {options or ''} -> rank {args.rank}; "
+          f"relative reconstruction error mean {info['mean_relative_reconstruction_error']:.4f}, "
+          f"max {info['max_relative_reconstruction_error']:.4f}")
+    if not args.no_eval:
+        from conpet.runner import evaluate_run
+        from conpet.runs import atomic_write_json
+
+        result = evaluate_run(args.out, info["seed"])
+        _print_accuracy(result)
+        atomic_write_json(Path(args.out) / "metrics.json", {**info, **result})
+    print(f"run directory: {args.out}")
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from conpet.adapters import compress_run
+
+    info = compress_run(args.run_dir, args.density, args.out, args.alpha)
+    print(f"ComPEFT density {args.density}, alpha {args.alpha}: adapters {info['adapter_bytes']:,} bytes -> "
+          f"{info['compressed_bytes']:,} bytes on disk (x{info['compression_ratio']:.1f} smaller)")
+    if not args.no_eval:
+        from conpet.runner import evaluate_run
+        from conpet.runs import atomic_write_json
+
+        result = evaluate_run(args.out)
+        _print_accuracy(result)
+        atomic_write_json(Path(args.out) / "metrics.json", {**info, **result})
+    print(f"run directory: {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from conpet.adapters import export_peft
+
+    for folder in export_peft(args.run_dir, args.out, args.seed):
+        print(folder)
+    return 0
+
+
 def split_learners(text: str) -> list[str]:
     """Split ``a,b[x=1,y=2],c`` on the commas outside brackets."""
     out, depth, cur = [], 0, ""
@@ -237,6 +303,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tail", help="the tail of the TEXTs (relation runs)")
     p.add_argument("--seed", type=int, help="which seed's modules (default: the run's first seed)")
     p.add_argument("--json", action="store_true", help="one JSON object per input")
+    p = sub.add_parser("evaluate", help="test accuracy of a run's final modules on its stream",
+                       description="Test accuracy (per task, average, whole) of a run's final modules on the "
+                                   "stream named in its config.yaml; works on merged and compressed runs too.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--seed", type=int, help="which seed's modules (default: the run's first seed)")
+    p = sub.add_parser("merge", help="merge a dynamic run's per-task LoRA experts into one module",
+                       description="Merge the per-task experts of a `dynamic` run on their weight updates dW "
+                                   "(task arithmetic, TIES, DARE, Breadcrumbs, ...; `conpet merge --list`), "
+                                   "factor the result back to one LoRA of rank --rank by truncated SVD, and write "
+                                   "a run directory that `conpet predict`/`evaluate` load (a plain peft adapter).")
+    p.add_argument("run_dir", metavar="RUN_DIR", nargs="?")
+    p.add_argument("--method", default="ties", help="merge method (default: ties)")
+    p.add_argument("--rank", type=int, default=8, help="rank of the merged LoRA (default: 8)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="a merge option, e.g. --set density=0.2 --set scaling=1.0 (repeatable)")
+    p.add_argument("--seed", type=int, help="which seed's experts (default: the run's first seed)")
+    p.add_argument("--out", help="output run directory")
+    p.add_argument("--no-eval", action="store_true", help="do not evaluate the merged module on the test split")
+    p.add_argument("--list", action="store_true", help="list the merge methods, their papers and defaults")
+    p = sub.add_parser("compress", help="ComPEFT-compress every LoRA module of a run",
+                       description="Keep the top --density magnitudes of every LoRA tensor as sign x one scale "
+                                   "per tensor (ComPEFT), stored packed; writes a run directory that `conpet "
+                                   "predict`/`evaluate` load. Prints bytes on disk and the compression ratio.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--density", type=float, required=True, help="fraction of entries kept, e.g. 0.1")
+    p.add_argument("--alpha", type=float, default=1.0, help="scale = alpha x std of the tensor (default: 1)")
+    p.add_argument("--out", required=True, help="output run directory")
+    p.add_argument("--no-eval", action="store_true", help="do not evaluate the compressed modules")
+    p = sub.add_parser("export", help="write a run's final modules as plain peft adapter folders",
+                       description="Write the modules prediction uses (every expert and the selector of a "
+                                   "dynamic run; the final module otherwise) as plain peft folders, decompressing "
+                                   "ComPEFT modules.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, help="which seed (default: the run's first seed)")
     p = sub.add_parser("verify", help="check a run directory's files against their recorded SHA-256",
                        description="Check every artifact of a run directory against manifest.json (or, for an "
                                    "unfinished run, the adapter hashes in each seed's state.json). Exit 1 when a "
@@ -253,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    handlers = {"run": cmd_run, "report": cmd_report, "predict": cmd_predict, "verify": cmd_verify}
+    handlers = {"run": cmd_run, "report": cmd_report, "predict": cmd_predict, "verify": cmd_verify,
+                "evaluate": cmd_evaluate, "merge": cmd_merge, "compress": cmd_compress, "export": cmd_export}
     try:
         return handlers.get(args.command, cmd_list)(args)
     except ConpetError as e:

@@ -321,3 +321,31 @@ def run_many(cfg: RunConfig, learners: list[str], out: str | Path, progress: boo
                                   learner_options={**cfg.learner_options, **options})
         results[spec] = run(one, progress=progress, prepared=prepared)
     return results
+
+
+def evaluate_run(run_dir: str | Path, seed: int | None = None) -> dict:
+    """Test accuracy of a run's final modules on every task of its stream (the data named in its
+    ``config.yaml``): per-task, average and whole accuracy. Works for every learner and for the
+    outputs of ``conpet merge`` / ``conpet compress``."""
+    from conpet.config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConpetError(f"{run_dir}: not a conpet run directory (no config.yaml)")
+    cfg = load_config(str(run_dir / "config.yaml"))
+    seed = cfg.seed if seed is None else seed
+    stream, engine = prepare(cfg)
+    if (run_dir / "stream.json").is_file() and read_json(run_dir / "stream.json") != stream_description(stream):
+        raise ConpetError(f"{run_dir}: the data no longer matches the run's stream.json")
+    pet = get_pet(cfg.pet.method, {**cfg.pet.options, **engine.pet_layer_options()})
+    ctx = Context(cfg=cfg, stream=stream, backbone=engine.backbone, encoded=engine.encoded, pet=pet, seed=seed,
+                  precision=engine.precision, progress=False, engine=engine)
+    learner = get_learner(cfg.learner)(ctx)
+    try:
+        learner.restore(seed_dir(run_dir, seed))
+        accs, counts = evaluate(learner, ctx, len(stream.tasks) - 1)
+    finally:
+        learner.close()
+    return {"per_task": dict(zip([t.name for t in stream.tasks], accs)), "test_counts": counts,
+            "average_accuracy": sum(accs) / len(accs),
+            "whole_accuracy": sum(a * c for a, c in zip(accs, counts)) / sum(counts), "seed": seed}

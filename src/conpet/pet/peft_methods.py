@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,22 @@ def linear_module_names(model: nn.Module) -> list[str]:
     if not names:
         raise ConfigError("pet.options: target_modules 'all-linear' found no linear layer in the backbone's blocks")
     return sorted(names)
+
+
+@contextlib.contextmanager
+def readable_folder(folder: Path):
+    """``folder`` itself, checked to hold no pickle; a ComPEFT-compressed folder
+    (:func:`conpet.adapters.compress_lora_folder`) is decompressed into a temporary peft folder."""
+    from conpet.adapters import decompress_lora_folder, is_compressed
+
+    folder = Path(folder)
+    if is_compressed(folder):
+        with tempfile.TemporaryDirectory(prefix="conpet-decompressed-") as tmp:
+            decompress_lora_folder(folder, Path(tmp))
+            yield Path(tmp)
+        return
+    check_safe_folder(folder)
+    yield folder
 
 
 class PeftBacked(PETMethod):
@@ -55,8 +73,8 @@ class PeftBacked(PETMethod):
     def attach_from(self, model: nn.Module, folder: Path, name: str) -> nn.Module:
         from peft import PeftModel
 
-        check_safe_folder(folder)
-        wrapped = PeftModel.from_pretrained(model, str(folder), adapter_name=name, is_trainable=False)
+        with readable_folder(folder) as plain:
+            wrapped = PeftModel.from_pretrained(model, str(plain), adapter_name=name, is_trainable=False)
         self.activate(wrapped, name)
         return wrapped
 
@@ -88,8 +106,8 @@ class PeftBacked(PETMethod):
             inner.rmdir()
 
     def load(self, model: nn.Module, folder: Path, name: str) -> None:
-        check_safe_folder(folder)
-        model.load_adapter(str(folder), adapter_name=name, is_trainable=True)
+        with readable_folder(folder) as plain:
+            model.load_adapter(str(plain), adapter_name=name, is_trainable=True)
 
     def remove(self, model: nn.Module, name: str) -> None:
         model.delete_adapter(name)

@@ -1,0 +1,283 @@
+"""The adapter lifecycle after (or during) a stream: merge per-task LoRA modules into one,
+compress them for storage (ComPEFT), and read/write plain peft LoRA folders.
+
+Merging works on the weight update ``dW = scaling * B @ A`` of every LoRA layer, never on the
+factors separately (averaging A and B apart is not averaging dW); the merged ``dW`` is brought
+back to a LoRA of a chosen rank by truncated SVD, with the relative reconstruction error
+reported per layer (:func:`conpet.merging.to_lora`). Merge rules: :mod:`conpet.merging`.
+
+A peft LoRA folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
+``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight``; that is all read or
+written here (safetensors and JSON only).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from conpet.errors import ConfigError, ModelError
+from conpet.merging import get_merge_method, lora_delta, merge_state, to_lora
+from conpet.pet.base import check_safe_folder
+
+LoraFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+"""module path -> (A [r, in], B [out, r])"""
+
+
+def lora_scaling(config: dict) -> float:
+    """peft's LoRA scaling for a config: ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA)."""
+    r, alpha = config["r"], config["lora_alpha"]
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def read_lora(folder: str | Path) -> tuple[dict, LoraFactors]:
+    """The adapter config and the LoRA factors of a peft LoRA folder."""
+    folder = Path(folder)
+    check_safe_folder(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    if config.get("peft_type") != "LORA":
+        raise ModelError(f"{folder}: a {config.get('peft_type')} adapter; merging and compression need LoRA")
+    if config.get("use_dora"):
+        raise ModelError(f"{folder}: DoRA adapters have a magnitude vector; merging them on dW is not supported")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ModelError(f"{folder}: per-layer rank/alpha patterns are not supported here")
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    factors: LoraFactors = {}
+    for key, a in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            path = key[: -len(".lora_A.weight")]
+            factors[path] = (a.float(), tensors[f"{path}.lora_B.weight"].float())
+    if not factors:
+        raise ModelError(f"{folder}: no LoRA weights in adapter_model.safetensors")
+    return config, factors
+
+
+def write_lora(folder: str | Path, template: dict, factors: LoraFactors, rank: int, alpha: float | None = None) -> None:
+    """Write a plain peft LoRA folder (``folder`` exists) with ``template``'s targets and layers,
+    rank ``rank`` and ``lora_alpha`` = ``alpha`` (default: ``rank``, so scaling 1)."""
+    folder = Path(folder)
+    config = {**template, "r": rank, "lora_alpha": rank if alpha is None else alpha, "use_rslora": False,
+              "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True}
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    tensors = {}
+    for path, (a, b) in factors.items():
+        tensors[f"{path}.lora_A.weight"] = a.contiguous()
+        tensors[f"{path}.lora_B.weight"] = b.contiguous()
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+
+
+def lora_deltas(config: dict, factors: LoraFactors) -> dict[str, torch.Tensor]:
+    """``dW`` of every LoRA layer."""
+    scaling = lora_scaling(config)
+    return {path: lora_delta(a, b, scaling) for path, (a, b) in factors.items()}
+
+
+@dataclass
+class MergeResult:
+    factors: LoraFactors
+    rank: int
+    errors: dict[str, float] = field(default_factory=dict)
+    """relative Frobenius reconstruction error of the rank-``rank`` LoRA, per layer"""
+
+    @property
+    def mean_error(self) -> float:
+        return sum(self.errors.values()) / max(1, len(self.errors))
+
+    @property
+    def max_error(self) -> float:
+        return max(self.errors.values(), default=0.0)
+
+
+def merge_lora(modules: list[tuple[dict, LoraFactors]], method: str, rank: int, **options) -> MergeResult:
+    """Merge per-task LoRA modules on ``dW`` with a :mod:`conpet.merging` method and factor the
+    result back to rank ``rank`` (scaling 1: ``lora_alpha = r``)."""
+    if not modules:
+        raise ConfigError("merge: no modules to merge")
+    get_merge_method(method)
+    deltas = [lora_deltas(config, factors) for config, factors in modules]
+    merged = merge_state(deltas, method, **options)
+    result = MergeResult(factors={}, rank=rank)
+    for path, dw in merged.items():
+        r = min(rank, *dw.shape)
+        a, b, err = to_lora(dw, r)
+        if r < rank:  # keep one rank for the whole module: pad with zero directions
+            a = torch.cat([a, torch.zeros(rank - r, a.shape[1])])
+            b = torch.cat([b, torch.zeros(b.shape[0], rank - r)], dim=1)
+        result.factors[path] = (a, b)
+        result.errors[path] = err
+    return result
+
+
+# -- ComPEFT-compressed LoRA folders -----------------------------------------------------------------
+COMPRESSED_FILE = "adapter_model.compeft.safetensors"
+
+
+def compress_lora_folder(src: Path, dst: Path, density: float, alpha: float = 1.0) -> tuple[int, int]:
+    """Write ``dst`` (exists, empty) as ``src`` with its LoRA weights ComPEFT-compressed
+    (:mod:`conpet.compress`: top-``density`` magnitudes of each tensor as ``sign * alpha * std``,
+    packed); other files (heads, configs) are copied. Returns (bytes of ``src``'s
+    ``adapter_model.safetensors``, bytes of the compressed file).
+
+    Deviation, named: ComPEFT compresses the update ``theta_ft - theta_init``; peft initialises
+    LoRA's A randomly and does not store that initialisation, so A and B are compressed as they
+    are (B's initialisation is 0, so for B it is exactly the update)."""
+    import shutil
+
+    from conpet.compress import compress_state, save_compressed
+
+    check_safe_folder(src)
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    size = save_compressed(compress_state({k: v.float() for k, v in tensors.items()}, density, alpha=alpha),
+                           dst / COMPRESSED_FILE)
+    for f in src.iterdir():
+        if f.is_file() and f.name != "adapter_model.safetensors":
+            shutil.copy2(f, dst / f.name)
+    return (src / "adapter_model.safetensors").stat().st_size, size.bytes_on_disk
+
+
+def decompress_lora_folder(src: Path, dst: Path) -> None:
+    """Write a plain peft folder ``dst`` (exists) from a compressed one: the stored values exactly."""
+    import shutil
+
+    from conpet.compress import decompress_state, load_compressed
+
+    save_file({k: v.contiguous() for k, v in decompress_state(load_compressed(src / COMPRESSED_FILE)).items()},
+              str(dst / "adapter_model.safetensors"))
+    if Path(src).resolve() == Path(dst).resolve():
+        return
+    for f in src.iterdir():
+        if f.is_file() and f.name not in (COMPRESSED_FILE, "adapter_model.safetensors"):
+            shutil.copy2(f, dst / f.name)
+
+
+def is_compressed(folder: Path) -> bool:
+    return (Path(folder) / COMPRESSED_FILE).is_file() and not (Path(folder) / "adapter_model.safetensors").exists()
+
+
+# -- whole runs -------------------------------------------------------------------------------------
+def _run_parts(run_dir: Path, seed: int | None):
+    from conpet.config import load_config
+    from conpet.errors import ConpetError
+    from conpet.runs import read_json, seed_dir
+
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "stream.json"):
+        if not (run_dir / name).is_file():
+            raise ConpetError(f"{run_dir}: not a conpet run directory (no {name})")
+    cfg = load_config(str(run_dir / "config.yaml"))
+    seed = cfg.seed if seed is None else seed
+    tasks = [t["name"] for t in read_json(run_dir / "stream.json")["tasks"]]
+    sdir = seed_dir(run_dir, seed)
+    if not (sdir / "adapters" / tasks[-1]).is_dir():
+        raise ConpetError(f"{sdir}: the run has not finished its last task ({tasks[-1]})")
+    return cfg, seed, tasks, sdir
+
+
+def merge_run(run_dir: str | Path, method: str, rank: int, out: str | Path, seed: int | None = None,
+              **options) -> dict:
+    """Merge the per-task experts of a ``dynamic`` run into one LoRA module (on dW, then rank
+    ``rank`` by SVD) plus the concatenation of their heads; write ``out`` as a run directory
+    (learner ``merge``) that ``conpet predict``/``evaluate`` load, and whose module is a plain
+    peft adapter. Returns the reconstruction errors."""
+    import dataclasses
+    import shutil
+
+    from conpet.errors import ConpetError
+    from conpet.heads import GrowingHead
+    from conpet.learners.merge import concat_heads
+    from conpet.runs import atomic_directory, atomic_write_json, atomic_write_text
+
+    cfg, seed, tasks, sdir = _run_parts(Path(run_dir), seed)
+    if cfg.learner != "dynamic":
+        raise ConpetError(f"{run_dir}: merging needs one module per task (a `dynamic` run's experts); "
+                          f"this run's learner is '{cfg.learner}'")
+    folders = [sdir / "adapters" / task for task in tasks]
+    modules = [read_lora(f) for f in folders]
+    heads = [GrowingHead.load(f) for f in folders]
+    result = merge_lora(modules, method, rank, **options)
+    out = Path(out)
+    merged_cfg = dataclasses.replace(cfg, learner="merge", out=str(out),
+                                     learner_options={"method": method, "rank": rank, "merge_options": options})
+    info = {"source_run": str(run_dir), "seed": seed, "method": method, "merge_options": options, "rank": rank,
+            "tasks_merged": len(tasks), "mean_relative_reconstruction_error": result.mean_error,
+            "max_relative_reconstruction_error": result.max_error}
+    with atomic_directory(out) as tmp:
+        atomic_write_text(tmp / "config.yaml", merged_cfg.to_yaml())
+        shutil.copy2(Path(run_dir) / "stream.json", tmp / "stream.json")
+        folder = tmp / f"seed-{seed}" / "adapters" / tasks[-1]
+        folder.mkdir(parents=True)
+        template = {k: v for k, v in modules[0][0].items()}
+        write_lora(folder, template, result.factors, rank)
+        concat_heads(heads, heads[0].hidden_size).save(folder)
+        meta = json.loads((folders[-1] / "conpet.json").read_text())
+        meta.update({"learner": "merge", "module": "default", "labels": [l for h in heads for l in h.labels]})
+        meta.pop("top_k", None)
+        (folder / "conpet.json").write_text(json.dumps(meta, indent=2))
+        (folder / "merge.json").write_text(json.dumps(info, indent=2))
+        atomic_write_json(tmp / "merge.json", info)
+    return info
+
+
+def compress_run(run_dir: str | Path, density: float, out: str | Path, alpha: float = 1.0) -> dict:
+    """ComPEFT-compress every LoRA module of a run (all seeds, all tasks; heads kept) into ``out``,
+    a run directory that ``conpet predict``/``evaluate`` load (decompressing on load)."""
+    import shutil
+
+    from conpet.errors import ConpetError
+    from conpet.runs import atomic_directory, atomic_write_json
+
+    run_dir, out = Path(run_dir), Path(out)
+    _run_parts(run_dir, None)
+    if not 0 < density <= 1:
+        raise ConpetError(f"--density must be in (0, 1], got {density}")
+    original = compressed = 0
+    with atomic_directory(out) as tmp:
+        for name in ("config.yaml", "stream.json"):
+            shutil.copy2(run_dir / name, tmp / name)
+        for weights in sorted(run_dir.glob("seed-*/adapters/**/adapter_model.safetensors")):
+            src = weights.parent
+            dst = tmp / src.relative_to(run_dir)
+            dst.mkdir(parents=True, exist_ok=True)
+            a, b = compress_lora_folder(src, dst, density, alpha)
+            original, compressed = original + a, compressed + b
+        for head in sorted(run_dir.glob("seed-*/adapters/**/head.*")):  # folders without LoRA weights
+            dst = tmp / head.relative_to(run_dir)
+            if not dst.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(head, dst)
+        info = {"source_run": str(run_dir), "density": density, "alpha": alpha,
+                "adapter_bytes": original, "compressed_bytes": compressed,
+                "compression_ratio": original / max(1, compressed)}
+        atomic_write_json(tmp / "compress.json", info)
+    return info
+
+
+def export_peft(run_dir: str | Path, out: str | Path, seed: int | None = None) -> list[Path]:
+    """Write the run's final modules as plain peft LoRA folders (decompressed if needed) under
+    ``out``: one folder per module that prediction uses (every expert and the selector of a
+    ``dynamic`` run; the one module of any other learner)."""
+    from conpet.runs import atomic_directory
+
+    cfg, seed, tasks, sdir = _run_parts(Path(run_dir), seed)
+    chosen = [(task, sdir / "adapters" / task) for task in (tasks if cfg.learner == "dynamic" else tasks[-1:])]
+    if cfg.learner == "dynamic" and (sdir / "adapters" / tasks[-1] / "selector").is_dir():
+        chosen.append(("selector", sdir / "adapters" / tasks[-1] / "selector"))
+    written = []
+    for name, src in chosen:
+        with atomic_directory(Path(out) / name) as tmp:
+            if is_compressed(src):
+                decompress_lora_folder(src, tmp)
+            else:
+                import shutil
+
+                check_safe_folder(src)
+                for f in src.iterdir():
+                    if f.is_file():
+                        shutil.copy2(f, tmp / f.name)
+        written.append(Path(out) / name)
+    return written
