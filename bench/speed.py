@@ -113,8 +113,13 @@ def run_config(args) -> dict:
     per_layer = layer_flops_per_token(bb, lengths)
     tokens = sum(lengths) * args.epochs
     top = args.top_layers if args.one == "conpet-fast" else None
+    if args.one in ("conpet", "conpet-fast") and precision == "bf16":  # what conpet's runner does
+        from conpet.backbone import cast_frozen_linears
+
+        cast_frozen_linears(bb.model)
     engine = FeatureEngine(bb, enc, top, precision, 64)
     pet = get_pet("lora", {**pet_options, **engine.pet_layer_options()})
+    pet.bf16_autocast = args.one != "trainer" and precision == "bf16"  # what conpet's runner does
     ctx = Context(cfg=cfg, stream=stream, backbone=bb, encoded=enc, pet=pet, seed=args.seed, precision=precision,
                   progress=False, engine=engine)
     torch.manual_seed(args.seed)

@@ -65,7 +65,7 @@ def baselines(tmp_path_factory, tiny_encoder):
     return root, data, runs
 
 
-def test_kill_at_random_moments_then_resume_gives_the_same_run(baselines, tiny_encoder):
+def test_kill_at_random_moments_then_resume_gives_the_same_run(baselines, tiny_encoder, capsys):
     root, data, runs = baselines
     rng = random.Random(0)
     env = {**os.environ, "CONPET_PROGRESS": "0"}
@@ -85,7 +85,8 @@ def test_kill_at_random_moments_then_resume_gives_the_same_run(baselines, tiny_e
         if (out / "manifest.json").exists():  # it finished before the kill: nothing to resume
             _same_run(runs[learner], out)
             continue
-        assert main(["run", "--resume", str(out), "--no-progress"]) == 0
+        code = main(["run", "--resume", str(out), "--no-progress"])
+        assert code == 0, f"trial {trial} ({learner}): {capsys.readouterr().err[-500:]}"
         _same_run(runs[learner], out)
         assert verify_run(out)[0] == []
         assert not list(out.rglob("checkpoint")), "checkpoints are removed when the seed finishes"

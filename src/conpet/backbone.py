@@ -198,6 +198,21 @@ def load_backbone(spec: str) -> Backbone:
                     fingerprint=fingerprint(folder))
 
 
+def cast_frozen_linears(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Store the frozen backbone's linear weights in ``dtype`` once, instead of letting bf16
+    autocast cast every fp32 weight on every forward pass (the profile of a training step showed
+    those casts taking ~16% of its time). Numerically identical under autocast, which casts them
+    to bf16 with the same rounding; norms and embeddings stay fp32. Returns the tensors cast."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and not m.weight.requires_grad:
+            m.weight.data = m.weight.data.to(dtype)
+            n += 1
+            if m.bias is not None:
+                m.bias.data = m.bias.data.to(dtype)
+    return n
+
+
 def cloze_features(model: nn.Module, batch: dict[str, torch.Tensor], **forward_kwargs) -> torch.Tensor:
     """Hidden state of the last layer at each row's cloze position: [batch, hidden].
 

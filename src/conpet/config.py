@@ -74,12 +74,17 @@ class TrainConfig:
     """``auto`` (bf16 autocast where the CPU supports it), ``bf16`` or ``fp32``."""
     threads: int = 0
     """torch intra-op threads; 0 = all cores."""
-    top_layers: int | None = None
+    top_layers: int | str | None = "auto"
     """Confine PET modules to the top L transformer layers and compute the frozen lower layers
-    once per row (cached, reused by every epoch, replay batch and evaluation). ``None`` = PET in
-    every layer, no cache."""
+    once per row (cached, reused by every epoch, replay batch and evaluation). ``auto`` (default):
+    L = 4 for backbones with more than 8 layers (SmolLM2: 4 of 30), every layer otherwise (MiniLM);
+    ``null`` = PET in every layer, no cache. With a confined LoRA and no ``target_modules`` given,
+    LoRA goes on every linear layer of those L layers (docs/speed.md)."""
     cache_mb: float = 4096.0
     """Memory bound of the lower-layer cache (MB); the oldest rows are evicted beyond it."""
+    length_bucketing: bool = True
+    """Batch rows of similar length together (within pools of 50 batches, order still random) so
+    that dynamic padding pads little; ``false`` = plain random batches."""
     checkpoint_seconds: float = 60.0
     """Save an in-task checkpoint (for ``conpet run --resume``) at most this often; 0 = every step."""
 
@@ -177,7 +182,9 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
         (cfg.train.lr > 0, "train.lr", "must be > 0"),
         (cfg.train.head_lr > 0, "train.head_lr", "must be > 0"),
         (cfg.train.max_length >= 16, "train.max_length", "must be >= 16"),
-        (cfg.train.top_layers is None or cfg.train.top_layers >= 1, "train.top_layers", "must be >= 1 or null"),
+        (cfg.train.top_layers in (None, "auto") or (isinstance(cfg.train.top_layers, int)
+                                                    and cfg.train.top_layers >= 1),
+         "train.top_layers", "must be an integer >= 1, auto or null"),
         (cfg.train.cache_mb > 0, "train.cache_mb", "must be > 0"),
         (cfg.train.checkpoint_seconds >= 0, "train.checkpoint_seconds", "must be >= 0"),
         (cfg.train.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}"),

@@ -48,6 +48,15 @@ def find_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     raise ConfigError(f"train.top_layers: cannot find the {n} transformer layers of {type(model).__name__}")
 
 
+AUTO_TOP_LAYERS = 4
+"""``train.top_layers: auto`` confines PET to this many top layers of backbones deeper than 8."""
+
+
+def auto_top_layers(model: nn.Module) -> int | None:
+    n = getattr(model.config, "num_hidden_layers", None)
+    return AUTO_TOP_LAYERS if n is not None and n > 2 * AUTO_TOP_LAYERS else None
+
+
 class FeatureEngine:
     def __init__(self, backbone: Backbone, encoded: Encoded, top_layers: int | None = None,
                  precision: str = "fp32", batch_size: int = 64, max_cache_mb: float = 4096.0,
@@ -62,6 +71,9 @@ class FeatureEngine:
         self.cache_bytes = 0
         self.hits = self.misses = 0
         self.split = None
+        if top_layers == "auto":
+            top_layers = auto_top_layers(backbone.model)
+        self.top_layers = top_layers
         if top_layers is not None:
             # the layer stack's owner and attribute are found once; PET wrapping and unwrapping
             # replace modules inside the layers, never the stack itself
@@ -73,6 +85,15 @@ class FeatureEngine:
             self.n_layers = n
 
     # -- which layers the PET modules may touch ---------------------------------------------
+    def pet_options(self, method: str, options: dict) -> dict:
+        """A PET method's options for this engine: confined to the top layers when the engine
+        caches the lower ones; a confined LoRA without ``target_modules`` covers every linear
+        layer there (more capacity where it is cheap: docs/speed.md)."""
+        out = {**options, **self.pet_layer_options()}
+        if self.split is not None and method == "lora" and "target_modules" not in options:
+            out["target_modules"] = "all-linear"
+        return out
+
     def pet_layer_options(self) -> dict:
         """PET options confining modules to the top layers (peft's ``layers_to_transform``)."""
         if self.split is None:

@@ -78,6 +78,8 @@ def length_bucketed_batches(indices, lengths: np.ndarray, batch_size: int, rng: 
     """Shuffle, then sort by length inside pools of ``pool_batches`` batches, then shuffle batches.
 
     Rows of similar length share a batch (little padding) while the order stays random.
+    ``pool_batches=1`` gives plain random batches (each batch is still padded only to its own
+    longest row).
     """
     indices = np.asarray(list(indices))
     order = rng.permutation(len(indices))

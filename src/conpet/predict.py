@@ -31,7 +31,7 @@ def load_run_stream(run_dir: Path, rows: list[Row]) -> Stream:
 @torch.no_grad()
 def predict(run_dir: str | Path, rows: list[Row], seed: int | None = None, batch_size: int = 64) -> list[dict]:
     """Predict every row with the run's final modules (seed: the run's first seed by default)."""
-    from conpet.backbone import load_backbone
+    from conpet.backbone import cast_frozen_linears, load_backbone
     from conpet.engine import FeatureEngine
     from conpet.inputs import encode_rows
     from conpet.learners import Context, get_learner
@@ -52,9 +52,12 @@ def predict(run_dir: str | Path, rows: list[Row], seed: int | None = None, batch
     for meta in sorted((sdir / "adapters").glob("*/conpet.json")):  # every module must match this base
         check_binding(meta.parent, backbone.fingerprint, str(backbone.path))
     precision = resolve_precision(cfg.train.precision)
+    if precision == "bf16":
+        cast_frozen_linears(backbone.model)
     encoded = encode_rows(rows, stream.kind, backbone.tokenizer, backbone.is_decoder, cfg.train.max_length)
     engine = FeatureEngine(backbone, encoded, cfg.train.top_layers, precision, batch_size)
-    pet = get_pet(cfg.pet.method, {**cfg.pet.options, **engine.pet_layer_options()})
+    pet = get_pet(cfg.pet.method, engine.pet_options(cfg.pet.method, cfg.pet.options))
+    pet.bf16_autocast = precision == "bf16"
     ctx = Context(cfg=cfg, stream=stream, backbone=backbone, encoded=encoded, pet=pet, seed=seed,
                   precision=precision, progress=False, engine=engine)
     learner = get_learner(cfg.learner)(ctx)

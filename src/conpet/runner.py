@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from conpet import metrics as M
-from conpet.backbone import load_backbone
+from conpet.backbone import cast_frozen_linears, load_backbone
 from conpet.engine import FeatureEngine
 from conpet.config import RunConfig
 from conpet.data.formats import load_stream
@@ -99,7 +99,8 @@ def run_seed(cfg: RunConfig, stream: Stream, engine: FeatureEngine, seed: int, o
     (and inside the next task from its in-task checkpoint, if one was written)."""
     set_seed(seed)
     backbone, encoded, precision = engine.backbone, engine.encoded, engine.precision
-    pet = get_pet(cfg.pet.method, {**cfg.pet.options, **engine.pet_layer_options()})
+    pet = get_pet(cfg.pet.method, engine.pet_options(cfg.pet.method, cfg.pet.options))
+    pet.bf16_autocast = engine.precision == "bf16"
     sdir = seed_dir(out, seed)
     checkpointer = Checkpointer(sdir, cfg.train.checkpoint_seconds)
     ctx = Context(cfg=cfg, stream=stream, backbone=backbone, encoded=encoded, pet=pet, seed=seed,
@@ -191,6 +192,8 @@ def prepare(cfg: RunConfig) -> tuple[Stream, FeatureEngine]:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     backbone = load_backbone(cfg.model)
+    if resolve_precision(cfg.train.precision) == "bf16":
+        cast_frozen_linears(backbone.model)
     encoded = encode_rows(stream.rows, stream.kind, backbone.tokenizer, backbone.is_decoder, cfg.train.max_length)
     engine = FeatureEngine(backbone, encoded, cfg.train.top_layers, resolve_precision(cfg.train.precision),
                            cfg.train.eval_batch_size, cfg.train.cache_mb)
@@ -337,7 +340,8 @@ def evaluate_run(run_dir: str | Path, seed: int | None = None) -> dict:
     stream, engine = prepare(cfg)
     if (run_dir / "stream.json").is_file() and read_json(run_dir / "stream.json") != stream_description(stream):
         raise ConpetError(f"{run_dir}: the data no longer matches the run's stream.json")
-    pet = get_pet(cfg.pet.method, {**cfg.pet.options, **engine.pet_layer_options()})
+    pet = get_pet(cfg.pet.method, engine.pet_options(cfg.pet.method, cfg.pet.options))
+    pet.bf16_autocast = engine.precision == "bf16"
     ctx = Context(cfg=cfg, stream=stream, backbone=engine.backbone, encoded=engine.encoded, pet=pet, seed=seed,
                   precision=engine.precision, progress=False, engine=engine)
     learner = get_learner(cfg.learner)(ctx)

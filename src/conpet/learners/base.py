@@ -80,7 +80,8 @@ class Context:
         lengths = self.encoded.all_lengths
         out: list[list[int]] = []
         for _ in range(epochs or self.cfg.train.epochs):
-            out.extend(length_bucketed_batches(indices, lengths[indices], self.cfg.train.batch_size, self.rng))
+            out.extend(length_bucketed_batches(indices, lengths[indices], self.cfg.train.batch_size, self.rng,
+                                               pool_batches=50 if self.cfg.train.length_bucketing else 1))
         return out
 
 
@@ -183,9 +184,10 @@ class OneModuleLearner(Learner):
         ]
         for plugin in self.plugins:
             groups.extend(plugin.param_groups())
+        hook = self.ctx.pet.step_hook(self.model, self.module_name)
         stats = fit(self.loss, groups, batches if batches is not None else self.ctx.epoch_batches(indices),
                     train, self.ctx.precision, desc=desc, progress=self.ctx.progress,
-                    checkpointer=self.ctx.checkpointer)
+                    after_step=[hook] if hook else (), checkpointer=self.ctx.checkpointer)
         self.model.eval()
         self.last_fit = stats
         return stats
@@ -239,8 +241,8 @@ class OneModuleLearner(Learner):
         tensors: dict[str, torch.Tensor] = {}
         meta: dict[str, Any] = {"modules": []}
         if self.model is not None:
-            tensors.update(module_tensors(self.model, list(self.model.peft_config)))
-            meta["modules"] = list(self.model.peft_config)
+            meta["modules"] = self.ctx.pet.modules(self.model)
+            tensors.update(module_tensors(self.model, meta["modules"]))
         tensors.update({f"head/{k}": v for k, v in head_tensors(self.head).items()})
         meta["head_labels"] = list(self.head.labels)
         if getattr(self, "memory", None) is not None:
@@ -278,17 +280,18 @@ class OneModuleLearner(Learner):
 
 
 def module_tensors(model: torch.nn.Module, modules: list[str]) -> dict[str, torch.Tensor]:
-    """Every parameter of the named PET modules, keyed ``pet/<parameter path>``."""
-    return {f"pet/{n}": p.detach() for n, p in model.named_parameters() if any(in_module(n, m) for m in modules)}
+    """Every parameter and buffer of the named PET modules, keyed ``pet/<path>``."""
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    return {f"pet/{n}": p.detach() for n, p in named if any(in_module(n, m) for m in modules)}
 
 
 def load_module_tensors(pet: PETMethod, model: torch.nn.Module, modules: list[str],
                         tensors: dict[str, torch.Tensor]) -> None:
     """Create missing modules, then copy saved values into their parameters in place."""
     for name in modules:
-        if name not in model.peft_config:
+        if name not in pet.modules(model):
             pet.add(model, name)
-    params = dict(model.named_parameters())
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     with torch.no_grad():
         for key, value in tensors.items():
             if key.startswith("pet/"):

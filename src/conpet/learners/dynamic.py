@@ -88,7 +88,7 @@ class DynamicConPET(Learner):
             self.model = pet.attach(self.ctx.backbone.model, name)
         elif copy_from is not None:
             pet.copy(self.model, copy_from, name)
-        elif name not in self.model.peft_config:
+        elif name not in pet.modules(self.model):
             pet.add(self.model, name)
         self.versions[name] = self.versions.get(name, -1) + 1
 
@@ -98,8 +98,9 @@ class DynamicConPET(Learner):
         train = self.ctx.cfg.train
         groups = [{"params": self.ctx.pet.parameters(self.model, module), "lr": train.lr},
                   {"params": list(head.parameters()), "lr": train.head_lr}]
+        hook = self.ctx.pet.step_hook(self.model, module)
         stats = fit(loss_fn, groups, batches, train, self.ctx.precision, desc=desc, progress=self.ctx.progress,
-                    checkpointer=self.ctx.checkpointer)
+                    after_step=[hook] if hook else (), checkpointer=self.ctx.checkpointer)
         self.model.eval()
         return stats
 
@@ -108,7 +109,17 @@ class DynamicConPET(Learner):
         if self.model.training or len(set(modules)) == 1:
             self.ctx.pet.activate(self.model, modules[0])
             return self.ctx.features(self.model, indices)
-        return self.ctx.features(self.model, indices, adapter_names=modules)
+        if self.ctx.pet.routes_per_row:
+            return self.ctx.features(self.model, indices, adapter_names=modules)
+        out = None  # one pass per module over its rows (same total cost per row)
+        for name in dict.fromkeys(modules):
+            rows = [r for r, m in enumerate(modules) if m == name]
+            self.ctx.pet.activate(self.model, name)
+            feats = self.ctx.features(self.model, [indices[r] for r in rows])
+            if out is None:
+                out = feats.new_zeros(len(indices), feats.shape[-1])
+            out[rows] = feats
+        return out
 
     # -- schedules ---------------------------------------------------------------------------------
     def replay_batches(self, t: int) -> list[list[int]]:
@@ -171,7 +182,7 @@ class DynamicConPET(Learner):
     def select(self, indices: list[int], k: int, gold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k task ids [B, k] and selector probabilities [B, tasks]; with ``gold`` (teacher
         forcing) the gold task replaces the last pick when missing."""
-        if self.n_tasks == 1 or SELECTOR not in (self.model.peft_config if self.model else {}):
+        if self.n_tasks == 1 or SELECTOR not in (self.ctx.pet.modules(self.model) if self.model else []):
             probs = torch.ones(len(indices), 1)
         else:
             was_training = self.model.training
@@ -293,7 +304,7 @@ class DynamicConPET(Learner):
     # -- resume ----------------------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors: dict[str, torch.Tensor] = {}
-        modules = list(self.model.peft_config) if self.model is not None else []
+        modules = self.ctx.pet.modules(self.model) if self.model is not None else []
         if modules:
             tensors.update(module_tensors(self.model, modules))
         for t, head in enumerate(self.expert_heads):
@@ -337,7 +348,7 @@ class DynamicConPET(Learner):
     def tunable_params(self) -> dict[str, int]:
         pet = self.ctx.pet
         per_expert = pet.count(self.model, expert_name(0))
-        selector = pet.count(self.model, SELECTOR) if SELECTOR in self.model.peft_config else 0
+        selector = pet.count(self.model, SELECTOR) if SELECTOR in pet.modules(self.model) else 0
         heads = sum(p.numel() for h in self.expert_heads for p in h.parameters())
         heads += sum(p.numel() for p in self.selector_head.parameters())
         total = per_expert * len(self.expert_heads) + selector + heads

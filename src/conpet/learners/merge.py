@@ -68,6 +68,7 @@ class MergeLearner(OneModuleLearner):
         self.rank = int(self.opts["rank"] or ctx.pet.peft_config().r)
         self.merged_pet = get_pet("lora", {**ctx.pet.options, "r": self.rank, "lora_alpha": self.rank,
                                            "use_rslora": False, "use_dora": False})
+        self.merged_pet.bf16_autocast = ctx.pet.bf16_autocast
         self.experts: list[tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = []
         self.expert_heads: list[GrowingHead] = []
         self.errors: list[float] = []
@@ -79,7 +80,7 @@ class MergeLearner(OneModuleLearner):
         torch.manual_seed(int(ctx.rng.integers(2**31)))
         if self.model is None:
             self.model = pet.attach(ctx.backbone.model, EXPERT)
-        elif EXPERT not in self.model.peft_config:
+        elif EXPERT not in pet.modules(self.model):
             pet.add(self.model, EXPERT)
         head = GrowingHead(ctx.backbone.hidden_size)
         head.grow(list(task.labels), ctx.torch_gen)
@@ -116,7 +117,7 @@ class MergeLearner(OneModuleLearner):
     def _remerge(self) -> None:
         result = merge_lora(self.experts, self.opts["method"], self.rank, **dict(self.opts["merge_options"]))
         self.errors.append(result.mean_error)
-        if self.module_name not in self.model.peft_config:
+        if self.module_name not in self.ctx.pet.modules(self.model):
             self.merged_pet.add(self.model, self.module_name)
         params = dict(self.model.named_parameters())
         with torch.no_grad():
@@ -138,13 +139,14 @@ class MergeLearner(OneModuleLearner):
 
     # -- resume --------------------------------------------------------------------------------------
     def state(self):
-        tensors = module_tensors(self.model, list(self.model.peft_config)) if self.model is not None else {}
+        modules = self.ctx.pet.modules(self.model) if self.model is not None else []
+        tensors = module_tensors(self.model, modules)
         for t, (cfg, factors) in enumerate(self.experts):
             for path, (a, b) in factors.items():
                 tensors[f"experts/{t}/{path}/A"], tensors[f"experts/{t}/{path}/B"] = a, b
         for t, head in enumerate(self.expert_heads):
             tensors.update({f"expert_head/{t}/{k}": v for k, v in head_tensors(head).items()})
-        meta = {"modules": list(self.model.peft_config) if self.model is not None else [],
+        meta = {"modules": modules,
                 "expert_configs": [cfg for cfg, _ in self.experts],
                 "expert_paths": [sorted(f) for _, f in self.experts],
                 "expert_labels": [h.labels for h in self.expert_heads], "errors": self.errors}
@@ -157,7 +159,7 @@ class MergeLearner(OneModuleLearner):
                 first = meta["modules"][0]
                 self.model = (self.merged_pet if first == self.module_name else pet).attach(self.ctx.backbone.model, first)
             for name in meta["modules"]:
-                if name not in self.model.peft_config:
+                if name not in pet.modules(self.model):
                     (self.merged_pet if name == self.module_name else pet).add(self.model, name)
             load_module_tensors(pet, self.model, meta["modules"], tensors)
         self.experts = [(cfg, {p: (tensors[f"experts/{t}/{p}/A"].clone(), tensors[f"experts/{t}/{p}/B"].clone())

@@ -74,6 +74,11 @@ def register_pet(name: str) -> Callable[[type["PETMethod"]], type["PETMethod"]]:
 class PETMethod(ABC):
     name: ClassVar[str] = "?"
     paper: ClassVar[str] = ""
+    routes_per_row: ClassVar[bool] = True
+    """Whether one forward pass can route each row through its own module (``adapter_names``)."""
+    bf16_autocast: bool = False
+    """Set by the runner when training and prediction run under bf16 autocast: a method may then
+    skip dtype round trips that autocast makes redundant (peft's input casting)."""
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         self.options = dict(options or {})
@@ -107,12 +112,21 @@ class PETMethod(ABC):
         """Load a saved module from ``folder`` under the name ``name``."""
 
     @abstractmethod
+    def modules(self, model: nn.Module) -> list[str]:
+        """Names of the modules attached to ``model``, in creation order."""
+
+    @abstractmethod
     def remove(self, model: nn.Module, name: str) -> None:
         """Delete module ``name``."""
 
     @abstractmethod
     def detach(self, model: nn.Module) -> nn.Module:
         """Remove every module and return the unchanged backbone."""
+
+    def step_hook(self, model: nn.Module, name: str) -> Callable[[int], None] | None:
+        """Called after every optimizer step while module ``name`` trains (sparse regrowth,
+        LISA's layer sampling...); ``None`` for most methods."""
+        return None
 
     def copy(self, model: nn.Module, src: str, dst: str) -> None:
         """Create (or overwrite) module ``dst`` as a frozen copy of module ``src``."""

@@ -67,19 +67,31 @@ class PeftBacked(PETMethod):
             wrapped = get_peft_model(model, self._config(), adapter_name=name)
         except ValueError as e:
             raise ConfigError(f"pet.options for '{self.name}': {e}") from None
+        self._skip_input_casts(wrapped)
         self.activate(wrapped, name)
         return wrapped
+
+    def _skip_input_casts(self, model: nn.Module) -> None:
+        """Under bf16 autocast, peft's cast of each LoRA input to the adapter's fp32 dtype is
+        undone by autocast right after (bf16 -> fp32 -> bf16, exact both ways): skip it. Same
+        numbers, fewer copies (peft's own ``disable_input_dtype_casting``, made permanent)."""
+        if self.bf16_autocast:
+            for m in model.modules():
+                if hasattr(m, "cast_input_dtype_enabled"):
+                    m.cast_input_dtype_enabled = False
 
     def attach_from(self, model: nn.Module, folder: Path, name: str) -> nn.Module:
         from peft import PeftModel
 
         with readable_folder(folder) as plain:
             wrapped = PeftModel.from_pretrained(model, str(plain), adapter_name=name, is_trainable=False)
+        self._skip_input_casts(wrapped)
         self.activate(wrapped, name)
         return wrapped
 
     def add(self, model: nn.Module, name: str) -> None:
         model.add_adapter(name, self._config())
+        self._skip_input_casts(model)
 
     def activate(self, model: nn.Module, name: str) -> None:
         model.set_adapter(name)
@@ -108,6 +120,10 @@ class PeftBacked(PETMethod):
     def load(self, model: nn.Module, folder: Path, name: str) -> None:
         with readable_folder(folder) as plain:
             model.load_adapter(str(plain), adapter_name=name, is_trainable=True)
+        self._skip_input_casts(model)
+
+    def modules(self, model: nn.Module) -> list[str]:
+        return list(getattr(model, "peft_config", {}))
 
     def remove(self, model: nn.Module, name: str) -> None:
         model.delete_adapter(name)
@@ -138,3 +154,43 @@ class LoRA(PeftBacked):
         from peft import LoraConfig
 
         return LoraConfig(**{**self.defaults, **self.options})
+
+
+@register_pet("ia3")
+class IA3(PeftBacked):
+    """(IA)^3 (Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper
+    than In-Context Learning") via peft: learned vectors rescale keys, values and the feed-forward
+    activations. Options are peft ``IA3Config`` fields (defaults: peft's per-architecture targets).
+    Trainable: the sizes of the rescaled activations (k, v outputs and the feed-forward input)."""
+
+    paper = "Liu et al. 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning"
+    routes_per_row = False
+
+    def peft_config(self):
+        from peft import IA3Config
+
+        return IA3Config(**self.options)
+
+
+@register_pet("ln_tuning")
+class LNTuning(PeftBacked):
+    """LN tuning (Qi et al. 2022, "Parameter-Efficient Tuning on Layer Normalization for
+    Pre-trained Language Models") via peft: only the LayerNorm / RMSNorm weights (and biases)
+    train. With ``train.top_layers`` only the norms of the top layers are tuned."""
+
+    paper = "Qi et al. 2022, Parameter-Efficient Tuning on Layer Normalization for Pre-trained Language Models"
+    routes_per_row = False
+
+    def resolve_options(self, model: nn.Module) -> None:
+        layers = self.options.pop("layers_to_transform", None)
+        pattern = self.options.pop("layers_pattern", None)
+        if "target_modules" not in self.options:  # every norm inside the transformer blocks
+            idx = "|".join(str(i) for i in layers) if layers is not None else r"\d+"
+            where = rf"{pattern}\." if pattern else ""
+            self.options["target_modules"] = rf".*\.{where}({idx})\..*(norm|LayerNorm)[^.]*$"
+
+    def peft_config(self):
+        from peft import LNTuningConfig
+
+        options = {k: v for k, v in self.options.items() if k not in ("layers_to_transform", "layers_pattern")}
+        return LNTuningConfig(**options)

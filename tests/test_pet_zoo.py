@@ -1,0 +1,216 @@
+"""Conformance matrix of the PET methods (in the style of peft's tests/testing_common.py): every
+method x a tiny encoder and a tiny decoder: one training step lowers the loss; save + load
+reproduces the outputs exactly; the trainable-parameter count matches the method's formula; and
+every method runs inside the learners (sequential, joint, Static and Dynamic ConPET)."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conpet.backbone import cloze_features, load_backbone
+from conpet.data.stream import Row
+from conpet.inputs import collate, encode_rows
+from conpet.pet import get_pet
+
+METHODS = [
+    ("lora", {}),
+    ("ia3", {}),
+    ("ln_tuning", {}),
+    ("adapter", {"bottleneck": 8}),
+    ("adapter", {"bottleneck": 8, "placement": "pfeiffer"}),
+    ("parallel_adapter", {"bottleneck": 8}),
+    ("bitfit", {}),
+    ("compacter", {"bottleneck": 8, "phm_dim": 4}),
+    ("mola", {"r": 2, "experts": [2, 3]}),
+    ("mos", {"r": 4, "shards": 2, "pool": 8, "private": 0.25}),
+    ("sparse_ft", {"density": 0.1, "regrow_every": 1}),
+    ("hft", {}),
+    ("lisa", {"active_layers": 1, "interval": 1}),
+]
+IDS = [m if not o.get("placement") else f"{m}-{o['placement']}" for m, o in METHODS]
+
+
+@pytest.fixture(scope="module", params=["encoder", "decoder"])
+def backbone_batch(request, tiny_encoder, tiny_decoder):
+    folder = tiny_encoder if request.param == "encoder" else tiny_decoder
+    bb = load_backbone(str(folder))
+    rows = [Row(text=f"Yesterday we talked about the {w} for a while.", label="x", entity=w)
+            for w in ["dog", "bread", "hammer", "city", "lion", "cake", "saw", "river"]]
+    enc = encode_rows(rows, "typing", bb.tokenizer, bb.is_decoder, 64)
+    return bb, collate(enc, list(range(len(rows))), bb.pad_id), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+
+
+def _fresh(bb):
+    return copy.deepcopy(bb.model)
+
+
+def _expected_peft_count(method: str, base: nn.Module, options: dict) -> int:
+    """Independent formulas over the *unwrapped* backbone."""
+    names = [(n, m) for n, m in base.named_modules() if re.search(r"\.\d+\.", n)]
+    llama = any(n.endswith("down_proj") for n, _ in names)
+    if method == "lora":
+        r = options.get("r", 8)
+        targets = ("q_proj", "v_proj") if llama else ("query", "value")
+        return sum(r * (m.in_features + m.out_features) for n, m in names if n.split(".")[-1] in targets)
+    if method == "ia3":
+        targets, ff = (("k_proj", "v_proj", "down_proj"), ("down_proj",)) if llama else \
+            (("key", "value", "output.dense"), ("output.dense",))
+        return sum(m.in_features if any(n.endswith(f) for f in ff) else m.out_features
+                   for n, m in names if isinstance(m, nn.Linear) and any(n.endswith(t) for t in targets))
+    if method == "ln_tuning":
+        return sum(p.numel() for n, m in names if "norm" in type(m).__name__.lower() for p in m.parameters())
+    raise AssertionError(method)
+
+
+@pytest.mark.parametrize("method,options", METHODS, ids=IDS)
+def test_one_step_lowers_the_loss(backbone_batch, method, options):
+    bb, batch, targets = backbone_batch
+    torch.manual_seed(0)
+    pet = get_pet(method, options)
+    model = pet.attach(_fresh(bb), "m")
+    head = nn.Linear(bb.hidden_size, 4)
+    params = [p for p in pet.parameters(model, "m") if p.requires_grad]  # LISA: the sampled layers
+    assert params
+    head.requires_grad_(False)
+    model.eval()  # no dropout: the same function before and after the step
+    losses = []
+    for _ in range(2):  # one small normalised gradient step: first order, the loss must go down
+        loss = F.cross_entropy(head(cloze_features(model, batch)), targets)
+        losses.append(float(loss.detach()))
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads if g is not None))
+        assert norm > 0
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                if g is not None:
+                    p.sub_(1e-3 * g / norm)
+    assert losses[1] < losses[0]
+    base_params = [p for n, p in model.named_parameters() if not any(p is q for q in params)]
+    assert all(not p.requires_grad for p in base_params), "the backbone stays frozen"
+
+
+@pytest.mark.parametrize("method,options", METHODS, ids=IDS)
+def test_save_load_reproduces_outputs_exactly(backbone_batch, method, options, tmp_path):
+    bb, batch, _ = backbone_batch
+    torch.manual_seed(0)
+    pet = get_pet(method, options)
+    model = pet.attach(_fresh(bb), "m")
+    with torch.no_grad():  # move every tensor away from its initial value
+        for p in pet.parameters(model, "m"):
+            p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    with torch.no_grad():
+        before = cloze_features(model, batch)
+    pet.save(model, "m", tmp_path)
+    loaded = get_pet(method, options).attach_from(_fresh(bb), tmp_path, "m")
+    loaded.eval()
+    with torch.no_grad():
+        after = cloze_features(loaded, batch)
+    assert torch.equal(before, after)
+    with torch.no_grad():
+        plain = cloze_features(bb.model, batch)
+    assert not torch.equal(before, plain), "the module changes the output"
+
+
+@pytest.mark.parametrize("method,options", METHODS, ids=IDS)
+def test_trainable_count_matches_the_formula(backbone_batch, method, options):
+    bb, _, _ = backbone_batch
+    pet = get_pet(method, options)
+    base = _fresh(bb)
+    expected = _expected_peft_count(method, base, options) if method in ("lora", "ia3", "ln_tuning") else None
+    model = pet.attach(base, "m")
+    if expected is None:
+        expected = pet.expected_count(model)
+    assert pet.count(model, "m") == expected > 0
+
+
+@pytest.mark.parametrize("method,options", METHODS, ids=IDS)
+def test_two_named_modules_are_independent_and_detach_restores_the_backbone(backbone_batch, method, options):
+    bb, batch, _ = backbone_batch
+    pet = get_pet(method, options)
+    base = _fresh(bb)
+    with torch.no_grad():
+        plain = cloze_features(base, batch)
+    model = pet.attach(base, "a")
+    pet.add(model, "b")
+    with torch.no_grad():
+        for p in pet.parameters(model, "a"):
+            p.add_(0.05)
+    model.eval()
+    pet.activate(model, "b")
+    with torch.no_grad():
+        out_b = cloze_features(model, batch)
+    pet.activate(model, "a")
+    with torch.no_grad():
+        out_a = cloze_features(model, batch)
+    assert not torch.equal(out_a, out_b)
+    restored = pet.detach(model)
+    with torch.no_grad():
+        assert torch.equal(cloze_features(restored, batch), plain)
+
+
+LEARNERS = ["sequential", "joint", "emr*", "lwf", "dynamic[top_k=2]"]
+
+
+@pytest.mark.parametrize("method,options", METHODS, ids=IDS)
+def test_every_method_runs_inside_every_learner(method, options, tiny_encoder, typing_data, tmp_path):
+    from conpet.cli import main
+
+    pet_options = [f"--set=pet.options.{k}={v}" for k, v in options.items()]
+    args = ["run", "--model", str(tiny_encoder), "--data", str(typing_data[0]), "--tasks", str(typing_data[1]),
+            "--pet", method, "--epochs", "1", "--batch-size", "4", "--no-progress", *pet_options,
+            "--learner", ",".join(LEARNERS), "--out", str(tmp_path / "cmp")]
+    assert main(args) == 0
+    for spec in ["sequential", "joint", "emr-star", "lwf", "dynamic-top_k=2"]:
+        assert (tmp_path / "cmp" / spec / "metrics.json").is_file()
+
+
+def test_hft_updates_half_the_matrices_of_every_block(backbone_batch):
+    import re as _re
+
+    bb, _, _ = backbone_batch
+    pet = get_pet("hft")
+    model = pet.attach(_fresh(bb), "m")
+    params = pet.parameters(model, "m")
+    chosen = pet.chosen(model, "m")
+    blocks: dict[str, list[str]] = {}
+    for path in model.sites:
+        blocks.setdefault(_re.search(r"^(.*\.\d+)\.", path).group(1), []).append(path)
+    for block, paths in blocks.items():
+        assert sum(p in chosen for p in paths) == (len(paths) + 1) // 2
+    assert len(params) == len(chosen) and pet.count(model, "m") == sum(p.numel() for p in params)
+    assert chosen != pet.chosen(model, "another task"), "each module (task) draws its own half"
+
+
+def test_sparse_ft_keeps_its_density_through_regrowth(backbone_batch):
+    bb, batch, targets = backbone_batch
+    pet = get_pet("sparse_ft", {"density": 0.1, "regrow_every": 1, "regrow_fraction": 0.5})
+    model = pet.attach(_fresh(bb), "m")
+    before = {p: site.parts["m"].mask.clone() for p, site in model.sites.items()}
+    head = nn.Linear(bb.hidden_size, 4)
+    opt = torch.optim.AdamW(pet.parameters(model, "m"), lr=1e-2)
+    hook = pet.step_hook(model, "m")
+    for step in range(2):
+        loss = F.cross_entropy(head(cloze_features(model, batch)), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        hook(step)
+    for path, site in model.sites.items():
+        part = site.parts["m"]
+        assert int(part.mask.sum()) == int(before[path].sum())  # density kept
+        assert not torch.equal(part.mask, before[path])  # entries were pruned and regrown
+    assert pet.count(model, "m") == pet.expected_count(model)
+    model.eval()
+    with torch.no_grad():
+        out = cloze_features(model, batch)
+        for site in model.sites.values():  # entries outside the mask have no effect
+            part = site.parts["m"]
+            part.delta.add_(torch.randn_like(part.delta) * (~part.mask))
+        assert torch.equal(out, cloze_features(model, batch))
