@@ -271,7 +271,8 @@ class OneModuleLearner(Learner):
     def tunable_params(self) -> dict[str, int]:
         pet = self.ctx.pet.count(self.model, self.module_name)
         head = sum(p.numel() for p in self.head.parameters())
-        return {"pet_params": pet, "head_params": head, "tunable_params": pet + head}
+        method = sum(p.numel() for plugin in self.plugins for g in plugin.param_groups() for p in g["params"])
+        return {"pet_params": pet, "head_params": head, "method_params": method, "tunable_params": pet + head + method}
 
     def close(self) -> None:
         if self.model is not None:

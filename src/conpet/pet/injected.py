@@ -230,13 +230,17 @@ class InjectedPET(PETMethod):
             model.add_adapter(name)
         self.load_into(model, folder, name)
 
-    def load_into(self, model: nn.Module, folder: Path, name: str) -> None:
+    def read_saved(self, folder: Path) -> dict[str, torch.Tensor]:
+        """The tensors of a saved module of this method (safetensors only; the config is checked)."""
         folder = Path(folder)
         check_safe_folder(folder)
         config = json.loads((folder / CONFIG_FILE).read_text())
         if config.get("conpet_pet") != self.name:
             raise ModelError(f"{folder}: a '{config.get('conpet_pet')}' module, not '{self.name}'")
-        saved = load_file(str(folder / WEIGHTS_FILE))
+        return load_file(str(folder / WEIGHTS_FILE))
+
+    def load_into(self, model: nn.Module, folder: Path, name: str) -> None:
+        saved = self.read_saved(folder)
         params = self.tensors(model, name)
         by_plain = {n.replace(f".{name}.", "."): p for n, p in params.items()}
         missing = sorted(set(by_plain) - set(saved))
@@ -640,12 +644,7 @@ class DeltaPET(InjectedPET):
              "sites": list(model.sites), "format": "coo", "shapes": shapes}, indent=2))
 
     def load_into(self, model, folder, name):
-        folder = Path(folder)
-        check_safe_folder(folder)
-        config = json.loads((folder / CONFIG_FILE).read_text())
-        if config.get("conpet_pet") != self.name:
-            raise ModelError(f"{folder}: a '{config.get('conpet_pet')}' module, not '{self.name}'")
-        saved = load_file(str(folder / WEIGHTS_FILE))
+        saved = self.read_saved(folder)
         with torch.no_grad():
             for n, p in self.tensors(model, name).items():
                 key = n.replace(f".{name}.", ".")
