@@ -69,6 +69,16 @@ def test_kill_at_random_moments_then_resume_gives_the_same_run(baselines, tiny_e
     root, data, runs = baselines
     rng = random.Random(0)
     env = {**os.environ, "CONPET_PROGRESS": "0"}
+    # how long a run lasts on this machine once its directory exists (the fastest learner): kill
+    # moments are drawn inside that window, so they land mid-run on a fast or a slow machine
+    probe = root / "probe"
+    proc = subprocess.Popen([sys.executable, "-m", "conpet.cli", *_args(tiny_encoder, data, probe, "sequential")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    while not (probe / "config.yaml").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    started = time.perf_counter()
+    proc.wait()
+    window = time.perf_counter() - started
     killed_mid_run = 0
     for trial in range(10):
         learner = LEARNERS[trial % len(LEARNERS)]
@@ -77,7 +87,7 @@ def test_kill_at_random_moments_then_resume_gives_the_same_run(baselines, tiny_e
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         while not (out / "config.yaml").exists() and proc.poll() is None:
             time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 4.0))  # a random moment of the run (startup to the last task)
+        time.sleep(rng.uniform(0.0, window))  # a random moment of the run (startup to the last task)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             killed_mid_run += 1

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from conpet.errors import ConfigError, ModelError
 from conpet.merging import get_merge_method, lora_delta, merge_state, to_lora
 from conpet.pet.base import check_safe_folder
+from conpet.predict import finished_run
 
 LoraFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """module path -> (A [r, in], B [out, r])"""
@@ -160,24 +161,6 @@ def is_compressed(folder: Path) -> bool:
 
 
 # -- whole runs -------------------------------------------------------------------------------------
-def _run_parts(run_dir: Path, seed: int | None):
-    from conpet.config import load_config
-    from conpet.errors import ConpetError
-    from conpet.runs import read_json, seed_dir
-
-    run_dir = Path(run_dir)
-    for name in ("config.yaml", "stream.json"):
-        if not (run_dir / name).is_file():
-            raise ConpetError(f"{run_dir}: not a conpet run directory (no {name})")
-    cfg = load_config(str(run_dir / "config.yaml"))
-    seed = cfg.seed if seed is None else seed
-    tasks = [t["name"] for t in read_json(run_dir / "stream.json")["tasks"]]
-    sdir = seed_dir(run_dir, seed)
-    if not (sdir / "adapters" / tasks[-1]).is_dir():
-        raise ConpetError(f"{sdir}: the run has not finished its last task ({tasks[-1]})")
-    return cfg, seed, tasks, sdir
-
-
 def merge_run(run_dir: str | Path, method: str, rank: int, out: str | Path, seed: int | None = None,
               **options) -> dict:
     """Merge the per-task experts of a ``dynamic`` run into one LoRA module (on dW, then rank
@@ -192,7 +175,7 @@ def merge_run(run_dir: str | Path, method: str, rank: int, out: str | Path, seed
     from conpet.learners.merge import concat_heads
     from conpet.runs import atomic_directory, atomic_write_json, atomic_write_text
 
-    cfg, seed, tasks, sdir = _run_parts(Path(run_dir), seed)
+    cfg, seed, tasks, sdir = finished_run(Path(run_dir), seed)
     if cfg.learner != "dynamic":
         raise ConpetError(f"{run_dir}: merging needs one module per task (a `dynamic` run's experts); "
                           f"this run's learner is '{cfg.learner}'")
@@ -232,7 +215,7 @@ def compress_run(run_dir: str | Path, density: float, out: str | Path, alpha: fl
     from conpet.runs import atomic_directory, atomic_write_json
 
     run_dir, out = Path(run_dir), Path(out)
-    _run_parts(run_dir, None)
+    finished_run(run_dir, None)
     if not 0 < density <= 1:
         raise ConpetError(f"--density must be in (0, 1], got {density}")
     original = compressed = 0
@@ -263,7 +246,7 @@ def export_peft(run_dir: str | Path, out: str | Path, seed: int | None = None) -
     ``dynamic`` run; the one module of any other learner)."""
     from conpet.runs import atomic_directory
 
-    cfg, seed, tasks, sdir = _run_parts(Path(run_dir), seed)
+    cfg, seed, tasks, sdir = finished_run(Path(run_dir), seed)
     chosen = [(task, sdir / "adapters" / task) for task in (tasks if cfg.learner == "dynamic" else tasks[-1:])]
     if cfg.learner == "dynamic" and (sdir / "adapters" / tasks[-1] / "selector").is_dir():
         chosen.append(("selector", sdir / "adapters" / tasks[-1] / "selector"))

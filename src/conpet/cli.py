@@ -123,6 +123,16 @@ def _print_accuracy(result: dict) -> None:
           f"{100 * result['whole_accuracy']:.2f}% (seed {result['seed']})")
 
 
+def _evaluate_output(out: str, info: dict, seed: int | None = None) -> None:
+    """Test accuracy of a merged/compressed run directory, printed and saved beside ``info``."""
+    from conpet.runner import evaluate_run
+    from conpet.runs import atomic_write_json
+
+    result = evaluate_run(out, seed)
+    _print_accuracy(result)
+    atomic_write_json(Path(out) / "metrics.json", {**info, **result})
+
+
 def cmd_evaluate(args) -> int:
     from conpet.runner import evaluate_run
 
@@ -147,12 +157,7 @@ def cmd_merge(args) -> int:
           f"relative reconstruction error mean {info['mean_relative_reconstruction_error']:.4f}, "
           f"max {info['max_relative_reconstruction_error']:.4f}")
     if not args.no_eval:
-        from conpet.runner import evaluate_run
-        from conpet.runs import atomic_write_json
-
-        result = evaluate_run(args.out, info["seed"])
-        _print_accuracy(result)
-        atomic_write_json(Path(args.out) / "metrics.json", {**info, **result})
+        _evaluate_output(args.out, info, info["seed"])
     print(f"run directory: {args.out}")
     return 0
 
@@ -164,12 +169,7 @@ def cmd_compress(args) -> int:
     print(f"ComPEFT density {args.density}, alpha {args.alpha}: adapters {info['adapter_bytes']:,} bytes -> "
           f"{info['compressed_bytes']:,} bytes on disk (x{info['compression_ratio']:.1f} smaller)")
     if not args.no_eval:
-        from conpet.runner import evaluate_run
-        from conpet.runs import atomic_write_json
-
-        result = evaluate_run(args.out)
-        _print_accuracy(result)
-        atomic_write_json(Path(args.out) / "metrics.json", {**info, **result})
+        _evaluate_output(args.out, info)
     print(f"run directory: {args.out}")
     return 0
 

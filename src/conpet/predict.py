@@ -28,6 +28,22 @@ def load_run_stream(run_dir: Path, rows: list[Row]) -> Stream:
     return Stream(name=meta["name"], kind=meta["kind"], rows=rows, tasks=tasks)
 
 
+def finished_run(run_dir: str | Path, seed: int | None) -> tuple:
+    """``(config, seed, task names, seed folder)`` of a run whose last task has finished; a clear
+    error otherwise (shared by predict, merge, compress and export)."""
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "stream.json"):
+        if not (run_dir / name).is_file():
+            raise ConpetError(f"{run_dir}: not a conpet run directory (no {name})")
+    cfg = load_config(str(run_dir / "config.yaml"))
+    seed = cfg.seed if seed is None else seed
+    tasks = [t["name"] for t in read_json(run_dir / "stream.json")["tasks"]]
+    sdir = seed_dir(run_dir, seed)
+    if not (sdir / "adapters" / tasks[-1]).is_dir():
+        raise ConpetError(f"{sdir}: the run has not finished its last task ({tasks[-1]})")
+    return cfg, seed, tasks, sdir
+
+
 @torch.no_grad()
 def predict(run_dir: str | Path, rows: list[Row], seed: int | None = None, batch_size: int = 64) -> list[dict]:
     """Predict every row with the run's final modules (seed: the run's first seed by default)."""
@@ -39,15 +55,8 @@ def predict(run_dir: str | Path, rows: list[Row], seed: int | None = None, batch
     from conpet.pet import get_pet
 
     run_dir = Path(run_dir)
-    for name in ("config.yaml", "stream.json"):
-        if not (run_dir / name).is_file():
-            raise ConpetError(f"{run_dir}: not a conpet run directory (no {name})")
-    cfg = load_config(str(run_dir / "config.yaml"))
-    seed = cfg.seed if seed is None else seed
-    sdir = seed_dir(run_dir, seed)
+    cfg, seed, _, sdir = finished_run(run_dir, seed)
     stream = load_run_stream(run_dir, rows)
-    if not (sdir / "adapters" / stream.tasks[-1].name).is_dir():
-        raise ConpetError(f"{sdir}: the run has not finished its last task ({stream.tasks[-1].name})")
     backbone = load_backbone(cfg.model)
     for meta in sorted((sdir / "adapters").glob("*/conpet.json")):  # every module must match this base
         check_binding(meta.parent, backbone.fingerprint, str(backbone.path))

@@ -317,6 +317,18 @@ def load_head(head: GrowingHead, tensors: dict[str, torch.Tensor], labels: list[
     return head
 
 
+def load_expert_heads(heads: list[GrowingHead], tensors: dict[str, torch.Tensor], labels: list[list[str]],
+                      hidden_size: int) -> list[GrowingHead]:
+    """Per-task heads saved as ``expert_head/<t>/...`` (in place where a head of that shape exists)."""
+    out = []
+    for t, task_labels in enumerate(labels):
+        old = heads[t] if t < len(heads) else GrowingHead(hidden_size)
+        prefix = f"expert_head/{t}/"
+        out.append(load_head(old, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                             task_labels))
+    return out
+
+
 def get_learner(name: str) -> type[Learner]:
     if name not in LEARNERS:
         raise ConfigError(f"learner: unknown learner '{name}' (available: {', '.join(sorted(LEARNERS))})")

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 from conpet.errors import ConfigError
 from conpet.heads import GrowingHead
-from conpet.learners.base import (Context, Learner, head_tensors, load_head, load_module_tensors, module_tensors,
-                                  register_learner)
+from conpet.learners.base import (Context, Learner, head_tensors, load_expert_heads, load_head,
+                                  load_module_tensors, module_tensors, register_learner)
 from conpet.learners.loop import fit
 from conpet.learners.static import replay_schedule
 from conpet.replay import ExemplarMemory, split_batch
@@ -328,13 +328,8 @@ class DynamicConPET(Learner):
             if self.model is None:
                 self.model = pet.attach(self.ctx.backbone.model, meta["modules"][0])
             load_module_tensors(pet, self.model, meta["modules"], tensors)
-        heads = []
-        for t, labels in enumerate(meta["expert_labels"]):
-            old = self.expert_heads[t] if t < len(self.expert_heads) else GrowingHead(self.ctx.backbone.hidden_size)
-            prefix = f"expert_head/{t}/"
-            heads.append(load_head(old, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
-                                   labels))
-        self.expert_heads = heads
+        self.expert_heads = load_expert_heads(self.expert_heads, tensors, meta["expert_labels"],
+                                              self.ctx.backbone.hidden_size)
         self.selector_head = load_head(self.selector_head, {k[14:]: v for k, v in tensors.items()
                                                             if k.startswith("selector_head/")}, meta["selector_labels"])
         self.versions = dict(meta["versions"])

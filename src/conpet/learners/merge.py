@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from conpet.adapters import merge_lora
 from conpet.errors import ConfigError
 from conpet.heads import GrowingHead
-from conpet.learners.base import (Context, OneModuleLearner, head_tensors, load_head, load_module_tensors,
+from conpet.learners.base import (Context, OneModuleLearner, head_tensors, load_expert_heads, load_module_tensors,
                                   module_tensors, register_learner)
 from conpet.learners.loop import fit
 from conpet.merging import get_merge_method
@@ -165,13 +165,8 @@ class MergeLearner(OneModuleLearner):
         self.experts = [(cfg, {p: (tensors[f"experts/{t}/{p}/A"].clone(), tensors[f"experts/{t}/{p}/B"].clone())
                                for p in paths})
                         for t, (cfg, paths) in enumerate(zip(meta["expert_configs"], meta["expert_paths"]))]
-        heads = []
-        for t, labels in enumerate(meta["expert_labels"]):
-            old = self.expert_heads[t] if t < len(self.expert_heads) else GrowingHead(self.ctx.backbone.hidden_size)
-            prefix = f"expert_head/{t}/"
-            heads.append(load_head(old, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
-                                   labels))
-        self.expert_heads = heads
+        self.expert_heads = load_expert_heads(self.expert_heads, tensors, meta["expert_labels"],
+                                              self.ctx.backbone.hidden_size)
         self.errors = list(meta["errors"])
         if self.expert_heads:
             self.head = concat_heads(self.expert_heads, self.ctx.backbone.hidden_size)
