@@ -105,3 +105,18 @@ def test_run_then_predict_any_learner(learner, tiny_encoder, typing_data, tmp_pa
     assert main(["predict", str(out), "We talked about the wolf.", "--entity", "wolf", "--json"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["label"] == preds[0]["label"]
+
+
+def test_task_balanced_selector_loss_weighs_every_task_the_same():
+    import torch.nn.functional as F
+
+    from conpet.learners.dynamic import task_balanced_cross_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 3)
+    targets = torch.tensor([2, 2, 2, 0])  # the newest task holds most of the batch
+    per_task = [F.cross_entropy(logits[targets == c], targets[targets == c]) for c in (0, 2)]
+    assert torch.allclose(task_balanced_cross_entropy(logits, targets), torch.stack(per_task).mean())
+    assert not torch.allclose(task_balanced_cross_entropy(logits, targets), F.cross_entropy(logits, targets))
+    same = torch.tensor([1, 0, 2, 1])[:3]
+    assert torch.allclose(task_balanced_cross_entropy(logits[:3], same), F.cross_entropy(logits[:3], same))

@@ -32,6 +32,12 @@ METHODS = [
     ("sparse_ft", {"density": 0.1, "regrow_every": 1}),
     ("hft", {}),
     ("lisa", {"active_layers": 1, "interval": 1}),
+    ("prompt_tuning", {"num_virtual_tokens": 4}),
+    ("prefix_tuning", {"num_virtual_tokens": 4}),
+    ("p_tuning", {"num_virtual_tokens": 4, "encoder_hidden_size": 16}),
+    ("adalora", {"init_r": 4, "target_r": 2}),
+    ("dept", {"prompt_length": 4, "r": 4, "max_length": 64}),
+    ("corda", {"r": 2}),
 ]
 IDS = [m if not o.get("placement") else f"{m}-{o['placement']}" for m, o in METHODS]
 
@@ -50,11 +56,30 @@ def _fresh(bb):
     return copy.deepcopy(bb.model)
 
 
+def _train_steps(pet, model, bb, batch, targets, steps: int, lr: float = 1e-2, weight_decay: float = 0.01) -> None:
+    """``steps`` AdamW steps of module ``m`` the way the training loop runs them: the method's
+    regulariser added to the loss, its step hook called after each step."""
+    hook = pet.step_hook(model, "m", steps)
+    model.train()
+    head = nn.Linear(bb.hidden_size, 4)
+    opt = torch.optim.AdamW(pet.parameters(model, "m"), lr=lr, weight_decay=weight_decay)
+    for step in range(steps):
+        loss = F.cross_entropy(head(cloze_features(model, batch)), targets)
+        extra = pet.extra_loss(model, "m")
+        if extra is not None:
+            loss = loss + extra
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if hook is not None:
+            hook(step)
+
+
 def _expected_peft_count(method: str, base: nn.Module, options: dict) -> int:
     """Independent formulas over the *unwrapped* backbone."""
     names = [(n, m) for n, m in base.named_modules() if re.search(r"\.\d+\.", n)]
     llama = any(n.endswith("down_proj") for n, _ in names)
-    if method == "lora":
+    if method in ("lora", "corda"):  # corda: the trainable half of its rank-2r storage
         r = options.get("r", 8)
         targets = ("q_proj", "v_proj") if llama else ("query", "value")
         return sum(r * (m.in_features + m.out_features) for n, m in names if n.split(".")[-1] in targets)
@@ -63,6 +88,10 @@ def _expected_peft_count(method: str, base: nn.Module, options: dict) -> int:
             (("key", "value", "output.dense"), ("output.dense",))
         return sum(m.in_features if any(n.endswith(f) for f in ff) else m.out_features
                    for n, m in names if isinstance(m, nn.Linear) and any(n.endswith(t) for t in targets))
+    if method == "adalora":  # P (r x in), E (r), Q (out x r) on peft's default targets
+        r = options.get("init_r", 12)
+        targets = ("q_proj", "v_proj") if llama else ("query", "value")
+        return sum(r * (m.in_features + m.out_features + 1) for n, m in names if n.split(".")[-1] in targets)
     if method == "ln_tuning":
         return sum(p.numel() for n, m in names if "norm" in type(m).__name__.lower() for p in m.parameters())
     raise AssertionError(method)
@@ -86,10 +115,13 @@ def test_one_step_lowers_the_loss(backbone_batch, method, options):
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         norm = torch.sqrt(sum((g ** 2).sum() for g in grads if g is not None))
         assert norm > 0
+        # a small step along -g; large enough that the first-order decrease (step x norm) shows in
+        # fp32 even when the gradient is tiny (AdaLoRA starts with E = 0)
+        step = max(1e-3, 1e-4 / float(norm))
         with torch.no_grad():
             for p, g in zip(params, grads):
                 if g is not None:
-                    p.sub_(1e-3 * g / norm)
+                    p.sub_(step * g / norm)
     assert losses[1] < losses[0]
     base_params = [p for n, p in model.named_parameters() if not any(p is q for q in params)]
     assert all(not p.requires_grad for p in base_params), "the backbone stays frozen"
@@ -123,7 +155,8 @@ def test_trainable_count_matches_the_formula(backbone_batch, method, options):
     bb, _, _ = backbone_batch
     pet = get_pet(method, options)
     base = _fresh(bb)
-    expected = _expected_peft_count(method, base, options) if method in ("lora", "ia3", "ln_tuning") else None
+    expected = _expected_peft_count(method, base, options) if method in ("lora", "corda", "ia3", "ln_tuning", "adalora") \
+        else None
     model = pet.attach(base, "m")
     if expected is None:
         expected = pet.expected_count(model)
@@ -193,15 +226,7 @@ def test_sparse_ft_keeps_its_density_through_regrowth(backbone_batch):
     pet = get_pet("sparse_ft", {"density": 0.1, "regrow_every": 1, "regrow_fraction": 0.5})
     model = pet.attach(_fresh(bb), "m")
     before = {p: site.parts["m"].mask.clone() for p, site in model.sites.items()}
-    head = nn.Linear(bb.hidden_size, 4)
-    opt = torch.optim.AdamW(pet.parameters(model, "m"), lr=1e-2)
-    hook = pet.step_hook(model, "m")
-    for step in range(2):
-        loss = F.cross_entropy(head(cloze_features(model, batch)), targets)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        hook(step)
+    _train_steps(pet, model, bb, batch, targets, steps=2)
     for path, site in model.sites.items():
         part = site.parts["m"]
         assert int(part.mask.sum()) == int(before[path].sum())  # density kept
@@ -214,3 +239,95 @@ def test_sparse_ft_keeps_its_density_through_regrowth(backbone_batch):
             part = site.parts["m"]
             part.delta.add_(torch.randn_like(part.delta) * (~part.mask))
         assert torch.equal(out, cloze_features(model, batch))
+
+
+def test_prompt_methods_refuse_a_lower_layer_cache_and_auto_turns_it_off(tiny_decoder, typing_data, tmp_path, capsys):
+    from conpet.cli import main
+
+    base = ["run", "--model", str(tiny_decoder), "--data", str(typing_data[0]), "--tasks", str(typing_data[1]),
+            "--pet", "prompt_tuning", "--epochs", "1", "--batch-size", "4", "--no-progress"]
+    assert main([*base, "--set", "train.top_layers=1", "--out", str(tmp_path / "a")]) == 2
+    assert "needs train.top_layers: null" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    assert main([*base, "--out", str(tmp_path / "b")]) == 0  # auto: the whole forward pass
+
+
+def test_dept_trains_prompt_and_low_rank_at_their_own_rates(backbone_batch):
+    bb, _, _ = backbone_batch
+    pet = get_pet("dept", {"prompt_length": 3, "r": 2, "max_length": 64, "prompt_lr": 0.5, "lowrank_lr": 0.01})
+    model = pet.attach(_fresh(bb), "m")
+    groups = pet.param_groups(model, "m", lr=1e-3)
+    assert [g["lr"] for g in groups] == [0.5, 0.01]
+    assert [tuple(p.shape) for p in groups[0]["params"]] == [(3, bb.hidden_size)]
+    assert sorted(tuple(p.shape) for p in groups[1]["params"]) == [(2, bb.hidden_size), (64, 2)]
+    b = [p for p in groups[1]["params"] if p.shape[0] == 2][0]
+    assert torch.count_nonzero(b) == 0, "B starts at zero: the module starts as plain prompt tuning"
+
+
+def test_adalora_prunes_towards_its_target_rank_and_adds_the_orthogonality_penalty(backbone_batch):
+    bb, batch, targets = backbone_batch
+    torch.manual_seed(0)
+    pet = get_pet("adalora", {"init_r": 4, "target_r": 1, "tinit": 1, "tfinal": 1, "deltaT": 1})
+    model = pet.attach(_fresh(bb), "m")
+    assert pet.extra_loss(model, "m") is not None
+    _train_steps(pet, model, bb, batch, targets, steps=8)
+    e = [p for n, p in model.named_parameters() if "lora_E" in n]
+    kept = sum(int(torch.count_nonzero(x)) for x in e)
+    assert 0 < kept <= len(e) * 1 + 1, f"about target_r=1 of init_r=4 ranks kept per matrix, got {kept} of {4 * len(e)}"
+
+
+def test_corda_starts_from_the_context_decomposition_without_changing_the_backbone(backbone_batch):
+    """At initialisation: the output is the backbone's (dW = 0), the backbone's weights are
+    untouched, and the trainable half equals the top-r components of W C (C the covariance of
+    the layer's inputs on the calibration rows, V multiplied by C^-1), recomputed here by hand.
+    After training steps the frozen half is unchanged and the trainable half has moved."""
+    bb, batch, targets = backbone_batch
+    torch.manual_seed(0)
+    base = _fresh(bb)
+    weights_before = {n: p.clone() for n, p in base.named_parameters()}
+    with torch.no_grad():
+        plain = cloze_features(base, batch)
+    r = 2
+    pet = get_pet("corda", {"r": r})
+    inputs = {}
+
+    def calibration(model, max_rows):
+        cloze_features(model, batch)
+
+    pet.calibration = calibration
+    model = pet.attach(base, "m")
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(cloze_features(model, batch), plain, atol=1e-5)
+    for n, p in model.get_base_model().named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, weights_before[n.replace(".base_layer", "")]), n
+    from peft.tuners.lora import LoraLayer
+
+    layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
+    lin = layer.get_base_layer()
+    # the layer's input on the calibration batch, by hand
+    handle = lin.register_forward_hook(lambda m, a, o: inputs.setdefault("x", a[0].detach().float()))
+    with torch.no_grad(), model.disable_adapter():
+        cloze_features(model, batch)
+    handle.remove()
+    x = inputs["x"].reshape(-1, inputs["x"].shape[-1])
+    x = x / x.abs().max()
+    cov = x.T @ x
+    damp = 0.01
+    while True:
+        fixed = cov + torch.eye(cov.shape[0]) * torch.diag(cov).mean() * damp
+        inv = torch.linalg.inv(fixed)
+        if torch.dist(fixed @ inv, torch.eye(cov.shape[0])) < 0.05:
+            break
+        damp *= 2
+    u, s_, vh = torch.linalg.svd(lin.weight.float() @ fixed, full_matrices=False)
+    expected = u[:, :r] @ torch.diag(s_[:r]) @ (vh @ inv)[:r]
+    a, b = layer.lora_A["m"].weight, layer.lora_B["m"].weight
+    got = layer.scaling["m"] * b[:, :r] @ a[:r]
+    assert torch.allclose(got, expected, rtol=1e-3, atol=1e-4 * expected.abs().max())
+    frozen_a, frozen_b = a[r:].detach().clone(), b[:, r:].detach().clone()
+    trainable_a = a[:r].detach().clone()
+    _train_steps(pet, model, bb, batch, targets, steps=3, weight_decay=0.1)
+    assert torch.equal(a[r:], frozen_a) and torch.equal(b[:, r:], frozen_b)
+    assert not torch.equal(a[:r], trainable_a)

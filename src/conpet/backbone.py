@@ -216,8 +216,11 @@ def cast_frozen_linears(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -
 def cloze_features(model: nn.Module, batch: dict[str, torch.Tensor], **forward_kwargs) -> torch.Tensor:
     """Hidden state of the last layer at each row's cloze position: [batch, hidden].
 
-    ``forward_kwargs`` go to the model (e.g. peft's per-row ``adapter_names``)."""
+    ``forward_kwargs`` go to the model (e.g. peft's per-row ``adapter_names``). Positions that a
+    prompt method prepends (the output is longer than the input) shift the cloze position."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **forward_kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return hidden[rows, batch["cloze_pos"]]
+    # a prompt method (prompt tuning, P-tuning, DePT) prepends its virtual tokens to the sequence
+    shift = hidden.shape[1] - batch["input_ids"].shape[1]
+    return hidden[rows, batch["cloze_pos"] + shift]

@@ -24,6 +24,7 @@ from torch import nn
 from conpet.backbone import Backbone, cloze_features
 from conpet.errors import ConfigError
 from conpet.inputs import Encoded, collate, sorted_batches
+from conpet.pet.base import get_pet_class
 
 
 class _Passthrough(nn.Module):
@@ -60,7 +61,7 @@ def auto_top_layers(model: nn.Module) -> int | None:
 class FeatureEngine:
     def __init__(self, backbone: Backbone, encoded: Encoded, top_layers: int | None = None,
                  precision: str = "fp32", batch_size: int = 64, max_cache_mb: float = 4096.0,
-                 cache_dtype: torch.dtype | None = None) -> None:
+                 cache_dtype: torch.dtype | None = None, pet_method: str | None = None) -> None:
         self.backbone = backbone
         self.encoded = encoded
         self.precision = precision
@@ -71,6 +72,12 @@ class FeatureEngine:
         self.cache_bytes = 0
         self.hits = self.misses = 0
         self.split = None
+        if pet_method is not None and get_pet_class(pet_method).input_level:
+            if isinstance(top_layers, int):
+                raise ConfigError(f"train.top_layers: pet.method '{pet_method}' works at the input embeddings, so "
+                                  f"every layer must see it; it needs train.top_layers: null (or auto), "
+                                  f"not {top_layers}")
+            top_layers = None
         if top_layers == "auto":
             top_layers = auto_top_layers(backbone.model)
         self.top_layers = top_layers
@@ -90,7 +97,7 @@ class FeatureEngine:
         caches the lower ones; a confined LoRA without ``target_modules`` covers every linear
         layer there (more capacity where it is cheap: docs/speed.md)."""
         out = {**options, **self.pet_layer_options()}
-        if self.split is not None and method == "lora" and "target_modules" not in options:
+        if self.split is not None and method in ("lora", "corda") and "target_modules" not in options:
             out["target_modules"] = "all-linear"
         return out
 
@@ -178,6 +185,24 @@ class FeatureEngine:
         while self.cache_bytes > self.max_cache_bytes and len(self.cache) > len(indices):
             _, t = self.cache.popitem(last=False)
             self.cache_bytes -= t.numel() * t.element_size()
+
+    def calibration(self, indices: list[int]):
+        """``run(model, max_rows)``: run ``model`` without gradient on the first ``max_rows`` of
+        ``indices`` (data-aware initialisations such as CorDA collect statistics through hooks)."""
+        def run(model: nn.Module, max_rows: int) -> None:
+            from conpet.learners.loop import autocast
+
+            rows = list(indices[:max_rows])
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad(), autocast(self.precision):
+                    for batch in sorted_batches(rows, self.encoded.lengths(rows), self.batch_size):
+                        self.features(model, batch)
+            finally:
+                model.train(was_training)
+
+        return run
 
     def warm(self, indices: list[int]) -> None:
         """Compute and cache the lower layers for ``indices`` up front."""

@@ -64,7 +64,8 @@ def predict(run_dir: str | Path, rows: list[Row], seed: int | None = None, batch
     if precision == "bf16":
         cast_frozen_linears(backbone.model)
     encoded = encode_rows(rows, stream.kind, backbone.tokenizer, backbone.is_decoder, cfg.train.max_length)
-    engine = FeatureEngine(backbone, encoded, cfg.train.top_layers, precision, batch_size)
+    engine = FeatureEngine(backbone, encoded, cfg.train.top_layers, precision, batch_size,
+                           pet_method=cfg.pet.method)
     pet = get_pet(cfg.pet.method, engine.pet_options(cfg.pet.method, cfg.pet.options))
     pet.bf16_autocast = precision == "bf16"
     ctx = Context(cfg=cfg, stream=stream, backbone=backbone, encoded=encoded, pet=pet, seed=seed,

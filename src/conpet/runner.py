@@ -135,6 +135,7 @@ def run_seed(cfg: RunConfig, stream: Stream, engine: FeatureEngine, seed: int, o
             checkpointer.start_task(t)
             start = time.perf_counter()
             engine.warm(task.train)
+            pet.calibration = engine.calibration(task.train)
             learner.learn(t)
             train_seconds.append(time.perf_counter() - start)
             train_samples.append(learner.last_fit.samples if learner.last_fit else 0)
@@ -196,7 +197,7 @@ def prepare(cfg: RunConfig) -> tuple[Stream, FeatureEngine]:
         cast_frozen_linears(backbone.model)
     encoded = encode_rows(stream.rows, stream.kind, backbone.tokenizer, backbone.is_decoder, cfg.train.max_length)
     engine = FeatureEngine(backbone, encoded, cfg.train.top_layers, resolve_precision(cfg.train.precision),
-                           cfg.train.eval_batch_size, cfg.train.cache_mb)
+                           cfg.train.eval_batch_size, cfg.train.cache_mb, pet_method=cfg.pet.method)
     engine.check(backbone.model, stream.tasks[0].train[:8])
     return stream, engine
 
@@ -326,10 +327,12 @@ def run_many(cfg: RunConfig, learners: list[str], out: str | Path, progress: boo
     return results
 
 
-def evaluate_run(run_dir: str | Path, seed: int | None = None) -> dict:
+def evaluate_run(run_dir: str | Path, seed: int | None = None,
+                 prepared: tuple[Stream, FeatureEngine] | None = None) -> dict:
     """Test accuracy of a run's final modules on every task of its stream (the data named in its
     ``config.yaml``): per-task, average and whole accuracy. Works for every learner and for the
-    outputs of ``conpet merge`` / ``conpet compress``."""
+    outputs of ``conpet merge`` / ``conpet compress``. ``prepared`` (:func:`prepare` of the same
+    data and model) reuses a loaded backbone and its feature cache across many evaluations."""
     from conpet.config import load_config
 
     run_dir = Path(run_dir)
@@ -337,7 +340,7 @@ def evaluate_run(run_dir: str | Path, seed: int | None = None) -> dict:
         raise ConpetError(f"{run_dir}: not a conpet run directory (no config.yaml)")
     cfg = load_config(str(run_dir / "config.yaml"))
     seed = cfg.seed if seed is None else seed
-    stream, engine = prepare(cfg)
+    stream, engine = prepared or prepare(cfg)
     if (run_dir / "stream.json").is_file() and read_json(run_dir / "stream.json") != stream_description(stream):
         raise ConpetError(f"{run_dir}: the data no longer matches the run's stream.json")
     pet = get_pet(cfg.pet.method, engine.pet_options(cfg.pet.method, cfg.pet.options))

@@ -26,7 +26,7 @@ from conpet.engine import FeatureEngine
 from conpet.errors import ConfigError
 from conpet.heads import GrowingHead
 from conpet.inputs import Encoded, collate, length_bucketed_batches
-from conpet.learners.loop import FitStats, fit
+from conpet.learners.loop import FitStats, fit, pet_training
 from conpet.pet.base import PETMethod, in_module
 
 LEARNERS: dict[str, type["Learner"]] = {}
@@ -178,16 +178,14 @@ class OneModuleLearner(Learner):
         """Train on ``batches`` (default: ``epochs`` length-bucketed passes over ``indices``)."""
         self.model.train()
         train = self.ctx.cfg.train
-        groups = [
-            {"params": self.pet_parameters(), "lr": train.lr},
-            {"params": list(self.head.parameters()), "lr": train.head_lr},
-        ]
+        batches = batches if batches is not None else self.ctx.epoch_batches(indices)
+        groups, loss_fn, hooks = pet_training(self.ctx.pet, self.model, self.module_name, train.lr, self.loss,
+                                              len(batches))
+        groups.append({"params": list(self.head.parameters()), "lr": train.head_lr})
         for plugin in self.plugins:
             groups.extend(plugin.param_groups())
-        hook = self.ctx.pet.step_hook(self.model, self.module_name)
-        stats = fit(self.loss, groups, batches if batches is not None else self.ctx.epoch_batches(indices),
-                    train, self.ctx.precision, desc=desc, progress=self.ctx.progress,
-                    after_step=[hook] if hook else (), checkpointer=self.ctx.checkpointer)
+        stats = fit(loss_fn, groups, batches, train, self.ctx.precision, desc=desc, progress=self.ctx.progress,
+                    after_step=hooks, checkpointer=self.ctx.checkpointer)
         self.model.eval()
         self.last_fit = stats
         return stats

@@ -21,7 +21,10 @@
 
 Options (``learner_options``): ``top_k`` (1), ``steps_per_task`` (default ``epochs *
 ceil(|new rows| / n_new)``), ``new_ratio`` (1.0), ``replay_source`` (``history`` | ``memory``),
-``memory_per_class`` (16), ``expert_init`` (``fresh`` | ``previous``: copy the last expert).
+``memory_per_class`` (16), ``expert_init`` (``fresh`` | ``previous``: copy the last expert),
+``selector_balance`` (false; true: the selector's loss is the mean over the tasks in the batch of
+each task's mean cross-entropy, so the newest task, half of every replay batch, no longer
+outweighs each old one; a conpet option, not in the paper).
 """
 
 from __future__ import annotations
@@ -35,13 +38,21 @@ from conpet.errors import ConfigError
 from conpet.heads import GrowingHead
 from conpet.learners.base import (Context, Learner, head_tensors, load_expert_heads, load_head,
                                   load_module_tensors, module_tensors, register_learner)
-from conpet.learners.loop import fit
+from conpet.learners.loop import fit, pet_training
 from conpet.learners.static import replay_schedule
 from conpet.replay import ExemplarMemory, split_batch
 
 SELECTOR = "selector"
 OPTIONS = {"top_k": 1, "steps_per_task": None, "new_ratio": 1.0, "replay_source": "history",
-           "memory_per_class": 16, "expert_init": "fresh"}
+           "memory_per_class": 16, "expert_init": "fresh", "selector_balance": False}
+
+
+def task_balanced_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the targets present in the batch of each target's mean cross-entropy (every task
+    weighs the same, however many of its rows the batch holds)."""
+    losses = F.cross_entropy(logits, targets, reduction="none")
+    counts = torch.bincount(targets, minlength=logits.shape[-1])[targets].to(losses.dtype)
+    return (losses / counts).sum() / (counts.reciprocal().sum())
 
 
 def expert_name(t: int) -> str:
@@ -61,6 +72,8 @@ class DynamicConPET(Learner):
         opts = {**OPTIONS, **cfg.learner_options}
         if int(opts["top_k"]) < 1:
             raise ConfigError("learner_options.top_k: must be >= 1")
+        if not isinstance(opts["selector_balance"], bool):
+            raise ConfigError(f"learner_options.selector_balance: true or false, got {opts['selector_balance']!r}")
         if opts["expert_init"] not in ("fresh", "previous"):
             raise ConfigError("learner_options.expert_init: must be 'fresh' or 'previous'")
         split_batch(cfg.train.batch_size, float(opts["new_ratio"]))
@@ -96,11 +109,10 @@ class DynamicConPET(Learner):
         self.ctx.pet.activate(self.model, module)
         self.model.train()
         train = self.ctx.cfg.train
-        groups = [{"params": self.ctx.pet.parameters(self.model, module), "lr": train.lr},
-                  {"params": list(head.parameters()), "lr": train.head_lr}]
-        hook = self.ctx.pet.step_hook(self.model, module)
+        groups, loss_fn, hooks = pet_training(self.ctx.pet, self.model, module, train.lr, loss_fn, len(batches))
+        groups.append({"params": list(head.parameters()), "lr": train.head_lr})
         stats = fit(loss_fn, groups, batches, train, self.ctx.precision, desc=desc, progress=self.ctx.progress,
-                    after_step=[hook] if hook else (), checkpointer=self.ctx.checkpointer)
+                    after_step=hooks, checkpointer=self.ctx.checkpointer)
         self.model.eval()
         return stats
 
@@ -140,9 +152,12 @@ class DynamicConPET(Learner):
         if t > 0:
             self._new_module(SELECTOR)
 
+            balance = bool(self.opts["selector_balance"])
+
             def selector_loss(indices):
                 feats = self.ctx.features(self.model, indices)
-                return F.cross_entropy(self.selector_head(feats), self.task_ids(indices))
+                logits, targets = self.selector_head(feats), self.task_ids(indices)
+                return task_balanced_cross_entropy(logits, targets) if balance else F.cross_entropy(logits, targets)
 
             self._train(SELECTOR, self.selector_head, selector_loss, replay, f"{task.name} selector")
             self.versions[SELECTOR] += 1

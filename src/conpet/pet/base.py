@@ -76,12 +76,19 @@ class PETMethod(ABC):
     paper: ClassVar[str] = ""
     routes_per_row: ClassVar[bool] = True
     """Whether one forward pass can route each row through its own module (``adapter_names``)."""
+    input_level: ClassVar[bool] = False
+    """Whether the method changes the input embeddings or prepends virtual tokens (prompt family):
+    such a module needs the whole forward pass, so ``train.top_layers`` (which caches the lower
+    layers without PET) cannot be used with it."""
     bf16_autocast: bool = False
     """Set by the runner when training and prediction run under bf16 autocast: a method may then
     skip dtype round trips that autocast makes redundant (peft's input casting)."""
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         self.options = dict(options or {})
+        self.calibration: Callable[[nn.Module, int], None] | None = None
+        """Set by the runner before each task: ``calibration(model, max_rows)`` runs ``model``
+        (no gradient) on rows of that task, for data-aware initialisations (CorDA)."""
 
     @abstractmethod
     def attach(self, model: nn.Module, name: str) -> nn.Module:
@@ -123,9 +130,20 @@ class PETMethod(ABC):
     def detach(self, model: nn.Module) -> nn.Module:
         """Remove every module and return the unchanged backbone."""
 
-    def step_hook(self, model: nn.Module, name: str) -> Callable[[int], None] | None:
-        """Called after every optimizer step while module ``name`` trains (sparse regrowth,
-        LISA's layer sampling...); ``None`` for most methods."""
+    def step_hook(self, model: nn.Module, name: str, total_steps: int | None = None) -> Callable[[int], None] | None:
+        """Called after every optimizer step (gradients still present) while module ``name`` trains
+        a fit of ``total_steps`` steps (sparse regrowth, LISA's layer sampling, AdaLoRA's rank
+        budget...); ``None`` for most methods."""
+        return None
+
+    def param_groups(self, model: nn.Module, name: str, lr: float) -> list[dict]:
+        """Optimizer groups of module ``name`` at the run's learning rate ``lr``; a method with
+        its own learning rates (DePT's two, the prompt family's) overrides this."""
+        return [{"params": self.parameters(model, name), "lr": lr}]
+
+    def extra_loss(self, model: nn.Module, name: str) -> torch.Tensor | None:
+        """A regulariser added to the training loss of module ``name`` (AdaLoRA's orthogonality
+        penalty); ``None`` for most methods."""
         return None
 
     def copy(self, model: nn.Module, src: str, dst: str) -> None:
@@ -150,7 +168,13 @@ class PETMethod(ABC):
         return sum(p.numel() for p in self.parameters(model, name))
 
 
-def get_pet(method: str, options: dict[str, Any] | None = None) -> PETMethod:
+def get_pet_class(method: str) -> type[PETMethod]:
+    import conpet.pet  # noqa: F401  (registers the methods)
+
     if method not in PET_METHODS:
         raise ConfigError(f"pet.method: unknown PET method '{method}' (available: {', '.join(sorted(PET_METHODS))})")
-    return PET_METHODS[method](options)
+    return PET_METHODS[method]
+
+
+def get_pet(method: str, options: dict[str, Any] | None = None) -> PETMethod:
+    return get_pet_class(method)(options)

@@ -680,7 +680,7 @@ class SparseFT(DeltaPET):
     def expected_count(self, model):
         return sum(max(1, round(float(self.options["density"]) * s.base.weight.numel())) for s in model.sites.values())
 
-    def step_hook(self, model, name):
+    def step_hook(self, model, name, total_steps=None):
         every, fraction = int(self.options["regrow_every"]), float(self.options["regrow_fraction"])
 
         def regrow(step: int) -> None:
@@ -783,7 +783,7 @@ class LISA(DeltaPET):
         self._draw(model, name, 0)
         return params
 
-    def step_hook(self, model, name):
+    def step_hook(self, model, name, total_steps=None):
         interval = int(self.options["interval"])
 
         def resample(step: int) -> None:

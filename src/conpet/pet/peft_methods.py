@@ -194,3 +194,340 @@ class LNTuning(PeftBacked):
 
         options = {k: v for k, v in self.options.items() if k not in ("layers_to_transform", "layers_pattern")}
         return LNTuningConfig(**options)
+
+
+# -- the prompt family (peft's prompt learning) ----------------------------------------------------
+class PromptLearning(PeftBacked):
+    """Shared plumbing of prompt tuning, prefix tuning and P-tuning through peft's
+    ``FEATURE_EXTRACTION`` task type: virtual tokens are prepended to every input (prefix tuning:
+    to every layer's keys and values), so the cloze position moves by their number
+    (:func:`conpet.backbone.cloze_features` reads it from the output length). These methods act
+    at the input, so they need ``train.top_layers: null`` (``auto`` resolves to it).
+
+    ``lr`` is the learning rate of the virtual tokens, default 3e-2 (peft's prompt-learning
+    examples; soft prompts want a larger rate than LoRA's ``train.lr``); ``lr: null`` uses
+    ``train.lr``."""
+
+    input_level = True
+    routes_per_row = False
+    defaults: dict[str, Any] = {"num_virtual_tokens": 20}
+
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        options = dict(options or {})
+        # a PET confined to the top layers (train.top_layers) is refused earlier; here the keys
+        # are simply not the prompt config's
+        options.pop("layers_to_transform", None)
+        options.pop("layers_pattern", None)
+        self.lr = options.pop("lr", 3e-2)
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ConfigError(f"pet.options.lr: must be a positive number, got {self.lr!r}")
+        super().__init__(options)
+
+    def config_class(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def peft_config(self):
+        return self.config_class()(task_type="FEATURE_EXTRACTION", **{**self.defaults, **self.options})
+
+    def param_groups(self, model: nn.Module, name: str, lr: float) -> list[dict]:
+        return [{"params": self.parameters(model, name), "lr": float(self.lr or lr)}]
+
+    def detach(self, model: nn.Module) -> nn.Module:
+        return model.get_base_model()  # peft leaves the backbone's own modules untouched here
+
+    def expected_count(self, model: nn.Module) -> int:
+        """Trainable parameters from the method's formula (``model`` wrapped; peft's resolved config)."""
+        raise NotImplementedError
+
+
+@register_pet("prompt_tuning")
+class PromptTuning(PromptLearning):
+    """Prompt tuning (Lester et al. 2021, "The Power of Scale for Parameter-Efficient Prompt
+    Tuning") via peft: ``num_virtual_tokens`` (default 20) trainable input embeddings prepended to
+    every input. Trainable: ``num_virtual_tokens x hidden``."""
+
+    paper = "Lester et al. 2021, The Power of Scale for Parameter-Efficient Prompt Tuning"
+
+    def config_class(self):
+        from peft import PromptTuningConfig
+
+        return PromptTuningConfig
+
+    def expected_count(self, model):
+        c = next(iter(model.peft_config.values()))
+        return c.num_virtual_tokens * c.token_dim
+
+
+@register_pet("prefix_tuning")
+class PrefixTuning(PromptLearning):
+    """Prefix tuning (Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for
+    Generation") via peft: ``num_virtual_tokens`` trainable keys and values prepended in every
+    layer. Trainable (no reparameterisation): ``tokens x layers x 2 x kv_dim`` where kv_dim is the
+    key/value width (smaller than hidden with grouped-query attention). ``prefix_projection: true``
+    adds the paper's MLP reparameterisation."""
+
+    paper = "Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation"
+
+    def config_class(self):
+        from peft import PrefixTuningConfig
+
+        return PrefixTuningConfig
+
+    def expected_count(self, model):
+        c = next(iter(model.peft_config.values()))
+        base = model.get_base_model().config
+        kv_heads = getattr(base, "num_key_value_heads", None) or base.num_attention_heads
+        kv_dim = base.hidden_size // base.num_attention_heads * kv_heads
+        if c.prefix_projection:
+            h = c.encoder_hidden_size
+            out = c.num_layers * 2 * kv_dim
+            return c.num_virtual_tokens * c.token_dim + c.token_dim * h + h + h * out + out
+        return c.num_virtual_tokens * c.num_layers * 2 * kv_dim
+
+
+@register_pet("p_tuning")
+class PTuning(PromptLearning):
+    """P-tuning (Liu et al. 2021, "GPT Understands, Too") via peft: virtual-token embeddings
+    produced by a prompt encoder (an MLP by default, ``encoder_reparameterization_type: LSTM`` for
+    the paper's LSTM). Trainable (MLP): ``tokens x d + d h + h + h h + h + h d + d`` with
+    ``h = encoder_hidden_size`` (default 128)."""
+
+    paper = "Liu et al. 2021, GPT Understands, Too"
+    defaults: dict[str, Any] = {"num_virtual_tokens": 20, "encoder_hidden_size": 128}
+
+    def config_class(self):
+        from peft import PromptEncoderConfig
+
+        return PromptEncoderConfig
+
+    def expected_count(self, model):
+        c = next(iter(model.peft_config.values()))
+        d, h = c.token_dim, c.encoder_hidden_size
+        if str(c.encoder_reparameterization_type).upper().endswith("MLP"):
+            return c.num_virtual_tokens * d + d * h + h + h * h + h + h * d + d
+        raise NotImplementedError("formula given for the MLP encoder only")
+
+
+# -- AdaLoRA ---------------------------------------------------------------------------------------
+@register_pet("adalora")
+class AdaLoRA(PeftBacked):
+    """AdaLoRA (Zhang et al. 2023, "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning")
+    via peft: SVD-form updates ``P diag(E) Q`` whose ranks are pruned by an importance score towards
+    a target budget during training, with an orthogonality penalty on P and Q.
+
+    How conpet drives it (peft leaves this to the training loop): every fit of a module runs
+    AdaLoRA's whole budget schedule, ``total_step`` = that fit's steps (``tinit``/``tfinal`` are
+    peft's options, default 0); ``update_and_allocate`` is called after each optimizer step, with
+    the gradients still present; ``orth_reg_weight`` (default 0.5) times the penalty is added to the
+    loss. peft trains one AdaLoRA module at a time: when another module trains (a new task's
+    expert, the selector), it becomes the trainable one and the others are frozen for peft.
+    Defaults: ``init_r=12, target_r=8`` (peft's), ``lora_alpha=16``."""
+
+    paper = "Zhang et al. 2023, Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning"
+    routes_per_row = False
+    defaults: dict[str, Any] = {"init_r": 12, "target_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+                                "total_step": 1}
+
+    resolve_options = LoRA.resolve_options
+
+    def tensors(self, model: nn.Module, name: str) -> list[nn.Parameter]:
+        # ``ranknum`` is a constant (the initial rank) that peft keeps as a frozen parameter
+        return [p for n, p in model.named_parameters() if in_module(n, name) and ".ranknum." not in n]
+
+    def peft_config(self):
+        from peft import AdaLoraConfig
+
+        options = {**self.defaults, **self.options}
+        # each fit sets the real total_step (step_hook); until then any value with room for
+        # peft's budgeting phase
+        options["total_step"] = max(int(options["total_step"]), options.get("tinit", 0) + options.get("tfinal", 0) + 1)
+        return AdaLoraConfig(**options)
+
+    def add(self, model: nn.Module, name: str) -> None:
+        for config in model.peft_config.values():  # peft allows one trainable AdaLoRA module
+            config.inference_mode = True
+        super().add(model, name)
+
+    def load(self, model: nn.Module, folder: Path, name: str) -> None:
+        for config in model.peft_config.values():
+            config.inference_mode = True
+        with readable_folder(folder) as plain:
+            model.load_adapter(str(plain), adapter_name=name, is_trainable=False)
+        self._skip_input_casts(model)
+
+    def _make_trainable(self, model: nn.Module, name: str) -> None:
+        from peft.tuners.adalora.layer import RankAllocator
+
+        tuner = model.base_model
+        for n, config in model.peft_config.items():
+            config.inference_mode = n != name
+        if getattr(tuner, "trainable_adapter_name", None) != name or not hasattr(tuner, "rankallocator"):
+            tuner.trainable_adapter_name = name
+            tuner.rankallocator = RankAllocator(tuner.model, model.peft_config[name], name)
+
+    def step_hook(self, model: nn.Module, name: str, total_steps: int | None = None):
+        self._make_trainable(model, name)
+        tuner = model.base_model
+        config = model.peft_config[name]
+        config.total_step = max(int(total_steps or 1), config.tinit + config.tfinal + 1)
+        tuner.rankallocator = type(tuner.rankallocator)(tuner.model, config, name)  # a fresh schedule
+
+        def update(step: int) -> None:
+            tuner.update_and_allocate(step)
+
+        return update
+
+    def extra_loss(self, model: nn.Module, name: str):
+        """peft's orthogonality penalty (``AdaLoraModel.forward`` adds it only to a loss computed
+        by the model from labels, which conpet's heads never pass): mean over P and Q of
+        ``||P P^T - I||_F`` / ``||Q^T Q - I||_F``, times ``orth_reg_weight``."""
+        import torch
+
+        weight = model.peft_config[name].orth_reg_weight
+        if not weight:
+            return None
+        terms = []
+        for n, p in model.named_parameters():
+            if ("lora_A" in n or "lora_B" in n) and in_module(n, name) and p.requires_grad:
+                cov = p @ p.T if "lora_A" in n else p.T @ p
+                terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype), "fro"))
+        return weight * torch.stack(terms).mean() if terms else None
+
+
+# -- CorDA -----------------------------------------------------------------------------------------
+@register_pet("corda")
+class CorDA(LoRA):
+    """LoRA with CorDA initialisation (Yang et al. 2024, "CorDA: Context-Oriented Decomposition
+    Adaptation of Large Language Models for Task-Aware Parameter-Efficient Fine-tuning"), using
+    peft's CorDA decomposition (``peft.tuners.lora.corda.collect_eigens_for_layer``).
+
+    For each targeted linear layer ``W`` the covariance ``C`` of its inputs is collected on rows of
+    the task being learned (the runner hands over up to ``calibration_rows`` of them, default 256),
+    ``W C = U S V^T`` is decomposed and ``V`` is multiplied by ``C^-1``; the module starts from the
+    ``r`` components most tied to the task's context (``corda_method: ipm``, the instruction-
+    previewed mode) or the least (``kpm``, knowledge-preserved).
+
+    Deviation, named: peft subtracts the initial ``B0 A0`` from the backbone's weights, which one
+    shared frozen backbone cannot allow (every task module, the selector and LwF's teacher live on
+    it). conpet keeps the backbone untouched and stores the module as a plain peft LoRA of rank
+    ``2r``: ``A = [A0; A0]``, ``B = [B0, -B0]``, the second half frozen (its gradient is masked and
+    it is restored after every step). The update is therefore ``dW = s (B1 A1 - B0 A0)`` with the
+    trainable ``B1, A1`` starting at ``B0, A0``: the same function and the same trainable
+    subspace as peft's CorDA, on an untouched base; the saved folder loads in plain peft.
+    Trainable parameters: ``r (in + out)`` per target (the frozen half is stored, not trained).
+    ``use_rslora``/``use_dora`` are not available with it."""
+
+    paper = ("Yang et al. 2024, CorDA: Context-Oriented Decomposition Adaptation of Large Language Models "
+             "for Task-Aware Parameter-Efficient Fine-tuning")
+
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        options = dict(options or {})
+        self.corda_method = options.pop("corda_method", "ipm")
+        self.calibration_rows = options.pop("calibration_rows", 256)
+        if self.corda_method not in ("ipm", "kpm"):
+            raise ConfigError(f"pet.options.corda_method: 'ipm' or 'kpm', got {self.corda_method!r}")
+        if not isinstance(self.calibration_rows, int) or self.calibration_rows < 1:
+            raise ConfigError(f"pet.options.calibration_rows: must be an integer >= 1, got {self.calibration_rows!r}")
+        for key in ("use_rslora", "use_dora", "init_lora_weights"):
+            if options.get(key):
+                raise ConfigError(f"pet.options.{key}: not available with corda")
+        super().__init__(options)
+        self._grad_handles: list = []
+
+    def rank(self) -> int:
+        return int({**self.defaults, **self.options}["r"])
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        options = {**self.defaults, **self.options}
+        options["r"], options["lora_alpha"] = 2 * options["r"], 2 * options["lora_alpha"]  # same scaling
+        return LoraConfig(**options)
+
+    def attach(self, model: nn.Module, name: str) -> nn.Module:
+        wrapped = super().attach(model, name)
+        self._initialise(wrapped, name)
+        return wrapped
+
+    def add(self, model: nn.Module, name: str) -> None:
+        super().add(model, name)
+        self._initialise(model, name)
+
+    def _layers(self, model: nn.Module, name: str):
+        from peft.tuners.lora import LoraLayer
+
+        return [m for m in model.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
+
+    def _initialise(self, model: nn.Module, name: str) -> None:
+        """CorDA values for module ``name``; without calibration data (a module about to be
+        overwritten by saved values) peft's plain LoRA initialisation stays."""
+        import torch
+        from peft.tuners.lora.corda import collect_eigens_for_layer
+
+        if self.calibration is None:
+            return
+        layers = self._layers(model, name)
+        covariances: dict[int, list] = {id(layer): [0, 0] for layer in layers}
+
+        def hook(layer):
+            def collect(module, args, output):
+                x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+                x = x / x.abs().max()
+                acc = covariances[id(layer)]
+                acc[0] = acc[0] + x.T @ x
+                acc[1] += 1
+            return collect
+
+        handles = [layer.get_base_layer().register_forward_hook(hook(layer)) for layer in layers]
+        try:
+            with model.disable_adapter():
+                self.calibration(model, self.calibration_rows)
+        finally:
+            for h in handles:
+                h.remove()
+        r = self.rank()
+        with torch.no_grad():
+            for layer in layers:
+                total, count = covariances[id(layer)]
+                if not count:
+                    raise ConfigError(f"pet 'corda': the calibration rows never reached a targeted layer")
+                base = layer.get_base_layer()
+                base.covariance_matrix = total / count
+                try:
+                    eigens = collect_eigens_for_layer(base, None)
+                finally:
+                    del base.covariance_matrix
+                keep = slice(0, r) if self.corda_method == "ipm" else slice(-r, None)
+                s = eigens.S_WC[keep] / layer.scaling[name]
+                a0 = (eigens.V_WC[:, keep] * s.sqrt()).T  # r x in
+                b0 = eigens.U_WC[:, keep] * s.sqrt()  # out x r
+                a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+                a.copy_(torch.cat([a0, a0]).to(a.dtype))
+                b.copy_(torch.cat([b0, -b0], dim=1).to(b.dtype))
+
+    def count(self, model: nn.Module, name: str) -> int:
+        return super().count(model, name) // 2  # the frozen half is stored, not trained
+
+    def step_hook(self, model: nn.Module, name: str, total_steps: int | None = None):
+        """Mask the frozen half's gradient; restore it after each step (AdamW's weight decay
+        would otherwise shrink it)."""
+        import torch
+
+        for h in self._grad_handles:
+            h.remove()
+        self._grad_handles = []
+        r = self.rank()
+        frozen = []
+        for layer in self._layers(model, name):
+            for weight, dim in ((layer.lora_A[name].weight, 0), (layer.lora_B[name].weight, 1)):
+                mask = torch.ones_like(weight)
+                mask.narrow(dim, r, r).zero_()
+                self._grad_handles.append(weight.register_hook(lambda g, m=mask: g * m))
+                frozen.append((weight, dim, weight.detach().narrow(dim, r, r).clone()))
+
+        def restore(step: int) -> None:
+            with torch.no_grad():
+                for weight, dim, values in frozen:
+                    weight.narrow(dim, r, r).copy_(values)
+
+        return restore

@@ -1,0 +1,94 @@
+"""Every PET method on SmolLM2-135M and wordnet-typing: trainable parameters, seconds per training
+step, and accuracy after the whole stream with `sequential` and with static ConPET (`emr*`).
+
+    .venv/bin/python bench/pet_table.py [--methods lora,ia3,...] [--per-class 16] [--seed 0] \
+        [--out runs/pet-table]
+
+Settings (the same for every method): 10 tasks, at most --per-class training rows per class,
+2 epochs, batch 16, bf16 autocast, each method at its documented defaults (docs/pets.md). Methods
+that work inside the blocks are confined to the top 4 of 30 layers (train.top_layers=4, the fast
+path of docs/speed.md); the input-level methods (prompt tuning, prefix tuning, P-tuning, DePT)
+need every layer (train.top_layers: null), which makes their steps slower: the table says which.
+Seconds per step are measured on the `sequential` run (training only: replay adds rows to each
+step of `emr*`). One seed; nothing tuned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from conpet.config import RunConfig, load_config
+from conpet.pet.base import get_pet_class
+from conpet.runner import prepare, run
+
+METHODS = ["lora", "ia3", "ln_tuning", "adapter", "parallel_adapter", "compacter", "bitfit", "mola", "mos",
+           "sparse_ft", "hft", "lisa", "adalora", "corda", "prompt_tuning", "prefix_tuning", "p_tuning", "dept"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--learners", default="sequential,emr*")
+    ap.add_argument("--per-class", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--top-layers", type=int, default=4)
+    ap.add_argument("--out", type=Path, default=Path("runs/pet-table"))
+    args = ap.parse_args()
+    base = RunConfig()
+    base.model = args.model
+    base.seeds, base.seed = 1, args.seed
+    base.data.benchmark = "wordnet-typing"
+    base.data.max_train_per_class = args.per_class
+    base.train.epochs = 2
+    prepared: dict = {}
+    rows = []
+    t0 = time.perf_counter()
+    for method in args.methods.split(","):
+        input_level = get_pet_class(method).input_level
+        top = None if input_level else args.top_layers
+        results = {}
+        for learner in args.learners.split(","):
+            cfg = dataclasses.replace(
+                base, learner=learner, out=str(args.out / method / learner.replace("*", "-star")),
+                pet=dataclasses.replace(base.pet, method=method, options={}),
+                train=dataclasses.replace(base.train, top_layers=top))
+            if (Path(cfg.out) / "metrics.json").is_file():  # finished earlier: reuse
+                results[learner] = json.loads((Path(cfg.out) / "metrics.json").read_text())
+            else:
+                if top not in prepared:
+                    prepared.clear()  # one backbone in memory at a time
+                    prepared[top] = prepare(cfg)
+                results[learner] = run(cfg, progress=False, prepared=prepared[top])
+            m = results[learner] if "train_seconds" in results[learner] else \
+                json.loads((Path(cfg.out) / "metrics.json").read_text())
+            results[learner] = m
+        seq = results[args.learners.split(",")[0]]
+        steps = sum(math.ceil(s / base.train.batch_size) for s in seq["train_samples"])
+        row = {"method": method, "paper": get_pet_class(method).paper, "pet_params": int(seq["pet_params"]),
+               "seconds_per_step": sum(seq["train_seconds"]) / steps,
+               "layers": "all" if input_level else f"top {args.top_layers}",
+               **{f"{l}_avg": results[l]["average_accuracy"] for l in results},
+               **{f"{l}_whole": results[l]["whole_accuracy"] for l in results}}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    learners = args.learners.split(",")
+    print("\n| method | paper | trainable PET params | layers | s/step | "
+          + " | ".join(f"{l} avg / whole" for l in learners) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(learners))
+    for r in rows:
+        print(f"| `{r['method']}` | {r['paper'].split(',')[0]} | {r['pet_params']:,} | {r['layers']} | "
+              f"{r['seconds_per_step']:.3f} | "
+              + " | ".join(f"{100 * r[f'{l}_avg']:.2f} / {100 * r[f'{l}_whole']:.2f}" for l in learners) + " |")
+    print(f"\ntotal {time.perf_counter() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
