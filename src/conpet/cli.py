@@ -276,7 +276,7 @@ def cmd_list(args) -> int:
         from conpet.pet import PET_METHODS
 
         for name, cls in sorted(PET_METHODS.items()):
-            print(f"{name:12s} {cls.paper}")
+            print(f"{name:17s} {cls.paper}")
     return 0
 
 
@@ -364,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("conpet: interrupted; finished tasks are saved in the run directory", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
