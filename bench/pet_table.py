@@ -48,7 +48,7 @@ def main() -> int:
     base.data.max_train_per_class = args.per_class
     base.train.epochs = 2
     prepared: dict = {}
-    rows = []
+    rows, failed = [], []
     t0 = time.perf_counter()
     for method in args.methods.split(","):
         input_level = get_pet_class(method).input_level
@@ -59,16 +59,19 @@ def main() -> int:
                 base, learner=learner, out=str(args.out / method / learner.replace("*", "-star")),
                 pet=dataclasses.replace(base.pet, method=method, options={}),
                 train=dataclasses.replace(base.train, top_layers=top))
-            if (Path(cfg.out) / "metrics.json").is_file():  # finished earlier: reuse
-                results[learner] = json.loads((Path(cfg.out) / "metrics.json").read_text())
-            else:
+            if not (Path(cfg.out) / "metrics.json").is_file():  # else finished earlier: reuse
                 if top not in prepared:
                     prepared.clear()  # one backbone in memory at a time
                     prepared[top] = prepare(cfg)
-                results[learner] = run(cfg, progress=False, prepared=prepared[top])
-            m = results[learner] if "train_seconds" in results[learner] else \
-                json.loads((Path(cfg.out) / "metrics.json").read_text())
-            results[learner] = m
+                try:
+                    run(cfg, progress=False, prepared=prepared[top])
+                except Exception as e:  # report it and go on with the other methods
+                    print(f"{method} / {learner}: FAILED: {type(e).__name__}: {e}", flush=True)
+                    failed.append(f"{method} / {learner}: {type(e).__name__}: {e}")
+                    break
+            results[learner] = json.loads((Path(cfg.out) / "metrics.json").read_text())
+        if len(results) < len(args.learners.split(",")):
+            continue
         seq = results[args.learners.split(",")[0]]
         steps = sum(math.ceil(s / base.train.batch_size) for s in seq["train_samples"])
         row = {"method": method, "paper": get_pet_class(method).paper, "pet_params": int(seq["pet_params"]),
@@ -86,6 +89,8 @@ def main() -> int:
         print(f"| `{r['method']}` | {r['paper'].split(',')[0]} | {r['pet_params']:,} | {r['layers']} | "
               f"{r['seconds_per_step']:.3f} | "
               + " | ".join(f"{100 * r[f'{l}_avg']:.2f} / {100 * r[f'{l}_whole']:.2f}" for l in learners) + " |")
+    for line in failed:
+        print(f"FAILED {line}")
     print(f"\ntotal {time.perf_counter() - t0:.0f}s")
     return 0
 

@@ -202,6 +202,8 @@ def test_every_method_runs_inside_every_learner(method, options, tiny_encoder, t
     assert main(args) == 0
     for spec in ["sequential", "joint", "emr-star", "lwf", "dynamic-top_k=2"]:
         assert (tmp_path / "cmp" / spec / "metrics.json").is_file()
+    # the saved modules load back for prediction (a dynamic run: every expert and the selector)
+    assert main(["predict", str(tmp_path / "cmp" / "dynamic-top_k=2"), "We saw the wolf.", "--entity", "wolf"]) == 0
 
 
 def test_hft_updates_half_the_matrices_of_every_block(backbone_batch):
@@ -331,3 +333,58 @@ def test_corda_starts_from_the_context_decomposition_without_changing_the_backbo
     _train_steps(pet, model, bb, batch, targets, steps=3, weight_decay=0.1)
     assert torch.equal(a[r:], frozen_a) and torch.equal(b[:, r:], frozen_b)
     assert not torch.equal(a[:r], trainable_a)
+
+
+NOT_WEIGHT_UPDATES = {"adapter", "parallel_adapter", "compacter", "bitfit", "mola", "prompt_tuning", "prefix_tuning",
+                      "p_tuning", "dept"}
+
+
+@pytest.mark.parametrize("method,options", METHODS, ids=IDS)
+def test_delta_weights_added_to_the_backbone_give_the_modules_function(backbone_batch, method, options):
+    """Where a method is an update of the backbone's own weights, W + dW on a plain copy of the
+    backbone computes what the wrapped model computes; the others say None."""
+    bb, batch, _ = backbone_batch
+    torch.manual_seed(0)
+    pet = get_pet(method, options)
+    model = pet.attach(_fresh(bb), "m")
+    with torch.no_grad():
+        for p in pet.parameters(model, "m"):
+            p.add_(torch.randn_like(p) * 0.05)
+    deltas = pet.delta_weights(model, "m")
+    if method in NOT_WEIGHT_UPDATES:
+        assert deltas is None
+        return
+    assert deltas
+    merged = _fresh(bb)
+    params = dict(merged.named_parameters())
+    with torch.no_grad():
+        for key, delta in deltas.items():
+            params[key].add_(delta)
+    model.eval()
+    merged.eval()
+    with torch.no_grad():
+        expected, got = cloze_features(model, batch), cloze_features(merged, batch)
+    assert not torch.allclose(expected, cloze_features(bb.model, batch), atol=1e-4)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method,options", METHODS, ids=IDS)
+def test_confined_to_the_top_layers_every_trainable_tensor_is_there(backbone_batch, method, options):
+    """What train.top_layers relies on: with the engine's layer options a method trains nothing
+    below the split (the lower layers' outputs are cached without PET)."""
+    from conpet.engine import find_layers
+    from conpet.pet.base import get_pet_class
+
+    bb, batch, _ = backbone_batch
+    if get_pet_class(method).input_level:
+        pytest.skip("input-level methods refuse train.top_layers (tested above)")
+    _, attr, layers = find_layers(bb.model)
+    top = len(layers) - 1
+    pet = get_pet(method, {**options, "layers_to_transform": [top], "layers_pattern": attr})
+    model = pet.attach(_fresh(bb), "m")
+    names = [n for n, p in model.named_parameters() if any(p is q for q in pet.parameters(model, "m"))]
+    assert names
+    for n in names:
+        found = re.search(rf"\.{attr}\.(\d+)\.", n)
+        assert found is None or int(found.group(1)) == top, n
+    assert any(re.search(rf"\.{attr}\.{top}\.", n) for n in names)

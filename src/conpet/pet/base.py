@@ -146,6 +146,13 @@ class PETMethod(ABC):
         penalty); ``None`` for most methods."""
         return None
 
+    def delta_weights(self, model: nn.Module, name: str) -> dict[str, torch.Tensor] | None:
+        """The dense update module ``name`` makes to the backbone's own parameters, keyed by their
+        names in the unwrapped backbone (``layers.3.self_attn.q_proj.weight``): adding it to a
+        copy of the backbone gives the module's function (tested). ``None`` where the method is
+        not an update of existing weights (adapters, prompts, routed experts, DoRA)."""
+        return None
+
     def copy(self, model: nn.Module, src: str, dst: str) -> None:
         """Create (or overwrite) module ``dst`` as a frozen copy of module ``src``."""
         names = dict(model.named_parameters())

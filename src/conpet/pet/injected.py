@@ -173,6 +173,20 @@ class InjectedPET(PETMethod):
         """Trainable parameters of one module, from the method's formula (tested)."""
         raise NotImplementedError
 
+    def site_delta(self, part: nn.Module) -> torch.Tensor | None:
+        """The dense update of the site's weight, for methods that are one (default: none)."""
+        return None
+
+    def delta_weights(self, model: nn.Module, name: str) -> dict[str, torch.Tensor] | None:
+        out = {}
+        with torch.no_grad():
+            for path, site in model.sites.items():
+                delta = self.site_delta(site.parts[name])
+                if delta is None:
+                    return None
+                out[f"{path}.weight"] = delta.detach().clone()
+        return out
+
     # -- the PET interface -------------------------------------------------------------------------
     def attach(self, model: nn.Module, name: str) -> nn.Module:
         paths = block_paths(model, self.site_pattern(model), self.layers)
@@ -578,6 +592,10 @@ class MoS(InjectedPET):
         scaling = float(self.options["lora_alpha"]) / int(self.options["r"])
         return y + (scaling * (x.to(A.dtype) @ A.T @ B.T)).to(y.dtype)
 
+    def site_delta(self, part):
+        A, B = self.factors(part)
+        return float(self.options["lora_alpha"]) / int(self.options["r"]) * B @ A
+
     def expected_count(self, model):
         l, p = int(self.options["shards"]), int(self.options["pool"])
         n_private = round(float(self.options["private"]) * int(self.options["r"]) * l)
@@ -623,6 +641,9 @@ class DeltaPET(InjectedPET):
 
     def site_pattern(self, model):
         return self.options["target_modules"]
+
+    def site_delta(self, part):
+        return part.weight()
 
     def apply(self, part, x, y):
         w = part.weight()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -125,6 +126,14 @@ class PeftBacked(PETMethod):
     def modules(self, model: nn.Module) -> list[str]:
         return list(getattr(model, "peft_config", {}))
 
+    def _tuner_layers(self, model: nn.Module, name: str):
+        """(backbone path, peft tuner layer) of every layer module ``name`` touches."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for path, m in model.named_modules():
+            if isinstance(m, BaseTunerLayer) and name in getattr(m, m.adapter_layer_names[0], {}):
+                yield path.removeprefix("base_model.model."), m
+
     def remove(self, model: nn.Module, name: str) -> None:
         model.delete_adapter(name)
 
@@ -155,6 +164,16 @@ class LoRA(PeftBacked):
 
         return LoraConfig(**{**self.defaults, **self.options})
 
+    def delta_weights(self, model: nn.Module, name: str):
+        """``dW = scaling x B A`` per targeted weight (peft's ``get_delta_weight``); DoRA's
+        magnitude renormalisation is not an additive update: ``None``."""
+        out = {}
+        for path, layer in self._tuner_layers(model, name):
+            if getattr(layer, "use_dora", {}).get(name):
+                return None
+            out[f"{path}.weight"] = layer.get_delta_weight(name).detach()
+        return out
+
 
 @register_pet("ia3")
 class IA3(PeftBacked):
@@ -166,10 +185,47 @@ class IA3(PeftBacked):
     paper = "Liu et al. 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning"
     routes_per_row = False
 
+    def resolve_options(self, model: nn.Module) -> None:
+        # peft's IA3Config has no layers_to_transform: confine it to the top layers
+        # (train.top_layers) with regexes over peft's per-architecture targets instead
+        layers = self.options.pop("layers_to_transform", None)
+        pattern = self.options.pop("layers_pattern", None)
+        if layers is None:
+            return
+        from peft.utils.constants import (TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD,
+                                          TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS)
+
+        model_type = model.config.model_type
+        targets = self.options.get("target_modules") or TARGETS.get(model_type)
+        feedforward = self.options.get("feedforward_modules") or FEEDFORWARD.get(model_type)
+        if not isinstance(targets, (list, tuple)) or not isinstance(feedforward, (list, tuple)):
+            raise ConfigError(f"pet 'ia3' with train.top_layers needs target_modules and feedforward_modules as "
+                              f"lists of names for model type '{model_type}'")
+        idx = "|".join(str(i) for i in layers)
+        where = rf"{pattern}\." if pattern else ""
+
+        def regex(names) -> str:
+            return rf"(.*\.)?{where}({idx})\..*({'|'.join(re.escape(n) for n in names)})$"
+
+        self.options["target_modules"] = regex(targets)
+        self.options["feedforward_modules"] = regex(feedforward)
+
     def peft_config(self):
         from peft import IA3Config
 
-        return IA3Config(**self.options)
+        return IA3Config(**{k: v for k, v in self.options.items() if k not in ("layers_to_transform", "layers_pattern")})
+
+    def delta_weights(self, model: nn.Module, name: str):
+        """``W (l - 1)`` (the learned vector scales the weight's columns for the feed-forward
+        input, its rows otherwise) and, for the rows case, ``b (l - 1)`` for a bias."""
+        out = {}
+        for path, layer in self._tuner_layers(model, name):
+            base = layer.get_base_layer()
+            scale = layer.ia3_l[name].detach()
+            out[f"{path}.weight"] = base.weight.detach() * (scale - 1)
+            if not layer.is_feedforward and base.bias is not None:
+                out[f"{path}.bias"] = base.bias.detach() * (scale.reshape(base.bias.shape) - 1)
+        return out
 
 
 @register_pet("ln_tuning")
@@ -187,7 +243,16 @@ class LNTuning(PeftBacked):
         if "target_modules" not in self.options:  # every norm inside the transformer blocks
             idx = "|".join(str(i) for i in layers) if layers is not None else r"\d+"
             where = rf"{pattern}\." if pattern else ""
-            self.options["target_modules"] = rf".*\.{where}({idx})\..*(norm|LayerNorm)[^.]*$"
+            self.options["target_modules"] = rf"(.*\.)?{where}({idx})\..*(norm|LayerNorm)[^.]*$"
+
+    def delta_weights(self, model: nn.Module, name: str):
+        """The tuned norm's parameters minus the frozen ones."""
+        out = {}
+        for path, layer in self._tuner_layers(model, name):
+            base = dict(layer.get_base_layer().named_parameters())
+            for key, p in layer.ln_tuning_layers[name].named_parameters():
+                out[f"{path}.{key}"] = (p - base[key]).detach()
+        return out
 
     def peft_config(self):
         from peft import LNTuningConfig
@@ -234,6 +299,11 @@ class PromptLearning(PeftBacked):
 
     def detach(self, model: nn.Module) -> nn.Module:
         return model.get_base_model()  # peft leaves the backbone's own modules untouched here
+
+    def load(self, model: nn.Module, folder: Path, name: str) -> None:
+        # peft refuses to load a prompt adapter as trainable; parameters() turns training on
+        with readable_folder(folder) as plain:
+            model.load_adapter(str(plain), adapter_name=name, is_trainable=False)
 
     def expected_count(self, model: nn.Module) -> int:
         """Trainable parameters from the method's formula (``model`` wrapped; peft's resolved config)."""
@@ -329,6 +399,8 @@ class AdaLoRA(PeftBacked):
                                 "total_step": 1}
 
     resolve_options = LoRA.resolve_options
+
+    delta_weights = LoRA.delta_weights
 
     def tensors(self, model: nn.Module, name: str) -> list[nn.Parameter]:
         # ``ranknum`` is a constant (the initial rank) that peft keeps as a frozen parameter
