@@ -20,6 +20,8 @@ from conpet.pet import get_pet
 
 METHODS = [
     ("lora", {}),
+    ("lora", {"use_rslora": True}),
+    ("lora", {"use_dora": True}),
     ("ia3", {}),
     ("ln_tuning", {}),
     ("adapter", {"bottleneck": 8}),
@@ -39,7 +41,8 @@ METHODS = [
     ("dept", {"prompt_length": 4, "r": 4, "max_length": 64}),
     ("corda", {"r": 2}),
 ]
-IDS = [m if not o.get("placement") else f"{m}-{o['placement']}" for m, o in METHODS]
+IDS = [f"{m}-{o['placement']}" if o.get("placement") else "lora-rslora" if o.get("use_rslora")
+       else "lora-dora" if o.get("use_dora") else m for m, o in METHODS]
 
 
 @pytest.fixture(scope="module", params=["encoder", "decoder"])
@@ -82,7 +85,9 @@ def _expected_peft_count(method: str, base: nn.Module, options: dict) -> int:
     if method in ("lora", "corda"):  # corda: the trainable half of its rank-2r storage
         r = options.get("r", 8)
         targets = ("q_proj", "v_proj") if llama else ("query", "value")
-        return sum(r * (m.in_features + m.out_features) for n, m in names if n.split(".")[-1] in targets)
+        magnitude = 1 if options.get("use_dora") else 0  # DoRA: one magnitude per output row
+        return sum(r * (m.in_features + m.out_features) + magnitude * m.out_features
+                   for n, m in names if n.split(".")[-1] in targets)
     if method == "ia3":
         targets, ff = (("k_proj", "v_proj", "down_proj"), ("down_proj",)) if llama else \
             (("key", "value", "output.dense"), ("output.dense",))
@@ -351,7 +356,7 @@ def test_delta_weights_added_to_the_backbone_give_the_modules_function(backbone_
         for p in pet.parameters(model, "m"):
             p.add_(torch.randn_like(p) * 0.05)
     deltas = pet.delta_weights(model, "m")
-    if method in NOT_WEIGHT_UPDATES:
+    if method in NOT_WEIGHT_UPDATES or options.get("use_dora"):  # DoRA renormalises: not additive
         assert deltas is None
         return
     assert deltas
