@@ -59,6 +59,7 @@ def pet_training(pet, model, name: str, lr: float, loss_fn: Callable[[list[int]]
                  total_steps: int) -> tuple[list[dict], Callable[[list[int]], torch.Tensor], list[Callable[[int], None]]]:
     """What training module ``name`` of ``pet`` adds to a fit: its optimizer groups, the loss with
     the method's regulariser (if any) and its per-step hook (if any)."""
+    groups = pet.param_groups(model, name, lr)  # first: it turns training on for the hook's tensors
     hook = pet.step_hook(model, name, total_steps)
 
     def loss_with_regulariser(indices: list[int]) -> torch.Tensor:
@@ -66,7 +67,7 @@ def pet_training(pet, model, name: str, lr: float, loss_fn: Callable[[list[int]]
         extra = pet.extra_loss(model, name)
         return loss if extra is None else loss + extra
 
-    return pet.param_groups(model, name, lr), loss_with_regulariser, [hook] if hook else []
+    return groups, loss_with_regulariser, [hook] if hook else []
 
 
 def fit(

@@ -32,7 +32,7 @@ from conpet.errors import ConfigError
 from conpet.heads import GrowingHead
 from conpet.learners.base import (Context, OneModuleLearner, head_tensors, load_expert_heads, load_module_tensors,
                                   module_tensors, register_learner)
-from conpet.learners.loop import fit
+from conpet.learners.loop import fit, pet_training
 from conpet.merging import get_merge_method
 from conpet.pet import get_pet
 
@@ -93,10 +93,11 @@ class MergeLearner(OneModuleLearner):
         pet.activate(self.model, EXPERT)
         self.model.train()
         train = ctx.cfg.train
-        groups = [{"params": pet.parameters(self.model, EXPERT), "lr": train.lr},
-                  {"params": list(head.parameters()), "lr": train.head_lr}]
-        self.last_fit = fit(expert_loss, groups, ctx.epoch_batches(task.train), train, ctx.precision,
-                            desc=f"{task.name} expert", progress=ctx.progress, checkpointer=ctx.checkpointer)
+        batches = ctx.epoch_batches(task.train)
+        groups, loss_fn, hooks = pet_training(pet, self.model, EXPERT, train.lr, expert_loss, len(batches))
+        groups.append({"params": list(head.parameters()), "lr": train.head_lr})
+        self.last_fit = fit(loss_fn, groups, batches, train, ctx.precision, desc=f"{task.name} expert",
+                            progress=ctx.progress, after_step=hooks, checkpointer=ctx.checkpointer)
         self.model.eval()
         self.experts.append(self._expert_factors())
         self._remerge()

@@ -141,9 +141,6 @@ class DePT(InjectedPET):
         return [{"params": prompt, "lr": float(self.options["prompt_lr"] or lr)},
                 {"params": lowrank, "lr": float(self.options["lowrank_lr"] or lr)}]
 
-    def delta_weights(self, model: nn.Module, name: str):
-        return None  # a prompt and a position-wise input offset: no update of the backbone's weights
-
     def expected_count(self, model: nn.Module) -> int:
         o = self.options
         d = model.base_model.get_input_embeddings().weight.shape[1]

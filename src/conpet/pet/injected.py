@@ -185,7 +185,7 @@ class InjectedPET(PETMethod):
                 if delta is None:
                     return None
                 out[f"{path}.weight"] = delta.detach().clone()
-        return out
+        return out or None  # no site (DePT works at the input): no weight update
 
     # -- the PET interface -------------------------------------------------------------------------
     def attach(self, model: nn.Module, name: str) -> nn.Module:

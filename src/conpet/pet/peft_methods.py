@@ -118,9 +118,13 @@ class PeftBacked(PETMethod):
                 shutil.move(str(f), str(folder / f.name))
             inner.rmdir()
 
+    load_trainable: bool = True
+    """Whether peft loads a module as trainable (peft refuses it for prompt adapters and for a
+    second trainable AdaLoRA module; :meth:`parameters` turns training on either way)."""
+
     def load(self, model: nn.Module, folder: Path, name: str) -> None:
         with readable_folder(folder) as plain:
-            model.load_adapter(str(plain), adapter_name=name, is_trainable=True)
+            model.load_adapter(str(plain), adapter_name=name, is_trainable=self.load_trainable)
         self._skip_input_casts(model)
 
     def modules(self, model: nn.Module) -> list[str]:
@@ -275,6 +279,7 @@ class PromptLearning(PeftBacked):
 
     input_level = True
     routes_per_row = False
+    load_trainable = False
     defaults: dict[str, Any] = {"num_virtual_tokens": 20}
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
@@ -299,11 +304,6 @@ class PromptLearning(PeftBacked):
 
     def detach(self, model: nn.Module) -> nn.Module:
         return model.get_base_model()  # peft leaves the backbone's own modules untouched here
-
-    def load(self, model: nn.Module, folder: Path, name: str) -> None:
-        # peft refuses to load a prompt adapter as trainable; parameters() turns training on
-        with readable_folder(folder) as plain:
-            model.load_adapter(str(plain), adapter_name=name, is_trainable=False)
 
     def expected_count(self, model: nn.Module) -> int:
         """Trainable parameters from the method's formula (``model`` wrapped; peft's resolved config)."""
@@ -395,6 +395,7 @@ class AdaLoRA(PeftBacked):
 
     paper = "Zhang et al. 2023, Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning"
     routes_per_row = False
+    load_trainable = False
     defaults: dict[str, Any] = {"init_r": 12, "target_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
                                 "total_step": 1}
 
@@ -423,26 +424,20 @@ class AdaLoRA(PeftBacked):
     def load(self, model: nn.Module, folder: Path, name: str) -> None:
         for config in model.peft_config.values():
             config.inference_mode = True
-        with readable_folder(folder) as plain:
-            model.load_adapter(str(plain), adapter_name=name, is_trainable=False)
-        self._skip_input_casts(model)
+        super().load(model, folder, name)
 
-    def _make_trainable(self, model: nn.Module, name: str) -> None:
+    def step_hook(self, model: nn.Module, name: str, total_steps: int | None = None):
+        """Make ``name`` peft's one trainable AdaLoRA module and start a fresh budget schedule of
+        ``total_steps`` steps."""
         from peft.tuners.adalora.layer import RankAllocator
 
         tuner = model.base_model
-        for n, config in model.peft_config.items():
-            config.inference_mode = n != name
-        if getattr(tuner, "trainable_adapter_name", None) != name or not hasattr(tuner, "rankallocator"):
-            tuner.trainable_adapter_name = name
-            tuner.rankallocator = RankAllocator(tuner.model, model.peft_config[name], name)
-
-    def step_hook(self, model: nn.Module, name: str, total_steps: int | None = None):
-        self._make_trainable(model, name)
-        tuner = model.base_model
+        for n, other in model.peft_config.items():
+            other.inference_mode = n != name
         config = model.peft_config[name]
         config.total_step = max(int(total_steps or 1), config.tinit + config.tfinal + 1)
-        tuner.rankallocator = type(tuner.rankallocator)(tuner.model, config, name)  # a fresh schedule
+        tuner.trainable_adapter_name = name
+        tuner.rankallocator = RankAllocator(tuner.model, config, name)
 
         def update(step: int) -> None:
             tuner.update_and_allocate(step)
@@ -525,11 +520,6 @@ class CorDA(LoRA):
         super().add(model, name)
         self._initialise(model, name)
 
-    def _layers(self, model: nn.Module, name: str):
-        from peft.tuners.lora import LoraLayer
-
-        return [m for m in model.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
-
     def _initialise(self, model: nn.Module, name: str) -> None:
         """CorDA values for module ``name``; without calibration data (a module about to be
         overwritten by saved values) peft's plain LoRA initialisation stays."""
@@ -538,7 +528,7 @@ class CorDA(LoRA):
 
         if self.calibration is None:
             return
-        layers = self._layers(model, name)
+        layers = [layer for _, layer in self._tuner_layers(model, name)]
         covariances: dict[int, list] = {id(layer): [0, 0] for layer in layers}
 
         def hook(layer):
@@ -590,7 +580,7 @@ class CorDA(LoRA):
         self._grad_handles = []
         r = self.rank()
         frozen = []
-        for layer in self._layers(model, name):
+        for _, layer in self._tuner_layers(model, name):
             for weight, dim in ((layer.lora_A[name].weight, 0), (layer.lora_B[name].weight, 1)):
                 mask = torch.ones_like(weight)
                 mask.narrow(dim, r, r).zero_()
