@@ -393,3 +393,38 @@ def test_confined_to_the_top_layers_every_trainable_tensor_is_there(backbone_bat
         found = re.search(rf"\.{attr}\.(\d+)\.", n)
         assert found is None or int(found.group(1)) == top, n
     assert any(re.search(rf"\.{attr}\.{top}\.", n) for n in names)
+
+
+def test_prefix_tuning_starts_from_real_tokens_keys_and_values(backbone_batch):
+    """Li & Liang's initialisation with real words' activations: the prefix holds the frozen
+    backbone's keys and values of the first tokens of the calibration rows. On a decoder that is
+    exactly those tokens in context: the prefixed model on a row gives the backbone's features of
+    the same row written after them."""
+    bb, batch, _ = backbone_batch
+    n = 4
+    base = _fresh(bb)
+    first = batch["input_ids"][0][batch["attention_mask"][0].bool()][:n]
+    pet = get_pet("prefix_tuning", {"num_virtual_tokens": n})
+    pet.calibration = lambda model, max_rows: cloze_features(model, {k: v[:1] for k, v in batch.items()})
+    model = pet.attach(base, "m")
+    model.eval()
+    random_pet = get_pet("prefix_tuning", {"num_virtual_tokens": n, "init": "random"})
+    random_pet.calibration = pet.calibration
+    random_model = random_pet.attach(_fresh(bb), "m")
+    assert not torch.allclose(model.prompt_encoder["m"].embedding.weight,
+                              random_model.prompt_encoder["m"].embedding.weight)
+    if not bb.is_decoder:  # bidirectional attention: the prefix tokens did not see the row
+        return
+    row = batch["input_ids"][1][batch["attention_mask"][1].bool()]
+    with torch.no_grad():
+        prefixed = cloze_features(model, {"input_ids": row[None], "attention_mask": torch.ones(1, len(row), dtype=torch.long),
+                                          "cloze_pos": batch["cloze_pos"][1:2]})
+        joined = torch.cat([first, row])[None]
+        in_context = cloze_features(base.eval(), {"input_ids": joined, "attention_mask": torch.ones_like(joined),
+                                                  "cloze_pos": batch["cloze_pos"][1:2] + n})
+    assert torch.allclose(prefixed, in_context, atol=1e-4), (prefixed - in_context).abs().max()
+
+
+def test_prefix_tuning_init_option_is_checked():
+    with pytest.raises(Exception, match="real_tokens"):
+        get_pet("prefix_tuning", {"init": "zeros"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 import shutil
 import tempfile
@@ -70,7 +71,12 @@ class PeftBacked(PETMethod):
             raise ConfigError(f"pet.options for '{self.name}': {e}") from None
         self._skip_input_casts(wrapped)
         self.activate(wrapped, name)
+        self.initialise(wrapped, name)
         return wrapped
+
+    def initialise(self, model: nn.Module, name: str) -> None:
+        """Data-aware start of a new module ``name`` (CorDA, prefix tuning), run after peft built
+        it; a no-op for peft's own initialisations. Not run for a module loaded from a folder."""
 
     def _skip_input_casts(self, model: nn.Module) -> None:
         """Under bf16 autocast, peft's cast of each LoRA input to the adapter's fp32 dtype is
@@ -93,6 +99,7 @@ class PeftBacked(PETMethod):
     def add(self, model: nn.Module, name: str) -> None:
         model.add_adapter(name, self._config())
         self._skip_input_casts(model)
+        self.initialise(model, name)
 
     def activate(self, model: nn.Module, name: str) -> None:
         model.set_adapter(name)
@@ -273,14 +280,16 @@ class PromptLearning(PeftBacked):
     (:func:`conpet.backbone.cloze_features` reads it from the output length). These methods act
     at the input, so they need ``train.top_layers: null`` (``auto`` resolves to it).
 
-    ``lr`` is the learning rate of the virtual tokens, default 3e-2 (peft's prompt-learning
-    examples; soft prompts want a larger rate than LoRA's ``train.lr``); ``lr: null`` uses
-    ``train.lr``."""
+    ``lr`` is the learning rate of the virtual tokens, default 3e-2 for prompt and prefix tuning
+    (peft's prompt-learning examples; soft prompts want a larger rate than LoRA's ``train.lr``)
+    and 1e-3 for P-tuning, whose prompt encoder is an MLP (peft's P-tuning guide; at 3e-2 it
+    diverges as soon as replay adds steps); ``lr: null`` uses ``train.lr``."""
 
     input_level = True
     routes_per_row = False
     load_trainable = False
     defaults: dict[str, Any] = {"num_virtual_tokens": 20}
+    default_lr: float = 3e-2
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         options = dict(options or {})
@@ -288,7 +297,7 @@ class PromptLearning(PeftBacked):
         # are simply not the prompt config's
         options.pop("layers_to_transform", None)
         options.pop("layers_pattern", None)
-        self.lr = options.pop("lr", 3e-2)
+        self.lr = options.pop("lr", self.default_lr)
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ConfigError(f"pet.options.lr: must be a positive number, got {self.lr!r}")
         super().__init__(options)
@@ -334,14 +343,71 @@ class PrefixTuning(PromptLearning):
     Generation") via peft: ``num_virtual_tokens`` trainable keys and values prepended in every
     layer. Trainable (no reparameterisation): ``tokens x layers x 2 x kv_dim`` where kv_dim is the
     key/value width (smaller than hidden with grouped-query attention). ``prefix_projection: true``
-    adds the paper's MLP reparameterisation."""
+    adds the paper's MLP reparameterisation. ``init: real_tokens`` (default; the paper's section
+    7.2) starts the prefix from the backbone's keys and values of real task tokens,
+    ``init: random`` keeps peft's N(0, 1) draw."""
 
     paper = "Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation"
+
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        options = dict(options or {})
+        self.init = options.pop("init", "real_tokens")
+        if self.init not in ("real_tokens", "random"):
+            raise ConfigError(f"pet.options.init: 'real_tokens' or 'random', got {self.init!r}")
+        super().__init__(options)
 
     def config_class(self):
         from peft import PrefixTuningConfig
 
         return PrefixTuningConfig
+
+    def initialise(self, model: nn.Module, name: str) -> None:
+        """The paper's initialisation with activations of real words (Li & Liang 2021, section
+        7.2; peft draws the prefix from N(0, 1), which on SmolLM2 swamps every layer's attention and
+        the module never learns): the prefix becomes the keys and values that the frozen backbone
+        computes for the first ``num_virtual_tokens`` tokens of the task's own training rows, at
+        positions 0..n-1, the positions the real inputs then follow. Without calibration rows (a
+        module about to be overwritten by saved values), with ``init: random`` or with
+        ``prefix_projection`` (the MLP's input is not a key/value), peft's initialisation stays."""
+        import torch
+        from transformers import DynamicCache
+
+        config = model.peft_config[name]
+        if self.calibration is None or self.init != "real_tokens" or config.prefix_projection:
+            return
+        n = config.num_virtual_tokens
+        base = model.get_base_model()
+        tokens: list[int] = []
+
+        def collect(module, args, kwargs):
+            ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+            if ids is None or len(tokens) >= n:
+                return
+            for row, keep in zip(ids.tolist(), mask.bool().tolist() if mask is not None else ids.bool().tolist()):
+                tokens.extend(t for t, k in zip(row, keep[-len(row):]) if k)
+
+        handle = base.register_forward_pre_hook(collect, with_kwargs=True)
+        try:
+            self.calibration(model, n)
+        finally:
+            handle.remove()
+        if not tokens:
+            raise ConfigError("pet 'prefix_tuning': the calibration rows gave no token to initialise the prefix from")
+        ids = torch.tensor((tokens * n)[:n]).unsqueeze(0)
+        cache = DynamicCache()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16_autocast):
+            # transformers 5 renames past_key_values to cache (the old name goes in 5.40)
+            key = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+            base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **{key: cache})
+        layers = [(layer.keys, layer.values) for layer in cache.layers if getattr(layer, "keys", None) is not None]
+        if len(layers) != config.num_layers:
+            raise ConfigError(f"pet 'prefix_tuning': the backbone filled {len(layers)} of {config.num_layers} "
+                              "layers' keys and values; use pet.options.init: random")
+        # peft's layout per virtual token: [layer0 key, layer0 value, layer1 key, ...] x heads x head_dim
+        kv = torch.stack([t[0] for pair in layers for t in pair])  # [layers*2, heads, n, head_dim]
+        weight = model.prompt_encoder[name].embedding.weight
+        with torch.no_grad():
+            weight.copy_(kv.permute(2, 0, 1, 3).reshape(n, -1).to(weight.dtype))
 
     def expected_count(self, model):
         c = next(iter(model.peft_config.values()))
@@ -364,6 +430,7 @@ class PTuning(PromptLearning):
 
     paper = "Liu et al. 2021, GPT Understands, Too"
     defaults: dict[str, Any] = {"num_virtual_tokens": 20, "encoder_hidden_size": 128}
+    default_lr = 1e-3
 
     def config_class(self):
         from peft import PromptEncoderConfig
@@ -511,16 +578,7 @@ class CorDA(LoRA):
         options["r"], options["lora_alpha"] = 2 * options["r"], 2 * options["lora_alpha"]  # same scaling
         return LoraConfig(**options)
 
-    def attach(self, model: nn.Module, name: str) -> nn.Module:
-        wrapped = super().attach(model, name)
-        self._initialise(wrapped, name)
-        return wrapped
-
-    def add(self, model: nn.Module, name: str) -> None:
-        super().add(model, name)
-        self._initialise(model, name)
-
-    def _initialise(self, model: nn.Module, name: str) -> None:
+    def initialise(self, model: nn.Module, name: str) -> None:
         """CorDA values for module ``name``; without calibration data (a module about to be
         overwritten by saved values) peft's plain LoRA initialisation stays."""
         import torch
