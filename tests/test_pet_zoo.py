@@ -15,6 +15,7 @@ from torch import nn
 
 from conpet.backbone import cloze_features, load_backbone
 from conpet.data.stream import Row
+from conpet.errors import ConfigError
 from conpet.inputs import collate, encode_rows
 from conpet.pet import get_pet
 
@@ -426,5 +427,5 @@ def test_prefix_tuning_starts_from_real_tokens_keys_and_values(backbone_batch):
 
 
 def test_prefix_tuning_init_option_is_checked():
-    with pytest.raises(Exception, match="real_tokens"):
+    with pytest.raises(ConfigError, match="real_tokens"):
         get_pet("prefix_tuning", {"init": "zeros"})

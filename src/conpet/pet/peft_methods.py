@@ -19,8 +19,6 @@ from conpet.pet.base import PETMethod, check_safe_folder, in_module, register_pe
 def linear_module_names(model: nn.Module) -> list[str]:
     """Distinct short names of the linear layers inside the transformer blocks (what peft's
     ``all-linear`` targets), e.g. ``[down_proj, gate_proj, k_proj, ...]``."""
-    import re
-
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
              if isinstance(m, nn.Linear) and re.search(r"\.\d+\.", n)}
     if not names:
@@ -372,6 +370,8 @@ class PrefixTuning(PromptLearning):
         import torch
         from transformers import DynamicCache
 
+        from conpet.learners.loop import autocast
+
         config = model.peft_config[name]
         if self.calibration is None or self.init != "real_tokens" or config.prefix_projection:
             return
@@ -383,8 +383,9 @@ class PrefixTuning(PromptLearning):
             ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
             if ids is None or len(tokens) >= n:
                 return
-            for row, keep in zip(ids.tolist(), mask.bool().tolist() if mask is not None else ids.bool().tolist()):
-                tokens.extend(t for t, k in zip(row, keep[-len(row):]) if k)
+            # peft prepends the prefix's own positions to the mask: the rows' part is its tail
+            keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask[:, -ids.shape[1]:].bool()
+            tokens.extend(ids[keep].tolist())  # row after row, padding left out
 
         handle = base.register_forward_pre_hook(collect, with_kwargs=True)
         try:
@@ -395,7 +396,7 @@ class PrefixTuning(PromptLearning):
             raise ConfigError("pet 'prefix_tuning': the calibration rows gave no token to initialise the prefix from")
         ids = torch.tensor((tokens * n)[:n]).unsqueeze(0)
         cache = DynamicCache()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16_autocast):
+        with torch.no_grad(), autocast("bf16" if self.bf16_autocast else "fp32"):
             # transformers 5 renames past_key_values to cache (the old name goes in 5.40)
             key = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
             base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **{key: cache})
