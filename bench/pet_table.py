@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from conpet.config import RunConfig, load_config
-from conpet.pet.base import get_pet_class
+from conpet.pet import get_pet_class
 from conpet.runner import prepare, run
 
 METHODS = ["lora", "ia3", "ln_tuning", "adapter", "parallel_adapter", "compacter", "bitfit", "mola", "mos",

@@ -22,17 +22,13 @@ warnings.filterwarnings("ignore")
 def main() -> None:
     import torch
 
-    from conpet.backbone import load_backbone
-    from conpet.config import DataConfig, RunConfig
+    from conpet.build import build_learner, prepare
+    from conpet.config import PETConfig, RunConfig, TrainConfig
     from conpet.data.benchmarks import load_benchmark
     from conpet.data.formats import build_stream, split_labels
-    from conpet.engine import FeatureEngine
+    from conpet.device import autocast
     from conpet.heads import GrowingHead
-    from conpet.inputs import encode_rows
-    from conpet.learners import Context, get_learner
     from conpet.learners.dynamic import SELECTOR, expert_name
-    from conpet.learners.loop import autocast, resolve_precision
-    from conpet.pet import get_pet
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="minilm")
@@ -47,12 +43,11 @@ def main() -> None:
     base = load_benchmark("wordnet-typing")
     groups = split_labels(sorted(base.labels), max(sizes), seed=0)
     stream = build_stream("wordnet-typing-20", base.rows, groups, base.kind)
-    bb = load_backbone(args.model)
-    precision = resolve_precision("auto")
-    enc = encode_rows(stream.rows, stream.kind, bb.tokenizer, bb.is_decoder, 128)
-    engine = FeatureEngine(bb, enc, args.top_layers, precision, args.batch_size)
+    train = TrainConfig(top_layers=args.top_layers, eval_batch_size=args.batch_size)
+    pet = PETConfig("lora", {"init_lora_weights": False})
+    prepared = prepare(RunConfig(model=args.model, train=train, pet=pet), stream)
+    bb, precision = prepared.engine.backbone, prepared.engine.precision
     rows = [i for t in stream.tasks for i in t.test][: args.rows]
-    opts = {"init_lora_weights": False, **engine.pet_layer_options()}
 
     def timed(logits_fn) -> float:
         batches = [rows[i:i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
@@ -64,10 +59,8 @@ def main() -> None:
         return len(rows) / (time.perf_counter() - start)
 
     results = {}
-    cfg = RunConfig(model=args.model, learner="sequential")
-    ctx = Context(cfg=cfg, stream=stream, backbone=bb, encoded=enc, pet=get_pet("lora", opts), seed=0,
-                  precision=precision, progress=False, engine=engine)
-    single = get_learner("sequential")(ctx)
+    cfg = RunConfig(model=args.model, learner="sequential", train=train, pet=pet)
+    single = build_learner(cfg, prepared, seed=0)
     single.new_module()
     single.head.grow(stream.labels)
     single.model.eval()
@@ -75,18 +68,17 @@ def main() -> None:
     single.close()
 
     for n in sizes:
-        cfg = RunConfig(model=args.model, learner="dynamic", learner_options={"top_k": args.top_k})
-        ctx = Context(cfg=cfg, stream=stream, backbone=bb, encoded=enc, pet=get_pet("lora", opts), seed=0,
-                      precision=precision, progress=False, engine=engine)
-        dyn = get_learner("dynamic")(ctx)
+        cfg = RunConfig(model=args.model, learner="dynamic", learner_options={"top_k": args.top_k}, train=train,
+                        pet=pet)
+        dyn = build_learner(cfg, prepared, seed=0)
         for t in range(n):
-            dyn._new_module(expert_name(t))
+            dyn._new_module(expert_name(t), t)
             head = GrowingHead(bb.hidden_size)
             head.grow(list(stream.tasks[t].labels))
             dyn.expert_heads.append(head)
             dyn.selector_head.grow([stream.tasks[t].name])
         if n > 1:
-            dyn._new_module(SELECTOR)
+            dyn._new_module(SELECTOR, n - 1)
         dyn.n_tasks = n
         dyn.model.eval()
         results[f"dynamic, {n} tasks"] = timed(dyn.logits)

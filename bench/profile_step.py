@@ -1,6 +1,6 @@
 """Where a training step's time goes: torch.profiler over conpet training steps.
 
-    python bench/profile_step.py [--model smollm2] [--top-layers 4] [--steps 40] [--all-linear]
+    python bench/profile_step.py [--model smollm2] [--top-layers 4] [--steps 40] [--target-modules q_proj v_proj]
 
 Loads the backbone, builds the lower-layer cache for the first 2 tasks of wordnet-typing (not
 profiled), then profiles ``--steps`` training steps of the sequential learner and prints: wall
@@ -28,54 +28,40 @@ GROUPS = {
 
 
 def main() -> None:
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from conpet.backbone import load_backbone
-    from conpet.config import DataConfig, RunConfig, TrainConfig
-    from conpet.data.formats import load_stream
-    from conpet.engine import FeatureEngine
-    from conpet.inputs import encode_rows
-    from conpet.learners import Context, get_learner
-    from conpet.learners.loop import resolve_precision
-    from conpet.pet import get_pet
+    from conpet.build import build_learner, prepare
+    from conpet.config import PETConfig, RunConfig, TrainConfig
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2")
     p.add_argument("--top-layers", type=int, default=4)
-    p.add_argument("--all-linear", action="store_true")
+    p.add_argument("--target-modules", nargs="+", help="LoRA targets (default: conpet's, every linear layer of the "
+                   "top layers)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--fp32-weights", action="store_true", help="keep frozen weights fp32 (autocast casts each step)")
     p.add_argument("--peft-input-casts", action="store_true", help="keep peft's LoRA input casts")
     args = p.parse_args()
 
-    stream = load_stream(DataConfig(benchmark="wordnet-typing"))
-    bb = load_backbone(args.model)
-    enc = encode_rows(stream.rows, stream.kind, bb.tokenizer, bb.is_decoder, 128)
-    precision = resolve_precision("auto")
-    if precision == "bf16" and not args.fp32_weights:
-        from conpet.backbone import cast_frozen_linears
-
-        cast_frozen_linears(bb.model)
-    engine = FeatureEngine(bb, enc, args.top_layers, precision, 64)
+    options = {"r": 8, "lora_alpha": 16, **({"target_modules": args.target_modules} if args.target_modules else {})}
+    cfg = RunConfig(model=args.model, pet=PETConfig("lora", options),
+                    train=TrainConfig(epochs=1, batch_size=args.batch_size, top_layers=args.top_layers))
+    prepared = prepare(cfg, cast_frozen=not args.fp32_weights)
+    stream, engine = prepared
+    enc, precision = engine.encoded, engine.precision
     train = [i for t in stream.tasks[:2] for i in t.train]
     engine.warm(train)
-    options = {"r": 8, "lora_alpha": 16, **({"target_modules": "all-linear"} if args.all_linear else {})}
-    pet = get_pet("lora", {**options, **engine.pet_layer_options()})
-    pet.bf16_autocast = precision == "bf16" and not args.peft_input_casts
-    cfg = RunConfig(model=args.model, train=TrainConfig(epochs=1, batch_size=args.batch_size, precision=precision))
-    ctx = Context(cfg=cfg, stream=stream, backbone=bb, encoded=enc, pet=pet, seed=0, precision=precision,
-                  progress=False, engine=engine)
-    learner = get_learner("sequential")(ctx)
+    learner = build_learner(cfg, prepared, seed=0, pet_precision="fp32" if args.peft_input_casts else None)
+    ctx = learner.ctx
     learner.new_module()
     learner.head.grow(stream.seen_labels(1), ctx.torch_gen)
     batches = ctx.epoch_batches(train, epochs=3)[: args.steps + 5]
-    learner.train_on(train, "warm-up", batches=batches[:5])
+    learner.train_on(train, "warm-up", 0, batches=batches[:5])
     tokens = sum(len(enc.ids[i]) for b in batches[5:] for i in b)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as prof:
         start = time.perf_counter()
-        learner.train_on(train, "profiled", batches=batches[5:])
+        learner.train_on(train, "profiled", 0, batches=batches[5:])
         wall = time.perf_counter() - start
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) / 1e6
@@ -91,7 +77,7 @@ def main() -> None:
                     mm_time += e.self_cpu_time_total / 1e6
                 break
     n = len(batches) - 5
-    print(f"\n{args.model}, top {args.top_layers} layers, LoRA {'all linear' if args.all_linear else 'q/v'}, "
+    print(f"\n{args.model}, top {args.top_layers} layers, LoRA on {' '.join(args.target_modules) if args.target_modules else 'every linear layer'}, "
           f"batch {args.batch_size}, {n} steps, {tokens / n:.0f} real tokens per step, {precision}")
     print(f"wall {wall:.2f} s ({1000 * wall / n:.1f} ms/step); profiled op self time {total:.2f} s "
           f"(the rest, {max(0.0, wall - total):.2f} s, is Python and framework overhead between ops)")

@@ -61,21 +61,14 @@ def measure_peaks() -> dict:
     return out
 
 
-def setup(args):
-    """Stream, backbone, tokenized rows, train/test row indices (the first ``tasks`` tasks)."""
-    from conpet.backbone import load_backbone
+def first_tasks(args):
+    """The benchmark's first ``tasks`` tasks as a stream."""
     from conpet.config import DataConfig
-    from conpet.data.formats import load_stream
-    from conpet.inputs import encode_rows
+    from conpet.data import load_stream
+    from conpet.data.stream import Stream
 
     stream = load_stream(DataConfig(benchmark=args.benchmark))
-    stream.tasks = stream.tasks[: args.tasks]
-    stream.__post_init__()
-    bb = load_backbone(args.model)
-    enc = encode_rows(stream.rows, stream.kind, bb.tokenizer, bb.is_decoder, 128)
-    train = [i for t in stream.tasks for i in t.train]
-    test = [i for t in stream.tasks for i in t.test]
-    return stream, bb, enc, train, test
+    return Stream(name=stream.name, kind=stream.kind, rows=stream.rows, tasks=stream.tasks[: args.tasks])
 
 
 def layer_flops_per_token(bb, lengths) -> list[float]:
@@ -91,15 +84,14 @@ def layer_flops_per_token(bb, lengths) -> list[float]:
 def run_config(args) -> dict:
     import torch
 
-    from conpet.config import RunConfig, TrainConfig
-    from conpet.engine import FeatureEngine
-    from conpet.learners import Context, get_learner
-    from conpet.learners.loop import predict, resolve_precision
-    from conpet.pet import get_pet
+    from conpet.build import build_learner, prepare
+    from conpet.config import PETConfig, RunConfig, TrainConfig
+    from conpet.device import resolve_precision
+    from conpet.inputs import sorted_batches
+    from conpet.learners.loop import predict
 
     if args.one == "peak":
         return measure_peaks()
-    stream, bb, enc, train, test = setup(args)
     precision = resolve_precision("auto")
     pet_options = {"r": 8, "lora_alpha": 16}
     if args.one == "conpet-fast":
@@ -108,22 +100,24 @@ def run_config(args) -> dict:
                             precision=precision)
     if args.one == "conpet-fast" and args.fast_lr:
         train_cfg.lr = args.fast_lr
-    cfg = RunConfig(model=args.model, train=train_cfg)
+    top = args.top_layers if args.one == "conpet-fast" else None
+    train_cfg.top_layers = top
+    train_cfg.max_length = 128
+    cfg = RunConfig(model=args.model, train=train_cfg, pet=PETConfig("lora", pet_options))
+    # the trainer baseline keeps fp32 weights under autocast, as HF Trainer does; conpet's arms
+    # store the frozen weights in bf16 and skip peft's input casts (what conpet's runner does)
+    prepared = prepare(cfg, first_tasks(args), cast_frozen=args.one != "trainer")
+    stream, engine = prepared
+    bb, enc = engine.backbone, engine.encoded
+    # the trainer's PET module keeps peft's input casts: a plain peft model
+    learner = build_learner(cfg, prepared, seed=args.seed, pet_precision="fp32" if args.one == "trainer" else None)
+    ctx = learner.ctx
+    train = [i for t in stream.tasks for i in t.train]
+    test = [i for t in stream.tasks for i in t.test]
     lengths = [len(enc.ids[i]) for i in train]
     per_layer = layer_flops_per_token(bb, lengths)
     tokens = sum(lengths) * args.epochs
-    top = args.top_layers if args.one == "conpet-fast" else None
-    if args.one in ("conpet", "conpet-fast") and precision == "bf16":  # what conpet's runner does
-        from conpet.backbone import cast_frozen_linears
-
-        cast_frozen_linears(bb.model)
-    engine = FeatureEngine(bb, enc, top, precision, 64)
-    pet = get_pet("lora", {**pet_options, **engine.pet_layer_options()})
-    pet.bf16_autocast = args.one != "trainer" and precision == "bf16"  # what conpet's runner does
-    ctx = Context(cfg=cfg, stream=stream, backbone=bb, encoded=enc, pet=pet, seed=args.seed, precision=precision,
-                  progress=False, engine=engine)
     torch.manual_seed(args.seed)
-    learner = get_learner("sequential")(ctx)
     learner.new_module()
     learner.head.grow(stream.seen_labels(len(stream.tasks) - 1), ctx.torch_gen)
 
@@ -134,7 +128,7 @@ def run_config(args) -> dict:
         start = time.perf_counter()
         engine.warm(train)
         cache_seconds = time.perf_counter() - start
-        learner.train_on(train, f"bench-{args.seed}")
+        learner.train_on(train, f"bench-{args.seed}", 0)
         seconds = time.perf_counter() - start
     if top is None:
         flops = tokens * 2 * sum(per_layer)  # forward + backward to every layer's inputs
@@ -142,8 +136,6 @@ def run_config(args) -> dict:
         split = len(per_layer) - top
         flops = tokens * 2 * sum(per_layer[split:]) + sum(lengths) * sum(per_layer[:split])
     lengths_all = ctx.encoded.all_lengths
-    from conpet.inputs import sorted_batches
-
     preds = predict(learner.logits, sorted_batches(test, lengths_all[test], 64), precision)
     accuracy = sum(preds[i] == stream.targets[i] for i in test) / len(test)
     return {

@@ -27,7 +27,7 @@ def main() -> None:
 
     from conpet.backbone import cloze_features, load_backbone
     from conpet.config import RunConfig, load_config
-    from conpet.data.formats import load_stream
+    from conpet.data import load_stream
     from conpet.heads import GrowingHead
     from conpet.inputs import collate, encode_rows
     from conpet.pet import get_pet
@@ -44,9 +44,7 @@ def main() -> None:
     head = GrowingHead.load(args.adapter)
 
     pet = get_pet(meta["pet"], meta["pet_options"])
-    ours = pet.attach(bb.model, "default")
-    pet.load(ours, args.adapter, "default")
-    pet.activate(ours, "default")
+    ours = pet.attach_from(bb.model, args.adapter, "default")
     plain = PeftModel.from_pretrained(AutoModel.from_pretrained(meta["backbone_path"]), str(args.adapter))
     with torch.no_grad():
         a = head(cloze_features(ours.eval(), batch))

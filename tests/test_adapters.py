@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from conpet.adapters import (COMPRESSED_FILE, decompress_lora_folder, export_peft, lora_deltas, merge_lora,
-                             read_lora)
+from conpet.adapters import export_peft, lora_deltas, merge_lora, read_lora
+from conpet.compress import COMPRESSED_FILE, decompress_lora_folder
 from conpet.cli import main
 from conpet.predict import predict
 from conpet.data.stream import Row

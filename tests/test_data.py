@@ -3,7 +3,8 @@ import json
 import pytest
 
 from conpet.config import DataConfig
-from conpet.data.formats import build_stream, load_stream, read_rows, read_task_file, split_labels
+from conpet.data import load_stream
+from conpet.data.formats import build_stream, read_rows, read_task_file, split_labels
 from conpet.data.stream import Row
 from conpet.errors import DataError
 

@@ -5,15 +5,11 @@ import json
 import pytest
 import torch
 
-from conpet.backbone import load_backbone
+from conpet.build import build_learner, prepare
 from conpet.cli import main
 from conpet.config import from_dict
-from conpet.data.formats import load_stream
 from conpet.data.stream import Row
-from conpet.inputs import encode_rows
-from conpet.learners import Context, get_learner
 from conpet.learners.dynamic import SELECTOR, expert_name
-from conpet.pet import get_pet
 from conpet.predict import predict
 from conpet.runner import run
 
@@ -27,11 +23,7 @@ def _cfg(model, data, tasks, out, learner="dynamic", **options):
 def _learner(model, typing_data, tmp_path, **options):
     data, tasks = typing_data
     cfg = _cfg(model, data, tasks, tmp_path / "run", **options)
-    stream, bb = load_stream(cfg.data), load_backbone(cfg.model)
-    enc = encode_rows(stream.rows, stream.kind, bb.tokenizer, bb.is_decoder, 64)
-    ctx = Context(cfg=cfg, stream=stream, backbone=bb, encoded=enc, pet=get_pet("lora"), seed=0,
-                  precision="fp32", progress=False)
-    return get_learner("dynamic")(ctx)
+    return build_learner(cfg, prepare(cfg), seed=0)
 
 
 def test_one_module_per_task_on_one_backbone(tiny_decoder, typing_data, tmp_path):
@@ -72,7 +64,7 @@ def test_k2_runs_two_experts_and_teacher_forcing_keeps_the_gold_task(tiny_encode
     learner.learn(1)
     stream = learner.ctx.stream
     rows = stream.tasks[0].train[:6]
-    gold = learner.task_ids(rows)
+    gold = learner.selector.task_ids(rows)
     top, _ = learner.select(rows, 1, gold)
     assert torch.equal(top[:, 0], gold)
     logits = learner.logits(stream.tasks[0].test)
@@ -110,7 +102,7 @@ def test_run_then_predict_any_learner(learner, tiny_encoder, typing_data, tmp_pa
 def test_task_balanced_selector_loss_weighs_every_task_the_same():
     import torch.nn.functional as F
 
-    from conpet.learners.dynamic import task_balanced_cross_entropy
+    from conpet.learners.selector import task_balanced_cross_entropy
 
     torch.manual_seed(0)
     logits = torch.randn(4, 3)

@@ -6,7 +6,7 @@ import torch
 
 from conpet.backbone import cloze_features, load_backbone
 from conpet.config import DataConfig, from_dict
-from conpet.data.formats import load_stream
+from conpet.data import load_stream
 from conpet.engine import FeatureEngine
 from conpet.errors import ConfigError
 from conpet.inputs import collate, encode_rows
@@ -29,7 +29,7 @@ def setup(request, typing_data):
 @pytest.mark.parametrize("model_fixture", ["tiny_encoder", "tiny_decoder"])
 def test_split_forward_equals_full_forward_with_pet(request, setup, model_fixture):
     stream, bb, enc, engine = setup(request.getfixturevalue(model_fixture), top_layers=1)
-    pet = get_pet("lora", {"init_lora_weights": False, **engine.pet_layer_options()})
+    pet = get_pet("lora", {"init_lora_weights": False}, scope=engine.scope)
     model = pet.attach(bb.model, "default").eval()
     rows = [0, 3, 17, 30, 41]
     with torch.no_grad():
@@ -44,7 +44,7 @@ def test_split_forward_equals_full_forward_with_pet(request, setup, model_fixtur
 
 def test_gradients_reach_the_top_layer_pet_only(setup, tiny_decoder):
     stream, bb, enc, engine = setup(tiny_decoder, top_layers=1)
-    pet = get_pet("lora", engine.pet_layer_options())
+    pet = get_pet("lora", scope=engine.scope)
     model = pet.attach(bb.model, "default")
     params = pet.parameters(model, "default")
     engine.features(model, [0, 1, 2]).sum().backward()

@@ -43,19 +43,14 @@ def test_run_writes_the_documented_run_directory(request, model_fixture, learner
 
 
 def test_training_lowers_the_loss_on_the_task(tiny_encoder, typing_data, tmp_path):
-    from conpet.backbone import load_backbone
-    from conpet.data.formats import load_stream
-    from conpet.inputs import encode_rows
-    from conpet.learners import Context, get_learner
-    from conpet.pet import get_pet
+    from conpet.build import build_learner, prepare
 
     data, tasks = typing_data
     cfg = _cfg(tiny_encoder, data, tasks, tmp_path / "run", train={"epochs": 40})
-    stream, bb = load_stream(cfg.data), load_backbone(cfg.model)
-    enc = encode_rows(stream.rows, stream.kind, bb.tokenizer, bb.is_decoder, 64)
-    ctx = Context(cfg=cfg, stream=stream, backbone=bb, encoded=enc, pet=get_pet("lora"), seed=0,
-                  precision="fp32", progress=False)
-    learner = get_learner("sequential")(ctx)
+    prepared = prepare(cfg)
+    stream = prepared.stream
+    learner = build_learner(cfg, prepared, seed=0)
+    ctx = learner.ctx
     train = stream.tasks[0].train
     learner.learn(0)
     losses = learner.last_fit.losses
@@ -88,7 +83,7 @@ def test_saved_adapter_loads_in_plain_peft_with_identical_logits(tiny_decoder, t
     from transformers import AutoModel
 
     from conpet.backbone import cloze_features, load_backbone
-    from conpet.data.formats import load_stream
+    from conpet.data import load_stream
     from conpet.heads import GrowingHead
     from conpet.inputs import collate, encode_rows
     from conpet.pet import get_pet

@@ -23,13 +23,12 @@ from conpet.merging import (
     dare,
     get_merge_method,
     linear,
-    lora_delta,
     magnitude_prune,
     merge_state,
     task_arithmetic,
     ties,
-    to_lora,
 )
+from conpet.adapters import lora_delta, to_lora
 
 
 def T(*values: float) -> torch.Tensor:

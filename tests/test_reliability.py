@@ -181,7 +181,7 @@ def test_adapter_is_bound_to_its_base_model(baselines, tmp_path, capsys):
 
 
 def test_pickled_files_are_never_loaded(tmp_path):
-    from conpet.pet.base import check_safe_folder
+    from conpet.runs import check_safe_folder
 
     folder = tmp_path / "adapter"
     folder.mkdir()

@@ -1,16 +1,13 @@
 """Static ConPET: former methods as plugins, with their original schedule and dynamic replay."""
 
-import numpy as np
 import pytest
 import torch
 
-from conpet.backbone import load_backbone
+from conpet.build import build_learner, prepare
 from conpet.config import from_dict
-from conpet.data.formats import load_stream
 from conpet.errors import ConfigError
-from conpet.inputs import encode_rows
-from conpet.learners import LEARNERS, Context, get_learner
-from conpet.pet import get_pet
+from conpet.learners import LEARNERS
+from conpet.learners.base import update_memory
 from conpet.runner import run
 
 METHODS = ["emr", "ea-emr", "ewc", "lwf", "l2"]
@@ -25,11 +22,7 @@ def _cfg(model, data, tasks, out, learner, **options):
 def _learner(model, typing_data, tmp_path, name, **options):
     data, tasks = typing_data
     cfg = _cfg(model, data, tasks, tmp_path / "run", name, **options)
-    stream, bb = load_stream(cfg.data), load_backbone(cfg.model)
-    enc = encode_rows(stream.rows, stream.kind, bb.tokenizer, bb.is_decoder, 64)
-    ctx = Context(cfg=cfg, stream=stream, backbone=bb, encoded=enc, pet=get_pet("lora"), seed=0,
-                  precision="fp32", progress=False)
-    return get_learner(name)(ctx)
+    return build_learner(cfg, prepare(cfg), seed=0)
 
 
 def test_every_method_has_both_schedules():
@@ -153,7 +146,7 @@ def test_ea_emr_alignment_is_applied_at_prediction_and_refit_on_memory(tiny_enco
     stored = dict(plugin.stored)
     assert len(stored) == len(learner.memory)
     learner.head.grow(["tool", "place"])
-    learner.train_on(learner.ctx.stream.tasks[1].train, "t2")  # the features of old rows drift
+    learner.train_on(learner.ctx.stream.tasks[1].train, "t2", 1)  # the features of old rows drift
     mem = sorted(stored)
 
     def drift() -> float:
@@ -162,7 +155,7 @@ def test_ea_emr_alignment_is_applied_at_prediction_and_refit_on_memory(tiny_enco
         return float(((aligned - torch.stack([stored[i] for i in mem])) ** 2).mean())
 
     before_fit = drift()
-    learner.update_memory(1)
+    update_memory(learner.ctx, learner.memory, 1, learner.raw_features)
     plugin.after_task(1)
     assert drift() < before_fit
     learner.close()

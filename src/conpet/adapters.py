@@ -13,18 +13,23 @@ written here (safetensors and JSON only).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from safetensors.torch import load_file, save_file
 
-from conpet.errors import ConfigError, ModelError
-from conpet.merging import get_merge_method, lora_delta, merge_state, to_lora
-from conpet.pet.base import check_safe_folder
-from conpet.predict import finished_run
+from conpet.compress import compress_lora_folder, decompress_lora_folder, is_compressed
+from conpet.errors import ConfigError, ConpetError, ModelError
+from conpet.heads import GrowingHead, concat_heads
+from conpet.merging import get_merge_method, merge_state
+from conpet.runs import (adapter_dir, atomic_directory, atomic_write_json, atomic_write_text, check_safe_folder,
+                         finished_run)
 
 LoraFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """module path -> (A [r, in], B [out, r])"""
@@ -34,6 +39,51 @@ def lora_scaling(config: dict) -> float:
     """peft's LoRA scaling for a config: ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA)."""
     r, alpha = config["r"], config["lora_alpha"]
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def lora_delta(A: Tensor, B: Tensor, scaling: float = 1.0) -> Tensor:
+    """The dense update of a LoRA pair as peft applies it: ``dW = scaling * B @ A``.
+
+    ``A`` is ``[r, in_features]`` (peft's ``lora_A.weight``), ``B`` is ``[out_features, r]``
+    (``lora_B.weight``), ``scaling = lora_alpha / r`` (or ``/ sqrt(r)`` with rsLoRA).
+    Hu et al. (2022), "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685.
+    """
+    if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+        raise ConfigError(
+            f"lora_delta: expected A [r, in] and B [out, r], got A {tuple(A.shape)} and "
+            f"B {tuple(B.shape)}"
+        )
+    return scaling * (B @ A)
+
+
+def to_lora(dW: Tensor, rank: int, *, scaling: float = 1.0) -> tuple[Tensor, Tensor, float]:
+    """Factor ``dW`` into LoRA ``(A, B)`` of rank ``rank`` by truncated SVD.
+
+    With ``dW = U S V^T``: ``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) V_r^T``, so ``B @ A`` is the best
+    rank-``r`` approximation of ``dW`` in Frobenius norm (Eckart-Young). With ``scaling`` (the
+    LoRA ``lora_alpha / r`` the factors will be used with) both factors are divided by
+    ``sqrt(scaling)``, so ``lora_delta(A, B, scaling)`` approximates ``dW``.
+
+    Returns ``(A [rank, in], B [out, rank], rel_error)`` with
+    ``rel_error = ||dW - B A||_F / ||dW||_F`` (0 for a zero ``dW``), which equals
+    ``sqrt(sum_{i>r} s_i^2 / sum_i s_i^2)``.
+    """
+    if dW.dim() != 2:
+        raise ConfigError(f"to_lora: expected a 2-D update, got shape {tuple(dW.shape)}")
+    max_rank = min(dW.shape)
+    if not isinstance(rank, int) or not 1 <= rank <= max_rank:
+        raise ConfigError(f"to_lora: rank must be an integer in [1, {max_rank}], got {rank!r}")
+    if not scaling > 0:
+        raise ConfigError(f"to_lora: scaling must be > 0, got {scaling!r}")
+    work = dW.detach().to(torch.float64 if dW.dtype == torch.float64 else torch.float32)
+    U, S, Vh = torch.linalg.svd(work, full_matrices=False)
+    root = S[:rank].sqrt() / math.sqrt(scaling)
+    B = U[:, :rank] * root.unsqueeze(0)
+    A = root.unsqueeze(1) * Vh[:rank, :]
+    norm = torch.linalg.matrix_norm(work)
+    residual = torch.linalg.matrix_norm(work - scaling * (B @ A))
+    rel_error = 0.0 if norm == 0 else float(residual / norm)
+    return A.to(dW.dtype), B.to(dW.dtype), rel_error
 
 
 def read_lora(folder: str | Path) -> tuple[dict, LoraFactors]:
@@ -114,52 +164,6 @@ def merge_lora(modules: list[tuple[dict, LoraFactors]], method: str, rank: int, 
     return result
 
 
-# -- ComPEFT-compressed LoRA folders -----------------------------------------------------------------
-COMPRESSED_FILE = "adapter_model.compeft.safetensors"
-
-
-def compress_lora_folder(src: Path, dst: Path, density: float, alpha: float = 1.0) -> tuple[int, int]:
-    """Write ``dst`` (exists, empty) as ``src`` with its LoRA weights ComPEFT-compressed
-    (:mod:`conpet.compress`: top-``density`` magnitudes of each tensor as ``sign * alpha * std``,
-    packed); other files (heads, configs) are copied. Returns (bytes of ``src``'s
-    ``adapter_model.safetensors``, bytes of the compressed file).
-
-    Deviation, named: ComPEFT compresses the update ``theta_ft - theta_init``; peft initialises
-    LoRA's A randomly and does not store that initialisation, so A and B are compressed as they
-    are (B's initialisation is 0, so for B it is exactly the update)."""
-    import shutil
-
-    from conpet.compress import compress_state, save_compressed
-
-    check_safe_folder(src)
-    tensors = load_file(str(src / "adapter_model.safetensors"))
-    size = save_compressed(compress_state({k: v.float() for k, v in tensors.items()}, density, alpha=alpha),
-                           dst / COMPRESSED_FILE)
-    for f in src.iterdir():
-        if f.is_file() and f.name != "adapter_model.safetensors":
-            shutil.copy2(f, dst / f.name)
-    return (src / "adapter_model.safetensors").stat().st_size, size.bytes_on_disk
-
-
-def decompress_lora_folder(src: Path, dst: Path) -> None:
-    """Write a plain peft folder ``dst`` (exists) from a compressed one: the stored values exactly."""
-    import shutil
-
-    from conpet.compress import decompress_state, load_compressed
-
-    save_file({k: v.contiguous() for k, v in decompress_state(load_compressed(src / COMPRESSED_FILE)).items()},
-              str(dst / "adapter_model.safetensors"))
-    if Path(src).resolve() == Path(dst).resolve():
-        return
-    for f in src.iterdir():
-        if f.is_file() and f.name not in (COMPRESSED_FILE, "adapter_model.safetensors"):
-            shutil.copy2(f, dst / f.name)
-
-
-def is_compressed(folder: Path) -> bool:
-    return (Path(folder) / COMPRESSED_FILE).is_file() and not (Path(folder) / "adapter_model.safetensors").exists()
-
-
 # -- whole runs -------------------------------------------------------------------------------------
 def merge_run(run_dir: str | Path, method: str, rank: int, out: str | Path, seed: int | None = None,
               **options) -> dict:
@@ -167,19 +171,11 @@ def merge_run(run_dir: str | Path, method: str, rank: int, out: str | Path, seed
     ``rank`` by SVD) plus the concatenation of their heads; write ``out`` as a run directory
     (learner ``merge``) that ``conpet predict``/``evaluate`` load, and whose module is a plain
     peft adapter. Returns the reconstruction errors."""
-    import dataclasses
-    import shutil
-
-    from conpet.errors import ConpetError
-    from conpet.heads import GrowingHead
-    from conpet.learners.merge import concat_heads
-    from conpet.runs import atomic_directory, atomic_write_json, atomic_write_text
-
     cfg, seed, tasks, sdir = finished_run(Path(run_dir), seed)
     if cfg.learner != "dynamic":
         raise ConpetError(f"{run_dir}: merging needs one module per task (a `dynamic` run's experts); "
                           f"this run's learner is '{cfg.learner}'")
-    folders = [sdir / "adapters" / task for task in tasks]
+    folders = [adapter_dir(run_dir, seed, task) for task in tasks]
     modules = [read_lora(f) for f in folders]
     heads = [GrowingHead.load(f) for f in folders]
     result = merge_lora(modules, method, rank, **options)
@@ -192,7 +188,7 @@ def merge_run(run_dir: str | Path, method: str, rank: int, out: str | Path, seed
     with atomic_directory(out) as tmp:
         atomic_write_text(tmp / "config.yaml", merged_cfg.to_yaml())
         shutil.copy2(Path(run_dir) / "stream.json", tmp / "stream.json")
-        folder = tmp / f"seed-{seed}" / "adapters" / tasks[-1]
+        folder = adapter_dir(tmp, seed, tasks[-1])
         folder.mkdir(parents=True)
         template = {k: v for k, v in modules[0][0].items()}
         write_lora(folder, template, result.factors, rank)
@@ -209,11 +205,6 @@ def merge_run(run_dir: str | Path, method: str, rank: int, out: str | Path, seed
 def compress_run(run_dir: str | Path, density: float, out: str | Path, alpha: float = 1.0) -> dict:
     """ComPEFT-compress every LoRA module of a run (all seeds, all tasks; heads kept) into ``out``,
     a run directory that ``conpet predict``/``evaluate`` load (decompressing on load)."""
-    import shutil
-
-    from conpet.errors import ConpetError
-    from conpet.runs import atomic_directory, atomic_write_json
-
     run_dir, out = Path(run_dir), Path(out)
     finished_run(run_dir, None)
     if not 0 < density <= 1:
@@ -244,20 +235,17 @@ def export_peft(run_dir: str | Path, out: str | Path, seed: int | None = None) -
     """Write the run's final modules as plain peft LoRA folders (decompressed if needed) under
     ``out``: one folder per module that prediction uses (every expert and the selector of a
     ``dynamic`` run; the one module of any other learner)."""
-    from conpet.runs import atomic_directory
-
     cfg, seed, tasks, sdir = finished_run(Path(run_dir), seed)
-    chosen = [(task, sdir / "adapters" / task) for task in (tasks if cfg.learner == "dynamic" else tasks[-1:])]
-    if cfg.learner == "dynamic" and (sdir / "adapters" / tasks[-1] / "selector").is_dir():
-        chosen.append(("selector", sdir / "adapters" / tasks[-1] / "selector"))
+    chosen = [(task, adapter_dir(run_dir, seed, task)) for task in (tasks if cfg.learner == "dynamic" else tasks[-1:])]
+    selector = adapter_dir(run_dir, seed, tasks[-1]) / "selector"
+    if cfg.learner == "dynamic" and selector.is_dir():
+        chosen.append(("selector", selector))
     written = []
     for name, src in chosen:
         with atomic_directory(Path(out) / name) as tmp:
             if is_compressed(src):
                 decompress_lora_folder(src, tmp)
             else:
-                import shutil
-
                 check_safe_folder(src)
                 for f in src.iterdir():
                     if f.is_file():

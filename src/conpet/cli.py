@@ -11,12 +11,27 @@ and exits with code 2.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
 from pathlib import Path
 
+from conpet import __version__
+from conpet.adapters import compress_run, export_peft, merge_run
+from conpet.config import (default_out, load_config, parse_learner_spec, parse_override, spec_dir_name,
+                           split_learner_specs)
+from conpet.data.benchmarks import BENCHMARKS, benchmark_meta
+from conpet.data.formats import read_rows
+from conpet.data.stream import Row
 from conpet.errors import ConpetError
+from conpet.learners import LEARNERS
+from conpet.merging import MERGE_METHODS
+from conpet.pet import PET_METHODS
+from conpet.predict import predict
+from conpet.report import load_run, metrics_table, per_task_seconds_table, plot_comparison
+from conpet.runner import evaluate_run, resume, run, run_many
+from conpet.runs import atomic_write_json, verify_run
 
 RUN_FLAGS = [
     # flag, config key, type, help
@@ -57,21 +72,15 @@ def _add_run(sub) -> None:
 
 
 def cmd_run(args) -> int:
-    from conpet.config import load_config
-    from conpet.report import metrics_table, per_task_seconds_table
-    from conpet.runner import run
-
     if args.resume:
         return resume_run(args)
 
     overrides = {key: getattr(args, key) for _, key, _, _ in RUN_FLAGS}
     if overrides.get("data.file"):
         overrides.setdefault("data.benchmark", None)
-    learners = split_learners(args.learner or "")
+    learners = split_learner_specs(args.learner or "")
     if len(learners) > 1:
         return run_compare(args, overrides, learners)
-    from conpet.runner import parse_learner_spec
-
     name, options = parse_learner_spec(learners[0]) if learners else (None, {})
     if name:
         overrides["learner"] = name
@@ -90,9 +99,6 @@ def cmd_run(args) -> int:
 
 
 def resume_run(args) -> int:
-    from conpet.report import metrics_table
-    from conpet.runner import resume
-
     given = [flag for flag, key, _, _ in RUN_FLAGS if getattr(args, key) is not None]
     if given or args.sets or args.config:
         raise ConpetError(f"--resume uses the configuration saved in the run directory; drop {', '.join(given) or '--set/--config'}")
@@ -105,8 +111,6 @@ def resume_run(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from conpet.runs import verify_run
-
     problems, notes = verify_run(args.run_dir)
     for line in notes:
         print(line)
@@ -125,26 +129,17 @@ def _print_accuracy(result: dict) -> None:
 
 def _evaluate_output(out: str, info: dict, seed: int | None = None) -> None:
     """Test accuracy of a merged/compressed run directory, printed and saved beside ``info``."""
-    from conpet.runner import evaluate_run
-    from conpet.runs import atomic_write_json
-
     result = evaluate_run(out, seed)
     _print_accuracy(result)
     atomic_write_json(Path(out) / "metrics.json", {**info, **result})
 
 
 def cmd_evaluate(args) -> int:
-    from conpet.runner import evaluate_run
-
     _print_accuracy(evaluate_run(args.run_dir, args.seed))
     return 0
 
 
 def cmd_merge(args) -> int:
-    from conpet.adapters import merge_run
-    from conpet.config import parse_override
-    from conpet.merging import MERGE_METHODS
-
     if args.list:
         for name, m in MERGE_METHODS.items():
             print(f"{name:16s} {m.paper}\n{'':16s} defaults: {m.defaults}")
@@ -163,8 +158,6 @@ def cmd_merge(args) -> int:
 
 
 def cmd_compress(args) -> int:
-    from conpet.adapters import compress_run
-
     info = compress_run(args.run_dir, args.density, args.out, args.alpha)
     print(f"ComPEFT density {args.density}, alpha {args.alpha}: adapters {info['adapter_bytes']:,} bytes -> "
           f"{info['compressed_bytes']:,} bytes on disk (x{info['compression_ratio']:.1f} smaller)")
@@ -175,35 +168,15 @@ def cmd_compress(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from conpet.adapters import export_peft
-
     for folder in export_peft(args.run_dir, args.out, args.seed):
         print(folder)
     return 0
 
 
-def split_learners(text: str) -> list[str]:
-    """Split ``a,b[x=1,y=2],c`` on the commas outside brackets."""
-    out, depth, cur = [], 0, ""
-    for ch in text:
-        depth += (ch == "[") - (ch == "]")
-        if ch == "," and depth == 0:
-            out.append(cur.strip())
-            cur = ""
-        else:
-            cur += ch
-    out.append(cur.strip())
-    return [x for x in out if x]
-
-
 def run_compare(args, overrides: dict, learners: list[str]) -> int:
     """``conpet run --learner a,b,c``: the same stream and model for several learners, one table."""
-    from conpet.config import load_config
-    from conpet.report import metrics_table, per_task_seconds_table
-    from conpet.runner import run_many
-
     cfg = load_config(args.config, {**overrides, "learner": learners[0]}, args.sets)
-    out = cfg.out or f"runs/compare-{cfg.pet.method}-{Path(cfg.model).stem}-{cfg.data.benchmark or Path(cfg.data.file).stem}"
+    out = Path(cfg.out) if cfg.out else default_out(cfg, compare=True)
     results = run_many(cfg, learners, out, progress=None if not args.no_progress else False)
     rows = [(name, m) for name, m in results.items()]
     first = next(iter(results.values()))
@@ -212,18 +185,13 @@ def run_compare(args, overrides: dict, learners: list[str]) -> int:
     print(metrics_table(rows))
     print()
     print(per_task_seconds_table(rows))
-    print(f"\nrun directories: {out}/<learner>  (compare again with `conpet report {out}/*`)")
+    plot_comparison([(spec, load_run(out / spec_dir_name(spec))) for spec in results], out / "comparison.png")
+    print(f"\ncomparison plot: {out / 'comparison.png'}")
+    print(f"run directories: {out}/<learner>  (compare again with `conpet report {out}/*`)")
     return 0
 
 
 def cmd_predict(args) -> int:
-    import json
-
-    from conpet.data.formats import read_rows
-    from conpet.data.stream import Row
-    from conpet.errors import ConpetError
-    from conpet.predict import predict
-
     if args.file:
         rows = read_rows(args.file, require_label=False)
     elif args.texts:
@@ -245,8 +213,6 @@ def cmd_predict(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from conpet.report import load_run, metrics_table, per_task_seconds_table, plot_comparison
-
     runs = [(Path(d).name, load_run(d)) for d in args.dirs]
     print(metrics_table(runs))
     print()
@@ -259,22 +225,16 @@ def cmd_report(args) -> int:
 
 def cmd_list(args) -> int:
     if args.command == "benchmarks":
-        from conpet.data.benchmarks import BENCHMARKS, benchmark_meta
-
         for name in BENCHMARKS:
             meta = benchmark_meta(name)
             n = sum(sum(c.values()) for c in meta["counts"].values())
             print(f"{name:20s} {meta['kind']:9s} {len(meta['tasks'])} tasks, {len(meta['counts'])} classes, "
                   f"{n} rows. {meta['description']}")
     elif args.command == "learners":
-        from conpet.learners import LEARNERS
-
         for name, cls in sorted(LEARNERS.items()):
             doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
             print(f"{name:12s} {doc}")
     else:
-        from conpet.pet import PET_METHODS
-
         for name, cls in sorted(PET_METHODS.items()):
             print(f"{name:17s} {cls.paper}")
     return 0
@@ -282,7 +242,6 @@ def cmd_list(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conpet", description="Continual parameter-efficient tuning of LLMs.")
-    from conpet import __version__
 
     parser.add_argument("--version", action="version", version=f"conpet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

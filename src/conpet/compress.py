@@ -40,16 +40,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from conpet.errors import ConfigError, ModelError
-from conpet.runs import atomic_write_bytes
+from conpet.runs import atomic_write_bytes, check_safe_folder
 
 __all__ = [
     "COMPEFT_PAPER",
@@ -325,3 +327,41 @@ def load_compressed(path: str | os.PathLike) -> dict[str, CompressedTensor]:
             alpha=float(meta["alpha"]),
         )
     return out
+
+
+# -- ComPEFT-compressed LoRA folders -----------------------------------------------------------------
+COMPRESSED_FILE = "adapter_model.compeft.safetensors"
+
+
+def compress_lora_folder(src: Path, dst: Path, density: float, alpha: float = 1.0) -> tuple[int, int]:
+    """Write ``dst`` (exists, empty) as ``src`` with its LoRA weights ComPEFT-compressed
+    (:mod:`conpet.compress`: top-``density`` magnitudes of each tensor as ``sign * alpha * std``,
+    packed); other files (heads, configs) are copied. Returns (bytes of ``src``'s
+    ``adapter_model.safetensors``, bytes of the compressed file).
+
+    Deviation, named: ComPEFT compresses the update ``theta_ft - theta_init``; peft initialises
+    LoRA's A randomly and does not store that initialisation, so A and B are compressed as they
+    are (B's initialisation is 0, so for B it is exactly the update)."""
+    check_safe_folder(src)
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    size = save_compressed(compress_state({k: v.float() for k, v in tensors.items()}, density, alpha=alpha),
+                           dst / COMPRESSED_FILE)
+    for f in src.iterdir():
+        if f.is_file() and f.name != "adapter_model.safetensors":
+            shutil.copy2(f, dst / f.name)
+    return (src / "adapter_model.safetensors").stat().st_size, size.bytes_on_disk
+
+
+def decompress_lora_folder(src: Path, dst: Path) -> None:
+    """Write a plain peft folder ``dst`` (exists) from a compressed one: the stored values exactly."""
+    save_file({k: v.contiguous() for k, v in decompress_state(load_compressed(src / COMPRESSED_FILE)).items()},
+              str(dst / "adapter_model.safetensors"))
+    if Path(src).resolve() == Path(dst).resolve():
+        return
+    for f in src.iterdir():
+        if f.is_file() and f.name not in (COMPRESSED_FILE, "adapter_model.safetensors"):
+            shutil.copy2(f, dst / f.name)
+
+
+def is_compressed(folder: Path) -> bool:
+    return (Path(folder) / COMPRESSED_FILE).is_file() and not (Path(folder) / "adapter_model.safetensors").exists()

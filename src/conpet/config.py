@@ -266,3 +266,51 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     for item in sets or []:
         set_dotted(values, *parse_override(item))
     return from_dict(values, where)
+
+
+# -- the learner-spec grammar: ``a,b[opt=v,opt2=w],c`` ------------------------------------------------
+def split_learner_specs(text: str) -> list[str]:
+    """Split ``a,b[x=1,y=2],c`` on the commas outside brackets."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur.strip())
+    return [x for x in out if x]
+
+
+def parse_learner_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"dynamic[top_k=2,new_ratio=0.5]"`` -> ``("dynamic", {"top_k": 2, "new_ratio": 0.5})``
+    (values read as YAML)."""
+    spec = spec.strip()
+    if "[" not in spec:
+        return spec, {}
+    if not spec.endswith("]"):
+        raise ConfigError(f"learner '{spec}': options go in brackets at the end, e.g. dynamic[top_k=2]")
+    name, inner = spec[:-1].split("[", 1)
+    options = {}
+    for pair in filter(None, (x.strip() for x in split_learner_specs(inner))):
+        if "=" not in pair:
+            raise ConfigError(f"learner '{spec}': expected KEY=VALUE, got '{pair}'")
+        key, value = pair.split("=", 1)
+        options[key.strip()] = parse_override(f"x={value}")[1]
+    return name.strip(), options
+
+
+def spec_dir_name(spec: str) -> str:
+    """A folder name for a learner spec: ``emr*`` -> ``emr-star``, ``dynamic[top_k=2]`` -> ``dynamic-top_k=2``."""
+    name, options = parse_learner_spec(spec)
+    return "-".join([name.replace("*", "-star")] + [f"{k}={v}" for k, v in options.items()])
+
+
+def default_out(cfg: RunConfig, compare: bool = False) -> Path:
+    """The run directory when ``--out`` is not given: ``runs/<learner>-<pet>-<model>-<data>``, or
+    ``runs/compare-<pet>-<model>-<data>`` for several learners."""
+    data = cfg.data.benchmark if cfg.data.file is None else Path(cfg.data.file).stem
+    model = Path(cfg.model).stem if cfg.model not in ("minilm", "smollm2") else cfg.model
+    learner = "compare" if compare else spec_dir_name(cfg.learner)
+    return Path("runs") / f"{learner}-{cfg.pet.method}-{model}-{data}"

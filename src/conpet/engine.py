@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from conpet.backbone import Backbone, cloze_features
+from conpet.device import autocast
 from conpet.errors import ConfigError
 from conpet.inputs import Encoded, collate, sorted_batches
-from conpet.pet.base import get_pet_class
+from conpet.pet.base import LayerScope
 
 
 class _Passthrough(nn.Module):
@@ -53,15 +54,25 @@ AUTO_TOP_LAYERS = 4
 """``train.top_layers: auto`` confines PET to this many top layers of backbones deeper than 8."""
 
 
-def auto_top_layers(model: nn.Module) -> int | None:
-    n = getattr(model.config, "num_hidden_layers", None)
-    return AUTO_TOP_LAYERS if n is not None and n > 2 * AUTO_TOP_LAYERS else None
+def resolve_top_layers(setting: int | str | None, model: nn.Module, input_level: bool) -> int | None:
+    """The one decision on ``train.top_layers``: ``auto`` -> 4 of a backbone deeper than 8 layers,
+    else every layer (``None``); a method working at the input (``input_level``) needs every
+    layer, so ``auto`` gives it ``None`` and an explicit number is an error."""
+    if input_level:
+        if isinstance(setting, int):
+            raise ConfigError(f"train.top_layers: the PET method works at the input embeddings, so every layer "
+                              f"must see it; it needs train.top_layers: null (or auto), not {setting}")
+        return None
+    if setting == "auto":
+        n = getattr(model.config, "num_hidden_layers", None)
+        return AUTO_TOP_LAYERS if n is not None and n > 2 * AUTO_TOP_LAYERS else None
+    return setting
 
 
 class FeatureEngine:
     def __init__(self, backbone: Backbone, encoded: Encoded, top_layers: int | None = None,
                  precision: str = "fp32", batch_size: int = 64, max_cache_mb: float = 4096.0,
-                 cache_dtype: torch.dtype | None = None, pet_method: str | None = None) -> None:
+                 cache_dtype: torch.dtype | None = None) -> None:
         self.backbone = backbone
         self.encoded = encoded
         self.precision = precision
@@ -72,14 +83,6 @@ class FeatureEngine:
         self.cache_bytes = 0
         self.hits = self.misses = 0
         self.split = None
-        if pet_method is not None and get_pet_class(pet_method).input_level:
-            if isinstance(top_layers, int):
-                raise ConfigError(f"train.top_layers: pet.method '{pet_method}' works at the input embeddings, so "
-                                  f"every layer must see it; it needs train.top_layers: null (or auto), "
-                                  f"not {top_layers}")
-            top_layers = None
-        if top_layers == "auto":
-            top_layers = auto_top_layers(backbone.model)
         self.top_layers = top_layers
         if top_layers is not None:
             # the layer stack's owner and attribute are found once; PET wrapping and unwrapping
@@ -92,20 +95,12 @@ class FeatureEngine:
             self.n_layers = n
 
     # -- which layers the PET modules may touch ---------------------------------------------
-    def pet_options(self, method: str, options: dict) -> dict:
-        """A PET method's options for this engine: confined to the top layers when the engine
-        caches the lower ones; a confined LoRA without ``target_modules`` covers every linear
-        layer there (more capacity where it is cheap: docs/speed.md)."""
-        out = {**options, **self.pet_layer_options()}
-        if self.split is not None and method in ("lora", "corda") and "target_modules" not in options:
-            out["target_modules"] = "all-linear"
-        return out
-
-    def pet_layer_options(self) -> dict:
-        """PET options confining modules to the top layers (peft's ``layers_to_transform``)."""
+    @property
+    def scope(self) -> LayerScope | None:
+        """The layers PET modules may touch when the engine caches the lower ones, else ``None``."""
         if self.split is None:
-            return {}
-        return {"layers_to_transform": list(range(self.split, self.n_layers)), "layers_pattern": self._attr}
+            return None
+        return LayerScope(tuple(range(self.split, self.n_layers)), self._attr, self.n_layers)
 
     # -- the forward passes ----------------------------------------------------------------------
     def features(self, model: nn.Module, indices: list[int], **forward_kwargs) -> torch.Tensor:
@@ -148,8 +143,6 @@ class FeatureEngine:
     @torch.no_grad()
     def _lower(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Output of layer ``split - 1`` (input of the first PET layer) for a batch."""
-        from conpet.learners.loop import autocast
-
         layers = self._layers()[2]
 
         def stop(module, args, output):
@@ -190,8 +183,6 @@ class FeatureEngine:
         """``run(model, max_rows)``: run ``model`` without gradient on the first ``max_rows`` of
         ``indices`` (data-aware initialisations such as CorDA collect statistics through hooks)."""
         def run(model: nn.Module, max_rows: int) -> None:
-            from conpet.learners.loop import autocast
-
             rows = list(indices[:max_rows])
             was_training = model.training
             model.eval()
@@ -214,8 +205,6 @@ class FeatureEngine:
         """Relative max |split - full| feature difference on ``indices``; raises above ``atol``."""
         if not self.split:
             return 0.0
-        from conpet.learners.loop import autocast
-
         batch = collate(self.encoded, indices, self.backbone.pad_id)
         rows = torch.arange(len(indices))
         with torch.no_grad(), autocast(self.precision):

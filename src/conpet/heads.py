@@ -51,3 +51,12 @@ class GrowingHead(nn.Module):
         head.bias = nn.Parameter(tensors["bias"])
         head.labels = list(meta["labels"])
         return head
+
+
+def concat_heads(heads: list[GrowingHead], hidden_size: int) -> GrowingHead:
+    """One head over every class: the experts' heads stacked in task order."""
+    out = GrowingHead(hidden_size)
+    out.weight = torch.nn.Parameter(torch.cat([h.weight.detach() for h in heads]))
+    out.bias = torch.nn.Parameter(torch.cat([h.bias.detach() for h in heads]))
+    out.labels = [label for h in heads for label in h.labels]
+    return out

@@ -1,12 +1,12 @@
 """Merging per-task weight updates: pure tensor functions and a registry.
 
 A *task vector* (Ilharco et al., 2023) is the weight update one task made, ``tau = theta_ft -
-theta_pre``; for a LoRA adapter it is ``dW = scaling * B @ A`` (:func:`lora_delta`). Every
+theta_pre``; for a LoRA adapter it is ``dW = scaling * B @ A`` (:func:`conpet.adapters.lora_delta`). Every
 merge method here takes the updates of several tasks for ONE tensor (a list of same-shaped
 tensors) plus keyword options, and returns one merged update of the same shape and dtype. The
 functions do not change their inputs and have no hidden state (DARE draws its random mask from
 an explicit seed or ``torch.Generator``). :func:`merge_state` applies a method tensor by tensor
-to whole state dicts; :func:`to_lora` turns a merged ``dW`` back into LoRA factors.
+to whole state dicts; :func:`conpet.adapters.to_lora` turns a merged ``dW`` back into LoRA factors.
 
 Methods are registered in :data:`MERGE_METHODS` with their paper and defaults (the defaults are
 read from the function's keyword arguments, so they cannot drift apart)::
@@ -18,7 +18,7 @@ read from the function's keyword arguments, so they cannot drift apart)::
 
 Averaging LoRA factors separately is *not* averaging updates:
 ``mean(B) @ mean(A) != mean(B @ A)``. Merge ``dW`` (or the product), then refactor with
-:func:`to_lora` if a LoRA is needed.
+:func:`conpet.adapters.to_lora` if a LoRA is needed.
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ __all__ = [
     "register_merge_method",
     "get_merge_method",
     "merge_state",
-    "lora_delta",
-    "to_lora",
     "linear",
     "task_arithmetic",
     "ties",
@@ -536,48 +534,3 @@ def merge_state(
 # --------------------------------------------------------------------------------------------
 # LoRA <-> dense update
 # --------------------------------------------------------------------------------------------
-
-
-def lora_delta(A: Tensor, B: Tensor, scaling: float = 1.0) -> Tensor:
-    """The dense update of a LoRA pair as peft applies it: ``dW = scaling * B @ A``.
-
-    ``A`` is ``[r, in_features]`` (peft's ``lora_A.weight``), ``B`` is ``[out_features, r]``
-    (``lora_B.weight``), ``scaling = lora_alpha / r`` (or ``/ sqrt(r)`` with rsLoRA).
-    Hu et al. (2022), "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685.
-    """
-    if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
-        raise ConfigError(
-            f"lora_delta: expected A [r, in] and B [out, r], got A {tuple(A.shape)} and "
-            f"B {tuple(B.shape)}"
-        )
-    return scaling * (B @ A)
-
-
-def to_lora(dW: Tensor, rank: int, *, scaling: float = 1.0) -> tuple[Tensor, Tensor, float]:
-    """Factor ``dW`` into LoRA ``(A, B)`` of rank ``rank`` by truncated SVD.
-
-    With ``dW = U S V^T``: ``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) V_r^T``, so ``B @ A`` is the best
-    rank-``r`` approximation of ``dW`` in Frobenius norm (Eckart-Young). With ``scaling`` (the
-    LoRA ``lora_alpha / r`` the factors will be used with) both factors are divided by
-    ``sqrt(scaling)``, so ``lora_delta(A, B, scaling)`` approximates ``dW``.
-
-    Returns ``(A [rank, in], B [out, rank], rel_error)`` with
-    ``rel_error = ||dW - B A||_F / ||dW||_F`` (0 for a zero ``dW``), which equals
-    ``sqrt(sum_{i>r} s_i^2 / sum_i s_i^2)``.
-    """
-    if dW.dim() != 2:
-        raise ConfigError(f"to_lora: expected a 2-D update, got shape {tuple(dW.shape)}")
-    max_rank = min(dW.shape)
-    if not isinstance(rank, int) or not 1 <= rank <= max_rank:
-        raise ConfigError(f"to_lora: rank must be an integer in [1, {max_rank}], got {rank!r}")
-    if not scaling > 0:
-        raise ConfigError(f"to_lora: scaling must be > 0, got {scaling!r}")
-    work = dW.detach().to(_work_dtype(dW.dtype))
-    U, S, Vh = torch.linalg.svd(work, full_matrices=False)
-    root = S[:rank].sqrt() / math.sqrt(scaling)
-    B = U[:, :rank] * root.unsqueeze(0)
-    A = root.unsqueeze(1) * Vh[:rank, :]
-    norm = torch.linalg.matrix_norm(work)
-    residual = torch.linalg.matrix_norm(work - scaling * (B @ A))
-    rel_error = 0.0 if norm == 0 else float(residual / norm)
-    return A.to(dW.dtype), B.to(dW.dtype), rel_error

@@ -17,9 +17,13 @@ and keeps the row nearest to each centroid.
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Any, Sequence
 
 import numpy as np
+
+from conpet.data.stream import Stream
+from conpet.errors import ConfigError
 
 
 def split_batch(batch_size: int, new_ratio: float) -> tuple[int, int]:
@@ -28,9 +32,9 @@ def split_batch(batch_size: int, new_ratio: float) -> tuple[int, int]:
     ``n_new = floor(B * r / (r + 1))`` as in the official code, at least 1.
     """
     if batch_size < 2:
-        raise ValueError("dynamic replay needs batch_size >= 2 (one new and one old row)")
+        raise ConfigError("train.batch_size: dynamic replay needs batch_size >= 2 (one new and one old row)")
     if new_ratio <= 0:
-        raise ValueError("new_ratio must be > 0")
+        raise ConfigError(f"learner_options.new_ratio: must be > 0, got {new_ratio}")
     n_new = max(1, min(batch_size - 1, int(batch_size * new_ratio / (new_ratio + 1))))
     return n_new, batch_size - n_new
 
@@ -79,6 +83,35 @@ def dynamic_replay_batches(
     return batches
 
 
+def replay_steps(n_new_rows: int, batch_size: int, epochs: int, new_ratio: float = 1.0,
+                 steps_per_task: int | None = None, batch_limit: int | None = None) -> int:
+    """Steps of a task on the dynamic replay schedule, a number that does not grow with the
+    number of old tasks: ConPET's official budget ``epochs x int(0.8 x batch_limit)`` when
+    ``batch_limit`` is given (the same whatever the task's size), else ``steps_per_task``, else
+    ``epochs x ceil(n_new_rows / n_new)`` (every new row seen ``epochs`` times)."""
+    if batch_limit:
+        return epochs * max(1, int(0.8 * batch_limit))
+    if steps_per_task:
+        return steps_per_task
+    n_new, _ = split_batch(batch_size, new_ratio)
+    return epochs * math.ceil(n_new_rows / n_new)
+
+
+def replay_schedule(stream: Stream, t: int, opts: dict[str, Any], memory: "ExemplarMemory", batch_size: int,
+                    epochs: int, rng: np.random.Generator) -> list[list[int]]:
+    """ConPET's dynamic replay batches for task ``t`` (``opts``: the replay options of
+    :data:`conpet.learners.options.REPLAY_OPTIONS`): old rows from each old task's full training
+    set (``replay_source: history``) or from its classes' exemplars in ``memory``."""
+    new = stream.tasks[t].train
+    steps = replay_steps(len(new), batch_size, epochs, opts["new_ratio"], opts["steps_per_task"],
+                         opts["batch_limit"])
+    if opts["replay_source"] == "memory":
+        pools = [memory.rows(stream.tasks[j].labels) for j in range(t)]
+    else:
+        pools = [list(stream.tasks[j].train) for j in range(t)]
+    return dynamic_replay_batches(new, pools, steps, batch_size, rng, new_ratio=opts["new_ratio"])
+
+
 def select_exemplars(features: np.ndarray, m: int, seed: int = 0) -> list[int]:
     """Indices (into ``features``) of at most ``m`` exemplars: k-means with m clusters, then the
     row nearest to each centroid (EMR, Wang et al. 2019, as in ConPET's ``kmeans_client``).
@@ -87,10 +120,10 @@ def select_exemplars(features: np.ndarray, m: int, seed: int = 0) -> list[int]:
     """
     n = len(features)
     if m < 1:
-        raise ValueError("memory size per class must be >= 1")
+        raise ConfigError("learner_options.memory_per_class: must be >= 1")
     if n <= m:
         return list(range(n))
-    from sklearn.cluster import KMeans
+    from sklearn.cluster import KMeans  # heavy (scipy): imported when first needed
 
     x = np.asarray(features, dtype=np.float64)
     km = KMeans(n_clusters=m, n_init=3, random_state=seed).fit(x)
@@ -109,7 +142,7 @@ class ExemplarMemory:
 
     def __init__(self, per_class: int) -> None:
         if per_class < 1:
-            raise ValueError("memory size per class must be >= 1")
+            raise ConfigError("learner_options.memory_per_class: must be >= 1")
         self.per_class = per_class
         self.rows_by_class: dict[str, list[int]] = {}
 

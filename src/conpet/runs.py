@@ -31,6 +31,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from conpet.config import RunConfig, load_config
+from conpet.errors import ConpetError, ModelError
+
 
 def _fsync_dir(path: Path) -> None:
     try:
@@ -111,7 +114,53 @@ def seed_dir(run_dir: str | os.PathLike, seed: int) -> Path:
 
 
 def adapter_dir(run_dir: str | os.PathLike, seed: int, task: str) -> Path:
+    """Where the modules after ``task`` of seed ``seed`` live: ``DIR/seed-<s>/adapters/<task>``."""
     return seed_dir(run_dir, seed) / "adapters" / task
+
+
+def finished_run(run_dir: str | os.PathLike, seed: int | None) -> tuple[RunConfig, int, list[str], Path]:
+    """``(config, seed, task names, seed folder)`` of a run whose last task has finished; a clear
+    error otherwise (shared by evaluate, predict, merge, compress and export)."""
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "stream.json"):
+        if not (run_dir / name).is_file():
+            raise ConpetError(f"{run_dir}: not a conpet run directory (no {name})")
+    cfg = load_config(str(run_dir / "config.yaml"))
+    seed = cfg.seed if seed is None else seed
+    tasks = [t["name"] for t in read_json(run_dir / "stream.json")["tasks"]]
+    if not adapter_dir(run_dir, seed, tasks[-1]).is_dir():
+        raise ConpetError(f"{seed_dir(run_dir, seed)}: the run has not finished its last task ({tasks[-1]})")
+    return cfg, seed, tasks, seed_dir(run_dir, seed)
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz")
+
+
+def check_safe_folder(folder: str | os.PathLike) -> None:
+    """Refuse a saved module folder holding pickled files: conpet reads only safetensors and JSON
+    (unpickling runs arbitrary code)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(f"{folder}: no such adapter folder")
+    unsafe = sorted(f.name for f in folder.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
+    if unsafe:
+        raise ModelError(f"{folder}: refusing to load pickled file(s) {', '.join(unsafe)}; conpet reads only "
+                         f".safetensors and .json")
+    if not any(folder.glob("*.safetensors")):
+        raise ModelError(f"{folder}: no .safetensors weights in the adapter folder")
+
+
+def check_binding(folder: str | os.PathLike, fingerprint: str, backbone_desc: str) -> None:
+    """Refuse a module saved on another base model (its ``conpet.json`` records the base's fingerprint)."""
+    meta_file = Path(folder) / "conpet.json"
+    if not meta_file.is_file():
+        return
+    meta = read_json(meta_file)
+    saved = meta.get("backbone_fingerprint")
+    if saved and saved != fingerprint:
+        raise ModelError(f"{folder}: this adapter was trained on base model {meta.get('backbone_path', '?')} "
+                         f"(fingerprint {saved}), not on {backbone_desc} (fingerprint {fingerprint}); "
+                         f"refusing to load it onto a different base")
 
 
 MANIFEST = "manifest.json"

@@ -24,7 +24,6 @@ from typing import Any
 import yaml
 
 from conpet.data.stream import SPLITS, Row, Stream, Task
-from conpet.data.templates import infer_kind
 from conpet.errors import DataError
 
 SPLIT_ALIASES = {"train": "train", "dev": "dev", "valid": "dev", "validation": "dev", "val": "dev", "test": "test"}
@@ -35,7 +34,7 @@ MAX_LINE_BYTES = 1_000_000
 
 def _open_text(path: Path) -> io.TextIOBase:
     raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
+    return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="strict", newline="")  # a BOM is read, not refused
 
 
 def _format_of(path: Path) -> str:
@@ -183,7 +182,7 @@ def read_task_file(path: str | Path) -> list[tuple[str, list[str]]]:
     if not path.is_file():
         raise DataError(f"{path}: task file not found")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
@@ -283,27 +282,4 @@ def build_stream(name: str, rows: list[Row], groups: list[tuple[str, list[str]]]
     return Stream(name=name, kind=kind, rows=rows, tasks=tasks)
 
 
-def load_stream(data_cfg) -> Stream:
-    """Build the stream described by a :class:`conpet.config.DataConfig`."""
-    from conpet.data.benchmarks import load_benchmark
-
-    if data_cfg.file is None:
-        stream = load_benchmark(data_cfg.benchmark, max_train_per_class=data_cfg.max_train_per_class)
-        if data_cfg.template not in ("auto", stream.kind):
-            stream.kind = data_cfg.template
-        return stream
-    path = Path(data_cfg.file)
-    rows = read_rows(path)
-    if data_cfg.tasks:
-        groups = read_task_file(data_cfg.tasks)
-        source = str(data_cfg.tasks)
-    elif data_cfg.n_tasks:
-        groups = split_labels(sorted({r.label for r in rows}), data_cfg.n_tasks, data_cfg.split_seed)
-        source = f"--n-tasks {data_cfg.n_tasks}"
-    else:
-        raise DataError(f"{path}: give a task file (--tasks FILE) or a number of tasks (--n-tasks N)")
-    kind = infer_kind(rows) if data_cfg.template == "auto" else data_cfg.template
-    return build_stream(path.stem, rows, groups, kind, source, data_cfg.max_train_per_class, data_cfg.split_seed)
-
-
-__all__ = ["read_rows", "read_task_file", "split_labels", "build_stream", "load_stream", "SPLITS"]
+__all__ = ["read_rows", "read_task_file", "split_labels", "build_stream", "SPLITS"]

@@ -52,15 +52,18 @@ class Stream:
             label: t for t, task in enumerate(self.tasks) for label in task.labels
         }
         self.targets: list[int] = [self.label_index.get(row.label, -1) for row in self.rows]
+        starts = [0]
+        for task in self.tasks:
+            starts.append(starts[-1] + len(task.labels))
+        self._ranges: list[tuple[int, int]] = list(zip(starts[:-1], starts[1:]))
 
     def seen_labels(self, t: int) -> list[str]:
         """Labels of tasks 0..t, in the head's column order."""
         return [label for task in self.tasks[: t + 1] for label in task.labels]
 
     def class_range(self, t: int) -> tuple[int, int]:
-        """Column range [start, end) of task t's classes in the global label order."""
-        start = sum(len(task.labels) for task in self.tasks[:t])
-        return start, start + len(self.tasks[t].labels)
+        """Column range [start, end) of task t's classes in the global label order (O(1))."""
+        return self._ranges[t]
 
     def describe(self) -> str:
         sizes = ", ".join(

@@ -11,7 +11,7 @@ A learner implements:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -22,12 +22,16 @@ import torch.nn.functional as F
 from conpet.backbone import Backbone
 from conpet.config import RunConfig
 from conpet.data.stream import Stream
-from conpet.engine import FeatureEngine
+from conpet.device import autocast
 from conpet.errors import ConfigError
+from conpet.engine import FeatureEngine
 from conpet.heads import GrowingHead
-from conpet.inputs import Encoded, collate, length_bucketed_batches
+from conpet.inputs import Encoded, collate, length_bucketed_batches, sorted_batches
 from conpet.learners.loop import FitStats, fit, pet_training
-from conpet.pet.base import PETMethod, in_module
+from conpet.learners.options import Option, check_options
+from conpet.pet.base import Calibration, PETMethod, in_module
+from conpet.replay import ExemplarMemory
+from conpet.runs import adapter_dir
 
 LEARNERS: dict[str, type["Learner"]] = {}
 
@@ -43,18 +47,17 @@ def register_learner(name: str) -> Callable[[type["Learner"]], type["Learner"]]:
 
 @dataclass
 class Context:
-    """Everything a learner needs, built once per seed by the runner."""
+    """Everything a learner needs, built once per seed by :func:`conpet.build.build_learner`."""
 
     cfg: RunConfig
     stream: Stream
-    backbone: Backbone
-    encoded: Encoded
+    engine: FeatureEngine
+    """Computes cloze features (and caches frozen lower layers); owns backbone, rows and precision."""
     pet: PETMethod
     seed: int
-    precision: str
+    options: dict[str, Any] = field(default_factory=dict)
+    """The learner's options, checked and converted once (:func:`conpet.learners.options.check_options`)."""
     progress: bool = True
-    engine: FeatureEngine | None = None
-    """Computes cloze features (and caches frozen lower layers); built by the runner."""
     checkpointer: Any = None
     """A :class:`conpet.checkpoint.Checkpointer` (in-task checkpoints and resume), or None."""
 
@@ -62,8 +65,22 @@ class Context:
         self.rng = np.random.default_rng(self.seed)
         self.torch_gen = torch.Generator().manual_seed(self.seed)
         self.targets_all = torch.tensor(self.stream.targets, dtype=torch.long)
-        if self.engine is None:
-            self.engine = FeatureEngine(self.backbone, self.encoded, None, self.precision)
+
+    @property
+    def backbone(self) -> Backbone:
+        return self.engine.backbone
+
+    @property
+    def encoded(self) -> Encoded:
+        return self.engine.encoded
+
+    @property
+    def precision(self) -> str:
+        return self.engine.precision
+
+    def calibration(self, t: int) -> Calibration:
+        """Runs a model on task ``t``'s training rows (data-aware PET initialisations)."""
+        return self.engine.calibration(self.stream.tasks[t].train)
 
     def features(self, model: torch.nn.Module, indices: list[int], **forward_kwargs) -> torch.Tensor:
         """Cloze features [batch, hidden] of rows through ``model`` (the backbone with its PET modules)."""
@@ -87,18 +104,24 @@ class Context:
 
 class Learner:
     name: ClassVar[str] = "?"
+    options: ClassVar[dict[str, Option]] = {}
+    """The learner's options (:class:`conpet.learners.options.Option`), declared once."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+        self.opts = ctx.options
         self.last_fit: FitStats | None = None
 
     @classmethod
     def check_options(cls, cfg: RunConfig) -> dict[str, Any]:
-        """Validate ``cfg.learner_options`` before anything runs; return them with defaults."""
-        if cfg.learner_options:
-            raise ConfigError(f"learner_options: learner '{cls.name}' takes no options "
-                              f"(got {', '.join(sorted(cfg.learner_options))})")
-        return {}
+        """``cfg.learner_options`` checked, converted and completed with defaults."""
+        opts = check_options(cls.name, cls.options, cfg.learner_options)
+        cls.validate(cfg, opts)
+        return opts
+
+    @classmethod
+    def validate(cls, cfg: RunConfig, opts: dict[str, Any]) -> None:
+        """Checks that involve several options or the rest of the config (default: none)."""
 
     def learn(self, t: int) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -116,8 +139,8 @@ class Learner:
         """Extra per-task metrics after task ``t`` (one value per seen task), e.g. selector accuracy."""
         return {}
 
-    def restore(self, seed_folder: Path) -> None:  # pragma: no cover - abstract
-        """Load the learner's state after the last task from ``seed_folder`` (for prediction)."""
+    def restore(self, run_dir: Path, seed: int) -> None:  # pragma: no cover - abstract
+        """Load the learner's state after the last task of seed ``seed`` of run ``run_dir`` (for prediction)."""
         raise NotImplementedError
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # pragma: no cover - abstract
@@ -143,12 +166,14 @@ class OneModuleLearner(Learner):
         self.model = None
         self.head = GrowingHead(ctx.backbone.hidden_size)
 
-    def new_module(self) -> None:
-        """(Re)create a freshly initialised PET module and an empty head."""
+    def new_module(self, t: int | None = None) -> None:
+        """(Re)create a freshly initialised PET module (data-aware methods calibrate on task
+        ``t``'s rows) and an empty head."""
         if self.model is not None:
             self.ctx.backbone.model = self.ctx.pet.detach(self.model)
         torch.manual_seed(int(self.ctx.rng.integers(2**31)))
-        self.model = self.ctx.pet.attach(self.ctx.backbone.model, self.module_name)
+        calibration = self.ctx.calibration(t) if t is not None else None
+        self.model = self.ctx.pet.attach(self.ctx.backbone.model, self.module_name, calibration)
         self.head = GrowingHead(self.ctx.backbone.hidden_size)
 
     plugins: tuple = ()
@@ -174,61 +199,27 @@ class OneModuleLearner(Learner):
     def pet_parameters(self) -> list[torch.nn.Parameter]:
         return self.ctx.pet.parameters(self.model, self.module_name)
 
-    def train_on(self, indices: list[int], desc: str, batches: list[list[int]] | None = None) -> FitStats:
-        """Train on ``batches`` (default: ``epochs`` length-bucketed passes over ``indices``)."""
-        self.model.train()
-        train = self.ctx.cfg.train
+    def train_on(self, indices: list[int], desc: str, task: int, batches: list[list[int]] | None = None) -> FitStats:
+        """Train on ``batches`` (default: ``epochs`` length-bucketed passes over ``indices``) for task ``task``."""
         batches = batches if batches is not None else self.ctx.epoch_batches(indices)
-        groups, loss_fn, hooks = pet_training(self.ctx.pet, self.model, self.module_name, train.lr, self.loss,
-                                              len(batches))
-        groups.append({"params": list(self.head.parameters()), "lr": train.head_lr})
-        for plugin in self.plugins:
-            groups.extend(plugin.param_groups())
-        stats = fit(loss_fn, groups, batches, train, self.ctx.precision, desc=desc, progress=self.ctx.progress,
-                    after_step=hooks, checkpointer=self.ctx.checkpointer)
-        self.model.eval()
-        self.last_fit = stats
-        return stats
+        extra = list(self.head.parameters()), [g for plugin in self.plugins for g in plugin.param_groups()]
+        self.last_fit = train_module(self.ctx, self.model, self.module_name, self.loss, batches, desc, task, *extra)
+        return self.last_fit
 
-    @torch.no_grad()
     def raw_features(self, indices: list[int]) -> torch.Tensor:
         """Backbone + PET cloze features (no plugin transform), in fp32, for memories and fits."""
-        from conpet.inputs import sorted_batches
-        from conpet.learners.loop import autocast
-
-        self.model.eval()
-        lengths = self.ctx.encoded.lengths(indices)
-        out = torch.zeros(len(indices), self.ctx.backbone.hidden_size)
-        position = {i: k for k, i in enumerate(indices)}
-        for batch in sorted_batches(indices, lengths, self.ctx.cfg.train.eval_batch_size):
-            with autocast(self.ctx.precision):
-                f = self.ctx.features(self.model, batch).float()
-            out[[position[i] for i in batch]] = f
-        return out
+        return module_features(self.ctx, self.model, indices)
 
     def save(self, t: int, folder: Path) -> None:
         self.ctx.pet.save(self.model, self.module_name, folder)
         self.head.save(folder)
         for plugin in self.plugins:
             plugin.save(folder)
-        meta = {
-            "learner": self.name,
-            "task": self.ctx.stream.tasks[t].name,
-            "task_index": t,
-            "pet": self.ctx.pet.name,
-            "pet_options": self.ctx.pet.options,
-            "module": self.module_name,
-            "model": self.ctx.cfg.model,
-            "backbone_path": str(self.ctx.backbone.path),
-            "backbone_fingerprint": self.ctx.backbone.fingerprint,
-            "template": self.ctx.stream.kind,
-            "labels": self.head.labels,
-        }
-        (folder / "conpet.json").write_text(json.dumps(meta, indent=2))
+        write_module_meta(self.ctx, t, folder, self.name, self.module_name, self.head.labels)
 
-    def restore(self, seed_folder: Path) -> None:
-        """Load the state after the stream's last task from a run's ``seed-<s>`` folder."""
-        folder = seed_folder / "adapters" / self.ctx.stream.tasks[-1].name
+    def restore(self, run_dir: Path, seed: int) -> None:
+        """Load the state after the stream's last task of seed ``seed`` of run ``run_dir``."""
+        folder = adapter_dir(run_dir, seed, self.ctx.stream.tasks[-1].name)
         self.model = self.ctx.pet.attach_from(self.ctx.backbone.model, folder, self.module_name)
         self.model.eval()
         self.head = GrowingHead.load(folder)
@@ -276,6 +267,60 @@ class OneModuleLearner(Learner):
         if self.model is not None:
             self.ctx.backbone.model = self.ctx.pet.detach(self.model)
             self.model = None
+
+
+def train_module(ctx: Context, model: torch.nn.Module, module: str, loss_fn, batches: list[list[int]], desc: str,
+                 task: int, head_params: list[torch.nn.Parameter], extra_groups: list[dict] = ()) -> FitStats:
+    """One fit of PET module ``module`` (+ a head, + a method's own tensors) through the loop,
+    with the PET method's own groups, regulariser and step hook; the model is left in eval mode."""
+    ctx.pet.activate(model, module)
+    model.train()
+    train = ctx.cfg.train
+    groups, loss_fn, hooks = pet_training(ctx.pet, model, module, train.lr, loss_fn, len(batches), task)
+    groups.append({"params": list(head_params), "lr": train.head_lr})
+    groups.extend(extra_groups)
+    stats = fit(loss_fn, groups, batches, train, ctx.precision, desc=desc, progress=ctx.progress,
+                after_step=hooks, checkpointer=ctx.checkpointer)
+    model.eval()
+    return stats
+
+
+@torch.no_grad()
+def module_features(ctx: Context, model: torch.nn.Module, indices: list[int]) -> torch.Tensor:
+    """Cloze features [len(indices), hidden] in fp32 through the model's active module, in
+    length-sorted batches under the run's autocast (memories, fits, Fisher-free passes)."""
+    model.eval()
+    out = torch.zeros(len(indices), ctx.backbone.hidden_size)
+    position = {i: k for k, i in enumerate(indices)}
+    for batch in sorted_batches(indices, ctx.encoded.lengths(indices), ctx.cfg.train.eval_batch_size):
+        with autocast(ctx.precision):
+            f = ctx.features(model, batch).float()
+        out[[position[i] for i in batch]] = f
+    return out
+
+
+def update_memory(ctx: Context, memory: ExemplarMemory, t: int, features) -> None:
+    """Add exemplars of task ``t``'s classes to ``memory``, chosen on ``features(rows)`` (k-means
+    nearest-to-centroid, :func:`conpet.replay.select_exemplars`); one batched pass over the task."""
+    stream = ctx.stream
+    rows = list(stream.tasks[t].train)
+    feats = features(rows).numpy()
+    position = {i: k for k, i in enumerate(rows)}
+    for label in stream.tasks[t].labels:
+        own = [i for i in rows if stream.rows[i].label == label]
+        memory.add_class(label, own, feats[[position[i] for i in own]], seed=ctx.seed)
+
+
+def write_module_meta(ctx: Context, t: int, folder: Path, learner: str, module: str, labels: list[str],
+                      **extra: Any) -> None:
+    """``conpet.json`` beside a saved module: what it is, which task, and the base it is bound to."""
+    scope = ctx.pet.scope
+    meta = {"learner": learner, "task": ctx.stream.tasks[t].name, "task_index": t, "pet": ctx.pet.name,
+            "pet_options": ctx.pet.options, "pet_layers": list(scope.layers) if scope else None,
+            "module": module, "model": ctx.cfg.model,
+            "backbone_path": str(ctx.backbone.path), "backbone_fingerprint": ctx.backbone.fingerprint,
+            "template": ctx.stream.kind, "labels": list(labels), **extra}
+    (folder / "conpet.json").write_text(json.dumps(meta, indent=2))
 
 
 def module_tensors(model: torch.nn.Module, modules: list[str]) -> dict[str, torch.Tensor]:

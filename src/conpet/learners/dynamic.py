@@ -9,7 +9,7 @@
   number of steps. Initialisation (documented choice): at task 2 the selector module is fresh;
   at later tasks it continues from the previous selector (the official code starts it from the
   previous *expert's* LoRA with the previous selector's head, a quirk not copied); its head grows
-  by keeping the old rows (copied) and adding one new row for the new task.
+  by keeping the old rows (copied) and adding one new row for the new task (:mod:`selector`).
 - **Prediction.** One selector pass -> top-k tasks -> only those experts run (rows routed with
   peft's per-row ``adapter_names`` in one batch) -> their logits fill their class columns, all
   others -inf -> argmax over seen classes. Cost per input: 1 + k backbone passes, whatever the
@@ -19,12 +19,11 @@
   trains on the replay batches against the frozen old experts' logits, which are cached by
   (task, row, module version) so that a stale entry can never be read.
 
-Options (``learner_options``): ``top_k`` (1), ``steps_per_task`` (default ``epochs *
-ceil(|new rows| / n_new)``), ``new_ratio`` (1.0), ``replay_source`` (``history`` | ``memory``),
-``memory_per_class`` (16), ``expert_init`` (``fresh`` | ``previous``: copy the last expert),
-``selector_balance`` (false; true: the selector's loss is the mean over the tasks in the batch of
-each task's mean cross-entropy, so the newest task, half of every replay batch, no longer
-outweighs each old one; a conpet option, not in the paper).
+Options (``learner_options``): ``top_k`` (1); the shared replay options (``steps_per_task``,
+ConPET's ``batch_limit``, ``new_ratio``, ``replay_source``, ``memory_per_class``);
+``expert_init``: ``fresh`` (default), ``previous`` (copy the last expert) or ``selector`` (the
+official code's: the new expert starts from the selector module just trained for this task);
+``selector_balance`` (false; see :mod:`conpet.learners.selector`).
 """
 
 from __future__ import annotations
@@ -34,25 +33,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from conpet.errors import ConfigError
 from conpet.heads import GrowingHead
-from conpet.learners.base import (Context, Learner, head_tensors, load_expert_heads, load_head,
-                                  load_module_tensors, module_tensors, register_learner)
-from conpet.learners.loop import fit, pet_training
-from conpet.learners.static import replay_schedule
-from conpet.replay import ExemplarMemory, split_batch
-
-SELECTOR = "selector"
-OPTIONS = {"top_k": 1, "steps_per_task": None, "new_ratio": 1.0, "replay_source": "history",
-           "memory_per_class": 16, "expert_init": "fresh", "selector_balance": False}
-
-
-def task_balanced_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over the targets present in the batch of each target's mean cross-entropy (every task
-    weighs the same, however many of its rows the batch holds)."""
-    losses = F.cross_entropy(logits, targets, reduction="none")
-    counts = torch.bincount(targets, minlength=logits.shape[-1])[targets].to(losses.dtype)
-    return (losses / counts).sum() / (counts.reciprocal().sum())
+from conpet.learners.base import (Context, Learner, head_tensors, load_expert_heads, load_head, load_module_tensors,
+                                  module_features, module_tensors, register_learner, train_module, update_memory,
+                                  write_module_meta)
+from conpet.learners.options import REPLAY_OPTIONS, Option
+from conpet.learners.selector import SELECTOR, ModuleSelector
+from conpet.replay import ExemplarMemory, replay_schedule, split_batch
+from conpet.runs import adapter_dir
 
 
 def expert_name(t: int) -> str:
@@ -63,29 +51,24 @@ def expert_name(t: int) -> str:
 class DynamicConPET(Learner):
     """One PET module per task + a learned PET module selector (Dynamic ConPET, Song et al. 2023)."""
 
+    options = {
+        "top_k": Option(1, int, minimum=1, help="experts each input runs through"),
+        **REPLAY_OPTIONS,
+        "expert_init": Option("fresh", str, choices=("fresh", "previous", "selector"),
+                              help="a new expert starts fresh, from the last expert, or from the selector"),
+        "selector_balance": Option(False, bool, help="task-balanced selector loss"),
+    }
+
     @classmethod
-    def check_options(cls, cfg) -> dict:
-        unknown = sorted(set(cfg.learner_options) - set(OPTIONS))
-        if unknown:
-            raise ConfigError(f"learner_options: unknown option '{unknown[0]}' for learner 'dynamic' "
-                              f"(known: {', '.join(sorted(OPTIONS))})")
-        opts = {**OPTIONS, **cfg.learner_options}
-        if int(opts["top_k"]) < 1:
-            raise ConfigError("learner_options.top_k: must be >= 1")
-        if not isinstance(opts["selector_balance"], bool):
-            raise ConfigError(f"learner_options.selector_balance: true or false, got {opts['selector_balance']!r}")
-        if opts["expert_init"] not in ("fresh", "previous"):
-            raise ConfigError("learner_options.expert_init: must be 'fresh' or 'previous'")
-        split_batch(cfg.train.batch_size, float(opts["new_ratio"]))
-        return opts
+    def validate(cls, cfg, opts) -> None:
+        split_batch(cfg.train.batch_size, opts["new_ratio"])
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
-        self.opts = self.check_options(ctx.cfg)
         self.model = None
         self.expert_heads: list[GrowingHead] = []
-        self.selector_head = GrowingHead(ctx.backbone.hidden_size)
-        self.memory = ExemplarMemory(int(self.opts["memory_per_class"]))
+        self.selector = ModuleSelector(ctx, self.opts["selector_balance"])
+        self.memory = ExemplarMemory(self.opts["memory_per_class"])
         self.versions: dict[str, int] = {}
         self.logit_cache: dict[tuple[int, int, int], torch.Tensor] = {}
         self.n_tasks = 0
@@ -93,28 +76,21 @@ class DynamicConPET(Learner):
         self.routed: dict[int, int] = {}
         """Top-1 task chosen for each row by the current selector (reused by eval_extra)."""
 
+    @property
+    def selector_head(self) -> GrowingHead:
+        return self.selector.head
+
     # -- modules ---------------------------------------------------------------------------------
-    def _new_module(self, name: str, copy_from: str | None = None) -> None:
+    def _new_module(self, name: str, t: int, copy_from: str | None = None) -> None:
         torch.manual_seed(int(self.ctx.rng.integers(2**31)))
         pet = self.ctx.pet
         if self.model is None:
-            self.model = pet.attach(self.ctx.backbone.model, name)
+            self.model = pet.attach(self.ctx.backbone.model, name, self.ctx.calibration(t))
         elif copy_from is not None:
             pet.copy(self.model, copy_from, name)
         elif name not in pet.modules(self.model):
-            pet.add(self.model, name)
+            pet.add(self.model, name, self.ctx.calibration(t))
         self.versions[name] = self.versions.get(name, -1) + 1
-
-    def _train(self, module: str, head: GrowingHead, loss_fn, batches, desc: str):
-        self.ctx.pet.activate(self.model, module)
-        self.model.train()
-        train = self.ctx.cfg.train
-        groups, loss_fn, hooks = pet_training(self.ctx.pet, self.model, module, train.lr, loss_fn, len(batches))
-        groups.append({"params": list(head.parameters()), "lr": train.head_lr})
-        stats = fit(loss_fn, groups, batches, train, self.ctx.precision, desc=desc, progress=self.ctx.progress,
-                    after_step=hooks, checkpointer=self.ctx.checkpointer)
-        self.model.eval()
-        return stats
 
     def _features(self, indices: list[int], modules: list[str]) -> torch.Tensor:
         """Features of each row through its own module (one batch, peft's per-row routing)."""
@@ -133,13 +109,10 @@ class DynamicConPET(Learner):
             out[rows] = feats
         return out
 
-    # -- schedules ---------------------------------------------------------------------------------
     def replay_batches(self, t: int) -> list[list[int]]:
-        return replay_schedule(self.ctx, t, self.opts, self.memory)
-
-    def task_ids(self, indices: list[int]) -> torch.Tensor:
-        stream = self.ctx.stream
-        return torch.tensor([stream.task_of_label[stream.rows[i].label] for i in indices])
+        train = self.ctx.cfg.train
+        return replay_schedule(self.ctx.stream, t, self.opts, self.memory, train.batch_size, train.epochs,
+                               self.ctx.rng)
 
     # -- learning ----------------------------------------------------------------------------------
     def learn(self, t: int) -> None:
@@ -147,28 +120,20 @@ class DynamicConPET(Learner):
         task = stream.tasks[t]
         self.n_tasks = t + 1
         self.routed = {}
-        self.selector_head.grow([task.name], self.ctx.torch_gen)
+        self.selector.head.grow([task.name], self.ctx.torch_gen)
         replay = self.replay_batches(t) if t > 0 else None
         if t > 0:
-            self._new_module(SELECTOR)
-
-            balance = bool(self.opts["selector_balance"])
-
-            def selector_loss(indices):
-                feats = self.ctx.features(self.model, indices)
-                logits, targets = self.selector_head(feats), self.task_ids(indices)
-                return task_balanced_cross_entropy(logits, targets) if balance else F.cross_entropy(logits, targets)
-
-            self._train(SELECTOR, self.selector_head, selector_loss, replay, f"{task.name} selector")
+            self._new_module(SELECTOR, t)
+            self.selector.train(self.model, replay, f"{task.name} selector", t)
             self.versions[SELECTOR] += 1
 
         name = expert_name(t)
-        copy = expert_name(t - 1) if t > 0 and self.opts["expert_init"] == "previous" else None
-        self._new_module(name, copy_from=copy)
+        copy = {"previous": expert_name(t - 1), "selector": SELECTOR}.get(self.opts["expert_init"]) if t > 0 else None
+        self._new_module(name, t, copy_from=copy)
         head = GrowingHead(self.ctx.backbone.hidden_size)
         head.grow(list(task.labels), self.ctx.torch_gen)
         self.expert_heads.append(head)
-        k = min(int(self.opts["top_k"]), t + 1)
+        k = min(self.opts["top_k"], t + 1)
         if k == 1 or t == 0:
             start = stream.class_range(t)[0]
 
@@ -176,22 +141,14 @@ class DynamicConPET(Learner):
                 feats = self.ctx.features(self.model, indices)
                 return F.cross_entropy(head(feats), self.ctx.targets(indices) - start)
 
-            self.last_fit = self._train(name, head, expert_loss, self.ctx.epoch_batches(task.train),
-                                        f"{task.name} expert")
+            self.last_fit = train_module(self.ctx, self.model, name, expert_loss, self.ctx.epoch_batches(task.train),
+                                         f"{task.name} expert", t, list(head.parameters()))
         else:
-            self.last_fit = self._train(name, head, lambda idx: self._calibrated_loss(idx, t, k), replay,
-                                        f"{task.name} expert (k={k})")
+            self.last_fit = train_module(self.ctx, self.model, name, lambda idx: self._calibrated_loss(idx, t, k),
+                                         replay, f"{task.name} expert (k={k})", t, list(head.parameters()))
         if self.opts["replay_source"] == "memory":
-            self._update_memory(t)
-
-    def _update_memory(self, t: int) -> None:
-        stream = self.ctx.stream
-        self.ctx.pet.activate(self.model, expert_name(t))
-        for label in stream.tasks[t].labels:
-            rows = [i for i in stream.tasks[t].train if stream.rows[i].label == label]
-            with torch.no_grad():
-                feats = self.ctx.features(self.model, rows).float().numpy()
-            self.memory.add_class(label, rows, feats, seed=self.ctx.seed)
+            self.ctx.pet.activate(self.model, name)
+            update_memory(self.ctx, self.memory, t, lambda rows: module_features(self.ctx, self.model, rows))
 
     @torch.no_grad()
     def select(self, indices: list[int], k: int, gold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,11 +157,7 @@ class DynamicConPET(Learner):
         if self.n_tasks == 1 or SELECTOR not in (self.ctx.pet.modules(self.model) if self.model else []):
             probs = torch.ones(len(indices), 1)
         else:
-            was_training = self.model.training
-            self.model.eval()
-            feats = self._features(indices, [SELECTOR] * len(indices))
-            self.model.train(was_training)
-            probs = F.softmax(self.selector_head(feats).float(), dim=-1)
+            probs = self.selector.probabilities(self.model, indices)
         k = min(k, probs.shape[1])
         top = probs.topk(k, dim=-1).indices
         if gold is not None:
@@ -231,17 +184,18 @@ class DynamicConPET(Learner):
 
     def _calibrated_loss(self, indices: list[int], t: int, k: int) -> torch.Tensor:
         """k >= 2: cross-entropy over all seen classes with the new expert's columns trainable and
-        the selected old experts' columns filled from the frozen (cached) experts."""
+        the selected old experts' columns filled from the frozen (cached) experts. The work per
+        step depends on the batch's selected tasks only, never on the number of old tasks."""
         stream = self.ctx.stream
-        gold = self.task_ids(indices)
-        top, _ = self.select(indices, k, gold)
+        top, _ = self.select(indices, k, self.selector.task_ids(indices))
         n_seen = stream.class_range(t)[1]
         logits = torch.full((len(indices), n_seen), float("-inf"))
-        for j in range(t):
+        for j in top.unique().tolist():
+            if j == t:
+                continue
             rows = (top == j).any(dim=1).nonzero().flatten().tolist()
-            if rows:
-                lo, hi = stream.class_range(j)
-                logits[rows, lo:hi] = self._old_expert_logits(j, [indices[r] for r in rows])
+            lo, hi = stream.class_range(j)
+            logits[rows, lo:hi] = self._old_expert_logits(j, [indices[r] for r in rows])
         rows = (top == t).any(dim=1).nonzero().flatten().tolist()
         self.ctx.pet.activate(self.model, expert_name(t))
         lo, hi = stream.class_range(t)
@@ -254,7 +208,7 @@ class DynamicConPET(Learner):
     @torch.no_grad()
     def logits(self, indices: list[int]) -> torch.Tensor:
         stream = self.ctx.stream
-        k = min(int(self.opts["top_k"]), self.n_tasks)
+        k = min(self.opts["top_k"], self.n_tasks)
         top, probs = self.select(indices, k)
         self.last_selection = (top, probs)
         self.routed.update(zip(indices, top[:, 0].tolist()))
@@ -282,8 +236,6 @@ class DynamicConPET(Learner):
 
     # -- saving --------------------------------------------------------------------------------------
     def save(self, t: int, folder: Path) -> None:
-        import json
-
         pet = self.ctx.pet
         pet.save(self.model, expert_name(t), folder)
         self.expert_heads[t].save(folder)
@@ -291,28 +243,24 @@ class DynamicConPET(Learner):
             (folder / SELECTOR).mkdir()
             pet.save(self.model, SELECTOR, folder / SELECTOR)
             self.selector_head.save(folder / SELECTOR)
-        meta = {"learner": self.name, "task": self.ctx.stream.tasks[t].name, "task_index": t,
-                "pet": pet.name, "pet_options": pet.options, "module": expert_name(t),
-                "model": self.ctx.cfg.model, "backbone_path": str(self.ctx.backbone.path),
-                "backbone_fingerprint": self.ctx.backbone.fingerprint, "template": self.ctx.stream.kind,
-                "labels": self.expert_heads[t].labels, "top_k": int(self.opts["top_k"])}
-        (folder / "conpet.json").write_text(json.dumps(meta, indent=2))
+        write_module_meta(self.ctx, t, folder, self.name, expert_name(t), self.expert_heads[t].labels,
+                          top_k=self.opts["top_k"])
 
-    def restore(self, seed_folder: Path) -> None:
-        """Load every expert and the last selector from a run's ``seed-<s>`` folder."""
+    def restore(self, run_dir: Path, seed: int) -> None:
+        """Load every expert and the last selector of seed ``seed`` of run ``run_dir``."""
         pet, tasks = self.ctx.pet, self.ctx.stream.tasks
         for t, task in enumerate(tasks):
-            folder = seed_folder / "adapters" / task.name
+            folder = adapter_dir(run_dir, seed, task.name)
             if self.model is None:
                 self.model = pet.attach_from(self.ctx.backbone.model, folder, expert_name(t))
             else:
                 pet.load(self.model, folder, expert_name(t))
             self.expert_heads.append(GrowingHead.load(folder))
             self.versions[expert_name(t)] = 0
-        last = seed_folder / "adapters" / tasks[-1].name / SELECTOR
+        last = adapter_dir(run_dir, seed, tasks[-1].name) / SELECTOR
         if last.is_dir():
             pet.load(self.model, last, SELECTOR)
-            self.selector_head = GrowingHead.load(last)
+            self.selector.head = GrowingHead.load(last)
         self.n_tasks = len(tasks)
         self.model.eval()
 
@@ -345,7 +293,7 @@ class DynamicConPET(Learner):
             load_module_tensors(pet, self.model, meta["modules"], tensors)
         self.expert_heads = load_expert_heads(self.expert_heads, tensors, meta["expert_labels"],
                                               self.ctx.backbone.hidden_size)
-        self.selector_head = load_head(self.selector_head, {k[14:]: v for k, v in tensors.items()
+        self.selector.head = load_head(self.selector.head, {k[14:]: v for k, v in tensors.items()
                                                             if k.startswith("selector_head/")}, meta["selector_labels"])
         self.versions = dict(meta["versions"])
         self.n_tasks = meta["n_tasks"]

@@ -8,6 +8,12 @@ task the alignment is refit with MSE so that the *current* features of every mem
 that row's stored embedding (old rows: the embedding stored before this task; new rows: their
 embedding now), then the stored embeddings are refreshed. Defaults follow the official code:
 Adam, lr 1e-4, 20 epochs, batch 32 (``align_lr``, ``align_epochs``, ``align_batch_size``).
+
+Cost: ``ea-emr`` refits on the whole memory, whose size grows with the classes seen. ``ea-emr*``
+keeps ConPET's promise that task 10 costs what task 2 costs: its refit uses the new task's
+memory rows plus as many old memory rows, drawn uniformly (seeded), the same 1:1 mix as its
+replay batches, for ``align_epochs`` passes over them; only those rows' stored embeddings are
+refreshed (the others keep theirs, which is what the alignment is fit to anyway).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 from torch import nn
 
 from conpet.learners.emr import EMR
+from conpet.learners.options import Option
 from conpet.learners.static import register_method
 
 
@@ -25,7 +32,10 @@ class EAEMR(EMR):
     """EMR + a linear embedding alignment applied before the head (Wang et al. 2019)."""
 
     name = "ea-emr"
-    options = {"align_lr": 1e-4, "align_epochs": 20, "align_batch_size": 32, "align_train_with_task": True}
+    options = {"align_lr": Option(1e-4, float, minimum=0.0, help="Adam learning rate of the alignment refit"),
+               "align_epochs": Option(20, int, minimum=1, help="passes of the alignment refit"),
+               "align_batch_size": Option(32, int, minimum=1, help="batch size of the alignment refit"),
+               "align_train_with_task": Option(True, bool, help="also train the alignment with the task's loss")}
 
     def __init__(self, learner, options) -> None:
         super().__init__(learner, options)
@@ -35,6 +45,8 @@ class EAEMR(EMR):
             self.align.weight.copy_(torch.eye(hidden))
             self.align.bias.zero_()
         self.stored: dict[int, torch.Tensor] = {}
+        self.refit_sizes: list[tuple[int, int]] = []
+        """(rows, steps) of each task's alignment refit (constant for ``ea-emr*``)."""
 
     def needs_memory(self) -> bool:
         return True
@@ -69,19 +81,32 @@ class EAEMR(EMR):
     def param_groups(self) -> list[dict]:
         if not self.opts["align_train_with_task"]:
             return []
-        return [{"params": list(self.align.parameters()), "lr": float(self.opts["align_lr"])}]
+        return [{"params": list(self.align.parameters()), "lr": self.opts["align_lr"]}]
+
+    def refit_rows(self, t: int, rng: np.random.Generator) -> list[int]:
+        """The memory rows the alignment is refit on after task ``t``: all of them (``ea-emr``),
+        or the new task's plus as many old ones drawn uniformly (``ea-emr*``: a constant cost)."""
+        memory, stream = self.learner.memory, self.learner.ctx.stream
+        if not self.learner.dynamic:
+            return memory.rows(stream.seen_labels(t))
+        new = memory.rows(stream.tasks[t].labels)
+        old = memory.rows(stream.seen_labels(t - 1)) if t else []
+        if len(old) > len(new):
+            old = [old[k] for k in sorted(rng.choice(len(old), size=len(new), replace=False))]
+        return new + old
 
     def after_task(self, t: int) -> None:
         learner = self.learner
-        rows = learner.memory.rows(learner.ctx.stream.seen_labels(t))
+        rng = np.random.default_rng(learner.ctx.seed + 1000 * (t + 1))
+        rows = self.refit_rows(t, rng)
+        self.refit_sizes.append((len(rows), self.opts["align_epochs"] * -(-len(rows) // self.opts["align_batch_size"])))
         raw = learner.raw_features(rows)
         with torch.no_grad():
             current = self.align(raw)
         targets = torch.stack([self.stored.get(i, current[k]) for k, i in enumerate(rows)])
-        opt = torch.optim.Adam(self.align.parameters(), lr=float(self.opts["align_lr"]))
-        rng = np.random.default_rng(learner.ctx.seed + 1000 * (t + 1))
-        bs = int(self.opts["align_batch_size"])
-        for _ in range(int(self.opts["align_epochs"])):
+        opt = torch.optim.Adam(self.align.parameters(), lr=self.opts["align_lr"])
+        bs = self.opts["align_batch_size"]
+        for _ in range(self.opts["align_epochs"]):
             order = rng.permutation(len(rows))
             for start in range(0, len(rows), bs):
                 idx = torch.as_tensor(order[start:start + bs])
@@ -91,4 +116,4 @@ class EAEMR(EMR):
                 opt.step()
         with torch.no_grad():
             aligned = self.align(raw)
-        self.stored = {i: aligned[k].clone() for k, i in enumerate(rows)}
+        self.stored.update({i: aligned[k].clone() for k, i in enumerate(rows)})

@@ -1,45 +1,49 @@
-"""L2 towards the previous PET weights: the rehearsal-free regularization baseline of Smith et
-al. 2023, "A Closer Look at Rehearsal-Free Continual Learning".
+"""L2 towards the earlier PET weights: the rehearsal-free regularization baseline of Smith et al.
+2023, "A Closer Look at Rehearsal-Free Continual Learning".
 
-After each task the PET parameters are stored; training the next task adds
-``l2_lambda * sum_i (theta_i - theta_prev,i)^2`` (no Fisher weighting, no replay in ``l2``).
+The penalty applies **from task 1 on**: while the first task trains, the anchor is the PET
+module's initial weights (the module as the pretrained model starts it, i.e. no update yet:
+LoRA's ``B A = 0``); after each task the anchor moves to the weights that task ended with.
+Training adds ``l2_lambda * sum_i (theta_i - anchor_i)^2`` (no Fisher weighting, no 1/2, as in
+the paper's table; no replay in ``l2``). The anchor covers the PET parameters only, not the head.
 """
 
 from __future__ import annotations
 
 import torch
 
+from conpet.learners.options import Option
 from conpet.learners.static import Plugin, register_method
 
 
 @register_method
 class L2(Plugin):
-    """L2 penalty towards the PET weights after the previous task (Smith et al. 2023)."""
+    """L2 penalty towards the PET weights of the previous task, the initial ones on task 1 (Smith et al. 2023)."""
 
     name = "l2"
-    options = {"l2_lambda": 1.0}
+    options = {"l2_lambda": Option(1.0, float, minimum=0.0, help="weight of the L2 penalty")}
 
     def __init__(self, learner, options) -> None:
         super().__init__(learner, options)
-        self.previous: list[torch.Tensor] | None = None
+        self.anchor: list[torch.Tensor] | None = None
         self.params: list[torch.nn.Parameter] = []
 
     def before_task(self, t: int) -> None:
         self.params = self.learner.pet_parameters()
+        if self.anchor is None:  # task 1: anchored to the module's initial weights
+            self.anchor = [p.detach().clone() for p in self.params]
 
     def after_task(self, t: int) -> None:
-        self.previous = [p.detach().clone() for p in self.learner.pet_parameters()]
+        self.anchor = [p.detach().clone() for p in self.learner.pet_parameters()]
 
     def state(self):
-        if self.previous is None:
+        if self.anchor is None:
             return {}, {"n": None}
-        return {f"previous/{i}": v for i, v in enumerate(self.previous)}, {"n": len(self.previous)}
+        return {f"anchor/{i}": v for i, v in enumerate(self.anchor)}, {"n": len(self.anchor)}
 
     def load_state(self, tensors, meta):
         n = meta["n"]
-        self.previous = None if n is None else [tensors[f"previous/{i}"].clone() for i in range(n)]
+        self.anchor = None if n is None else [tensors[f"anchor/{i}"].clone() for i in range(n)]
 
     def extra_loss(self, indices, logits):
-        if self.previous is None:
-            return 0.0
-        return float(self.opts["l2_lambda"]) * sum(((p - q) ** 2).sum() for p, q in zip(self.params, self.previous))
+        return self.opts["l2_lambda"] * sum(((p - q) ** 2).sum() for p, q in zip(self.params, self.anchor))

@@ -8,7 +8,6 @@ optimizer step and a progress bar with loss and ETA.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -17,29 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from conpet.config import TrainConfig
-
-
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
-
-
-def resolve_precision(precision: str) -> str:
-    """``auto`` -> ``bf16`` where the CPU runs it natively, else ``fp32``."""
-    if precision == "auto":
-        return "bf16" if cpu_supports_bf16() else "fp32"
-    return precision
-
-
-def autocast(precision: str):
-    """bf16 autocast on CPU (weights stay fp32); a no-op context for fp32."""
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from conpet.device import autocast
 
 
 @dataclass
@@ -56,9 +33,11 @@ class FitStats:
 
 
 def pet_training(pet, model, name: str, lr: float, loss_fn: Callable[[list[int]], torch.Tensor],
-                 total_steps: int) -> tuple[list[dict], Callable[[list[int]], torch.Tensor], list[Callable[[int], None]]]:
-    """What training module ``name`` of ``pet`` adds to a fit: its optimizer groups, the loss with
-    the method's regulariser (if any) and its per-step hook (if any)."""
+                 total_steps: int, task: int) -> tuple[list[dict], Callable[[list[int]], torch.Tensor],
+                                                       list[Callable[[int], None]]]:
+    """What training module ``name`` of ``pet`` for task ``task`` adds to a fit: its optimizer
+    groups, the loss with the method's regulariser (if any) and its per-step hook (if any)."""
+    pet.begin_fit(model, name, task)
     groups = pet.param_groups(model, name, lr)  # first: it turns training on for the hook's tensors
     hook = pet.step_hook(model, name, total_steps)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from conpet.learners.options import Option
 from conpet.learners.static import Plugin, register_method
 
 TEACHER = "lwf_teacher"
@@ -25,7 +26,8 @@ class LwF(Plugin):
     """Distillation of the previous model's old-class logits (Li & Hoiem 2017)."""
 
     name = "lwf"
-    options = {"lwf_lambda": 1.0, "lwf_temperature": 2.0}
+    options = {"lwf_lambda": Option(1.0, float, minimum=0.0, help="weight of the distillation term"),
+               "lwf_temperature": Option(2.0, float, minimum=1e-6, help="distillation temperature")}
 
     def __init__(self, learner, options) -> None:
         super().__init__(learner, options)
@@ -64,8 +66,8 @@ class LwF(Plugin):
             feats = learner.ctx.features(model, indices).float()
             pet.activate(model, name)
             teacher = F.linear(feats, *self.teacher_head)
-        T = float(self.opts["lwf_temperature"])
+        T = self.opts["lwf_temperature"]
         student = logits[:, : self.n_old].float()
         kl = F.kl_div(F.log_softmax(student / T, dim=-1), F.log_softmax(teacher / T, dim=-1),
                       log_target=True, reduction="batchmean")
-        return float(self.opts["lwf_lambda"]) * T * T * kl
+        return self.opts["lwf_lambda"] * T * T * kl

@@ -22,22 +22,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from conpet.adapters import merge_lora
 from conpet.errors import ConfigError
-from conpet.heads import GrowingHead
+from conpet.heads import GrowingHead, concat_heads
 from conpet.learners.base import (Context, OneModuleLearner, head_tensors, load_expert_heads, load_module_tensors,
-                                  module_tensors, register_learner)
-from conpet.learners.loop import fit, pet_training
+                                  module_tensors, register_learner, train_module)
+from conpet.learners.options import Option
 from conpet.merging import get_merge_method
-from conpet.pet import get_pet
+from conpet.pet import get_pet_class
 
 EXPERT = "expert"
-OPTIONS: dict[str, Any] = {"method": "ties", "rank": None, "merge_options": {}}
 
 
 @register_learner("merge")
@@ -45,30 +43,21 @@ class MergeLearner(OneModuleLearner):
     """One LoRA per task, all merged on dW into one module after every task."""
 
     module_name = "default"
+    options = {"method": Option("ties", str, help="merge rule (any name in conpet.merging)"),
+               "rank": Option(None, int, minimum=1, nullable=True, help="rank of the merged LoRA (default: r)"),
+               "merge_options": Option({}, dict, help="the merge rule's options, e.g. {density: 0.2}")}
 
     @classmethod
-    def check_options(cls, cfg) -> dict[str, Any]:
-        unknown = sorted(set(cfg.learner_options) - set(OPTIONS))
-        if unknown:
-            raise ConfigError(f"learner_options: unknown option '{unknown[0]}' for learner 'merge' "
-                              f"(known: {', '.join(sorted(OPTIONS))})")
-        opts = {**OPTIONS, **cfg.learner_options}
-        if cfg.pet.method != "lora":
-            raise ConfigError(f"learner 'merge' merges LoRA updates (dW = B A); pet.method is '{cfg.pet.method}'")
-        if not isinstance(opts["merge_options"], dict):
-            raise ConfigError("learner_options.merge_options: must be a mapping of the merge method's options")
+    def validate(cls, cfg, opts) -> None:
+        if not get_pet_class(cfg.pet.method).lora_mergeable:
+            raise ConfigError(f"learner 'merge' merges LoRA updates (dW = B A); pet.method '{cfg.pet.method}' "
+                              "is not a plain LoRA")
         get_merge_method(opts["method"]).check_options(opts["merge_options"])
-        if opts["rank"] is not None and int(opts["rank"]) < 1:
-            raise ConfigError("learner_options.rank: must be >= 1")
-        return opts
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
-        self.opts = self.check_options(ctx.cfg)
-        self.rank = int(self.opts["rank"] or ctx.pet.peft_config().r)
-        self.merged_pet = get_pet("lora", {**ctx.pet.options, "r": self.rank, "lora_alpha": self.rank,
-                                           "use_rslora": False, "use_dora": False})
-        self.merged_pet.bf16_autocast = ctx.pet.bf16_autocast
+        self.rank = self.opts["rank"] or ctx.pet.rank
+        self.merged_pet = ctx.pet.resized(self.rank)
         self.experts: list[tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = []
         self.expert_heads: list[GrowingHead] = []
         self.errors: list[float] = []
@@ -79,9 +68,9 @@ class MergeLearner(OneModuleLearner):
         task = ctx.stream.tasks[t]
         torch.manual_seed(int(ctx.rng.integers(2**31)))
         if self.model is None:
-            self.model = pet.attach(ctx.backbone.model, EXPERT)
+            self.model = pet.attach(ctx.backbone.model, EXPERT, ctx.calibration(t))
         elif EXPERT not in pet.modules(self.model):
-            pet.add(self.model, EXPERT)
+            pet.add(self.model, EXPERT, ctx.calibration(t))
         head = GrowingHead(ctx.backbone.hidden_size)
         head.grow(list(task.labels), ctx.torch_gen)
         self.expert_heads.append(head)
@@ -90,41 +79,18 @@ class MergeLearner(OneModuleLearner):
         def expert_loss(indices):
             return F.cross_entropy(head(ctx.features(self.model, indices)), ctx.targets(indices) - start)
 
-        pet.activate(self.model, EXPERT)
-        self.model.train()
-        train = ctx.cfg.train
-        batches = ctx.epoch_batches(task.train)
-        groups, loss_fn, hooks = pet_training(pet, self.model, EXPERT, train.lr, expert_loss, len(batches))
-        groups.append({"params": list(head.parameters()), "lr": train.head_lr})
-        self.last_fit = fit(loss_fn, groups, batches, train, ctx.precision, desc=f"{task.name} expert",
-                            progress=ctx.progress, after_step=hooks, checkpointer=ctx.checkpointer)
-        self.model.eval()
-        self.experts.append(self._expert_factors())
+        self.last_fit = train_module(ctx, self.model, EXPERT, expert_loss, ctx.epoch_batches(task.train),
+                                     f"{task.name} expert", t, list(head.parameters()))
+        self.experts.append(pet.lora_factors(self.model, EXPERT))
         self._remerge()
         pet.remove(self.model, EXPERT)
-
-    def _expert_factors(self):
-        config = self.model.peft_config[EXPERT]
-        cfg = {"r": config.r, "lora_alpha": config.lora_alpha, "use_rslora": bool(config.use_rslora)}
-        params = dict(self.model.named_parameters())
-        factors = {}
-        for name, a in params.items():
-            if f".lora_A.{EXPERT}." in name:
-                path = name.split(".lora_A.")[0]
-                b = params[name.replace(f".lora_A.{EXPERT}.", f".lora_B.{EXPERT}.")]
-                factors[path] = (a.detach().float().clone(), b.detach().float().clone())
-        return cfg, factors
 
     def _remerge(self) -> None:
         result = merge_lora(self.experts, self.opts["method"], self.rank, **dict(self.opts["merge_options"]))
         self.errors.append(result.mean_error)
         if self.module_name not in self.ctx.pet.modules(self.model):
             self.merged_pet.add(self.model, self.module_name)
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for path, (a, b) in result.factors.items():
-                params[f"{path}.lora_A.{self.module_name}.weight"].copy_(a)
-                params[f"{path}.lora_B.{self.module_name}.weight"].copy_(b)
+        self.merged_pet.set_lora_factors(self.model, self.module_name, result.factors)
         self.ctx.pet.activate(self.model, self.module_name)
         self.head = concat_heads(self.expert_heads, self.ctx.backbone.hidden_size)
 
@@ -171,12 +137,3 @@ class MergeLearner(OneModuleLearner):
         self.errors = list(meta["errors"])
         if self.expert_heads:
             self.head = concat_heads(self.expert_heads, self.ctx.backbone.hidden_size)
-
-
-def concat_heads(heads: list[GrowingHead], hidden_size: int) -> GrowingHead:
-    """One head over every class: the experts' heads stacked in task order."""
-    out = GrowingHead(hidden_size)
-    out.weight = torch.nn.Parameter(torch.cat([h.weight.detach() for h in heads]))
-    out.bias = torch.nn.Parameter(torch.cat([h.bias.detach() for h in heads]))
-    out.labels = [label for h in heads for label in h.labels]
-    return out

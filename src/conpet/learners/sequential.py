@@ -15,7 +15,7 @@ class Sequential(OneModuleLearner):
 
     def learn(self, t: int) -> None:
         if self.model is None:
-            self.new_module()
+            self.new_module(t)
         task = self.ctx.stream.tasks[t]
         self.head.grow(list(task.labels), self.ctx.torch_gen)
-        self.train_on(task.train, desc=f"{task.name} train")
+        self.train_on(task.train, f"{task.name} train", t)

@@ -9,15 +9,10 @@ A former method is a :class:`Plugin` on the one training loop. Each plugin gives
   number of steps whose batches mix new rows and old rows 1:1 (each old row from a uniformly
   chosen old task), so training task t costs the same for every t.
 
-Learner options (``learner_options`` in the config, ``--set learner_options.KEY=VALUE``):
-
-- ``steps_per_task`` (dynamic replay): default ``epochs * ceil(|new train rows| / n_new)``, i.e.
-  every new row is seen ``epochs`` times, whatever the number of old tasks;
-- ``new_ratio``: new:old ratio of a replay batch (default 1.0 = 1:1);
-- ``replay_source``: ``history`` (ConPET: every old training row) or ``memory`` (a bounded
-  exemplar memory per class, chosen by k-means on features);
-- ``memory_per_class``: exemplar memory size per class (default 16);
-- plus each method's own options (see its module).
+Learner options (``learner_options`` in the config, ``--set learner_options.KEY=VALUE``): the
+replay options shared with Dynamic ConPET (:data:`conpet.learners.options.REPLAY_OPTIONS`:
+``steps_per_task``, ConPET's official ``batch_limit`` budget, ``new_ratio``, ``replay_source``,
+``memory_per_class``) plus each method's own options (see its module).
 
 Heads only ever have columns for classes seen so far, so no softmax runs over future classes
 (a quirk of the official code); losses are means over the batch.
@@ -25,44 +20,21 @@ Heads only ever have columns for classes seen so far, so no softmax runs over fu
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
 
-from conpet.errors import ConfigError
-from conpet.learners.base import Context, OneModuleLearner, register_learner
-from conpet.replay import ExemplarMemory, dynamic_replay_batches, split_batch
-
-COMMON_OPTIONS: dict[str, Any] = {
-    "steps_per_task": None,
-    "new_ratio": 1.0,
-    "replay_source": "history",
-    "memory_per_class": 16,
-}
-
-
-def replay_schedule(ctx: Context, t: int, opts: dict[str, Any], memory: ExemplarMemory) -> list[list[int]]:
-    """ConPET's dynamic replay batches for task ``t``: ``steps_per_task`` steps (default: each new
-    row seen ``epochs`` times), old rows from each old task's full training set or its memory."""
-    stream, train = ctx.stream, ctx.cfg.train
-    new = stream.tasks[t].train
-    n_new, _ = split_batch(train.batch_size, float(opts["new_ratio"]))
-    steps = opts["steps_per_task"] or train.epochs * math.ceil(len(new) / n_new)
-    if opts["replay_source"] == "memory":
-        pools = [memory.rows(stream.tasks[j].labels) for j in range(t)]
-    else:
-        pools = [list(stream.tasks[j].train) for j in range(t)]
-    return dynamic_replay_batches(new, pools, int(steps), train.batch_size, ctx.rng,
-                                  new_ratio=float(opts["new_ratio"]))
+from conpet.learners.base import Context, OneModuleLearner, register_learner, update_memory
+from conpet.learners.options import REPLAY_OPTIONS, Option
+from conpet.replay import ExemplarMemory, replay_schedule, split_batch
 
 
 class Plugin:
     """A former continual-learning method as hooks on the training loop."""
 
     name: ClassVar[str] = "?"
-    options: ClassVar[dict[str, Any]] = {}
-    """The method's own options and their defaults."""
+    options: ClassVar[dict[str, Option]] = {}
+    """The method's own options (:class:`conpet.learners.options.Option`)."""
 
     def __init__(self, learner: "StaticConPET", options: dict[str, Any]) -> None:
         self.learner = learner
@@ -114,50 +86,34 @@ class StaticConPET(OneModuleLearner):
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
-        self.opts = self.check_options(ctx.cfg)
-        self.memory = ExemplarMemory(int(self.opts["memory_per_class"]))
+        self.memory = ExemplarMemory(self.opts["memory_per_class"])
         self.plugins = (self.plugin_cls(self, self.opts),)
 
     @classmethod
-    def check_options(cls, cfg) -> dict[str, Any]:
-        known = {**COMMON_OPTIONS, **cls.plugin_cls.options}
-        unknown = sorted(set(cfg.learner_options) - set(known))
-        if unknown:
-            raise ConfigError(f"learner_options: unknown option '{unknown[0]}' for learner '{cls.name}' "
-                              f"(known: {', '.join(sorted(known))})")
-        opts = {**known, **cfg.learner_options}
-        if opts["replay_source"] not in ("history", "memory"):
-            raise ConfigError("learner_options.replay_source: must be 'history' or 'memory'")
+    def validate(cls, cfg, opts) -> None:
         if cls.dynamic:
-            split_batch(cfg.train.batch_size, float(opts["new_ratio"]))
-        return opts
+            split_batch(cfg.train.batch_size, opts["new_ratio"])
 
     def replay_batches(self, t: int) -> list[list[int]]:
         """ConPET's dynamic replay schedule for task t >= 1."""
-        return replay_schedule(self.ctx, t, self.opts, self.memory)
-
-    def update_memory(self, t: int) -> None:
-        """Add exemplars of task t's classes, chosen on the current model's features."""
-        stream = self.ctx.stream
-        for label in stream.tasks[t].labels:
-            rows = [i for i in stream.tasks[t].train if stream.rows[i].label == label]
-            feats = self.raw_features(rows).numpy()
-            self.memory.add_class(label, rows, feats, seed=self.ctx.seed)
+        train = self.ctx.cfg.train
+        return replay_schedule(self.ctx.stream, t, self.opts, self.memory, train.batch_size, train.epochs,
+                               self.ctx.rng)
 
     def learn(self, t: int) -> None:
         if self.model is None:
-            self.new_module()
+            self.new_module(t)
         task = self.ctx.stream.tasks[t]
         self.head.grow(list(task.labels), self.ctx.torch_gen)
         for plugin in self.plugins:
             plugin.before_task(t)
         if t > 0 and self.dynamic:
-            self.train_on(task.train, f"{task.name} {self.name}", batches=self.replay_batches(t))
+            self.train_on(task.train, f"{task.name} {self.name}", t, batches=self.replay_batches(t))
         else:
             rows = list(task.train) + [i for plugin in self.plugins for i in plugin.replay_rows(t)]
-            self.train_on(rows, f"{task.name} {self.name}")
+            self.train_on(rows, f"{task.name} {self.name}", t)
         if any(plugin.needs_memory() for plugin in self.plugins):
-            self.update_memory(t)
+            update_memory(self.ctx, self.memory, t, self.raw_features)
         for plugin in self.plugins:
             plugin.after_task(t)
 
@@ -168,7 +124,7 @@ def register_method(plugin_cls: type[Plugin]) -> type[Plugin]:
     for dynamic in (False, True):
         name = plugin_cls.name + ("*" if dynamic else "")
         cls = type(f"StaticConPET_{plugin_cls.__name__}{'Star' if dynamic else ''}", (StaticConPET,),
-                   {"plugin_cls": plugin_cls, "dynamic": dynamic,
+                   {"plugin_cls": plugin_cls, "dynamic": dynamic, "options": {**REPLAY_OPTIONS, **plugin_cls.options},
                     "__doc__": f"{doc} ({'dynamic replay' if dynamic else 'original schedule'})",
                     "__module__": plugin_cls.__module__})
         register_learner(name)(cls)

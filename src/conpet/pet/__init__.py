@@ -1,6 +1,28 @@
-"""Every PET method behind one interface (:class:`PETMethod`), chosen by name."""
+"""Every PET method behind one interface (:class:`PETMethod`), chosen by name.
 
-from conpet.pet.base import PET_METHODS, PETMethod, get_pet, register_pet
-from conpet.pet import dept, injected, peft_methods  # noqa: F401  (registers the methods)
+One file per method in this folder; adding a method is one file (registered with
+``@register_pet``), its import below and its rows in ``tests/test_pet_zoo.py``.
+"""
 
-__all__ = ["PETMethod", "PET_METHODS", "get_pet", "register_pet"]
+from typing import Any
+
+from conpet.errors import ConfigError
+from conpet.pet import (adalora, adapter, bitfit, compacter, corda, dept, hft, ia3, lisa, ln_tuning,  # noqa: F401
+                        lora, mola, mos, p_tuning, parallel_adapter, prefix_tuning, prompt_tuning, sparse_ft)
+from conpet.pet.base import PET_METHODS, LayerScope, PETMethod, register_pet
+
+
+def get_pet_class(method: str) -> type[PETMethod]:
+    if method not in PET_METHODS:
+        raise ConfigError(f"pet.method: unknown PET method '{method}' (available: {', '.join(sorted(PET_METHODS))})")
+    return PET_METHODS[method]
+
+
+def get_pet(method: str, options: dict[str, Any] | None = None, *, scope: LayerScope | None = None,
+            precision: str = "fp32") -> PETMethod:
+    """Build PET method ``method``; its options are checked here (a :class:`ConfigError` names a
+    misspelt or bad one)."""
+    return get_pet_class(method)(options, scope=scope, precision=precision)
+
+
+__all__ = ["PETMethod", "PET_METHODS", "LayerScope", "get_pet", "get_pet_class", "register_pet"]

@@ -2,64 +2,94 @@
 
 A learner never touches a PET method's internals; it asks for:
 
-- ``attach(model, name)``: wrap the frozen backbone with a first module called ``name``;
-- ``add(model, name)``: add another module (one per task, a selector...) to the same backbone;
+- ``attach(model, name, calibration)``: wrap the frozen backbone with a first module ``name``;
+- ``add(model, name, calibration)``: add another module (one per task, a selector...);
 - ``activate(model, name)``: route the forward pass through module ``name``;
 - ``parameters(model, name)``: the tensors to optimize;
 - ``save(model, name, folder)`` / ``load(model, folder, name)``;
 - ``detach(model)``: give the untouched backbone back.
 
-Methods register with ``@register_pet("name")`` and are built by :func:`get_pet`.
+Everything a method needs is given when it is built: its options (checked right there, so a
+misspelt option fails before anything is written or loaded), the :class:`LayerScope` it is
+confined to (``train.top_layers``, decided once by :mod:`conpet.build`) and the run's precision.
+Data-aware initialisations receive a *calibration* function with each new module.
+
+Methods register with ``@register_pet("name")``; one file per method in this folder.
 """
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
-from conpet.errors import ConfigError, ModelError
+from conpet.errors import ConfigError
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz")
+Calibration = Callable[[nn.Module, int], None]
+"""``calibration(model, max_rows)`` runs ``model`` (no gradient) on up to ``max_rows`` training
+rows of the task a new module is for (CorDA's covariances, prefix tuning's real tokens)."""
 
-
-def check_safe_folder(folder: Path) -> None:
-    """Refuse a saved module folder holding pickled files: conpet reads only safetensors and JSON
-    (unpickling runs arbitrary code)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ModelError(f"{folder}: no such adapter folder")
-    unsafe = sorted(f.name for f in folder.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
-    if unsafe:
-        raise ModelError(f"{folder}: refusing to load pickled file(s) {', '.join(unsafe)}; conpet reads only "
-                         f".safetensors and .json")
-    if not any(folder.glob("*.safetensors")):
-        raise ModelError(f"{folder}: no .safetensors weights in the adapter folder")
-
-
-def check_binding(folder: Path, fingerprint: str, backbone_desc: str) -> None:
-    """Refuse a module saved on another base model (its ``conpet.json`` records the base's fingerprint)."""
-    import json
-
-    meta_file = Path(folder) / "conpet.json"
-    if not meta_file.is_file():
-        return
-    meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    saved = meta.get("backbone_fingerprint")
-    if saved and saved != fingerprint:
-        raise ModelError(f"{folder}: this adapter was trained on base model {meta.get('backbone_path', '?')} "
-                         f"(fingerprint {saved}), not on {backbone_desc} (fingerprint {fingerprint}); "
-                         f"refusing to load it onto a different base")
+StepHook = Callable[[int], None]
 
 PET_METHODS: dict[str, type["PETMethod"]] = {}
+
+
+@dataclass(frozen=True)
+class LayerScope:
+    """The transformer layers PET modules may touch (``train.top_layers``): the indices
+    ``layers`` of the stack called ``pattern`` (``layers`` in Llama, ``layer`` in BERT), out of
+    ``n_layers``. Each method turns it into its own vocabulary (peft's ``layers_to_transform``,
+    regexes, site lists)."""
+
+    layers: tuple[int, ...]
+    pattern: str
+    n_layers: int
+
+    def position(self, layer: int) -> int:
+        """Index of ``layer`` among the scoped layers (0 = the lowest PET layer)."""
+        return self.layers.index(layer)
 
 
 def in_module(param_name: str, module: str) -> bool:
     """Whether a parameter path belongs to module ``module`` (peft puts the adapter name in it)."""
     return f".{module}." in param_name or param_name.endswith(f".{module}")
+
+
+def seeded_generator(*parts: object) -> torch.Generator:
+    """A torch generator seeded by a real hash of ``parts`` (e.g. a seed and a module path), so
+    different sites get independent draws (``sum(map(ord, path))`` collides across paths)."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def check_known(method: str, options: dict[str, Any], known) -> None:
+    """A misspelt option is an error naming it (with a did-you-mean), never silently ignored."""
+    known = sorted(known)
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known) or 'none'})"
+            raise ConfigError(f"pet.options: unknown option '{key}' for '{method}'{hint}")
+
+
+def check_positive_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"pet.options.{key}: must be an integer >= 1, got {value!r}")
+    return value
+
+
+def check_positive_number(key: str, value: Any, nullable: bool = False) -> float | None:
+    if value is None and nullable:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"pet.options.{key}: must be a positive number, got {value!r}")
+    return float(value)
 
 
 def register_pet(name: str) -> Callable[[type["PETMethod"]], type["PETMethod"]]:
@@ -78,20 +108,29 @@ class PETMethod(ABC):
     """Whether one forward pass can route each row through its own module (``adapter_names``)."""
     input_level: ClassVar[bool] = False
     """Whether the method changes the input embeddings or prepends virtual tokens (prompt family):
-    such a module needs the whole forward pass, so ``train.top_layers`` (which caches the lower
-    layers without PET) cannot be used with it."""
-    bf16_autocast: bool = False
-    """Set by the runner when training and prediction run under bf16 autocast: a method may then
-    skip dtype round trips that autocast makes redundant (peft's input casting)."""
+    such a module needs the whole forward pass, so it cannot be confined to the top layers."""
+    lora_mergeable: ClassVar[bool] = False
+    """Whether modules are plain LoRA factors the ``merge`` learner can merge (:meth:`lora_factors`)."""
+    defaults: ClassVar[dict[str, Any]] = {}
+    """The method's own options and their defaults (peft-backed methods: their peft config's)."""
 
-    def __init__(self, options: dict[str, Any] | None = None) -> None:
-        self.options = dict(options or {})
-        self.calibration: Callable[[nn.Module, int], None] | None = None
-        """Set by the runner before each task: ``calibration(model, max_rows)`` runs ``model``
-        (no gradient) on rows of that task, for data-aware initialisations (CorDA)."""
+    def __init__(self, options: dict[str, Any] | None = None, *, scope: LayerScope | None = None,
+                 precision: str = "fp32") -> None:
+        if scope is not None and self.input_level:
+            raise ConfigError(f"train.top_layers: pet.method '{self.name}' works at the input embeddings, so "
+                              "every layer must see it; it needs train.top_layers: null (or auto)")
+        self.scope = scope
+        self.precision = precision
+        self.options = self.check_options(dict(options or {}))
 
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Validate the user's options (names and values) and return them with defaults."""
+        check_known(self.name, options, self.defaults)
+        return {**self.defaults, **options}
+
+    # -- the interface ------------------------------------------------------------------------------
     @abstractmethod
-    def attach(self, model: nn.Module, name: str) -> nn.Module:
+    def attach(self, model: nn.Module, name: str, calibration: Calibration | None = None) -> nn.Module:
         """Wrap ``model`` with a first module ``name``; return the wrapped model."""
 
     @abstractmethod
@@ -99,7 +138,7 @@ class PETMethod(ABC):
         """Wrap ``model`` with a saved module loaded from ``folder`` under the name ``name``."""
 
     @abstractmethod
-    def add(self, model: nn.Module, name: str) -> None:
+    def add(self, model: nn.Module, name: str, calibration: Calibration | None = None) -> None:
         """Add a fresh module ``name`` to an already wrapped model."""
 
     @abstractmethod
@@ -130,10 +169,14 @@ class PETMethod(ABC):
     def detach(self, model: nn.Module) -> nn.Module:
         """Remove every module and return the unchanged backbone."""
 
-    def step_hook(self, model: nn.Module, name: str, total_steps: int | None = None) -> Callable[[int], None] | None:
-        """Called after every optimizer step (gradients still present) while module ``name`` trains
-        a fit of ``total_steps`` steps (sparse regrowth, LISA's layer sampling, AdaLoRA's rank
-        budget...); ``None`` for most methods."""
+    # -- training hooks (defaults: nothing) -----------------------------------------------------------
+    def begin_fit(self, model: nn.Module, name: str, task: int) -> None:
+        """Called when module ``name`` starts a fit for task ``task`` (HFT draws that task's half)."""
+
+    def step_hook(self, model: nn.Module, name: str, total_steps: int | None = None) -> StepHook | None:
+        """Called once per fit of ``total_steps`` steps; the callable it returns runs after every
+        optimizer step (gradients still present): sparse regrowth, LISA's layer sampling,
+        AdaLoRA's rank budget... ``None`` for most methods."""
         return None
 
     def param_groups(self, model: nn.Module, name: str, lr: float) -> list[dict]:
@@ -144,6 +187,12 @@ class PETMethod(ABC):
     def extra_loss(self, model: nn.Module, name: str) -> torch.Tensor | None:
         """A regulariser added to the training loss of module ``name`` (AdaLoRA's orthogonality
         penalty); ``None`` for most methods."""
+        return None
+
+    # -- what merging and reporting read ----------------------------------------------------------------
+    @property
+    def rank(self) -> int | None:
+        """The module's rank for low-rank methods (LoRA's ``r``), else ``None``."""
         return None
 
     def delta_weights(self, model: nn.Module, name: str) -> dict[str, torch.Tensor] | None:
@@ -169,19 +218,7 @@ class PETMethod(ABC):
                 names[target].requires_grad_(False)
                 copied += 1
         if not copied:
-            raise ValueError(f"module '{src}' has no parameters to copy")
+            raise ConfigError(f"pet '{self.name}': module '{src}' has no parameters to copy")
 
     def count(self, model: nn.Module, name: str) -> int:
         return sum(p.numel() for p in self.parameters(model, name))
-
-
-def get_pet_class(method: str) -> type[PETMethod]:
-    import conpet.pet  # noqa: F401  (registers the methods)
-
-    if method not in PET_METHODS:
-        raise ConfigError(f"pet.method: unknown PET method '{method}' (available: {', '.join(sorted(PET_METHODS))})")
-    return PET_METHODS[method]
-
-
-def get_pet(method: str, options: dict[str, Any] | None = None) -> PETMethod:
-    return get_pet_class(method)(options)

@@ -19,7 +19,7 @@ initialisation of Lester et al. 2021) rather than from T5's first 5000 tokens.
 
 Works with every learner: several named DePT modules live on one backbone (one active at a time;
 the dynamic learner groups rows by module). Saved in conpet's own format (``pet_config.json`` +
-``pet_model.safetensors``, see :mod:`conpet.pet.injected`).
+``pet_model.safetensors``, see :mod:`conpet.pet.sites`).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from conpet.errors import ConfigError, ModelError
-from conpet.pet.base import in_module, register_pet
-from conpet.pet.injected import InjectedPET
+from conpet.errors import ModelError
+from conpet.pet.base import Calibration, check_positive_int, check_positive_number, in_module, register_pet
+from conpet.pet.sites import InjectedPET
 
 
 class DePTPart(nn.Module):
@@ -116,17 +116,15 @@ class DePT(InjectedPET):
     defaults: dict[str, Any] = {"prompt_length": 60, "r": 30, "alpha": 8, "max_length": 256,
                                 "prompt_lr": 3e-2, "lowrank_lr": None}
 
-    def __init__(self, options: dict[str, Any] | None = None) -> None:
-        super().__init__(options)
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        options = super().check_options(options)
         for key in ("prompt_length", "r", "max_length"):
-            if not isinstance(self.options[key], int) or self.options[key] < 1:
-                raise ConfigError(f"pet.options.{key}: must be an integer >= 1, got {self.options[key]!r}")
+            check_positive_int(key, options[key])
         for key in ("prompt_lr", "lowrank_lr"):
-            value = self.options[key]
-            if value is not None and not (isinstance(value, (int, float)) and value > 0):
-                raise ConfigError(f"pet.options.{key}: must be a positive number, got {value!r}")
+            check_positive_number(key, options[key], nullable=key == "lowrank_lr")
+        return options
 
-    def attach(self, model: nn.Module, name: str) -> nn.Module:
+    def attach(self, model: nn.Module, name: str, calibration: Calibration | None = None) -> nn.Module:
         wrapped = DePTModel(model, self)
         wrapped.add_adapter(name)
         wrapped.set_adapter(name)

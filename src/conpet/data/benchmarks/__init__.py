@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from conpet.data.formats import build_stream, read_rows
 from conpet.data.stream import Stream
 from conpet.errors import DataError
 
@@ -32,8 +33,6 @@ def benchmark_meta(name: str) -> dict:
 
 def load_benchmark(name: str, max_train_per_class: int | None = None) -> Stream:
     """Load a built-in benchmark as a Stream (tasks as listed in its meta file)."""
-    from conpet.data.formats import build_stream, read_rows
-
     meta = benchmark_meta(name)
     rows = read_rows(HERE / f"{BENCHMARKS[name]}.jsonl.gz")
     groups = [(f"task-{i + 1:02d}", list(labels)) for i, labels in enumerate(meta["tasks"])]

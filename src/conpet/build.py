@@ -1,0 +1,81 @@
+"""From a config to objects: the one place that builds the feature engine, the PET method and
+the learner, for ``run``, ``resume``, ``evaluate``, ``predict``, ``merge`` and the bench scripts.
+
+    from conpet.build import check, prepare, build_learner
+    check(cfg)                              # options of the learner and PET method: no model needed
+    prepared = prepare(cfg)                 # stream, backbone, tokenized rows, feature engine (checked)
+    learner = build_learner(cfg, prepared, seed=0)
+
+Precision and ``train.top_layers`` are resolved once, here, and the engine's split forward pass
+is always checked against the plain one before anything trains or predicts.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from conpet.backbone import cast_frozen_linears, load_backbone
+from conpet.config import RunConfig
+from conpet.data import load_stream
+from conpet.data.stream import Stream
+from conpet.device import resolve_precision
+from conpet.engine import FeatureEngine, resolve_top_layers
+from conpet.inputs import encode_rows
+from conpet.learners import Context, Learner, get_learner
+from conpet.pet import PETMethod, get_pet, get_pet_class
+
+
+class Prepared(NamedTuple):
+    """What every seed and every learner of one run shares: the stream and the feature engine
+    (backbone, tokenized rows, lower-layer cache)."""
+
+    stream: Stream
+    engine: FeatureEngine
+
+
+def check(cfg: RunConfig) -> None:
+    """Check what needs no model (learner and PET options) before anything is written or loaded."""
+    get_learner(cfg.learner).check_options(cfg)
+    get_pet(cfg.pet.method, cfg.pet.options)
+
+
+def prepare(cfg: RunConfig, stream: Stream | None = None, check_rows: int = 8, cast_frozen: bool = True) -> Prepared:
+    """Load and validate the data (first: bad data fails fast) unless ``stream`` is given (predict
+    builds it from a run's ``stream.json`` and the rows to predict), then the backbone; tokenize
+    once; build the feature engine and check its split forward pass on ``check_rows`` rows.
+
+    Under bf16 the frozen linear weights are stored in bf16 (``cast_frozen``; a baseline that
+    keeps fp32 weights under autocast, as HF Trainer does, turns it off)."""
+    stream = load_stream(cfg.data) if stream is None else stream
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    backbone = load_backbone(cfg.model)
+    precision = resolve_precision(cfg.train.precision)
+    if precision == "bf16" and cast_frozen:
+        cast_frozen_linears(backbone.model)
+    encoded = encode_rows(stream.rows, stream.kind, backbone.tokenizer, backbone.is_decoder, cfg.train.max_length)
+    top_layers = resolve_top_layers(cfg.train.top_layers, backbone.model, get_pet_class(cfg.pet.method).input_level)
+    engine = FeatureEngine(backbone, encoded, top_layers, precision, cfg.train.eval_batch_size, cfg.train.cache_mb)
+    rows = stream.tasks[0].train[:check_rows] if stream.tasks and stream.tasks[0].train else \
+        list(range(min(check_rows, len(stream.rows))))
+    engine.check(backbone.model, rows)
+    return Prepared(stream, engine)
+
+
+def build_pet(cfg: RunConfig, engine: FeatureEngine, precision: str | None = None) -> PETMethod:
+    """The run's PET method, confined to the engine's layers and told the run's precision
+    (``precision`` overrides it for a baseline that runs peft as plain peft does)."""
+    return get_pet(cfg.pet.method, cfg.pet.options, scope=engine.scope, precision=precision or engine.precision)
+
+
+def build_learner(cfg: RunConfig, prepared: Prepared, seed: int, progress: bool = False,
+                  checkpointer=None, pet_precision: str | None = None) -> Learner:
+    """A fresh learner of ``cfg.learner`` for one seed, with its own PET method object
+    (``pet_precision``: see :func:`build_pet`; benchmarks only)."""
+    stream, engine = prepared
+    learner_cls = get_learner(cfg.learner)
+    ctx = Context(cfg=cfg, stream=stream, engine=engine, pet=build_pet(cfg, engine, pet_precision), seed=seed,
+                  options=learner_cls.check_options(cfg), progress=progress, checkpointer=checkpointer)
+    return learner_cls(ctx)

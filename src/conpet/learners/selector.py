@@ -1,0 +1,58 @@
+"""The PET module selector of Dynamic ConPET (Song et al. 2023): its own PET module (``selector``)
+on the shared backbone plus a head over task ids, trained with cross-entropy over tasks on
+ConPET's dynamic replay batches; it picks the top-k experts each input runs through.
+
+``balance`` (a conpet option, not in the paper): the loss is the mean over the tasks in the
+batch of each task's mean cross-entropy, so the newest task, half of every replay batch, no
+longer outweighs each old one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from conpet.heads import GrowingHead
+from conpet.learners.base import Context, train_module
+from conpet.learners.loop import FitStats
+
+SELECTOR = "selector"
+
+
+def task_balanced_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the targets present in the batch of each target's mean cross-entropy (every task
+    weighs the same, however many of its rows the batch holds)."""
+    losses = F.cross_entropy(logits, targets, reduction="none")
+    counts = torch.bincount(targets, minlength=logits.shape[-1])[targets].to(losses.dtype)
+    return (losses / counts).sum() / (counts.reciprocal().sum())
+
+
+class ModuleSelector:
+    """Selector head + the training and routing of the ``selector`` PET module."""
+
+    def __init__(self, ctx: Context, balance: bool = False) -> None:
+        self.ctx = ctx
+        self.balance = balance
+        self.head = GrowingHead(ctx.backbone.hidden_size)
+
+    def task_ids(self, indices: list[int]) -> torch.Tensor:
+        stream = self.ctx.stream
+        return torch.tensor([stream.task_of_label[stream.rows[i].label] for i in indices])
+
+    def loss(self, model: torch.nn.Module, indices: list[int]) -> torch.Tensor:
+        logits, targets = self.head(self.ctx.features(model, indices)), self.task_ids(indices)
+        return task_balanced_cross_entropy(logits, targets) if self.balance else F.cross_entropy(logits, targets)
+
+    def train(self, model: torch.nn.Module, batches: list[list[int]], desc: str, task: int) -> FitStats:
+        return train_module(self.ctx, model, SELECTOR, lambda idx: self.loss(model, idx), batches, desc, task,
+                            list(self.head.parameters()))
+
+    @torch.no_grad()
+    def probabilities(self, model: torch.nn.Module, indices: list[int]) -> torch.Tensor:
+        """Selector probabilities [B, tasks] (the model's mode is kept)."""
+        was_training = model.training
+        model.eval()
+        self.ctx.pet.activate(model, SELECTOR)
+        feats = self.ctx.features(model, indices)
+        model.train(was_training)
+        return F.softmax(self.head(feats).float(), dim=-1)

@@ -1,0 +1,145 @@
+"""The package's shape, checked: imports only point down the layers, no import cycle (module-level
+and function-level imports both count), no conpet import hidden inside a function, no module far
+over 500 lines, and every PET method in a file named after it."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "conpet"
+
+LAYERS = [
+    ["conpet", "conpet.__main__", "conpet.cli"],
+    ["conpet.runner", "conpet.predict"],
+    ["conpet.build", "conpet.report", "conpet.checkpoint"],
+    ["conpet.learners"],
+    ["conpet.engine", "conpet.adapters"],
+    ["conpet.pet"],
+    ["conpet.backbone", "conpet.inputs", "conpet.heads", "conpet.replay", "conpet.merging", "conpet.compress",
+     "conpet.metrics"],
+    ["conpet.data"],
+    ["conpet.runs"],
+    ["conpet.config", "conpet.device"],
+    ["conpet.errors"],
+]
+"""Top to bottom: a module may import modules of lower layers (and, inside its own package, its
+siblings, as long as no cycle forms); never a module of its own layer or above."""
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in SRC.rglob("*.py")}
+
+
+def imports(path: Path) -> list[tuple[str, int, bool]]:
+    """(imported conpet module, line, inside a function?) for every import in ``path``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    known = set(modules())
+    found = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                found.extend((a.name, child.lineno, in_function) for a in child.names if a.name.startswith("conpet"))
+            elif isinstance(child, ast.ImportFrom) and child.module and child.module.startswith("conpet"):
+                for a in child.names:  # `from conpet.pet import lora` imports the module conpet.pet.lora
+                    sub = f"{child.module}.{a.name}"
+                    found.append((sub if sub in known else child.module, child.lineno, in_function))
+            visit(child, inner)
+
+    visit(tree, False)
+    return found
+
+
+def layer_of(module: str) -> int:
+    best = None
+    for i, layer in enumerate(LAYERS):
+        for prefix in layer:
+            if module == prefix or module.startswith(prefix + "."):
+                if best is None or len(prefix) > best[1]:
+                    best = (i, len(prefix))
+    assert best is not None, f"{module} is in no layer of tests/test_architecture.py: add it"
+    return best[0]
+
+
+def package_of(module: str) -> str:
+    for layer in LAYERS:
+        for prefix in layer:
+            if module.startswith(prefix + "."):
+                return prefix
+    return module
+
+
+def test_imports_only_point_down_the_layers():
+    bad = []
+    for name, path in modules().items():
+        for target, line, _ in imports(path):
+            if package_of(target) == package_of(name) and package_of(name) != name:
+                continue  # siblings inside one package: covered by the cycle test
+            if target == package_of(name):
+                continue  # a package's module importing its package's registry (conpet.pet.x -> conpet.pet)
+            if layer_of(target) <= layer_of(name) and target != name:
+                bad.append(f"{path.relative_to(SRC.parent)}:{line}: {name} imports {target} (not a lower layer)")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_cycle():
+    graph: dict[str, set[str]] = {name: {t for t, _, _ in imports(p) if t != name} for name, p in modules().items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def dfs(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycle = stack[stack.index(nxt):] + [nxt]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                dfs(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            dfs(node)
+
+
+def test_no_conpet_import_inside_a_function():
+    hidden = [f"{p.relative_to(SRC.parent)}:{line}: {t}" for name, p in modules().items()
+              for t, line, in_function in imports(p) if in_function]
+    assert not hidden, "imports of conpet modules belong at the top of the module:\n" + "\n".join(hidden)
+
+
+def test_no_module_far_over_500_lines():
+    long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > 540}
+    assert not long, long
+
+
+def test_every_pet_method_lives_in_a_file_named_after_it():
+    from conpet.pet import PET_METHODS
+
+    for name, cls in PET_METHODS.items():
+        assert cls.__module__ == f"conpet.pet.{name}", f"{name} is defined in {cls.__module__}"
+        assert (SRC / "pet" / f"{name}.py").is_file()
+
+
+def test_the_cli_lists_every_pet_method_and_the_docs_document_each(capsys):
+    from conpet.cli import main
+    from conpet.pet import PET_METHODS
+
+    assert main(["pets"]) == 0
+    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert listed == set(PET_METHODS)
+    docs = (SRC.parents[1] / "docs" / "pets.md").read_text(encoding="utf-8")
+    assert all(f"`{name}`" in docs for name in PET_METHODS), [n for n in PET_METHODS if f"`{n}`" not in docs]
