@@ -1,13 +1,16 @@
 # The two commands of the README.
-#   make demo  - set up, then run the built-in default stream and print the metrics table
+#   make demo  - set up, then learn the built-in default stream with PET only, Static ConPET and
+#                Dynamic ConPET side by side; prints one table and writes the comparison plot
 #   make test  - set up, then run the test suite
 .PHONY: setup demo test
 
 setup:
 	@bash scripts/setup.sh
 
+DEMO_OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+
 demo: setup
-	.venv/bin/conpet run
+	.venv/bin/conpet run --learner 'sequential,emr*,dynamic' --epochs 2 --out $(DEMO_OUT)
 
 test: setup
 	.venv/bin/python -m pytest -q

@@ -8,10 +8,12 @@ Runs, one after the other in this process on the same machine:
 - ``emr*``: EMR on ConPET's dynamic replay schedule (a fixed number of steps per task, half new
   rows, half old rows from uniformly chosen old tasks);
 - ``emr`` with an unbounded memory (``memory_per_class`` larger than any class): the original
-  schedule then replays the *whole* history every epoch, so task t costs ~t times task 1.
+  schedule then replays the *whole* history every epoch, so task t costs ~t times task 1;
+- ``dynamic`` (Dynamic ConPET) with ``top_k`` 1 and 2: the selector (and with k = 2 the expert)
+  trains on the replay schedule; the work of a step must not grow with the number of old tasks.
 
 Prints training seconds for t = 1..T and the ratio task T / task 2 for each; the ConPET claim is
-that the ``*`` schedule stays flat (within 15%). Both learners run in one process on one loaded
+that the ``*`` schedule and Dynamic ConPET stay flat (within 15%). ``--learners`` picks a subset. Both learners run in one process on one loaded
 backbone; with ``--top-layers`` the lower-layer cache is built for every training row before
 any timing starts, so neither learner pays for it.
 """
@@ -30,8 +32,9 @@ warnings.filterwarnings("ignore")
 def main() -> None:
     import dataclasses
 
+    from conpet.build import prepare
     from conpet.config import from_dict
-    from conpet.runner import prepare, run
+    from conpet.runner import run
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="minilm")
@@ -40,24 +43,32 @@ def main() -> None:
     p.add_argument("--top-layers", type=int, default=None, help="train.top_layers (the cached fast path)")
     p.add_argument("--all-linear", action="store_true", help="LoRA on every linear layer (peft's all-linear)")
     p.add_argument("--max-train-per-class", type=int, default=None)
+    p.add_argument("--learners", default="emr*,emr,dynamic,dynamic-k2",
+                   help="comma-separated subset of: emr*, emr, dynamic, dynamic-k2")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    configs = {
-        # a fixed number of steps per task (the wordnet-typing tasks have 3 or 4 classes, so the
-        # default rule, epochs * new rows / n_new, would vary with the task's size, not its index)
-        "emr* (dynamic replay)": {"learner": "emr*", "learner_options": {"steps_per_task": 16 * args.epochs * 2}},
-        "emr, full history": {"learner": "emr", "learner_options": {"memory_per_class": 100000}},
+    # a fixed number of steps per task (the wordnet-typing tasks have 3 or 4 classes, so the
+    # default rule, epochs * new rows / n_new, would vary with the task's size, not its index)
+    steps = 16 * args.epochs * 2
+    known = {
+        "emr*": ("emr* (dynamic replay)", {"learner": "emr*", "learner_options": {"steps_per_task": steps}}),
+        "emr": ("emr, full history", {"learner": "emr", "learner_options": {"memory_per_class": 100000}}),
+        "dynamic": ("dynamic k=1", {"learner": "dynamic", "learner_options": {"steps_per_task": steps}}),
+        "dynamic-k2": ("dynamic k=2", {"learner": "dynamic", "learner_options": {"steps_per_task": steps,
+                                                                                    "top_k": 2}}),
     }
+    configs = dict(known[name.strip()] for name in args.learners.split(","))
     base = from_dict({"model": args.model, "train": {"epochs": args.epochs, "top_layers": args.top_layers},
                       "data": {"benchmark": args.benchmark, "max_train_per_class": args.max_train_per_class},
                       "pet": {"method": "lora", "options": {"target_modules": "all-linear"} if args.all_linear else {}}})
-    stream, engine = prepare(base)
+    prepared = prepare(base)
+    stream, engine = prepared
     engine.warm([i for task in stream.tasks for i in task.train])  # no learner pays for the cache
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in configs.items():
-            cfg = dataclasses.replace(base, out=str(Path(tmp) / name.split()[0]), **extra)
-            m = run(cfg, progress=False, prepared=(stream, engine))
+            cfg = dataclasses.replace(base, out=str(Path(tmp) / name.replace(" ", "_")), **extra)
+            m = run(cfg, progress=False, prepared=prepared)
             results[name] = {"train_seconds": m["train_seconds"], "train_samples": m["train_samples"],
                              "average_accuracy": m["average_accuracy"]}
     T = len(next(iter(results.values()))["train_seconds"])
@@ -66,6 +77,8 @@ def main() -> None:
     for t in range(T):
         print(f"{t + 1:4d}  " + "  ".join(f"{r['train_seconds'][t]:24.1f}" for r in results.values()))
     print("T/2   " + "  ".join(f"{r['train_seconds'][-1] / r['train_seconds'][1]:24.2f}" for r in results.values()))
+    if T >= 10:
+        print("10/5  " + "  ".join(f"{r['train_seconds'][9] / r['train_seconds'][4]:24.2f}" for r in results.values()))
     print("avg acc" + "  ".join(f"{100 * r['average_accuracy']:23.2f}%" for r in results.values()))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

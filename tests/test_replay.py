@@ -88,3 +88,25 @@ def test_memory_respects_its_bound_per_class():
     mem.add_class("b", [7, 8], rng.normal(size=(2, 3)))
     assert len(mem.rows(["a"])) == 4 and set(mem.rows(["a"])) <= set(range(100, 120))
     assert mem.rows(["b"]) == [7, 8] and len(mem) == 6
+
+
+def test_length_bucketed_replay_keeps_each_batch_mix_and_every_row_and_pads_less():
+    from collections import Counter
+
+    from conpet.replay import length_bucketed_replay
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 120, size=400)
+    new, old_pools = list(range(100)), [list(range(100, 250)), list(range(250, 400))]
+    batches = dynamic_replay_batches(new, old_pools, 120, 16, np.random.default_rng(1))
+    bucketed = length_bucketed_replay(batches, 8, lengths, np.random.default_rng(2))
+    assert len(bucketed) == len(batches)
+    assert all(all(i < 100 for i in b[:8]) and all(i >= 100 for i in b[8:]) for b in bucketed)  # 8 new + 8 old
+    for start in range(0, 120, 50):  # the same rows, as often, inside every pool of 50 batches
+        assert Counter(i for b in batches[start:start + 50] for i in b) == \
+            Counter(i for b in bucketed[start:start + 50] for i in b)
+
+    def padding(bs):
+        return sum(len(b) * max(lengths[b]) - sum(lengths[b]) for b in bs)
+
+    assert padding(bucketed) < 0.5 * padding(batches)

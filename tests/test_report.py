@@ -94,7 +94,7 @@ def test_metrics_table_shows_each_run_with_mean_and_std(run_dir):
     assert "±" in table
     for label in ("average accuracy", "whole accuracy", "avg acc over steps",
                   "whole acc over steps", "forgetting", "BWT", "seconds per task",
-                  "total train seconds", "tunable params", "backbone params",
+                  "total train seconds", "train rows per second", "tunable params", "backbone params",
                   "tunable ratio", "peak RSS", "seeds"):
         assert any(line.startswith(label) for line in lines), label
     # Columns are aligned: every row has the same width as the header rule.

@@ -97,11 +97,34 @@ def replay_steps(n_new_rows: int, batch_size: int, epochs: int, new_ratio: float
     return epochs * math.ceil(n_new_rows / n_new)
 
 
+def length_bucketed_replay(batches: list[list[int]], n_new: int, lengths: np.ndarray, rng: np.random.Generator,
+                           pool_batches: int = 50) -> list[list[int]]:
+    """The same replay rows regrouped so that rows of similar length share a batch (little
+    padding), keeping every batch's exact mix: inside pools of ``pool_batches`` consecutive
+    batches the new rows are sorted by length, the old rows too, batch k takes the k-th slice of
+    each, and the batches of the pool are shuffled. Every row keeps its number of appearances
+    in the pool, so the schedule's balance over old tasks and new rows is unchanged."""
+    out: list[list[int]] = []
+    for start in range(0, len(batches), pool_batches):
+        pool = batches[start:start + pool_batches]
+        new = np.asarray([i for b in pool for i in b[:n_new]])
+        old = np.asarray([i for b in pool for i in b[n_new:]])
+        new = new[np.argsort(lengths[new], kind="stable")]
+        old = old[np.argsort(lengths[old], kind="stable")] if len(old) else old
+        n_old = len(pool[0]) - n_new
+        regrouped = [new[k * n_new:(k + 1) * n_new].tolist() + old[k * n_old:(k + 1) * n_old].tolist()
+                     for k in range(len(pool))]
+        order = rng.permutation(len(regrouped))
+        out.extend(regrouped[k] for k in order)
+    return out
+
+
 def replay_schedule(stream: Stream, t: int, opts: dict[str, Any], memory: "ExemplarMemory", batch_size: int,
-                    epochs: int, rng: np.random.Generator) -> list[list[int]]:
+                    epochs: int, rng: np.random.Generator, lengths: np.ndarray | None = None) -> list[list[int]]:
     """ConPET's dynamic replay batches for task ``t`` (``opts``: the replay options of
     :data:`conpet.learners.options.REPLAY_OPTIONS`): old rows from each old task's full training
-    set (``replay_source: history``) or from its classes' exemplars in ``memory``."""
+    set (``replay_source: history``) or from its classes' exemplars in ``memory``. With row
+    ``lengths`` the batches are length-bucketed (:func:`length_bucketed_replay`)."""
     new = stream.tasks[t].train
     steps = replay_steps(len(new), batch_size, epochs, opts["new_ratio"], opts["steps_per_task"],
                          opts["batch_limit"])
@@ -109,7 +132,11 @@ def replay_schedule(stream: Stream, t: int, opts: dict[str, Any], memory: "Exemp
         pools = [memory.rows(stream.tasks[j].labels) for j in range(t)]
     else:
         pools = [list(stream.tasks[j].train) for j in range(t)]
-    return dynamic_replay_batches(new, pools, steps, batch_size, rng, new_ratio=opts["new_ratio"])
+    batches = dynamic_replay_batches(new, pools, steps, batch_size, rng, new_ratio=opts["new_ratio"])
+    if lengths is None or t == 0:
+        return batches
+    n_new, _ = split_batch(batch_size, opts["new_ratio"])
+    return length_bucketed_replay(batches, n_new, lengths, rng)
 
 
 def select_exemplars(features: np.ndarray, m: int, seed: int = 0) -> list[int]:

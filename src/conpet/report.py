@@ -226,6 +226,16 @@ def _selector_cell(m: dict[str, Any]) -> str:
     return _mean_std(float(np.mean(per_seed)), std, len(per_seed), ".2f")
 
 
+def _rows_per_second_cell(m: dict[str, Any]) -> str:
+    """Training rows per second over the whole stream (replayed rows count), mean over seeds."""
+    rates = []
+    for seed in m.get("per_seed") or [m]:
+        samples, seconds = seed.get("train_samples"), seed.get("train_seconds")
+        if samples and seconds and sum(seconds) > 0:
+            rates.append(sum(samples) / sum(seconds))
+    return f"{np.mean(rates):.1f}" if rates else MISSING
+
+
 def _metrics_rows(runs: Runs) -> list[list[str]]:
     rows = []
     for label, key in PERCENT_ROWS:
@@ -243,6 +253,7 @@ def _metrics_rows(runs: Runs) -> list[list[str]]:
         rows.append([label, *cells])
     rows.append(["seconds per task", *(_seconds_cell(m, np.mean) for _, m in runs)])
     rows.append(["total train seconds", *(_seconds_cell(m, np.sum) for _, m in runs)])
+    rows.append(["train rows per second", *(_rows_per_second_cell(m) for _, m in runs)])
     rows.append(["tunable params", *(_int_cell(m.get("tunable_params")) for _, m in runs)])
     rows.append(["storage per task (KB)", *(_kb_cell(m.get("adapter_bytes")) for _, m in runs)])
     if any(m.get("selector_accuracy") for _, m in runs):

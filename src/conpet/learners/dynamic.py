@@ -111,8 +111,9 @@ class DynamicConPET(Learner):
 
     def replay_batches(self, t: int) -> list[list[int]]:
         train = self.ctx.cfg.train
+        lengths = self.ctx.encoded.all_lengths if train.length_bucketing else None
         return replay_schedule(self.ctx.stream, t, self.opts, self.memory, train.batch_size, train.epochs,
-                               self.ctx.rng)
+                               self.ctx.rng, lengths)
 
     # -- learning ----------------------------------------------------------------------------------
     def learn(self, t: int) -> None:

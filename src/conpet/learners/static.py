@@ -97,8 +97,9 @@ class StaticConPET(OneModuleLearner):
     def replay_batches(self, t: int) -> list[list[int]]:
         """ConPET's dynamic replay schedule for task t >= 1."""
         train = self.ctx.cfg.train
+        lengths = self.ctx.encoded.all_lengths if train.length_bucketing else None
         return replay_schedule(self.ctx.stream, t, self.opts, self.memory, train.batch_size, train.epochs,
-                               self.ctx.rng)
+                               self.ctx.rng, lengths)
 
     def learn(self, t: int) -> None:
         if self.model is None:
