@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from conpet.config import RunConfig, load_config
+from conpet.config import RunConfig
 from conpet.pet import get_pet_class
 from conpet.runner import prepare, run
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from conpet.learners.loop import Best
 from conpet.runs import atomic_directory
 
 STATE_FILE = "state.safetensors"
@@ -173,6 +174,9 @@ class Checkpointer:
         load_optimizer_state(optimizer, tensors, meta["optimizer"])
         restore_rng(self.ctx, tensors, meta["rng"])
         stats.losses.extend(meta["losses"])
+        if meta.get("best") is not None:
+            stats.best = Best(meta["best"]["score"], meta["best"]["step"],
+                              [tensors[f"best/{i}"].clone() for i in range(meta["best"]["n"])])
         return step + 1
 
     def after_step(self, step: int, optimizer: torch.optim.Optimizer, stats) -> None:
@@ -181,8 +185,11 @@ class Checkpointer:
         tensors, meta = self.learner.state()
         opt_t, opt_meta = optimizer_state(optimizer)
         rng_t, rng_meta = capture_rng(self.ctx)
-        write_checkpoint(self.root / "in-task", {**prefixed("learner/", tensors), **opt_t, **rng_t}, {
+        best = stats.best
+        best_t = {f"best/{i}": t for i, t in enumerate(best.tensors)} if best is not None else {}
+        write_checkpoint(self.root / "in-task", {**prefixed("learner/", tensors), **opt_t, **rng_t, **best_t}, {
             "kind": "in-task", "task": self.task, "fit": self.fit_index - 1, "step": step,
             "learner": meta, "optimizer": opt_meta, "rng": rng_meta, "losses": stats.losses,
+            "best": None if best is None else {"score": best.score, "step": best.step, "n": len(best.tensors)},
         })
         self.last_save = time.monotonic()

@@ -87,6 +87,10 @@ class TrainConfig:
     that dynamic padding pads little; ``false`` = plain random batches."""
     checkpoint_seconds: float = 60.0
     """Save an in-task checkpoint (for ``conpet run --resume``) at most this often; 0 = every step."""
+    select_on_dev: bool = False
+    """Keep, for every fit, the epoch (the untrained start included) with the best accuracy on the
+    **dev** rows of the tasks seen so far, as ConPET's official code does; never the test rows.
+    ``false`` (default) keeps the last epoch."""
 
 
 @dataclass

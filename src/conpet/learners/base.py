@@ -203,7 +203,9 @@ class OneModuleLearner(Learner):
         """Train on ``batches`` (default: ``epochs`` length-bucketed passes over ``indices``) for task ``task``."""
         batches = batches if batches is not None else self.ctx.epoch_batches(indices)
         extra = list(self.head.parameters()), [g for plugin in self.plugins for g in plugin.param_groups()]
-        self.last_fit = train_module(self.ctx, self.model, self.module_name, self.loss, batches, desc, task, *extra)
+        score = dev_scorer(self.ctx, self.model, list(range(task + 1)), self.logits, self.ctx.targets)
+        self.last_fit = train_module(self.ctx, self.model, self.module_name, self.loss, batches, desc, task, *extra,
+                                     dev_score=score)
         return self.last_fit
 
     def raw_features(self, indices: list[int]) -> torch.Tensor:
@@ -270,9 +272,11 @@ class OneModuleLearner(Learner):
 
 
 def train_module(ctx: Context, model: torch.nn.Module, module: str, loss_fn, batches: list[list[int]], desc: str,
-                 task: int, head_params: list[torch.nn.Parameter], extra_groups: list[dict] = ()) -> FitStats:
+                 task: int, head_params: list[torch.nn.Parameter], extra_groups: list[dict] = (),
+                 dev_score: Callable[[], float] | None = None) -> FitStats:
     """One fit of PET module ``module`` (+ a head, + a method's own tensors) through the loop,
-    with the PET method's own groups, regulariser and step hook; the model is left in eval mode."""
+    with the PET method's own groups, regulariser and step hook; the model is left in eval mode.
+    ``dev_score`` (:func:`dev_scorer`): keep the best epoch on dev rows."""
     ctx.pet.activate(model, module)
     model.train()
     train = ctx.cfg.train
@@ -280,9 +284,39 @@ def train_module(ctx: Context, model: torch.nn.Module, module: str, loss_fn, bat
     groups.append({"params": list(head_params), "lr": train.head_lr})
     groups.extend(extra_groups)
     stats = fit(loss_fn, groups, batches, train, ctx.precision, desc=desc, progress=ctx.progress,
-                after_step=hooks, checkpointer=ctx.checkpointer)
+                after_step=hooks, checkpointer=ctx.checkpointer, dev_score=dev_score, epochs=train.epochs)
     model.eval()
     return stats
+
+
+def dev_scorer(ctx: Context, model: torch.nn.Module, tasks: list[int], logits: Callable[[list[int]], torch.Tensor],
+               targets: Callable[[list[int]], torch.Tensor]) -> Callable[[], float] | None:
+    """With ``train.select_on_dev``: a function giving the mean over ``tasks`` of the accuracy of
+    ``argmax logits(rows)`` against ``targets(rows)`` on each task's **dev** rows (test rows are
+    never looked at); ``None`` otherwise."""
+    if not ctx.cfg.train.select_on_dev:
+        return None
+    groups = [ctx.stream.tasks[j].dev for j in tasks if ctx.stream.tasks[j].dev]
+    if not groups:
+        raise ConfigError("train.select_on_dev: the tasks seen so far have no dev rows (give rows with split: dev, "
+                          "or leave split out so that 10% of each class becomes dev)")
+
+    @torch.no_grad()
+    def score() -> float:
+        was_training = model.training
+        model.eval()
+        accs = []
+        for rows in groups:
+            correct = 0
+            for batch in sorted_batches(rows, ctx.encoded.lengths(rows), ctx.cfg.train.eval_batch_size):
+                with autocast(ctx.precision):
+                    predicted = logits(batch).float().argmax(-1)
+                correct += int((predicted == targets(batch)).sum())
+            accs.append(correct / len(rows))
+        model.train(was_training)
+        return float(np.mean(accs))
+
+    return score
 
 
 @torch.no_grad()

@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from conpet.heads import GrowingHead
-from conpet.learners.base import (Context, Learner, head_tensors, load_expert_heads, load_head, load_module_tensors,
-                                  module_features, module_tensors, register_learner, train_module, update_memory,
-                                  write_module_meta)
+from conpet.learners.base import (Context, Learner, dev_scorer, head_tensors, load_expert_heads, load_head,
+                                  load_module_tensors, module_features, module_tensors, register_learner, train_module,
+                                  update_memory, write_module_meta)
 from conpet.learners.options import REPLAY_OPTIONS, Option
 from conpet.learners.selector import SELECTOR, ModuleSelector
 from conpet.replay import ExemplarMemory, replay_schedule, split_batch
@@ -135,18 +135,20 @@ class DynamicConPET(Learner):
         head.grow(list(task.labels), self.ctx.torch_gen)
         self.expert_heads.append(head)
         k = min(self.opts["top_k"], t + 1)
+        start = stream.class_range(t)[0]
+        score = dev_scorer(self.ctx, self.model, [t], lambda idx: head(self.ctx.features(self.model, idx)),
+                           lambda idx: self.ctx.targets(idx) - start)
         if k == 1 or t == 0:
-            start = stream.class_range(t)[0]
-
             def expert_loss(indices):
                 feats = self.ctx.features(self.model, indices)
                 return F.cross_entropy(head(feats), self.ctx.targets(indices) - start)
 
             self.last_fit = train_module(self.ctx, self.model, name, expert_loss, self.ctx.epoch_batches(task.train),
-                                         f"{task.name} expert", t, list(head.parameters()))
+                                         f"{task.name} expert", t, list(head.parameters()), dev_score=score)
         else:
             self.last_fit = train_module(self.ctx, self.model, name, lambda idx: self._calibrated_loss(idx, t, k),
-                                         replay, f"{task.name} expert (k={k})", t, list(head.parameters()))
+                                         replay, f"{task.name} expert (k={k})", t, list(head.parameters()),
+                                         dev_score=score)
         if self.opts["replay_source"] == "memory":
             self.ctx.pet.activate(self.model, name)
             update_memory(self.ctx, self.memory, t, lambda rows: module_features(self.ctx, self.model, rows))
@@ -166,22 +168,21 @@ class DynamicConPET(Learner):
             top[missing, -1] = gold[missing]
         return top, probs
 
-    def _old_expert_logits(self, task: int, indices: list[int]) -> torch.Tensor:
-        """Frozen old expert's logits for rows, cached by (task, row, module version)."""
-        name = expert_name(task)
-        version = self.versions[name]
-        missing = [i for i in indices if (task, i, version) not in self.logit_cache]
+    def _old_expert_logits(self, pairs: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Frozen old experts' logits for (task, row) pairs, cached by (task, row, module version);
+        every missing pair of a step is computed in one forward pass, each row routed through its
+        own expert, so the cost of a step does not grow with the number of old tasks."""
+        missing = [(j, i) for j, i in dict.fromkeys(pairs) if (j, i, self.versions[expert_name(j)]) not in self.logit_cache]
         if missing:
             was_training = self.model.training
             self.model.eval()
             with torch.no_grad():
-                feats = self._features(missing, [name] * len(missing))
+                feats = self._features([i for _, i in missing], [expert_name(j) for j, _ in missing])
                 self.ctx.pet.activate(self.model, expert_name(self.n_tasks - 1))
-                logits = self.expert_heads[task](feats).float()
+                for r, (j, i) in enumerate(missing):
+                    self.logit_cache[(j, i, self.versions[expert_name(j)])] = self.expert_heads[j](feats[r:r + 1]).float()[0]
             self.model.train(was_training)
-            for r, i in enumerate(missing):
-                self.logit_cache[(task, i, version)] = logits[r]
-        return torch.stack([self.logit_cache[(task, i, version)] for i in indices])
+        return [self.logit_cache[(j, i, self.versions[expert_name(j)])] for j, i in pairs]
 
     def _calibrated_loss(self, indices: list[int], t: int, k: int) -> torch.Tensor:
         """k >= 2: cross-entropy over all seen classes with the new expert's columns trainable and
@@ -191,12 +192,10 @@ class DynamicConPET(Learner):
         top, _ = self.select(indices, k, self.selector.task_ids(indices))
         n_seen = stream.class_range(t)[1]
         logits = torch.full((len(indices), n_seen), float("-inf"))
-        for j in top.unique().tolist():
-            if j == t:
-                continue
-            rows = (top == j).any(dim=1).nonzero().flatten().tolist()
+        slots = [(r, j) for r, picks in enumerate(top.tolist()) for j in dict.fromkeys(picks) if j != t]
+        for (r, j), values in zip(slots, self._old_expert_logits([(j, indices[r]) for r, j in slots])):
             lo, hi = stream.class_range(j)
-            logits[rows, lo:hi] = self._old_expert_logits(j, [indices[r] for r in rows])
+            logits[r, lo:hi] = values
         rows = (top == t).any(dim=1).nonzero().flatten().tolist()
         self.ctx.pet.activate(self.model, expert_name(t))
         lo, hi = stream.class_range(t)

@@ -20,11 +20,23 @@ from conpet.device import autocast
 
 
 @dataclass
+class Best:
+    """The best state a fit has seen (``train.select_on_dev``): its dev score, the step after
+    which it was taken (0 = before training) and a copy of the fit's trainable tensors."""
+
+    score: float
+    step: int
+    tensors: list[torch.Tensor]
+
+
+@dataclass
 class FitStats:
     steps: int = 0
     seconds: float = 0.0
     samples: int = 0
     losses: list[float] = field(default_factory=list)
+    best: Best | None = None
+    """With dev selection: the state the fit kept (restored at its end)."""
 
     @property
     def final_loss(self) -> float:
@@ -59,18 +71,34 @@ def fit(
     progress: bool = True,
     after_step: Iterable[Callable[[int], None]] = (),
     checkpointer=None,
+    dev_score: Callable[[], float] | None = None,
+    epochs: int = 1,
 ) -> FitStats:
     """Run one optimizer step per batch; return timing and loss statistics.
 
     With a ``checkpointer`` (:class:`conpet.checkpoint.Checkpointer`) the learner, optimizer and
     random state are saved every ``train.checkpoint_seconds``, and a resumed run skips the steps
     (or the whole fit) that an in-task checkpoint already holds.
+
+    With ``dev_score`` (a score on dev rows, never test rows) the fit is scored before its first
+    step and at the end of each of its ``epochs`` (equal shares of ``batches``); the best state
+    (ties go to the earlier one, so the untrained start can win, as in ConPET's code) is restored
+    at the end.
     """
     params = [p for g in param_groups for p in g["params"]]
     optimizer = torch.optim.AdamW(param_groups, weight_decay=train.weight_decay)
     stats = FitStats()
     start = time.perf_counter()
     first = checkpointer.begin_fit(optimizer, stats) if checkpointer is not None else 0
+    ends = {round(len(batches) * k / max(1, epochs)) for k in range(1, max(1, epochs) + 1)}
+
+    def consider(step: int) -> None:
+        score = dev_score()
+        if stats.best is None or score > stats.best.score:
+            stats.best = Best(score, step, [p.detach().clone() for p in params])
+
+    if dev_score is not None and first == 0:
+        consider(0)
     bar = tqdm(batches, desc=desc, unit="step", leave=False, disable=not progress, dynamic_ncols=True)
     for step, indices in enumerate(bar):
         if first < 0 or step < first:  # done before the checkpoint this run resumes from
@@ -89,11 +117,17 @@ def fit(
         stats.losses.append(loss.item())
         stats.steps += 1
         stats.samples += len(indices)
+        if dev_score is not None and step + 1 in ends:
+            consider(step + 1)
         if step % 5 == 0:
             bar.set_postfix(loss=f"{stats.final_loss:.3f}")
         if checkpointer is not None:
             checkpointer.after_step(step, optimizer, stats)
     bar.close()
+    if stats.best is not None and first >= 0:
+        with torch.no_grad():
+            for p, kept in zip(params, stats.best.tensors):
+                p.copy_(kept)
     stats.seconds = time.perf_counter() - start
     return stats
 

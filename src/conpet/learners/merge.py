@@ -30,7 +30,7 @@ from conpet.adapters import merge_lora
 from conpet.errors import ConfigError
 from conpet.heads import GrowingHead, concat_heads
 from conpet.learners.base import (Context, OneModuleLearner, head_tensors, load_expert_heads, load_module_tensors,
-                                  module_tensors, register_learner, train_module)
+                                  module_tensors, register_learner, train_module, dev_scorer)
 from conpet.learners.options import Option
 from conpet.merging import get_merge_method
 from conpet.pet import get_pet_class
@@ -79,8 +79,10 @@ class MergeLearner(OneModuleLearner):
         def expert_loss(indices):
             return F.cross_entropy(head(ctx.features(self.model, indices)), ctx.targets(indices) - start)
 
+        score = dev_scorer(ctx, self.model, [t], lambda idx: head(ctx.features(self.model, idx)),
+                           lambda idx: ctx.targets(idx) - start)
         self.last_fit = train_module(ctx, self.model, EXPERT, expert_loss, ctx.epoch_batches(task.train),
-                                     f"{task.name} expert", t, list(head.parameters()))
+                                     f"{task.name} expert", t, list(head.parameters()), dev_score=score)
         self.experts.append(pet.lora_factors(self.model, EXPERT))
         self._remerge()
         pet.remove(self.model, EXPERT)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from conpet.heads import GrowingHead
-from conpet.learners.base import Context, train_module
+from conpet.learners.base import Context, dev_scorer, train_module
 from conpet.learners.loop import FitStats
 
 SELECTOR = "selector"
@@ -44,8 +44,10 @@ class ModuleSelector:
         return task_balanced_cross_entropy(logits, targets) if self.balance else F.cross_entropy(logits, targets)
 
     def train(self, model: torch.nn.Module, batches: list[list[int]], desc: str, task: int) -> FitStats:
+        score = dev_scorer(self.ctx, model, list(range(task + 1)),
+                           lambda idx: self.head(self.ctx.features(model, idx)), self.task_ids)
         return train_module(self.ctx, model, SELECTOR, lambda idx: self.loss(model, idx), batches, desc, task,
-                            list(self.head.parameters()))
+                            list(self.head.parameters()), dev_score=score)
 
     @torch.no_grad()
     def probabilities(self, model: torch.nn.Module, indices: list[int]) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The machinery of the PET methods peft does not have, injected into the backbone by conpet.
 
-Each method (its own file: ``adapter.py``, ``mola.py``, ``hft.py``...) says which submodules of a transformer block it attaches to (its *sites*) and what it
-computes there; this module does the rest, mirroring what learners need from peft:
+Each method (its own file: ``adapter.py``, ``mola.py``, ``hft.py``...) says which submodules of a
+transformer block it attaches to (its *sites*) and what it computes there; this module does the
+rest, mirroring what learners need from peft:
 
 - several named modules on one backbone (``expert-000``, ``selector``...), one active at a time
   or routed per row in one batch (``model(..., adapter_names=[...])``, as peft does);
@@ -19,7 +20,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-
 
 import torch
 from safetensors.torch import load_file, save_file

@@ -1,7 +1,10 @@
-"""Built-in real benchmarks, generated from WordNet 3.0 by ``scripts/build_wordnet_benchmarks.py``.
+"""Built-in real benchmarks: three generated from WordNet 3.0 by
+``scripts/build_wordnet_benchmarks.py``, and ``debian-sections`` (short texts outside WordNet:
+Debian package synopses -> archive section) by ``scripts/build_debian_sections.py``.
 
 See ``docs/benchmarks.md`` for how they were built, their sizes and class lists. WordNet's
-licence is in ``LICENSE-WordNet`` beside the data files.
+licence is in ``LICENSE-WordNet`` beside the data files, the Debian data's notice in
+``NOTICE-debian-sections``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ BENCHMARKS: dict[str, str] = {
     "wordnet-typing": "wordnet_typing",
     "wordnet-relations": "wordnet_relations",
     "wordnet-fine": "wordnet_fine",
+    "debian-sections": "debian_sections",
 }
 
 
@@ -36,5 +40,5 @@ def load_benchmark(name: str, max_train_per_class: int | None = None) -> Stream:
     meta = benchmark_meta(name)
     rows = read_rows(HERE / f"{BENCHMARKS[name]}.jsonl.gz")
     groups = [(f"task-{i + 1:02d}", list(labels)) for i, labels in enumerate(meta["tasks"])]
-    kind = {"typing": "typing", "relation": "relation"}[meta["kind"]]
+    kind = {"typing": "typing", "relation": "relation", "text": "text"}[meta["kind"]]
     return build_stream(name, rows, groups, kind, f"{name} meta", max_train_per_class)
