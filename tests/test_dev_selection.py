@@ -95,3 +95,18 @@ def test_resume_inside_a_task_keeps_the_best_state_found_before_the_crash(tiny_e
     monkeypatch.setattr(Checkpointer, "after_step", original)
     resumed = resume(tmp_path / "crashed", progress=False)
     assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
+
+
+def test_report_dev_adds_dev_accuracy_without_changing_the_run(tiny_encoder, typing_data, tmp_path):
+    from conpet.report import metrics_table
+
+    data, tasks = typing_data
+    base = {"model": str(tiny_encoder), "data": {"file": str(data), "tasks": str(tasks)},
+            "train": {"epochs": 1, "batch_size": 4, "precision": "fp32"}}
+    plain = run(from_dict({**base, "out": str(tmp_path / "plain")}), progress=False)
+    with_dev = run(from_dict({**base, "out": str(tmp_path / "dev"),
+                              "data": {**base["data"], "report_dev": True}}), progress=False)
+    assert with_dev["accuracy_matrix"] == plain["accuracy_matrix"]
+    dev = with_dev["dev_accuracy"]
+    assert len(dev) == 2 and dev[0][1] is None and all(0 <= v <= 1 for v in dev[1])
+    assert "dev average accuracy (%)" in metrics_table([("dev", with_dev)])

@@ -47,6 +47,9 @@ class DataConfig:
     """Seed of the automatic task split and of the train/dev/test split of rows without ``split``."""
     max_train_per_class: int | None = None
     """Cap on training rows per class (a quick way to shorten a run); ``None`` keeps all."""
+    report_dev: bool = False
+    """Also measure accuracy on the **dev** rows after every task (metrics key ``dev_accuracy``,
+    a matrix like ``accuracy_matrix``): what a choice of settings should look at, never test."""
 
 
 @dataclass

@@ -211,10 +211,11 @@ def _kb_cell(values: Any) -> str:
     return f"{np.mean([v for v in values if v is not None]) / 1024:,.0f}"
 
 
-def _selector_cell(m: dict[str, Any]) -> str:
-    """Selector accuracy after the last task, mean over seen tasks (± std across seeds)."""
+def _last_row_cell(m: dict[str, Any], key: str) -> str:
+    """A per-task matrix (``selector_accuracy``, ``dev_accuracy``) after the last task, mean over
+    the seen tasks (± std across seeds)."""
     def final(metrics: dict[str, Any]) -> float | None:
-        rows = metrics.get("selector_accuracy") or []
+        rows = metrics.get(key) or []
         last = [v for v in rows[-1] if v is not None] if rows else []
         return 100 * float(np.mean(last)) if last else None
 
@@ -257,7 +258,9 @@ def _metrics_rows(runs: Runs) -> list[list[str]]:
     rows.append(["tunable params", *(_int_cell(m.get("tunable_params")) for _, m in runs)])
     rows.append(["storage per task (KB)", *(_kb_cell(m.get("adapter_bytes")) for _, m in runs)])
     if any(m.get("selector_accuracy") for _, m in runs):
-        rows.append(["selector accuracy (%)", *(_selector_cell(m) for _, m in runs)])
+        rows.append(["selector accuracy (%)", *(_last_row_cell(m, "selector_accuracy") for _, m in runs)])
+    if any(m.get("dev_accuracy") for _, m in runs):
+        rows.append(["dev average accuracy (%)", *(_last_row_cell(m, "dev_accuracy") for _, m in runs)])
     rows.append(["backbone params", *(_int_cell(m.get("backbone_params")) for _, m in runs)])
     rows.append(["tunable ratio", *(_ratio_cell(m.get("tunable_ratio")) for _, m in runs)])
     rows.append(

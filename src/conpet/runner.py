@@ -73,15 +73,17 @@ def default_progress() -> bool:
     return sys.stderr.isatty() and os.environ.get("CONPET_PROGRESS", "1") != "0"
 
 
-def evaluate(learner: Learner, t: int) -> tuple[list[float], list[int]]:
-    """Accuracy on the test set of every task 0..t, predicting over all seen classes
-    (or only the task's classes in the task-incremental setting)."""
+def evaluate(learner: Learner, t: int, split: str = "test") -> tuple[list[float], list[int]]:
+    """Accuracy on the ``split`` rows (test; dev for choosing settings) of every task 0..t,
+    predicting over all seen classes (or only the task's classes in the task-incremental setting)."""
     ctx = learner.ctx
     stream = ctx.stream
     lengths = ctx.encoded.all_lengths
     accs, counts = [], []
     for j in range(t + 1):
-        test = stream.tasks[j].test
+        test = stream.tasks[j].split(split)
+        if not test:
+            raise ConpetError(f"data.report_dev: task '{stream.tasks[j].name}' has no {split} rows")
         allowed = stream.class_range(j) if ctx.cfg.data.setting == "task-incremental" else None
         batches = sorted_batches(test, lengths[test], ctx.cfg.train.eval_batch_size)
         preds = predict(learner.logits, batches, ctx.precision, allowed)
@@ -155,7 +157,10 @@ def run_seed(cfg: RunConfig, prepared: Prepared, seed: int, out: Path, progress:
             accs, state.test_counts = evaluate(learner, t)
             state.eval_seconds.append(time.perf_counter() - start)
             state.accuracy_matrix.append(accs + [None] * (T - t - 1))
-            for key, values in learner.eval_extra(t).items():
+            extra = learner.eval_extra(t)
+            if cfg.data.report_dev:
+                extra["dev_accuracy"] = evaluate(learner, t, "dev")[0]
+            for key, values in extra.items():
                 state.extra.setdefault(key, []).append(values + [None] * (T - t - 1))
             folder = adapter_dir(out, seed, task.name)
             with atomic_directory(folder) as tmp:
