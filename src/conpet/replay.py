@@ -8,7 +8,13 @@ that task, so replay is balanced across tasks and the cost of task t does not gr
 Deviation from the official code, named: the official loader draws the new rows of each batch
 independently of other batches; here they are drawn from a reshuffled cycle over the new task's
 rows (``new_sampling="cycle"``, the default), so every new row is seen equally often. The
-official behaviour is available as ``new_sampling="independent"``.
+official behaviour is available as ``new_sampling="independent"``. With length bucketing on
+(``train.length_bucketing``, the default) the schedule's rows are then regrouped inside pools of
+50 batches so that rows of similar length share a batch (:func:`length_bucketed_replay`): every
+batch keeps its new/old mix and every row its count, so only padding changes.
+
+:func:`replay_steps` is the per-task budget (``steps_per_task``, or ConPET's official
+``batch_limit``) and :func:`replay_schedule` the whole schedule of one task.
 
 Old rows come from the full history of every old task (ConPET's setting) or from a bounded
 exemplar memory per class (EMR-style): ``select_exemplars`` runs k-means on the rows' features

@@ -69,6 +69,8 @@ class PeftBacked(PETMethod):
     load_trainable: bool = True
     """Whether peft loads a module as trainable (peft refuses it for prompt adapters and for a
     second trainable AdaLoRA module; :meth:`parameters` turns training on either way)."""
+    fixed_fields: dict[str, Any] = {}
+    """Config fields the method sets itself, not options (the prompt family's ``task_type``)."""
 
     def config_class(self) -> type:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -94,7 +96,7 @@ class PeftBacked(PETMethod):
 
     def build_config(self, options: dict[str, Any]):
         try:
-            return self.config_class()(**options)
+            return self.config_class()(**self.fixed_fields, **options)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"pet.options for '{self.name}': {e}") from None
 

@@ -17,7 +17,6 @@ from typing import Any
 
 from torch import nn
 
-from conpet.errors import ConfigError
 from conpet.pet.base import LayerScope, check_positive_number
 from conpet.pet.peft_backed import PeftBacked
 
@@ -27,6 +26,7 @@ class PromptLearning(PeftBacked):
     routes_per_row = False
     load_trainable = False
     defaults: dict[str, Any] = {"num_virtual_tokens": 20}
+    fixed_fields = {"task_type": "FEATURE_EXTRACTION"}
     default_lr: float = 3e-2
 
     def __init__(self, options: dict[str, Any] | None = None, *, scope: LayerScope | None = None,
@@ -34,12 +34,6 @@ class PromptLearning(PeftBacked):
         options = dict(options or {})
         self.lr = check_positive_number("lr", options.pop("lr", self.default_lr), nullable=True)
         super().__init__(options, scope=scope, precision=precision)
-
-    def build_config(self, options: dict[str, Any]):
-        try:
-            return self.config_class()(task_type="FEATURE_EXTRACTION", **options)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"pet.options for '{self.name}': {e}") from None
 
     def param_groups(self, model: nn.Module, name: str, lr: float) -> list[dict]:
         return [{"params": self.parameters(model, name), "lr": float(self.lr or lr)}]
