@@ -27,7 +27,7 @@ from conpet.errors import ConfigError
 from conpet.engine import FeatureEngine
 from conpet.heads import GrowingHead
 from conpet.inputs import Encoded, collate, length_bucketed_batches, sorted_batches
-from conpet.learners.loop import FitStats, fit, pet_training
+from conpet.learners.loop import FitStats, fit, pet_training, predict
 from conpet.learners.options import Option, check_options
 from conpet.pet.base import Calibration, PETMethod, in_module
 from conpet.replay import ExemplarMemory
@@ -301,18 +301,14 @@ def dev_scorer(ctx: Context, model: torch.nn.Module, tasks: list[int], logits: C
         raise ConfigError("train.select_on_dev: the tasks seen so far have no dev rows (give rows with split: dev, "
                           "or leave split out so that 10% of each class becomes dev)")
 
-    @torch.no_grad()
     def score() -> float:
         was_training = model.training
         model.eval()
         accs = []
         for rows in groups:
-            correct = 0
-            for batch in sorted_batches(rows, ctx.encoded.lengths(rows), ctx.cfg.train.eval_batch_size):
-                with autocast(ctx.precision):
-                    predicted = logits(batch).float().argmax(-1)
-                correct += int((predicted == targets(batch)).sum())
-            accs.append(correct / len(rows))
+            preds = predict(logits, sorted_batches(rows, ctx.encoded.lengths(rows), ctx.cfg.train.eval_batch_size),
+                            ctx.precision)
+            accs.append(sum(preds[i] == int(gold) for i, gold in zip(rows, targets(rows))) / len(rows))
         model.train(was_training)
         return float(np.mean(accs))
 

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from conpet.adapters import merge_lora
 from conpet.errors import ConfigError
 from conpet.heads import GrowingHead, concat_heads
-from conpet.learners.base import (Context, OneModuleLearner, head_tensors, load_expert_heads, load_module_tensors,
-                                  module_tensors, register_learner, train_module, dev_scorer)
+from conpet.learners.base import (Context, OneModuleLearner, dev_scorer, head_tensors, load_expert_heads,
+                                  load_module_tensors, module_tensors, register_learner, train_module)
 from conpet.learners.options import Option
 from conpet.merging import get_merge_method
 from conpet.pet import get_pet_class
