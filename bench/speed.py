@@ -1,13 +1,13 @@
 """Speed benchmark: conpet against HF Trainer + peft on the same data, LoRA config and epochs.
 
     python bench/speed.py [--model smollm2] [--benchmark wordnet-typing] [--tasks 2] [--epochs 3]
-                          [--top-layers 8] [--json bench/results/speed-smollm2.json]
+                          [--top-layers 8] [--device cpu|cuda] [--json bench/results/speed-smollm2.json]
 
 Every configuration runs in its own subprocess (so peak RSS is its own), one after the other on
 the same machine, in one invocation:
 
-- ``peak``: fp32 and bf16 matmul throughput of this CPU (2048^3, all threads), the reference for
-  "achieved GFLOP/s";
+- ``peak``: fp32 and bf16 matmul throughput of the device (2048^3 on a CPU with all threads,
+  8192^3 on a GPU), the reference for "achieved GFLOP/s";
 - ``trainer``: HF Trainer + peft as a careful user configures it: bf16 autocast where the CPU
   supports it, dynamic padding, ``train_sampling_strategy="group_by_length"``, no LM head (the
   same cloze classifier), the same AdamW groups, no checkpoints or logging;
@@ -19,8 +19,9 @@ the same machine, in one invocation:
 Each reports wall seconds of training, samples/s, real (non-pad) tokens/s, achieved GFLOP/s
 (model FLOPs actually needed, counted per real token: forward 2 x layer params + attention, and
 backward to the inputs of every layer at or above the lowest PET layer, i.e. another 2 x), its
-ratio to the two measured peaks, peak RSS, and test accuracy after training. Ratios are
-conpet / trainer.
+ratio to the two measured peaks, peak RSS (and peak device memory on a GPU), and test accuracy
+after training. Ratios are conpet / trainer. ``--device cuda`` runs all of it on a GPU (precision
+``auto``: bf16 where the GPU has it, else fp16 with gradient scaling, for both arms).
 """
 
 from __future__ import annotations
@@ -45,19 +46,30 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def measure_peaks() -> dict:
+def synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure_peaks(device: str = "cpu") -> dict:
     import torch
 
     out = {}
-    n = 2048
+    n = 2048 if device == "cpu" else 8192
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
         for _ in range(3):
             a @ b
+        synchronize(device)
         reps, start = 20, time.perf_counter()
         for _ in range(reps):
             a @ b
+        synchronize(device)
         out[f"{name}_peak_gflops"] = 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+    if device != "cpu":
+        out["device_name"] = torch.cuda.get_device_name()
     return out
 
 
@@ -91,13 +103,13 @@ def run_config(args) -> dict:
     from conpet.learners.loop import predict
 
     if args.one == "peak":
-        return measure_peaks()
-    precision = resolve_precision("auto")
+        return measure_peaks(args.device)
+    precision = resolve_precision("auto", args.device)
     pet_options = {"r": 8, "lora_alpha": 16}
     if args.one == "conpet-fast":
         pet_options.update(json.loads(args.fast_pet_options))
     train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=1e-3, head_lr=5e-3,
-                            precision=precision)
+                            precision=precision, device=args.device)
     if args.one == "conpet-fast" and args.fast_lr:
         train_cfg.lr = args.fast_lr
     top = args.top_layers if args.one == "conpet-fast" else None
@@ -122,28 +134,35 @@ def run_config(args) -> dict:
     learner.head.grow(stream.seen_labels(len(stream.tasks) - 1), ctx.torch_gen)
 
     cache_seconds = 0.0
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     if args.one == "trainer":
         seconds = train_with_hf_trainer(learner, ctx, train, args)
     else:
+        synchronize(args.device)
         start = time.perf_counter()
         engine.warm(train)
+        synchronize(args.device)
         cache_seconds = time.perf_counter() - start
         learner.train_on(train, f"bench-{args.seed}", 0)
+        synchronize(args.device)
         seconds = time.perf_counter() - start
+    peak_device_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     if top is None:
         flops = tokens * 2 * sum(per_layer)  # forward + backward to every layer's inputs
     else:
         split = len(per_layer) - top
         flops = tokens * 2 * sum(per_layer[split:]) + sum(lengths) * sum(per_layer[:split])
     lengths_all = ctx.encoded.all_lengths
-    preds = predict(learner.logits, sorted_batches(test, lengths_all[test], 64), precision)
+    preds = predict(learner.logits, sorted_batches(test, lengths_all[test], 64), ctx.compute)
     accuracy = sum(preds[i] == stream.targets[i] for i in test) / len(test)
     return {
         "config": args.one, "seed": args.seed, "precision": precision, "train_seconds": seconds,
         "cache_seconds": cache_seconds, "epoch_seconds": (seconds - cache_seconds) / args.epochs,
         "samples": len(train) * args.epochs, "samples_per_s": len(train) * args.epochs / seconds,
         "tokens_per_s": tokens / seconds, "gflops": flops / seconds / 1e9, "accuracy": accuracy,
-        "peak_rss_mb": peak_rss_mb(), "top_layers": top, "tunable_params": learner.tunable_params()["pet_params"],
+        "peak_rss_mb": peak_rss_mb(), "peak_device_mb": peak_device_mb, "device": args.device, "top_layers": top, "tunable_params": learner.tunable_params()["pet_params"],
     }
 
 
@@ -190,14 +209,17 @@ def train_with_hf_trainer(learner, ctx, train, args) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         targs = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
-            bf16=ctx.precision == "bf16", use_cpu=True, train_sampling_strategy="group_by_length",
+            bf16=ctx.precision == "bf16", fp16=ctx.precision == "fp16", use_cpu=args.device == "cpu",
+            train_sampling_strategy="group_by_length",
             report_to="none", save_strategy="no", logging_strategy="no", remove_unused_columns=False,
             dataloader_num_workers=0, max_grad_norm=1.0, disable_tqdm=True, seed=args.seed,
         )
         trainer = Trainer(model=model, args=targs, train_dataset=Rows(), data_collator=collate,
                           optimizers=(optimizer, scheduler))
+        synchronize(args.device)
         start = time.perf_counter()
         trainer.train()
+        synchronize(args.device)
         seconds = time.perf_counter() - start
     learner.model.eval()
     return seconds
@@ -214,6 +236,7 @@ def main() -> None:
     p.add_argument("--fast-pet-options", default="{}", help="JSON LoRA options of the fast path only")
     p.add_argument("--fast-lr", type=float, default=None, help="PET learning rate of the fast path only")
     p.add_argument("--configs", default="peak,trainer,conpet,conpet-fast")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (every arm on it)")
     p.add_argument("--seeds", type=int, default=1, help="repeat every training config with seeds 0..N-1")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help="write all results to this JSON file")
@@ -259,9 +282,10 @@ def report(results: dict, args) -> None:
     print(f"\n{args.model} on {args.benchmark} (first {args.tasks} tasks), {args.epochs} epochs, "
           f"batch {args.batch_size}, {args.seeds} seed(s)")
     if peak:
-        print(f"matmul peak this run: fp32 {peak['fp32_peak_gflops']:.0f} GFLOP/s, bf16 {peak['bf16_peak_gflops']:.0f} GFLOP/s")
+        print(f"matmul peak this run ({peak.get('device_name', args.device)}): fp32 {peak['fp32_peak_gflops']:.0f} "
+              f"GFLOP/s, bf16 {peak['bf16_peak_gflops']:.0f} GFLOP/s")
     header = (f"{'config':12s} {'train s':>11s} {'cache s':>8s} {'epoch s':>11s} {'samples/s':>11s} {'tokens/s':>9s} "
-              f"{'GFLOP/s':>8s} {'%fp32pk':>7s} {'%bf16pk':>7s} {'RSS MB':>7s} {'acc %':>11s}")
+              f"{'GFLOP/s':>8s} {'%fp32pk':>7s} {'%bf16pk':>7s} {'RSS MB':>7s} {'dev MB':>7s} {'acc %':>11s}")
     print(header)
     print("-" * len(header))
 
@@ -275,6 +299,7 @@ def report(results: dict, args) -> None:
               f"{_mean_std(col(c, 'tokens_per_s'))[0]:9.0f} {gf:8.1f} "
               f"{100 * gf / peak.get('fp32_peak_gflops', float('nan')):7.1f} "
               f"{100 * gf / peak.get('bf16_peak_gflops', float('nan')):7.1f} {max(col(c, 'peak_rss_mb')):7.0f} "
+              f"{max((x or 0) for x in col(c, 'peak_device_mb')) if results[c][0].get('peak_device_mb') else float('nan'):7.0f} "
               f"{_fmt(col(c, 'accuracy'), 100, 2):>11s}")
     if "trainer" in results:
         base = {k: _mean_std(col("trainer", k))[0] for k in ("samples_per_s", "epoch_seconds", "accuracy")}
@@ -284,9 +309,12 @@ def report(results: dict, args) -> None:
             if c == "trainer":
                 continue
             mean = {k: _mean_std(col(c, k))[0] for k in ("samples_per_s", "epoch_seconds", "accuracy")}
+            device_mem = ""
+            if results[c][0].get("peak_device_mb") and results["trainer"][0].get("peak_device_mb"):
+                device_mem = (f"peak device memory x{max(col(c, 'peak_device_mb')) / max(col('trainer', 'peak_device_mb')):.2f}  ")
             print(f"  {c:12s} speed x{mean['samples_per_s'] / base['samples_per_s']:.2f} (incl. cache build)  "
                   f"per epoch x{base['epoch_seconds'] / mean['epoch_seconds']:.2f}  "
-                  f"peak RSS x{max(col(c, 'peak_rss_mb')) / base_rss:.2f}  "
+                  f"peak RSS x{max(col(c, 'peak_rss_mb')) / base_rss:.2f}  {device_mem}"
                   f"accuracy {100 * (mean['accuracy'] - base['accuracy']):+.2f} points")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,8 @@ LAYERS = [
      "conpet.metrics"],
     ["conpet.data"],
     ["conpet.runs"],
-    ["conpet.config", "conpet.device"],
+    ["conpet.config"],
+    ["conpet.device", "conpet.distributed", "conpet.families"],
     ["conpet.errors"],
 ]
 """Top to bottom: a module may import modules of lower layers (and, inside its own package, its

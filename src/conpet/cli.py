@@ -17,7 +17,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from conpet import __version__
+from conpet import __version__, distributed
 from conpet.adapters import compress_run, export_peft, merge_run
 from conpet.config import (default_out, load_config, parse_learner_spec, parse_override, spec_dir_name,
                            split_learner_specs)
@@ -48,7 +48,11 @@ RUN_FLAGS = [
     ("--epochs", "train.epochs", int, "epochs per task (default: 3)"),
     ("--batch-size", "train.batch_size", int, "training batch size (default: 16)"),
     ("--lr", "train.lr", float, "learning rate of the PET module (default: 1e-3)"),
-    ("--precision", "train.precision", str, "auto (bf16 where the CPU supports it), bf16 or fp32"),
+    ("--device", "train.device", str, "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps"),
+    ("--precision", "train.precision", str, "auto (bf16 where the device runs it, fp16 on older GPUs), "
+     "bf16, fp16 or fp32"),
+    ("--grad-accum", "train.grad_accum", int, "micro-batches per optimizer step (same global batch)"),
+    ("--quantize", "backbone.quantize", str, "nf4 or int8: a quantized frozen backbone (QLoRA; CUDA)"),
     ("--threads", "train.threads", int, "torch threads (default: all cores)"),
     ("--seeds", "seeds", int, "number of seeds; reports mean ± std (default: 1)"),
     ("--seed", "seed", int, "first seed (default: 0)"),
@@ -88,6 +92,8 @@ def cmd_run(args) -> int:
     cfg.learner_options.update(options)
     progress = None if not args.no_progress else False
     metrics = run(cfg, progress=progress)
+    if not distributed.is_main():  # one process prints (torchrun, accelerate launch)
+        return 0
     name = f"{cfg.learner}/{cfg.pet.method}/{cfg.model}"
     print(f"\n{metrics['run']['benchmark']}: {len(metrics['run']['tasks'])} tasks, "
           f"{cfg.seeds} seed(s), {cfg.data.setting}")
@@ -99,10 +105,14 @@ def cmd_run(args) -> int:
 
 
 def resume_run(args) -> int:
-    given = [flag for flag, key, _, _ in RUN_FLAGS if getattr(args, key) is not None]
+    given = [flag for flag, key, _, _ in RUN_FLAGS if getattr(args, key) is not None and flag != "--device"]
     if given or args.sets or args.config:
-        raise ConpetError(f"--resume uses the configuration saved in the run directory; drop {', '.join(given) or '--set/--config'}")
-    metrics = resume(args.resume, progress=None if not args.no_progress else False)
+        raise ConpetError(f"--resume uses the configuration saved in the run directory; drop "
+                          f"{', '.join(given) or '--set/--config'} (only --device may change)")
+    metrics = resume(args.resume, progress=None if not args.no_progress else False,
+                     device=getattr(args, "train.device"))
+    if not distributed.is_main():
+        return 0
     run = metrics["run"]
     print(f"\n{run['benchmark']}: {len(run['tasks'])} tasks (resumed)")
     print(metrics_table([(f"{run['learner']}/{run['pet']}/{run['model']}", metrics)]))
@@ -135,7 +145,7 @@ def _evaluate_output(out: str, info: dict, seed: int | None = None) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    _print_accuracy(evaluate_run(args.run_dir, args.seed))
+    _print_accuracy(evaluate_run(args.run_dir, args.seed, device=args.device))
     return 0
 
 
@@ -199,7 +209,7 @@ def cmd_predict(args) -> int:
                 for t in args.texts]
     else:
         raise ConpetError("predict: give TEXT arguments or --file FILE")
-    results = predict(args.run_dir, rows, seed=args.seed)
+    results = predict(args.run_dir, rows, seed=args.seed, device=args.device)
     if args.json:
         for r in results:
             print(json.dumps(r))
@@ -261,12 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", help="the head of the TEXTs (relation runs)")
     p.add_argument("--tail", help="the tail of the TEXTs (relation runs)")
     p.add_argument("--seed", type=int, help="which seed's modules (default: the run's first seed)")
+    p.add_argument("--device", help="where to predict (default: the run's train.device), e.g. cpu")
     p.add_argument("--json", action="store_true", help="one JSON object per input")
     p = sub.add_parser("evaluate", help="test accuracy of a run's final modules on its stream",
                        description="Test accuracy (per task, average, whole) of a run's final modules on the "
                                    "stream named in its config.yaml; works on merged and compressed runs too.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--seed", type=int, help="which seed's modules (default: the run's first seed)")
+    p.add_argument("--device", help="where to evaluate (default: the run's train.device), e.g. cpu")
     p = sub.add_parser("merge", help="merge a dynamic run's per-task LoRA experts into one module",
                        description="Merge the per-task experts of a `dynamic` run on their weight updates dW "
                                    "(task arithmetic, TIES, DARE, Breadcrumbs, ...; `conpet merge --list`), "
@@ -318,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers.get(args.command, cmd_list)(args)
     except ConpetError as e:
+        if not distributed.is_main():  # rank 0 says it once
+            return 2
         print(f"conpet: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -327,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    finally:
+        distributed.close()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from conpet.device import PRECISIONS
 from conpet.errors import ConfigError
 
 
@@ -73,8 +74,18 @@ class TrainConfig:
     max_length: int = 128
     """Maximum prompt length in tokens (the text is truncated, the template is kept)."""
     eval_batch_size: int = 64
+    device: str = "auto"
+    """``auto`` (CUDA if present, then Apple MPS, then the CPU), ``cpu``, ``cuda``, ``cuda:N`` or
+    ``mps``. Under ``torchrun`` / ``accelerate launch`` each process takes ``cuda:<LOCAL_RANK>``."""
     precision: str = "auto"
-    """``auto`` (bf16 autocast where the CPU supports it), ``bf16`` or ``fp32``."""
+    """``auto``: bf16 autocast on a GPU that runs it (else fp16 with gradient scaling) and on a CPU
+    with native bf16 (else fp32); or ``bf16``, ``fp16`` (GPUs only) or ``fp32``."""
+    grad_accum: int = 1
+    """Split each batch of ``batch_size`` rows into this many micro-batches whose gradients add up
+    before one optimizer step: the optimizer sees the same global batch, in less device memory."""
+    gradient_checkpointing: bool = False
+    """Recompute the backbone's layer activations in the backward pass instead of keeping them
+    (less memory, about a third more compute); HF models only."""
     threads: int = 0
     """torch intra-op threads; 0 = all cores."""
     top_layers: int | str | None = "auto"
@@ -97,6 +108,14 @@ class TrainConfig:
 
 
 @dataclass
+class BackboneConfig:
+    quantize: str | None = None
+    """Store the frozen backbone quantized: ``nf4`` (4-bit NormalFloat, QLoRA) or ``int8``
+    (LLM.int8()), through bitsandbytes and peft's k-bit preparation; CUDA only, peft-backed PET
+    methods only. ``null`` (default): full-precision weights."""
+
+
+@dataclass
 class RunConfig:
     model: str = "minilm"
     """``minilm``, ``smollm2``, a local HF model folder, or a ``.gguf`` file."""
@@ -110,6 +129,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     pet: PETConfig = field(default_factory=PETConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
     learner_options: dict[str, Any] = field(default_factory=dict)
     """Options of the chosen learner (see its docstring)."""
 
@@ -121,7 +141,7 @@ class RunConfig:
 
 
 SETTINGS = ("class-incremental", "task-incremental")
-PRECISIONS = ("auto", "bf16", "fp32")
+QUANTIZE = (None, "nf4", "int8")
 TEMPLATES = ("auto", "typing", "relation", "text")
 
 
@@ -195,6 +215,10 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
         (cfg.train.cache_mb > 0, "train.cache_mb", "must be > 0"),
         (cfg.train.checkpoint_seconds >= 0, "train.checkpoint_seconds", "must be >= 0"),
         (cfg.train.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}"),
+        (cfg.train.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
+        (cfg.train.grad_accum <= cfg.train.batch_size, "train.grad_accum", "must be <= train.batch_size "
+         "(each micro-batch needs a row)"),
+        (cfg.backbone.quantize in QUANTIZE, "backbone.quantize", "must be nf4, int8 or null"),
         (cfg.data.setting in SETTINGS, "data.setting", f"must be one of {', '.join(SETTINGS)}"),
         (cfg.data.template in TEMPLATES, "data.template", f"must be one of {', '.join(TEMPLATES)}"),
         (cfg.data.n_tasks is None or cfg.data.n_tasks >= 1, "data.n_tasks", "must be >= 1"),

@@ -16,16 +16,18 @@ class GrowingHead(nn.Module):
     Unseen classes have no column, so they can never be predicted.
     """
 
-    def __init__(self, hidden_size: int, init_std: float = 0.02) -> None:
+    def __init__(self, hidden_size: int, init_std: float = 0.02, device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.init_std = init_std
         self.labels: list[str] = []
-        self.weight = nn.Parameter(torch.zeros(0, hidden_size))
-        self.bias = nn.Parameter(torch.zeros(0))
+        self.weight = nn.Parameter(torch.zeros(0, hidden_size, device=device))
+        self.bias = nn.Parameter(torch.zeros(0, device=device))
 
     def grow(self, labels: list[str], generator: torch.Generator | None = None) -> None:
-        """Append a column for each new label; existing columns keep their values."""
+        """Append a column for each new label; existing columns keep their values. The new rows are
+        drawn on the CPU (``generator`` is a CPU generator), so the same seed gives the same head on
+        every device."""
         new = [label for label in labels if label not in self.labels]
         if not new:
             return
@@ -38,15 +40,15 @@ class GrowingHead(nn.Module):
         return nn.functional.linear(features.float(), self.weight, self.bias)
 
     def save(self, folder: Path) -> None:
-        save_file({"weight": self.weight.detach().contiguous(), "bias": self.bias.detach().contiguous()},
+        save_file({"weight": self.weight.detach().cpu().contiguous(), "bias": self.bias.detach().cpu().contiguous()},
                   str(folder / "head.safetensors"))
         (folder / "head.json").write_text(json.dumps({"labels": self.labels, "hidden_size": self.hidden_size}, indent=2))
 
     @classmethod
-    def load(cls, folder: Path) -> "GrowingHead":
+    def load(cls, folder: Path, device: torch.device | str = "cpu") -> "GrowingHead":
         meta = json.loads((folder / "head.json").read_text())
         head = cls(meta["hidden_size"])
-        tensors = load_file(str(folder / "head.safetensors"))
+        tensors = {k: v.to(device) for k, v in load_file(str(folder / "head.safetensors")).items()}
         head.weight = nn.Parameter(tensors["weight"])
         head.bias = nn.Parameter(tensors["bias"])
         head.labels = list(meta["labels"])
@@ -55,7 +57,7 @@ class GrowingHead(nn.Module):
 
 def concat_heads(heads: list[GrowingHead], hidden_size: int) -> GrowingHead:
     """One head over every class: the experts' heads stacked in task order."""
-    out = GrowingHead(hidden_size)
+    out = GrowingHead(hidden_size, device=heads[0].weight.device if heads else "cpu")
     out.weight = torch.nn.Parameter(torch.cat([h.weight.detach() for h in heads]))
     out.bias = torch.nn.Parameter(torch.cat([h.bias.detach() for h in heads]))
     out.labels = [label for h in heads for label in h.labels]

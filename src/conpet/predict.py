@@ -17,7 +17,6 @@ import torch
 
 from conpet.build import prepare, build_learner
 from conpet.data.stream import Row, Stream, Task
-from conpet.device import autocast
 from conpet.runs import adapter_dir, check_binding, finished_run, read_json
 
 
@@ -29,11 +28,16 @@ def load_run_stream(run_dir: Path, rows: list[Row]) -> Stream:
 
 
 @torch.no_grad()
-def predict(run_dir: str | Path, rows: list[Row], seed: int | None = None, batch_size: int = 64) -> list[dict]:
-    """Predict every row with the run's final modules (seed: the run's first seed by default)."""
+def predict(run_dir: str | Path, rows: list[Row], seed: int | None = None, batch_size: int = 64,
+            device: str | None = None) -> list[dict]:
+    """Predict every row with the run's final modules (seed: the run's first seed by default) on
+    ``device`` (default: the run's ``train.device``; a run trained on a GPU predicts on a CPU with
+    ``device="cpu"``)."""
     run_dir = Path(run_dir)
     cfg, seed, task_names, _ = finished_run(run_dir, seed)
     cfg.train.eval_batch_size = batch_size
+    if device is not None:
+        cfg.train.device = device
     prepared = prepare(cfg, load_run_stream(run_dir, rows))
     stream, engine = prepared
     for task in task_names:  # every module must match this base
@@ -44,9 +48,9 @@ def predict(run_dir: str | Path, rows: list[Row], seed: int | None = None, batch
         out = []
         for start in range(0, len(rows), batch_size):
             indices = list(range(start, min(start + batch_size, len(rows))))
-            with autocast(engine.precision):
+            with engine.compute.autocast():
                 logits = learner.logits(indices).float()
-            probs = torch.softmax(logits, dim=-1)
+            probs = torch.softmax(logits, dim=-1).cpu()
             selection = getattr(learner, "last_selection", None)
             for r, i in enumerate(indices):
                 k = int(probs[r].argmax())

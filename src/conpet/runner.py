@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from conpet import distributed
 from conpet import metrics as M
-from conpet.build import Prepared, build_learner, check, prepare
+from conpet.build import Prepared, build_learner, check, compute_of, prepare
 from conpet.checkpoint import Checkpointer
 from conpet.config import RunConfig, default_out, load_config, parse_learner_spec, spec_dir_name
 from conpet.data.stream import Stream
@@ -86,7 +87,7 @@ def evaluate(learner: Learner, t: int, split: str = "test") -> tuple[list[float]
             raise ConpetError(f"data.report_dev: task '{stream.tasks[j].name}' has no {split} rows")
         allowed = stream.class_range(j) if ctx.cfg.data.setting == "task-incremental" else None
         batches = sorted_batches(test, lengths[test], ctx.cfg.train.eval_batch_size)
-        preds = predict(learner.logits, batches, ctx.precision, allowed)
+        preds = predict(learner.logits, batches, ctx.compute, allowed)
         correct = sum(preds[i] == stream.targets[i] for i in test)
         accs.append(correct / len(test))
         counts.append(len(test))
@@ -103,6 +104,8 @@ class SeedProgress:
     train_seconds: list[float] = field(default_factory=list)
     eval_seconds: list[float] = field(default_factory=list)
     train_samples: list[int] = field(default_factory=list)
+    train_loss: list[float | None] = field(default_factory=list)
+    """Mean loss of the last 20 steps of each task's last fit (over every process's rows)."""
     adapter_bytes: list[int] = field(default_factory=list)
     extra: dict[str, list] = field(default_factory=dict)
     """Learner-specific per-task metrics (selector accuracy, merge error...)."""
@@ -125,6 +128,7 @@ def run_seed(cfg: RunConfig, prepared: Prepared, seed: int, out: Path, progress:
     With ``resume``, continue from the last finished task recorded in ``seed-<seed>/state.json``
     (and inside the next task from its in-task checkpoint, if one was written)."""
     set_seed(seed)
+    main = distributed.is_main()
     stream, engine = prepared
     sdir = seed_dir(out, seed)
     checkpointer = Checkpointer(sdir, cfg.train.checkpoint_seconds)
@@ -137,11 +141,11 @@ def run_seed(cfg: RunConfig, prepared: Prepared, seed: int, out: Path, progress:
         for task in stream.tasks[:done]:  # the same cache build order as an uninterrupted run
             engine.warm(task.train)
         checkpointer.load_task_end(done - 1)
-        if not progress:
+        if not progress and main:
             print(f"seed {seed}: resuming after task {done}/{T}", file=sys.stderr)
     if resume:
         checkpointer.find_in_task(done)
-    bar = tqdm(range(done, T), desc=f"seed {seed}", unit="task", disable=not progress, dynamic_ncols=True,
+    bar = tqdm(range(done, T), desc=f"seed {seed}", unit="task", disable=not (progress and main), dynamic_ncols=True,
                initial=done, total=T)
     try:
         for t in bar:
@@ -153,6 +157,8 @@ def run_seed(cfg: RunConfig, prepared: Prepared, seed: int, out: Path, progress:
             learner.learn(t)
             state.train_seconds.append(time.perf_counter() - start)
             state.train_samples.append(learner.last_fit.samples if learner.last_fit else 0)
+            loss = learner.last_fit.final_loss if learner.last_fit else float("nan")
+            state.train_loss.append(None if loss != loss else loss)
             start = time.perf_counter()
             accs, state.test_counts = evaluate(learner, t)
             state.eval_seconds.append(time.perf_counter() - start)
@@ -163,16 +169,14 @@ def run_seed(cfg: RunConfig, prepared: Prepared, seed: int, out: Path, progress:
             for key, values in extra.items():
                 state.extra.setdefault(key, []).append(values + [None] * (T - t - 1))
             folder = adapter_dir(out, seed, task.name)
-            with atomic_directory(folder) as tmp:
-                learner.save(t, tmp)
-            state.adapter_bytes.append(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()))
-            state.artifacts.update(hash_files(out, folder))
+            state.adapter_bytes.append(distributed.on_main(save_modules, learner, t, folder))
+            state.artifacts.update(distributed.on_main(hash_files, out, folder))
             checkpointer.save_task_end(t)
             state.finished_tasks = t + 1
-            state.write(sdir / "state.json")
+            distributed.on_main(state.write, sdir / "state.json")
             checkpointer.finish_task(t)
             bar.set_postfix(avg_acc=f"{100 * sum(accs) / len(accs):.1f}")
-            if not progress:
+            if not progress and main:
                 print(f"seed {seed} task {t + 1}/{T} {task.name}: train {state.train_seconds[-1]:.1f}s, "
                       f"avg acc {100 * sum(accs) / len(accs):.2f}%", file=sys.stderr)
         params = learner.tunable_params()
@@ -186,6 +190,7 @@ def run_seed(cfg: RunConfig, prepared: Prepared, seed: int, out: Path, progress:
         "train_seconds": state.train_seconds,
         "eval_seconds": state.eval_seconds,
         "train_samples": state.train_samples,
+        "train_loss": state.train_loss,
         "adapter_bytes": state.adapter_bytes,
         **state.extra,
         **params,
@@ -194,11 +199,21 @@ def run_seed(cfg: RunConfig, prepared: Prepared, seed: int, out: Path, progress:
         "peak_rss_mb": peak_rss_mb(),
         "seed": seed,
         "precision": engine.precision,
+        "device": str(engine.device),
         "resumed": bool(resume and done),
     })
-    atomic_write_json(sdir / "metrics.json", result)
+    if distributed.active():
+        result["processes"] = distributed.world_size()
+    distributed.on_main(atomic_write_json, sdir / "metrics.json", result)
     checkpointer.remove_all()
     return result
+
+
+def save_modules(learner: Learner, t: int, folder: Path) -> int:
+    """Write the learner's modules after task ``t`` into ``folder`` atomically; their size in bytes."""
+    with atomic_directory(folder) as tmp:
+        learner.save(t, tmp)
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def run(cfg: RunConfig, progress: bool | None = None, prepared: Prepared | None = None) -> dict:
@@ -211,13 +226,18 @@ def run(cfg: RunConfig, progress: bool | None = None, prepared: Prepared | None 
     prepared = prepared or prepare(cfg)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     cfg.out = str(out)
+    distributed.on_main(start_run_dir, cfg, out, prepared.stream)
+    return _run_seeds(cfg, prepared, out, progress, resume=False)
+
+
+def start_run_dir(cfg: RunConfig, out: Path, stream: Stream) -> None:
+    """Check that ``out`` can take a new run, then write its ``config.yaml`` and ``stream.json``."""
     check_out_dir(out)
     if (out / "config.yaml").exists() and any(out.glob("seed-*/state.json")):
         raise ConpetError(f"{out}: holds a run already; continue it with `conpet run --resume {out}` "
                           f"or choose another --out")
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
-    atomic_write_json(out / "stream.json", stream_description(prepared.stream))
-    return _run_seeds(cfg, prepared, out, progress, resume=False)
+    atomic_write_json(out / "stream.json", stream_description(stream))
 
 
 def stream_description(stream: Stream) -> dict:
@@ -225,18 +245,21 @@ def stream_description(stream: Stream) -> dict:
             "tasks": [{"name": t.name, "labels": list(t.labels)} for t in stream.tasks]}
 
 
-def resume(run_dir: str | Path, progress: bool | None = None) -> dict:
+def resume(run_dir: str | Path, progress: bool | None = None, device: str | None = None) -> dict:
     """Continue an interrupted run from its last finished task (and in-task checkpoint); seeds
-    that finished are kept. Ends with the same metrics as an uninterrupted run (docs/reliability.md)."""
+    that finished are kept. Ends with the same metrics as an uninterrupted run (docs/reliability.md).
+    ``device`` overrides the run's ``train.device`` (a run checkpointed on a GPU resumes on a CPU)."""
     out = Path(run_dir)
     if not (out / "config.yaml").is_file():
         raise ConpetError(f"{out}: not a conpet run directory (no config.yaml)")
     progress = default_progress() if progress is None else progress
-    recover_interrupted(out)
     cfg = load_config(str(out / "config.yaml"))
     cfg.out = str(out)
-    check_out_dir(out)
+    if device is not None:
+        cfg.train.device = device
     check(cfg)
+    distributed.setup(compute_of(cfg).device)
+    distributed.on_main(_reopen, out)
     prepared = prepare(cfg)
     saved = read_json(out / "stream.json") if (out / "stream.json").is_file() else None
     if saved is not None and saved != stream_description(prepared.stream):
@@ -263,10 +286,19 @@ def _run_seeds(cfg: RunConfig, prepared: Prepared, out: Path, progress: bool, re
         "tasks": [t.name for t in prepared.stream.tasks],
         "setting": cfg.data.setting,
     }
+    distributed.on_main(_finish_run_dir, out, metrics)
+    return metrics
+
+
+def _reopen(out: Path) -> None:
+    recover_interrupted(out)
+    check_out_dir(out)
+
+
+def _finish_run_dir(out: Path, metrics: dict) -> None:
     atomic_write_json(out / "metrics.json", metrics)
     write_run_report(out, metrics)
     write_manifest(out)
-    return metrics
 
 
 def run_many(cfg: RunConfig, learners: list[str], out: str | Path | None = None,
@@ -291,14 +323,17 @@ def run_many(cfg: RunConfig, learners: list[str], out: str | Path | None = None,
     return {spec: run(one, progress=progress, prepared=prepared) for spec, one in configs}
 
 
-def evaluate_run(run_dir: str | Path, seed: int | None = None, prepared: Prepared | None = None) -> dict:
+def evaluate_run(run_dir: str | Path, seed: int | None = None, prepared: Prepared | None = None,
+                 device: str | None = None) -> dict:
     """Test accuracy of a run's final modules on every task of its stream (the data named in its
     ``config.yaml``): per-task, average and whole accuracy. Works for every learner and for the
     outputs of ``conpet merge`` / ``conpet compress``. ``prepared`` (:func:`conpet.build.prepare`
     of the same data and model) reuses a loaded backbone and its feature cache across many
-    evaluations."""
+    evaluations. ``device`` overrides the run's ``train.device``."""
     run_dir = Path(run_dir)
     cfg, seed, _, _ = finished_run(run_dir, seed)
+    if device is not None:
+        cfg.train.device = device
     prepared = prepared or prepare(cfg)
     stream = prepared.stream
     if read_json(run_dir / "stream.json") != stream_description(stream):

@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from conpet.backbone import Backbone
 from conpet.config import RunConfig
 from conpet.data.stream import Stream
-from conpet.device import autocast
+from conpet.device import Compute, shrink_on_oom
 from conpet.errors import ConfigError
 from conpet.engine import FeatureEngine
 from conpet.heads import GrowingHead
-from conpet.inputs import Encoded, collate, length_bucketed_batches, sorted_batches
+from conpet.inputs import Encoded, length_bucketed_batches, sorted_batches
 from conpet.learners.loop import FitStats, fit, pet_training, predict
 from conpet.learners.options import Option, check_options
 from conpet.pet.base import Calibration, PETMethod, in_module
@@ -64,7 +64,7 @@ class Context:
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
         self.torch_gen = torch.Generator().manual_seed(self.seed)
-        self.targets_all = torch.tensor(self.stream.targets, dtype=torch.long)
+        self.targets_all = torch.tensor(self.stream.targets, dtype=torch.long, device=self.engine.device)
 
     @property
     def backbone(self) -> Backbone:
@@ -78,6 +78,19 @@ class Context:
     def precision(self) -> str:
         return self.engine.precision
 
+    @property
+    def compute(self) -> Compute:
+        """The run's device and precision (autocast, gradient scaler)."""
+        return self.engine.compute
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def new_head(self) -> GrowingHead:
+        """An empty classification head on the run's device."""
+        return GrowingHead(self.backbone.hidden_size, device=self.device)
+
     def calibration(self, t: int) -> Calibration:
         """Runs a model on task ``t``'s training rows (data-aware PET initialisations)."""
         return self.engine.calibration(self.stream.tasks[t].train)
@@ -87,7 +100,7 @@ class Context:
         return self.engine.features(model, indices, **forward_kwargs)
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        return collate(self.encoded, indices, self.backbone.pad_id)
+        return self.engine.batch(indices)
 
     def targets(self, indices: list[int]) -> torch.Tensor:
         return self.targets_all[indices]
@@ -164,7 +177,7 @@ class OneModuleLearner(Learner):
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
         self.model = None
-        self.head = GrowingHead(ctx.backbone.hidden_size)
+        self.head = ctx.new_head()
 
     def new_module(self, t: int | None = None) -> None:
         """(Re)create a freshly initialised PET module (data-aware methods calibrate on task
@@ -174,7 +187,7 @@ class OneModuleLearner(Learner):
         torch.manual_seed(int(self.ctx.rng.integers(2**31)))
         calibration = self.ctx.calibration(t) if t is not None else None
         self.model = self.ctx.pet.attach(self.ctx.backbone.model, self.module_name, calibration)
-        self.head = GrowingHead(self.ctx.backbone.hidden_size)
+        self.head = self.ctx.new_head()
 
     plugins: tuple = ()
     """Method plugins (see :class:`conpet.learners.static.Plugin`); none for sequential/joint."""
@@ -224,7 +237,7 @@ class OneModuleLearner(Learner):
         folder = adapter_dir(run_dir, seed, self.ctx.stream.tasks[-1].name)
         self.model = self.ctx.pet.attach_from(self.ctx.backbone.model, folder, self.module_name)
         self.model.eval()
-        self.head = GrowingHead.load(folder)
+        self.head = GrowingHead.load(folder, self.ctx.device)
         for plugin in self.plugins:
             plugin.load(folder)
 
@@ -283,7 +296,7 @@ def train_module(ctx: Context, model: torch.nn.Module, module: str, loss_fn, bat
     groups, loss_fn, hooks = pet_training(ctx.pet, model, module, train.lr, loss_fn, len(batches), task)
     groups.append({"params": list(head_params), "lr": train.head_lr})
     groups.extend(extra_groups)
-    stats = fit(loss_fn, groups, batches, train, ctx.precision, desc=desc, progress=ctx.progress,
+    stats = fit(loss_fn, groups, batches, train, ctx.compute, desc=desc, progress=ctx.progress,
                 after_step=hooks, checkpointer=ctx.checkpointer, dev_score=dev_score, epochs=train.epochs)
     model.eval()
     return stats
@@ -307,7 +320,7 @@ def dev_scorer(ctx: Context, model: torch.nn.Module, tasks: list[int], logits: C
         accs = []
         for rows in groups:
             preds = predict(logits, sorted_batches(rows, ctx.encoded.lengths(rows), ctx.cfg.train.eval_batch_size),
-                            ctx.precision)
+                            ctx.compute)
             accs.append(sum(preds[i] == int(gold) for i, gold in zip(rows, targets(rows))) / len(rows))
         model.train(was_training)
         return float(np.mean(accs))
@@ -320,12 +333,16 @@ def module_features(ctx: Context, model: torch.nn.Module, indices: list[int]) ->
     """Cloze features [len(indices), hidden] in fp32 through the model's active module, in
     length-sorted batches under the run's autocast (memories, fits, Fisher-free passes)."""
     model.eval()
-    out = torch.zeros(len(indices), ctx.backbone.hidden_size)
+    out = torch.zeros(len(indices), ctx.backbone.hidden_size, device=ctx.device)
     position = {i: k for k, i in enumerate(indices)}
+
+    def features(rows: list[int]) -> torch.Tensor:
+        with ctx.compute.autocast():
+            return ctx.features(model, rows).float()
+
     for batch in sorted_batches(indices, ctx.encoded.lengths(indices), ctx.cfg.train.eval_batch_size):
-        with autocast(ctx.precision):
-            f = ctx.features(model, batch).float()
-        out[[position[i] for i in batch]] = f
+        out[[position[i] for i in batch]] = shrink_on_oom(features, batch, join=torch.cat,
+                                                          on_shrink=ctx.compute.empty_cache)
     return out
 
 
@@ -334,7 +351,7 @@ def update_memory(ctx: Context, memory: ExemplarMemory, t: int, features) -> Non
     nearest-to-centroid, :func:`conpet.replay.select_exemplars`); one batched pass over the task."""
     stream = ctx.stream
     rows = list(stream.tasks[t].train)
-    feats = features(rows).numpy()
+    feats = features(rows).cpu().numpy()
     position = {i: k for k, i in enumerate(rows)}
     for label in stream.tasks[t].labels:
         own = [i for i in rows if stream.rows[i].label == label]
@@ -379,9 +396,10 @@ def head_tensors(head: GrowingHead) -> dict[str, torch.Tensor]:
 def load_head(head: GrowingHead, tensors: dict[str, torch.Tensor], labels: list[str]) -> GrowingHead:
     """Put saved values into ``head`` in place when its shape matches, else into a new head."""
     if head.weight.shape != tensors["weight"].shape:
-        head = GrowingHead(head.hidden_size, head.init_std)
-        head.weight = torch.nn.Parameter(tensors["weight"].clone())
-        head.bias = torch.nn.Parameter(tensors["bias"].clone())
+        device = head.weight.device
+        head = GrowingHead(head.hidden_size, head.init_std, device=device)
+        head.weight = torch.nn.Parameter(tensors["weight"].to(device, copy=True))
+        head.bias = torch.nn.Parameter(tensors["bias"].to(device, copy=True))
     else:
         with torch.no_grad():
             head.weight.copy_(tensors["weight"])
@@ -391,11 +409,11 @@ def load_head(head: GrowingHead, tensors: dict[str, torch.Tensor], labels: list[
 
 
 def load_expert_heads(heads: list[GrowingHead], tensors: dict[str, torch.Tensor], labels: list[list[str]],
-                      hidden_size: int) -> list[GrowingHead]:
+                      hidden_size: int, device: torch.device | str = "cpu") -> list[GrowingHead]:
     """Per-task heads saved as ``expert_head/<t>/...`` (in place where a head of that shape exists)."""
     out = []
     for t, task_labels in enumerate(labels):
-        old = heads[t] if t < len(heads) else GrowingHead(hidden_size)
+        old = heads[t] if t < len(heads) else GrowingHead(hidden_size, device=device)
         prefix = f"expert_head/{t}/"
         out.append(load_head(old, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
                              task_labels))

@@ -131,7 +131,7 @@ class DynamicConPET(Learner):
         name = expert_name(t)
         copy = {"previous": expert_name(t - 1), "selector": SELECTOR}.get(self.opts["expert_init"]) if t > 0 else None
         self._new_module(name, t, copy_from=copy)
-        head = GrowingHead(self.ctx.backbone.hidden_size)
+        head = self.ctx.new_head()
         head.grow(list(task.labels), self.ctx.torch_gen)
         self.expert_heads.append(head)
         k = min(self.opts["top_k"], t + 1)
@@ -158,7 +158,7 @@ class DynamicConPET(Learner):
         """Top-k task ids [B, k] and selector probabilities [B, tasks]; with ``gold`` (teacher
         forcing) the gold task replaces the last pick when missing."""
         if self.n_tasks == 1 or SELECTOR not in (self.ctx.pet.modules(self.model) if self.model else []):
-            probs = torch.ones(len(indices), 1)
+            probs = torch.ones(len(indices), 1, device=self.ctx.device)
         else:
             probs = self.selector.probabilities(self.model, indices)
         k = min(k, probs.shape[1])
@@ -191,7 +191,8 @@ class DynamicConPET(Learner):
         stream = self.ctx.stream
         top, _ = self.select(indices, k, self.selector.task_ids(indices))
         n_seen = stream.class_range(t)[1]
-        logits = torch.full((len(indices), n_seen), float("-inf"))
+        device = self.ctx.device
+        logits = torch.full((len(indices), n_seen), float("-inf"), device=device)
         slots = [(r, j) for r, picks in enumerate(top.tolist()) for j in dict.fromkeys(picks) if j != t]
         for (r, j), values in zip(slots, self._old_expert_logits([(j, indices[r]) for r, j in slots])):
             lo, hi = stream.class_range(j)
@@ -201,7 +202,8 @@ class DynamicConPET(Learner):
         lo, hi = stream.class_range(t)
         if rows:
             new_logits = self.expert_heads[t](self.ctx.features(self.model, [indices[r] for r in rows])).float()
-            logits = logits.index_put((torch.tensor(rows)[:, None], torch.arange(lo, hi)[None, :]), new_logits)
+            logits = logits.index_put((torch.tensor(rows, device=device)[:, None],
+                                       torch.arange(lo, hi, device=device)[None, :]), new_logits)
         return F.cross_entropy(logits, self.ctx.targets(indices))
 
     # -- prediction --------------------------------------------------------------------------------
@@ -212,7 +214,7 @@ class DynamicConPET(Learner):
         top, probs = self.select(indices, k)
         self.last_selection = (top, probs)
         self.routed.update(zip(indices, top[:, 0].tolist()))
-        out = torch.full((len(indices), stream.class_range(self.n_tasks - 1)[1]), float("-inf"))
+        out = torch.full((len(indices), stream.class_range(self.n_tasks - 1)[1]), float("-inf"), device=self.ctx.device)
         for j in range(top.shape[1]):
             modules = [expert_name(int(task)) for task in top[:, j]]
             feats = self._features(indices, modules).float()
@@ -255,12 +257,12 @@ class DynamicConPET(Learner):
                 self.model = pet.attach_from(self.ctx.backbone.model, folder, expert_name(t))
             else:
                 pet.load(self.model, folder, expert_name(t))
-            self.expert_heads.append(GrowingHead.load(folder))
+            self.expert_heads.append(GrowingHead.load(folder, self.ctx.device))
             self.versions[expert_name(t)] = 0
         last = adapter_dir(run_dir, seed, tasks[-1].name) / SELECTOR
         if last.is_dir():
             pet.load(self.model, last, SELECTOR)
-            self.selector.head = GrowingHead.load(last)
+            self.selector.head = GrowingHead.load(last, self.ctx.device)
         self.n_tasks = len(tasks)
         self.model.eval()
 
@@ -292,7 +294,7 @@ class DynamicConPET(Learner):
                 self.model = pet.attach(self.ctx.backbone.model, meta["modules"][0])
             load_module_tensors(pet, self.model, meta["modules"], tensors)
         self.expert_heads = load_expert_heads(self.expert_heads, tensors, meta["expert_labels"],
-                                              self.ctx.backbone.hidden_size)
+                                              self.ctx.backbone.hidden_size, self.ctx.device)
         self.selector.head = load_head(self.selector.head, {k[14:]: v for k, v in tensors.items()
                                                             if k.startswith("selector_head/")}, meta["selector_labels"])
         self.versions = dict(meta["versions"])
@@ -301,7 +303,7 @@ class DynamicConPET(Learner):
         self.logit_cache = {}
         for task in meta["cache_tasks"]:
             keys, logits = tensors[f"cache/{task}/keys"].tolist(), tensors[f"cache/{task}/logits"]
-            self.logit_cache.update({tuple(k): logits[r].clone() for r, k in enumerate(keys)})
+            self.logit_cache.update({tuple(k): logits[r].to(self.ctx.device, copy=True) for r, k in enumerate(keys)})
 
     def tunable_params(self) -> dict[str, int]:
         pet = self.ctx.pet

@@ -40,7 +40,7 @@ class EAEMR(EMR):
     def __init__(self, learner, options) -> None:
         super().__init__(learner, options)
         hidden = learner.ctx.backbone.hidden_size
-        self.align = nn.Linear(hidden, hidden)
+        self.align = nn.Linear(hidden, hidden, device=learner.ctx.device)
         with torch.no_grad():
             self.align.weight.copy_(torch.eye(hidden))
             self.align.bias.zero_()
@@ -54,12 +54,13 @@ class EAEMR(EMR):
     def save(self, folder) -> None:
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in self.align.state_dict().items()}, str(folder / "alignment.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.align.state_dict().items()},
+                  str(folder / "alignment.safetensors"))
 
     def load(self, folder) -> None:
         from safetensors.torch import load_file
 
-        self.align.load_state_dict(load_file(str(folder / "alignment.safetensors")))
+        self.align.load_state_dict(load_file(str(folder / "alignment.safetensors")))  # copied onto align's device
 
     def state(self):
         rows = sorted(self.stored)
@@ -109,7 +110,7 @@ class EAEMR(EMR):
         for _ in range(self.opts["align_epochs"]):
             order = rng.permutation(len(rows))
             for start in range(0, len(rows), bs):
-                idx = torch.as_tensor(order[start:start + bs])
+                idx = torch.as_tensor(order[start:start + bs], device=raw.device)
                 loss = nn.functional.mse_loss(self.align(raw[idx]), targets[idx])
                 opt.zero_grad()
                 loss.backward()

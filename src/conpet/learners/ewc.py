@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 import numpy as np
 
-from conpet.device import autocast
 from conpet.learners.options import Option
 from conpet.learners.static import Plugin, register_method
 
@@ -66,7 +65,7 @@ class EWC(Plugin):
         rows = self.fisher_rows(t)
         learner.model.eval()
         for i in rows:
-            with autocast(ctx.precision):
+            with ctx.compute.autocast():
                 loss = F.cross_entropy(learner.logits([i]).float(), ctx.targets([i]))  # -log p(y | x)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             for f, g in zip(fisher, grads):

@@ -71,7 +71,7 @@ class MergeLearner(OneModuleLearner):
             self.model = pet.attach(ctx.backbone.model, EXPERT, ctx.calibration(t))
         elif EXPERT not in pet.modules(self.model):
             pet.add(self.model, EXPERT, ctx.calibration(t))
-        head = GrowingHead(ctx.backbone.hidden_size)
+        head = ctx.new_head()
         head.grow(list(task.labels), ctx.torch_gen)
         self.expert_heads.append(head)
         start = ctx.stream.class_range(t)[0]
@@ -135,7 +135,7 @@ class MergeLearner(OneModuleLearner):
                                for p in paths})
                         for t, (cfg, paths) in enumerate(zip(meta["expert_configs"], meta["expert_paths"]))]
         self.expert_heads = load_expert_heads(self.expert_heads, tensors, meta["expert_labels"],
-                                              self.ctx.backbone.hidden_size)
+                                              self.ctx.backbone.hidden_size, self.ctx.device)
         self.errors = list(meta["errors"])
         if self.expert_heads:
             self.head = concat_heads(self.expert_heads, self.ctx.backbone.hidden_size)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from conpet.heads import GrowingHead
 from conpet.learners.base import Context, dev_scorer, train_module
 from conpet.learners.loop import FitStats
 
@@ -33,11 +32,11 @@ class ModuleSelector:
     def __init__(self, ctx: Context, balance: bool = False) -> None:
         self.ctx = ctx
         self.balance = balance
-        self.head = GrowingHead(ctx.backbone.hidden_size)
+        self.head = ctx.new_head()
 
     def task_ids(self, indices: list[int]) -> torch.Tensor:
         stream = self.ctx.stream
-        return torch.tensor([stream.task_of_label[stream.rows[i].label] for i in indices])
+        return torch.tensor([stream.task_of_label[stream.rows[i].label] for i in indices], device=self.ctx.device)
 
     def loss(self, model: torch.nn.Module, indices: list[int]) -> torch.Tensor:
         logits, targets = self.head(self.ctx.features(model, indices)), self.task_ids(indices)

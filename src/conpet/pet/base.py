@@ -106,6 +106,8 @@ class PETMethod(ABC):
     paper: ClassVar[str] = ""
     routes_per_row: ClassVar[bool] = True
     """Whether one forward pass can route each row through its own module (``adapter_names``)."""
+    supports_kbit: ClassVar[bool] = False
+    """Whether the method can sit on a bitsandbytes-quantized backbone (``backbone.quantize``)."""
     input_level: ClassVar[bool] = False
     """Whether the method changes the input embeddings or prepends virtual tokens (prompt family):
     such a module needs the whole forward pass, so it cannot be confined to the top layers."""

@@ -34,6 +34,8 @@ class CorDA(LoRA):
     Trainable parameters: ``r (in + out)`` per target (the frozen half is stored, not trained).
     ``use_rslora``/``use_dora`` are not available with it."""
 
+    supports_kbit = False  # the decomposition reads the full-precision weights
+
     paper = ("Yang et al. 2024, CorDA: Context-Oriented Decomposition Adaptation of Large Language Models "
              "for Task-Aware Parameter-Efficient Fine-tuning")
 

@@ -65,7 +65,7 @@ class DeltaPET(InjectedPET):
         for n, p in self.tensors(model, name).items():
             key = n.replace(f".{name}.", ".")
             site = model.sites[key.split(".parts.")[0].removeprefix("base_model.")]
-            flat = site.parts[name].weight().detach().reshape(-1)
+            flat = site.parts[name].weight().detach().cpu().reshape(-1)
             idx = flat.nonzero().flatten()
             tensors[f"{key}::indices"] = idx.to(torch.int64)
             tensors[f"{key}::values"] = flat[idx].contiguous()
@@ -83,8 +83,9 @@ class DeltaPET(InjectedPET):
                 if f"{key}::indices" not in saved:
                     raise ModelError(f"{folder}: no saved tensor for '{key}' (options or layers differ)")
                 p.zero_()
-                p.view(-1)[saved[f"{key}::indices"]] = saved[f"{key}::values"].to(p.dtype)
+                idx = saved[f"{key}::indices"].to(p.device)
+                p.view(-1)[idx] = saved[f"{key}::values"].to(p.device, p.dtype)
                 part = model.sites[key.split(".parts.")[0].removeprefix("base_model.")].parts[name]
                 if part.mask is not None:  # the stored entries are the active ones
                     part.mask.zero_()
-                    part.mask.view(-1)[saved[f"{key}::indices"]] = True
+                    part.mask.view(-1)[idx] = True

@@ -67,7 +67,8 @@ class DePTModel(nn.Module):
         o = self.method.options
         embeddings = self.base_model.get_input_embeddings().weight
         rows = torch.randint(0, embeddings.shape[0], (int(o["prompt_length"]),))
-        self.parts[name] = DePTPart(embeddings.detach()[rows].float(), int(o["max_length"]), int(o["r"]))
+        part = DePTPart(embeddings.detach()[rows.to(embeddings.device)].float().cpu(), int(o["max_length"]), int(o["r"]))
+        self.parts[name] = part.to(embeddings.device)  # drawn on the CPU: the same module on every device
         self.peft_config[name] = dict(o)
 
     def set_adapter(self, name: str) -> None:
@@ -103,7 +104,8 @@ class DePTModel(nn.Module):
         prompt = part.prompt.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
         embeds = torch.cat([prompt, embeds], dim=1)
         if attention_mask is not None:
-            ones = torch.ones(attention_mask.shape[0], prompt.shape[1], dtype=attention_mask.dtype)
+            ones = torch.ones(attention_mask.shape[0], prompt.shape[1], dtype=attention_mask.dtype,
+                              device=attention_mask.device)
             attention_mask = torch.cat([ones, attention_mask], dim=1)
         return self.base_model(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
 

@@ -1,7 +1,8 @@
 """LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") via peft.
 
 Options are peft ``LoraConfig`` fields; defaults ``r=8, lora_alpha=16, lora_dropout=0.0`` and
-``target_modules`` = peft's default for the architecture (query/value projections).
+``target_modules`` = peft's default for the architecture (query/value projections; for a family
+peft has no default for, the one in :data:`conpet.families.FAMILIES`).
 ``use_rslora`` and ``use_dora`` switch on rsLoRA and DoRA. Confined to the top layers
 (``train.top_layers``) and without ``target_modules``, LoRA goes on every linear layer of those
 layers: more capacity where it is cheap (docs/speed.md).
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from conpet.families import family_of
 from conpet.pet.base import LayerScope, register_pet
 from conpet.pet.peft_backed import PeftBacked, linear_module_names
 
@@ -27,6 +29,10 @@ def scoped_options(options: dict[str, Any], scope: LayerScope | None, model: nn.
     and ``all-linear`` spelt out as the backbone's linear layer names (peft refuses the string
     together with ``layers_to_transform``)."""
     options = dict(options)
+    config = getattr(model, "config", None)
+    targets = family_of(config.model_type).lora_targets if config is not None else None
+    if targets is not None and scope is None:
+        options.setdefault("target_modules", list(targets))  # peft has no default for the family
     if scope is not None:
         if all_linear_by_default:
             options.setdefault("target_modules", "all-linear")

@@ -33,8 +33,10 @@ SCOPE_KEYS = ("layers_to_transform", "layers_pattern")
 def linear_module_names(model: nn.Module) -> list[str]:
     """Distinct short names of the linear layers inside the transformer blocks (what peft's
     ``all-linear`` targets), e.g. ``[down_proj, gate_proj, k_proj, ...]``."""
+    from transformers.pytorch_utils import Conv1D  # GPT-2's blocks: a linear layer stored transposed
+
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and re.search(r"\.\d+\.", n)}
+             if isinstance(m, (nn.Linear, Conv1D)) and re.search(r"\.\d+\.", n)}
     if not names:
         raise ConfigError("pet.options: target_modules 'all-linear' found no linear layer in the backbone's blocks")
     return sorted(names)
@@ -65,6 +67,9 @@ def readable_folder(folder: Path) -> Iterator[Path]:
 class PeftBacked(PETMethod):
     """One peft adapter per module name. Subclasses give :meth:`config_class` and, where the
     scope or the backbone changes the config, :meth:`peft_options`."""
+
+    supports_kbit = True
+    """peft puts this method's layers on bitsandbytes weights (``backbone.quantize``)."""
 
     load_trainable: bool = True
     """Whether peft loads a module as trainable (peft refuses it for prompt adapters and for a

@@ -72,9 +72,10 @@ class PrefixTuning(PromptLearning):
             handle.remove()
         if not tokens:
             raise ConfigError("pet 'prefix_tuning': the calibration rows gave no token to initialise the prefix from")
-        ids = torch.tensor((tokens * n)[:n]).unsqueeze(0)
+        device = next(base.parameters()).device
+        ids = torch.tensor((tokens * n)[:n], device=device).unsqueeze(0)
         cache = DynamicCache()
-        with torch.no_grad(), autocast(self.precision):
+        with torch.no_grad(), autocast(self.precision, device):
             # transformers 5 renames past_key_values to cache (the old name goes in 5.40)
             key = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
             base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **{key: cache})

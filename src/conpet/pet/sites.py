@@ -57,7 +57,7 @@ class Site(nn.Module):
         for name in dict.fromkeys(routes):
             if name not in self.parts:
                 continue
-            rows = torch.tensor([i for i, n in enumerate(routes) if n == name])
+            rows = torch.tensor([i for i, n in enumerate(routes) if n == name], device=x.device)
             out[rows] = self.method.apply(self.parts[name], x[rows], y[rows]).to(out.dtype)
         return out
 
@@ -92,11 +92,15 @@ class InjectedModel(nn.Module):
     def add_adapter(self, name: str) -> None:
         if name in self.peft_config:
             raise ValueError(f"module '{name}' exists already")
+        # parts are built (and initialised) on the CPU, then moved next to their base module's
+        # weights: the same seed gives the same module on every device
+        device = next(self.base_model.parameters()).device
         shared = self.method.build_shared()
         if shared is not None:
-            self.shared[name] = shared
+            self.shared[name] = shared.to(device)
         for path, site in self.sites.items():
-            site.parts[name] = self.method.build(site.base, path, shared)
+            site_device = next(site.base.parameters(), torch.empty(0, device=device)).device
+            site.parts[name] = self.method.build(site.base, path, shared).to(site_device)
         self.peft_config[name] = dict(self.method.options)
 
     def set_adapter(self, name: str) -> None:
@@ -227,7 +231,7 @@ class InjectedPET(PETMethod):
         return sum(p.numel() for p in self.tensors(model, name).values())
 
     def save(self, model: nn.Module, name: str, folder: Path) -> None:
-        tensors = {n.replace(f".{name}.", "."): p.detach().contiguous() for n, p in self.tensors(model, name).items()}
+        tensors = {n.replace(f".{name}.", "."): p.detach().cpu().contiguous() for n, p in self.tensors(model, name).items()}
         save_file(tensors, str(Path(folder) / WEIGHTS_FILE))
         (Path(folder) / CONFIG_FILE).write_text(json.dumps(
             {"conpet_pet": self.name, "options": self.options, "layers_to_transform": self.layers,

@@ -1,0 +1,246 @@
+"""Devices, precision, memory savers and data parallelism (torchrun over gloo, 2 CPU processes).
+
+The 1-vs-2-process test is the contract of :mod:`conpet.distributed`: the same stream, seed and
+global batch in fp32 give the same losses and accuracies whether the batch is computed by one
+process, by two, or in micro-batches (``train.grad_accum``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conpet.cli import main
+from conpet.device import Compute, resolve_device, resolve_precision, shrink_on_oom
+from conpet.distributed import shard
+from conpet.errors import ConfigError
+from conpet.learners.loop import micro_batches, predict
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "conpet"
+
+
+# -- pure pieces -----------------------------------------------------------------------------------
+def test_shares_cover_the_batch_once_and_weights_give_the_global_mean():
+    batch = list(range(11))
+    for world in (1, 2, 3):
+        for accum in (1, 2, 4):
+            parts = [micro_batches(batch, accum, r, world) for r in range(world)]
+            rows = [i for rank in parts for micro, _ in rank for i in micro]
+            assert rows == batch
+            # sum over processes of sum over micro-batches of weight * mean = global mean
+            weights = {i: w / len(m) for rank in parts for m, w in rank for i in m}
+            assert all(abs(w / world - 1 / len(batch)) < 1e-12 for w in weights.values())
+    assert shard([1, 2, 3], 2, 0) == [1, 2] and shard([1, 2, 3], 2, 1) == [3]
+    assert shard([1], 2, 1) == []
+
+
+def test_device_auto_prefers_cuda_then_mps_then_cpu():
+    assert resolve_device("auto", ["cuda", "mps", "cpu"], cuda_count=2) == torch.device("cuda", 0)
+    assert resolve_device("auto", ["mps", "cpu"]) == torch.device("mps")
+    assert resolve_device("auto", ["cpu"]) == torch.device("cpu")
+    assert resolve_device("cuda:1", ["cuda", "cpu"], cuda_count=2) == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_device("cuda:2", ["cuda", "cpu"], cuda_count=2)
+    with pytest.raises(ConfigError, match="not available here"):
+        resolve_device("cuda", ["cpu"])
+    with pytest.raises(ConfigError, match="unknown device"):
+        resolve_device("tpu", ["cpu"])
+
+
+def test_device_under_a_launcher_is_the_local_rank(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("auto", ["cuda", "cpu"], cuda_count=4) == torch.device("cuda", 3)
+
+
+def test_precision_auto_per_device(monkeypatch):
+    import conpet.device as D
+
+    monkeypatch.setattr(D, "cpu_supports_bf16", lambda: False)
+    assert resolve_precision("auto", "cpu") == "fp32"
+    monkeypatch.setattr(D, "cpu_supports_bf16", lambda: True)
+    assert resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(D, "gpu_supports_bf16", lambda device: False)
+    assert resolve_precision("auto", "cuda") == "fp16"  # e.g. a V100 or T4
+    monkeypatch.setattr(D, "gpu_supports_bf16", lambda device: True)
+    assert resolve_precision("auto", "cuda") == "bf16"
+    with pytest.raises(ConfigError, match="fp16 autocast needs a GPU"):
+        resolve_precision("fp16", "cpu")
+    assert Compute(torch.device("cuda"), "fp16").grad_scaler() is not None
+    assert Compute(torch.device("cpu"), "bf16").grad_scaler() is None
+
+
+def test_no_autocast_or_device_choice_outside_the_device_module():
+    offenders = []
+    for path in SRC.rglob("*.py"):
+        if path.name == "device.py":
+            continue
+        text = path.read_text()
+        for pattern in (r"torch\.autocast\(", r"autocast\(\"cpu\"", r"\.cuda\(\)", r"torch\.cuda\.is_available\("):
+            if re.search(pattern, text) and not (path.name == "checkpoint.py" and "cuda" in pattern):
+                offenders.append(f"{path.name}: {pattern}")
+    assert offenders == []
+
+
+def test_prediction_halves_a_batch_that_runs_out_of_memory():
+    calls = []
+
+    def logits(indices):
+        calls.append(len(indices))
+        if len(indices) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return torch.nn.functional.one_hot(torch.tensor(indices) % 3, 3).float()
+
+    preds = predict(logits, [list(range(7))], "fp32")
+    assert preds == {i: i % 3 for i in range(7)}
+    assert max(c for c in calls if c <= 2) <= 2 and calls[0] == 7
+    with pytest.raises(ValueError):
+        shrink_on_oom(lambda idx: (_ for _ in ()).throw(ValueError("not memory")), [1, 2], join=list)
+
+
+# -- the CLI: bad device settings fail before anything is written ----------------------------------
+def test_quantize_and_unavailable_devices_are_clear_errors(tiny_encoder, typing_data, tmp_path, capsys):
+    data, tasks = typing_data
+    base = ["run", "--model", str(tiny_encoder), "--data", str(data), "--tasks", str(tasks), "--no-progress"]
+    cases = [(["--quantize", "nf4"], "backbone.quantize: nf4 needs a CUDA GPU"),
+             (["--device", "cuda"], "train.device: 'cuda' is not available here"),
+             (["--precision", "fp16"], "fp16 autocast needs a GPU"),
+             (["--grad-accum", "0"], "'train.grad_accum' must be >= 1")]
+    for k, (flags, message) in enumerate(cases):
+        out = tmp_path / f"out-{k}"
+        assert main([*base, *flags, "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+
+
+# -- memory savers give the same training --------------------------------------------------------
+def _cfg(model, data, tasks, out, **train):
+    from conpet.config import from_dict
+
+    return from_dict({"model": str(model), "learner": "emr*", "out": str(out),
+                      "data": {"file": str(data), "tasks": str(tasks)},
+                      "pet": {"options": {"lora_dropout": 0.0}},
+                      "train": {"epochs": 2, "batch_size": 8, "precision": "fp32", **train}})
+
+
+@pytest.fixture(scope="module")
+def no_dropout_encoder(tmp_path_factory, tiny_encoder):
+    """The tiny BERT without dropout: two ways of computing the same batch then agree exactly."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-bert-no-dropout"
+    shutil.copytree(tiny_encoder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_grad_accum_and_gradient_checkpointing_train_the_same(no_dropout_encoder, typing_data, tmp_path):
+    from conpet.runner import run
+
+    data, tasks = typing_data
+    plain = run(_cfg(no_dropout_encoder, data, tasks, tmp_path / "plain", top_layers=None), progress=False)
+    accum = run(_cfg(no_dropout_encoder, data, tasks, tmp_path / "accum", top_layers=None, grad_accum=3),
+                progress=False)
+    ckpt = run(_cfg(no_dropout_encoder, data, tasks, tmp_path / "ckpt", top_layers=None,
+                    gradient_checkpointing=True), progress=False)
+    a, b, c = (m["per_seed"][0] if "per_seed" in m else m for m in (plain, accum, ckpt))
+    for other in (b, c):
+        assert other["accuracy_matrix"] == a["accuracy_matrix"]
+        assert other["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+
+
+# -- two processes over gloo --------------------------------------------------------------------------
+def _torchrun(args: list[str], nproc: int = 2, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "CONPET_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "conpet", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True, **kwargs)
+
+
+def _run_args(model, data, tasks, out, epochs=2):
+    return ["run", "--model", str(model), "--data", str(data), "--tasks", str(tasks), "--learner", "emr*",
+            "--epochs", str(epochs), "--batch-size", "8", "--precision", "fp32", "--threads", "1", "--no-progress",
+            "--set", "pet.options.lora_dropout=0", "--set", "train.checkpoint_seconds=0", "--out", str(out)]
+
+
+def _seed_metrics(out: Path) -> dict:
+    return json.loads((out / "seed-0" / "metrics.json").read_text())
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 240) -> int:
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, err[-2000:]
+    return proc.returncode
+
+
+def test_two_processes_give_the_metrics_of_one(no_dropout_encoder, typing_data, tmp_path):
+    data, tasks = typing_data
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_run_args(no_dropout_encoder, data, tasks, one)) == 0
+    _finish(_torchrun(_run_args(no_dropout_encoder, data, tasks, two)))
+    a, b = _seed_metrics(one), _seed_metrics(two)
+    assert b["processes"] == 2
+    assert b["train_samples"] == a["train_samples"]  # the same global batches
+    for row_a, row_b in zip(a["accuracy_matrix"], b["accuracy_matrix"]):
+        for x, y in zip(row_a, row_b):
+            assert (x is None and y is None) or abs(x - y) <= 0.01
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+    # rank 0 alone wrote the run directory, completely
+    assert (two / "manifest.json").is_file() and main(["verify", str(two)]) == 0
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _rank_pid(launcher: int, rank: int) -> int | None:
+    for child in _children(launcher):
+        try:
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return child
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the rank's process through /proc")
+def test_kill_one_rank_then_resume_gives_the_uninterrupted_run(no_dropout_encoder, typing_data, tmp_path):
+    data, tasks = typing_data
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    _finish(_torchrun(_run_args(no_dropout_encoder, data, tasks, full, epochs=6)))
+    proc = _torchrun(_run_args(no_dropout_encoder, data, tasks, killed, epochs=6))
+    deadline = time.monotonic() + 180
+    # after task 1 is recorded and while task 2 checkpoints in-task
+    while not (killed / "seed-0" / "state.json").is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    victim = _rank_pid(proc.pid, 1)
+    assert victim is not None and proc.poll() is None, "the run ended before a rank could be killed"
+    os.kill(victim, signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert not (killed / "manifest.json").exists(), "the run was meant to be interrupted"
+    _finish(_torchrun(["run", "--resume", str(killed), "--no-progress"]))
+    a, b = _seed_metrics(full), _seed_metrics(killed)
+    assert b["resumed"] is True
+    assert b["accuracy_matrix"] == a["accuracy_matrix"]
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)
+    assert main(["verify", str(killed)]) == 0
