@@ -118,3 +118,32 @@ def test_max_train_per_class_caps_training_rows(typing_data):
     data, tasks = typing_data
     stream = load_stream(DataConfig(file=str(data), tasks=str(tasks), max_train_per_class=2))
     assert all(len(t.train) == 4 for t in stream.tasks)
+
+
+def test_csv_with_an_unbalanced_quote_is_an_error_naming_its_line(tmp_path, capsys):
+    from conpet.cli import main
+
+    lines = ["text,label"] + [f"row {k} about a dog,animal" for k in range(20)]
+    lines[5] = '"row 4 about a dog,animal'  # the quote never closes on its line
+    lines[12] = 'row 11 about "a" cat",animal'
+    path = tmp_path / "bad.csv"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"bad\.csv:6: .*unbalanced quote"):
+        read_rows(path)
+    out = tmp_path / "out"
+    assert main(["run", "--data", str(path), "--n-tasks", "1", "--out", str(out), "--no-progress"]) == 2
+    assert "bad.csv:6:" in capsys.readouterr().err and not out.exists()
+    # quoted fields that stay on their line are fine
+    path.write_text('text,label\n"a dog, a cat",animal\n"the ""big"" fox",animal\n')
+    assert [r.text for r in read_rows(path)] == ["a dog, a cat", 'the "big" fox']
+
+
+def test_a_label_with_training_rows_but_no_test_rows_is_named_in_a_warning():
+    from conpet.errors import ConpetWarning
+
+    rows = [Row(text=f"{w} here", label=label, split=split)
+            for label, splits in [("a", ["train", "dev", "test"]), ("b", ["train", "train", "dev"]),
+                                  ("c", ["train", "test"])]
+            for w, split in zip("xyz", splits)]
+    with pytest.warns(ConpetWarning, match="label 'b' has training rows but no test rows"):
+        build_stream("s", rows, [("t1", ["a", "b"]), ("t2", ["c"])], "text")

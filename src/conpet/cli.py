@@ -24,7 +24,7 @@ from conpet.config import (default_out, load_config, parse_learner_spec, parse_o
 from conpet.data.benchmarks import BENCHMARKS, benchmark_meta
 from conpet.data.formats import read_rows
 from conpet.data.stream import Row
-from conpet.errors import ConpetError
+from conpet.errors import ConpetError, ConpetWarning
 from conpet.learners import LEARNERS
 from conpet.merging import MERGE_METHODS
 from conpet.pet import PET_METHODS
@@ -320,8 +320,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``conpet: warning: ...`` for the user's input (once per process: rank 0 under a launcher);
+    other warnings as Python prints them."""
+    if issubclass(category, ConpetWarning):
+        if distributed.is_main():
+            print(f"conpet: warning: {message}", file=sys.stderr)
+        return
+    print(warnings.formatwarning(message, category, filename, lineno, line), file=file or sys.stderr, end="")
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.showwarning = _show_warning
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)

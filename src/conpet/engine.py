@@ -120,6 +120,13 @@ class FeatureEngine:
         return self.compute.precision
 
     @property
+    def hidden_dtype(self) -> torch.dtype:
+        """The dtype the upper layers get their input in: the backbone's own (that of its input
+        embeddings; fp32 for a model loaded in fp32 and run under autocast)."""
+        dtype = self.backbone.model.get_input_embeddings().weight.dtype
+        return dtype if dtype.is_floating_point else torch.float32
+
+    @property
     def device(self) -> torch.device:
         return self.compute.device
 
@@ -147,10 +154,10 @@ class FeatureEngine:
         seqs = [self.cache[i] for i in indices]
         width = max(s.shape[0] for s in seqs)
         device = self.device
-        hidden = torch.zeros(len(seqs), width, seqs[0].shape[1], device=device)
+        hidden = torch.zeros(len(seqs), width, seqs[0].shape[1], device=device, dtype=self.hidden_dtype)
         mask = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
         for r, s in enumerate(seqs):
-            hidden[r, : s.shape[0]] = s.float()
+            hidden[r, : s.shape[0]] = s.to(self.hidden_dtype)
             mask[r, : s.shape[0]] = 1
         pos = torch.tensor([self.encoded.cloze_pos[i] for i in indices], device=device)
         out = self._upper(model, hidden, mask, **forward_kwargs)
@@ -197,7 +204,7 @@ class FeatureEngine:
             with self.compute.autocast():
                 self.backbone.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         except _Stop as s:
-            return s.value.float()
+            return s.value
         finally:
             handle.remove()
         raise RuntimeError("the lower layers never reached the split point")
@@ -259,7 +266,8 @@ class FeatureEngine:
         rows = torch.arange(len(indices), device=self.device)
         with torch.no_grad(), self.compute.autocast():
             full = cloze_features(model, batch).float()
-            split = self._upper(model, self._lower(batch), batch["attention_mask"])[rows, batch["cloze_pos"]].float()
+            lower = self._lower(batch).to(self.hidden_dtype)
+            split = self._upper(model, lower, batch["attention_mask"])[rows, batch["cloze_pos"]].float()
         diff = float((full - split).abs().max() / (full.abs().max() + 1e-6))
         if diff > atol:
             raise ConfigError(f"train.top_layers: the split forward pass of {type(self.backbone.model).__name__} "

@@ -20,3 +20,15 @@ class ConfigError(ConpetError):
 
 class ModelError(ConpetError):
     """A model that cannot be found or loaded."""
+
+
+class ConpetWarning(UserWarning):
+    """Something in the input that is allowed but probably not meant (the CLI prints it as
+    ``conpet: warning: ...``; library users can filter it with :mod:`warnings`)."""
+
+
+def warn(message: str) -> None:
+    """Warn the user about their input (a :class:`ConpetWarning`)."""
+    import warnings
+
+    warnings.warn(message, ConpetWarning, stacklevel=2)

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from conpet.data.stream import SPLITS, Row, Stream, Task
-from conpet.errors import DataError
+from conpet.errors import DataError, warn
 
 SPLIT_ALIASES = {"train": "train", "dev": "dev", "valid": "dev", "validation": "dev", "val": "dev", "test": "test"}
 AUTO_SPLIT = (0.7, 0.1, 0.2)
@@ -141,19 +141,27 @@ def read_rows(path: str | Path, require_label: bool = True) -> list[Row]:
                         raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
                     rows.append(_make_row(record, f"{path}:{lineno}", require_label))
             else:
-                reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
+                reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",", strict=True)
                 if reader.fieldnames is None:
                     raise DataError(f"{path}: empty file (expected a header line with text,label)")
                 missing = [c for c in ("text", "label")[: 2 if require_label else 1] if c not in reader.fieldnames]
                 if missing:
                     raise DataError(f"{path}:1: header lacks column(s) {', '.join(missing)}")
                 while True:
+                    before = reader.line_num
                     try:
                         record = next(reader)
                     except StopIteration:
                         break
                     except csv.Error as e:
-                        raise DataError(f"{path}:{reader.line_num + 1}: {e}") from None
+                        raise DataError(f"{path}:{before + 1}: {e} (an unbalanced quote?)") from None
+                    if reader.line_num - before > 1:
+                        # a quoted field ran over the end of its line: almost always an unbalanced
+                        # quote, which would otherwise swallow the lines after it into one row
+                        raise DataError(f"{path}:{before + 1}: a quoted field runs on to line {reader.line_num} "
+                                        f"(an unbalanced quote?); CSV rows must be one line each: quote "
+                                        f"fields whole, double quotes inside them (\"\"), or use JSONL for texts "
+                                        f"with line breaks")
                     if None in record:
                         raise DataError(f"{path}:{reader.line_num}: more values than header columns")
                     rows.append(_make_row(record, f"{path}:{reader.line_num}", require_label))
@@ -279,6 +287,13 @@ def build_stream(name: str, rows: list[Row], groups: list[tuple[str, list[str]]]
         for split in ("train", "test"):
             if not task.split(split):
                 raise DataError(f"{task_source}: task '{task.name}' has no {split} rows")
+    in_test = {rows[i].label for task in tasks for i in task.test}
+    in_train = {rows[i].label for task in tasks for i in task.train}
+    untested = [label for task in tasks for label in task.labels if label in in_train and label not in in_test]
+    if untested:
+        more = f" (and {len(untested) - 1} more)" if len(untested) > 1 else ""
+        warn(f"{task_source}: label '{untested[0]}'{more} has training rows but no test rows: its accuracy is "
+             f"never measured (give it rows with split: test)")
     return Stream(name=name, kind=kind, rows=rows, tasks=tasks)
 
 
