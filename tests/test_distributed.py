@@ -229,9 +229,10 @@ def test_kill_one_rank_then_resume_gives_the_uninterrupted_run(no_dropout_encode
     proc = _torchrun(_run_args(no_dropout_encoder, data, tasks, killed, epochs=6))
     deadline = time.monotonic() + 180
     # after task 1 is recorded and while task 2 checkpoints in-task
-    while not (killed / "seed-0" / "state.json").is_file() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.3)
+    in_task = killed / "seed-0" / "checkpoint" / "in-task"
+    while not ((killed / "seed-0" / "state.json").is_file() and in_task.is_dir()) and proc.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.01)
     victim = _rank_pid(proc.pid, 1)
     assert victim is not None and proc.poll() is None, "the run ended before a rank could be killed"
     os.kill(victim, signal.SIGKILL)

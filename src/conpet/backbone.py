@@ -259,6 +259,48 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+LM_HEAD_NAMES = ("lm_head", "embed_out", "output")
+"""Where causal LMs keep their output projection in a checkpoint (Llama..., GPT-NeoX, others)."""
+
+
+def load_lm_head(backbone: Backbone) -> nn.Linear:
+    """The frozen output projection of a decoder backbone (hidden -> vocabulary logits), for
+    generative streams: the input embeddings when the model ties them, else the checkpoint's
+    ``lm_head`` (or ``embed_out``) weights, read from its safetensors files. On the model's device."""
+    model = backbone.model
+    if not backbone.is_decoder:
+        raise ModelError(f"model '{backbone.name}': an encoder cannot generate answers; generative streams need "
+                         "a decoder (causal LM) such as smollm2")
+    emb = model.get_input_embeddings()
+    vocab, hidden = emb.weight.shape
+    if getattr(model.config, "tie_word_embeddings", False):
+        head = nn.Linear(hidden, vocab, bias=False, device=emb.weight.device)
+        head.weight = emb.weight
+        head.requires_grad_(False)
+        return head
+    from safetensors import safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(backbone.path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                for name in LM_HEAD_NAMES:
+                    if key in (f"{name}.weight", f"{name}.bias"):
+                        tensors[key.rsplit(".", 1)[1]] = f.get_tensor(key)
+        if "weight" in tensors:
+            break
+    if "weight" not in tensors:
+        raise ModelError(f"model '{backbone.name}': no output projection ({', '.join(LM_HEAD_NAMES)}.weight) in "
+                         f"{backbone.path} and the embeddings are not tied")
+    head = nn.Linear(hidden, vocab, bias="bias" in tensors, device=emb.weight.device, dtype=emb.weight.dtype)
+    with torch.no_grad():
+        head.weight.copy_(tensors["weight"])
+        if "bias" in tensors:
+            head.bias.copy_(tensors["bias"])
+    head.requires_grad_(False)
+    return head
+
+
 def cast_frozen_linears(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
     """Store the frozen backbone's linear weights in ``dtype`` once, instead of letting bf16
     autocast cast every fp32 weight on every forward pass (the profile of a training step showed

@@ -25,8 +25,9 @@ from conpet.data import load_stream
 from conpet.data.stream import Stream
 from conpet.device import Compute, resolve_device, resolve_precision
 from conpet.engine import FeatureEngine, resolve_top_layers
-from conpet.inputs import encode_rows
-from conpet.learners import Context, Learner, get_learner
+from conpet.inputs import encode_generation, encode_rows
+from conpet.errors import ConfigError, ModelError
+from conpet.learners import LEARNERS, Context, Learner, get_learner
 from conpet.pet import PETMethod, get_pet, get_pet_class
 
 
@@ -54,6 +55,23 @@ def check(cfg: RunConfig) -> None:
         check_quantize(cfg.backbone.quantize, compute.device, pet_supports_kbit=getattr(pet, "supports_kbit", False))
 
 
+def check_stream(cfg: RunConfig, stream: Stream) -> None:
+    """What the stream's kind asks of the learner and the settings (before the backbone is loaded)."""
+    if not stream.generative:
+        return
+    learner = get_learner(cfg.learner)
+    if not learner.generative:
+        able = sorted(name for name, cls in LEARNERS.items() if cls.generative)
+        raise ConfigError(f"learner: '{cfg.learner}' does not train generative (prompt -> target) streams yet; "
+                          f"these do: {', '.join(able)}")
+    if cfg.train.select_on_dev:
+        raise ConfigError("train.select_on_dev: not available for generative streams yet (it scores dev "
+                          "accuracy of a classification head)")
+    if cfg.data.setting != "class-incremental":
+        raise ConfigError("data.setting: a generative task answers in text; task-incremental masking of class "
+                          "columns does not apply (leave data.setting at class-incremental)")
+
+
 def prepare(cfg: RunConfig, stream: Stream | None = None, check_rows: int = 8, cast_frozen: bool = True,
             backbone: Backbone | None = None) -> Prepared:
     """Load and validate the data (first: bad data fails fast) unless ``stream`` is given (predict
@@ -64,6 +82,7 @@ def prepare(cfg: RunConfig, stream: Stream | None = None, check_rows: int = 8, c
     that keeps fp32 weights under autocast, as HF Trainer does, turns it off). ``backbone`` (e.g.
     :func:`conpet.backbone.backbone_from_model`) replaces loading ``cfg.model``."""
     stream = load_stream(cfg.data) if stream is None else stream
+    check_stream(cfg, stream)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     compute = compute_of(cfg)
@@ -74,7 +93,13 @@ def prepare(cfg: RunConfig, stream: Stream | None = None, check_rows: int = 8, c
         cast_frozen_linears(backbone.model, compute.dtype)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(backbone.model)
-    encoded = encode_rows(stream.rows, stream.kind, backbone.tokenizer, backbone.is_decoder, cfg.train.max_length)
+    if stream.generative:
+        if not backbone.is_decoder:
+            raise ModelError(f"model '{cfg.model}': an encoder cannot generate answers; a generative stream needs "
+                             "a decoder (causal LM), e.g. --model smollm2")
+        encoded = encode_generation(stream.rows, backbone.tokenizer, cfg.train.max_length, cfg.data.chat_template)
+    else:
+        encoded = encode_rows(stream.rows, stream.kind, backbone.tokenizer, backbone.is_decoder, cfg.train.max_length)
     top_layers = resolve_top_layers(cfg.train.top_layers, backbone.model, get_pet_class(cfg.pet.method).input_level)
     engine = FeatureEngine(backbone, encoded, top_layers, compute, cfg.train.eval_batch_size, cfg.train.cache_mb)
     rows = stream.tasks[0].train[:check_rows] if stream.tasks and stream.tasks[0].train else \

@@ -215,6 +215,9 @@ def cmd_predict(args) -> int:
             print(json.dumps(r))
         return 0
     for r in results:
+        if "answer" in r:  # a generative run
+            print(f"{r['prompt'][:70]}\n  -> {r['answer']}")
+            continue
         tasks = ", ".join(r["tasks"])
         sel = r.get("selector_confidence")
         conf = f"selector {', '.join(f'{c:.2f}' for c in sel)}" if sel else f"p={r['probability']:.2f}"
@@ -238,8 +241,8 @@ def cmd_list(args) -> int:
         for name in BENCHMARKS:
             meta = benchmark_meta(name)
             n = sum(sum(c.values()) for c in meta["counts"].values())
-            print(f"{name:20s} {meta['kind']:9s} {len(meta['tasks'])} tasks, {len(meta['counts'])} classes, "
-                  f"{n} rows. {meta['description']}")
+            classes = "generative" if meta["kind"] == "generate" else f"{len(meta['counts'])} classes"
+            print(f"{name:20s} {meta['kind']:9s} {len(meta['tasks'])} tasks, {classes}, {n} rows. {meta['description']}")
     elif args.command == "learners":
         for name, cls in sorted(LEARNERS.items()):
             doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]

@@ -41,7 +41,21 @@ class DataConfig:
     n_tasks: int | None = None
     """Without a task file: split the labels into this many tasks at random (seeded)."""
     template: str = "auto"
-    """``typing``, ``relation``, ``text`` or ``auto`` (from the benchmark, or from the row fields)."""
+    """``typing``, ``relation``, ``text`` or ``auto`` (from the benchmark, or from the row fields;
+    rows with ``prompt``/``target`` are a generative stream, ``generate``)."""
+    chat_template: bool | str = "auto"
+    """Generative streams: wrap each prompt in the model's chat template (``auto``: when the
+    tokenizer has one; ``true``: required; ``false``: plain prompt + target)."""
+    max_new_tokens: int = 32
+    """Generative streams: most tokens generated per answer at evaluation (greedy, stops at EOS)."""
+    reference_text: str | None = None
+    """Generative streams: a UTF-8 text file whose perplexity is measured after every task (the
+    retention of general ability), beside the base model's; default a built-in sample of WordNet
+    example sentences."""
+    metric: str = "auto"
+    """Generative streams: each task's primary metric: ``exact_match``, ``f1`` (token F1),
+    ``rouge_l``, ``chrf``, or ``auto`` (exact match for tasks whose answers are at most 3 words,
+    else ROUGE-L)."""
     setting: str = "class-incremental"
     """``class-incremental`` (predict over all seen classes) or ``task-incremental`` (task id known)."""
     split_seed: int = 0
@@ -142,7 +156,8 @@ class RunConfig:
 
 SETTINGS = ("class-incremental", "task-incremental")
 QUANTIZE = (None, "nf4", "int8")
-TEMPLATES = ("auto", "typing", "relation", "text")
+GENERATION_METRICS = ("auto", "exact_match", "f1", "rouge_l", "chrf")
+TEMPLATES = ("auto", "typing", "relation", "text", "generate")
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -221,6 +236,9 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
         (cfg.backbone.quantize in QUANTIZE, "backbone.quantize", "must be nf4, int8 or null"),
         (cfg.data.setting in SETTINGS, "data.setting", f"must be one of {', '.join(SETTINGS)}"),
         (cfg.data.template in TEMPLATES, "data.template", f"must be one of {', '.join(TEMPLATES)}"),
+        (cfg.data.chat_template in ("auto", True, False), "data.chat_template", "must be auto, true or false"),
+        (cfg.data.max_new_tokens >= 1, "data.max_new_tokens", "must be >= 1"),
+        (cfg.data.metric in GENERATION_METRICS, "data.metric", f"must be one of {', '.join(GENERATION_METRICS)}"),
         (cfg.data.n_tasks is None or cfg.data.n_tasks >= 1, "data.n_tasks", "must be >= 1"),
         (cfg.data.max_train_per_class is None or cfg.data.max_train_per_class >= 1,
          "data.max_train_per_class", "must be >= 1"),

@@ -150,6 +150,19 @@ class FeatureEngine:
         through its own module in one batch."""
         if self.split is None or self.split == 0:
             return cloze_features(model, self.batch(indices), **forward_kwargs)
+        states = self.states(model, indices, **forward_kwargs)
+        pos = torch.tensor([self.encoded.cloze_pos[i] for i in indices], device=self.device)
+        return states[torch.arange(len(indices), device=self.device), pos]
+
+    def states(self, model: nn.Module, indices: list[int], **forward_kwargs) -> torch.Tensor:
+        """Last-layer hidden states [batch, longest row, hidden] of rows ``indices`` (right-padded;
+        position k is row token k, also under a prompt method that prepends virtual tokens): what
+        a language-model loss reads at every target position. The lower layers come from the cache."""
+        if self.split is None or self.split == 0:
+            batch = self.batch(indices)
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **forward_kwargs)
+            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+            return hidden[:, hidden.shape[1] - batch["input_ids"].shape[1]:]
         self._ensure(indices)
         seqs = [self.cache[i] for i in indices]
         width = max(s.shape[0] for s in seqs)
@@ -159,9 +172,7 @@ class FeatureEngine:
         for r, s in enumerate(seqs):
             hidden[r, : s.shape[0]] = s.to(self.hidden_dtype)
             mask[r, : s.shape[0]] = 1
-        pos = torch.tensor([self.encoded.cloze_pos[i] for i in indices], device=device)
-        out = self._upper(model, hidden, mask, **forward_kwargs)
-        return out[torch.arange(len(indices), device=device), pos]
+        return self._upper(model, hidden, mask, **forward_kwargs)
 
     def _layers(self):
         return self._owner, self._attr, getattr(self._owner, self._attr)

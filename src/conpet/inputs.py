@@ -9,15 +9,25 @@ import numpy as np
 import torch
 
 from conpet.data.stream import Row
+from conpet.errors import DataError
 from conpet.data.templates import cloze_parts
 
 
 @dataclass
 class Encoded:
-    """Token ids and cloze position of every row of a stream (index = row index)."""
+    """Token ids and cloze position of every row of a stream (index = row index).
+
+    Generative rows (:func:`encode_generation`) are prompt + target + end-of-sequence token;
+    ``target_start`` is where the target starts and ``cloze_pos`` is the prompt's last token (what
+    a selector reads)."""
 
     ids: list[list[int]]
     cloze_pos: list[int]
+    target_start: list[int] | None = None
+
+    def prompt(self, i: int) -> list[int]:
+        """The prompt tokens of generative row ``i`` (what generation starts from)."""
+        return self.ids[i][: self.target_start[i]]
 
     def lengths(self, indices) -> np.ndarray:
         return self.all_lengths[np.asarray(list(indices), dtype=np.int64)]
@@ -58,6 +68,59 @@ def encode_rows(rows: list[Row], kind: str, tokenizer, is_decoder: bool, max_len
             ids.append(seq)
             pos.append(seq.index(mask))
     return Encoded(ids=ids, cloze_pos=pos)
+
+
+MIN_PROMPT_TOKENS = 8
+
+
+def chat_template_on(tokenizer, setting: bool | str) -> bool:
+    """``data.chat_template``: ``auto`` = when the tokenizer has one; ``true`` requires one."""
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if setting is True and not has:
+        raise DataError("data.chat_template: true, but the model's tokenizer has no chat template "
+                        "(set data.chat_template: false to train on plain prompts)")
+    return has and setting is not False
+
+
+def end_token_id(tokenizer) -> int:
+    """The token that ends an answer: the tokenizer's end-of-sequence token (``[SEP]`` for a
+    BERT-style vocabulary without one)."""
+    for token_id in (tokenizer.eos_token_id, getattr(tokenizer, "sep_token_id", None)):
+        if token_id is not None:
+            return int(token_id)
+    raise DataError("generative rows need a tokenizer with an end-of-sequence token (eos_token)")
+
+
+def encode_generation(rows: list[Row], tokenizer, max_length: int, chat_template: bool | str = "auto") -> Encoded:
+    """Tokenize generative rows: the prompt (in the model's chat template as a user turn when
+    ``chat_template`` says so, else the prompt and a new line) then the target and the
+    end-of-sequence token. A prompt too long for ``max_length`` keeps its last tokens (the
+    template's assistant header stays next to the answer); a target that leaves no room for a
+    prompt is an error naming the row."""
+    chat = chat_template_on(tokenizer, chat_template)
+    if chat:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r.text}], add_generation_prompt=True,
+                                                 tokenize=False) for r in rows]
+    else:
+        prompts = [r.text + "\n" for r in rows]
+    eos = end_token_id(tokenizer)
+    bos = [tokenizer.bos_token_id] if not chat and getattr(tokenizer, "add_bos_token", False) \
+        and tokenizer.bos_token_id is not None else []
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    target_ids = tokenizer([r.target or "" for r in rows], add_special_tokens=False)["input_ids"]
+    ids, starts, pos = [], [], []
+    for row, p, t in zip(rows, prompt_ids, target_ids):
+        t = t + [eos]
+        budget = max_length - len(t) - len(bos)
+        if budget < MIN_PROMPT_TOKENS:
+            raise DataError(f"{row.where or 'row'}: the target is {len(t) - 1} tokens long and leaves no room for "
+                            f"the prompt within train.max_length {max_length}; raise train.max_length or "
+                            "shorten the target")
+        p = bos + p[-budget:]
+        ids.append(p + t)
+        starts.append(len(p))
+        pos.append(len(p) - 1)
+    return Encoded(ids=ids, cloze_pos=pos, target_start=starts)
 
 
 def collate(encoded: Encoded, indices, pad_id: int) -> dict[str, torch.Tensor]:

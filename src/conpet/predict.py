@@ -32,7 +32,8 @@ def predict(run_dir: str | Path, rows: list[Row], seed: int | None = None, batch
             device: str | None = None) -> list[dict]:
     """Predict every row with the run's final modules (seed: the run's first seed by default) on
     ``device`` (default: the run's ``train.device``; a run trained on a GPU predicts on a CPU with
-    ``device="cpu"``)."""
+    ``device="cpu"``). A generative run answers each row's prompt (``text``): ``{"prompt",
+    "answer", "tasks"}`` (the module that answered has learned every task in ``tasks``)."""
     run_dir = Path(run_dir)
     cfg, seed, task_names, _ = finished_run(run_dir, seed)
     cfg.train.eval_batch_size = batch_size
@@ -45,6 +46,11 @@ def predict(run_dir: str | Path, rows: list[Row], seed: int | None = None, batch
     learner = build_learner(cfg, prepared, seed)
     try:
         learner.restore(run_dir, seed)
+        if stream.generative:
+            return [{"prompt": rows[i].text, "answer": answer, "tasks": task_names}
+                    for start in range(0, len(rows), batch_size)
+                    for i, answer in zip(range(start, min(start + batch_size, len(rows))),
+                                         learner.generate(list(range(start, min(start + batch_size, len(rows))))))]
         out = []
         for start in range(0, len(rows), batch_size):
             indices = list(range(start, min(start + batch_size, len(rows))))

@@ -26,13 +26,16 @@ from tqdm.auto import tqdm
 
 from conpet import distributed
 from conpet import metrics as M
+from conpet import text_metrics
 from conpet.build import Prepared, build_learner, check, compute_of, prepare
 from conpet.checkpoint import Checkpointer
 from conpet.config import RunConfig, default_out, load_config, parse_learner_spec, spec_dir_name
+from conpet.data.load import reference_text
 from conpet.data.stream import Stream
 from conpet.errors import ConpetError
 from conpet.inputs import sorted_batches
 from conpet.learners import Learner
+from conpet.generation import perplexity
 from conpet.learners.loop import predict
 from conpet.report import write_run_report
 from conpet.runs import (adapter_dir, atomic_directory, atomic_write_json, atomic_write_text, finished_run,
@@ -74,11 +77,31 @@ def default_progress() -> bool:
     return sys.stderr.isatty() and os.environ.get("CONPET_PROGRESS", "1") != "0"
 
 
+def generate_rows(learner: Learner, rows: list[int]) -> dict[int, str]:
+    """Greedy answers for ``rows`` in prompt-length-sorted batches (dealt out over processes and
+    gathered under a launcher); each process gets every answer."""
+    ctx = learner.ctx
+    lengths = np.asarray([ctx.encoded.target_start[i] for i in rows])
+    batches = sorted_batches(rows, lengths, ctx.cfg.train.eval_batch_size)
+    out: dict[int, str] = {}
+    for batch in batches[distributed.rank()::distributed.world_size()]:
+        out.update(zip(batch, learner.generate(batch)))
+    return distributed.gather_dicts(out)
+
+
+def task_metric(cfg: RunConfig, stream: Stream, j: int) -> str:
+    """Task ``j``'s primary metric (``data.metric``; ``auto`` decides on its training targets)."""
+    return text_metrics.primary_metric(cfg.data.metric, [stream.rows[i].target for i in stream.tasks[j].train])
+
+
 def evaluate(learner: Learner, t: int, split: str = "test") -> tuple[list[float], list[int]]:
     """Accuracy on the ``split`` rows (test; dev for choosing settings) of every task 0..t,
-    predicting over all seen classes (or only the task's classes in the task-incremental setting)."""
+    predicting over all seen classes (or only the task's classes in the task-incremental setting).
+    On a generative stream: each task's primary metric (:func:`task_metric`) of greedy answers."""
     ctx = learner.ctx
     stream = ctx.stream
+    if stream.generative:
+        return evaluate_generation(learner, t, split)
     lengths = ctx.encoded.all_lengths
     accs, counts = [], []
     for j in range(t + 1):
@@ -92,6 +115,28 @@ def evaluate(learner: Learner, t: int, split: str = "test") -> tuple[list[float]
         accs.append(correct / len(test))
         counts.append(len(test))
     return accs, counts
+
+
+def evaluate_generation(learner: Learner, t: int, split: str = "test") -> tuple[list[float], list[int]]:
+    ctx = learner.ctx
+    stream = ctx.stream
+    scores, counts = [], []
+    for j in range(t + 1):
+        rows = stream.tasks[j].split(split)
+        if not rows:
+            raise ConpetError(f"data.report_dev: task '{stream.tasks[j].name}' has no {split} rows")
+        answers = generate_rows(learner, rows)
+        scores.append(text_metrics.score(task_metric(ctx.cfg, stream, j), [answers[i] for i in rows],
+                                         [stream.rows[i].references for i in rows]))
+        counts.append(len(rows))
+    return scores, counts
+
+
+def reference_chunks(learner: Learner, max_tokens: int) -> list[list[int]]:
+    """The reference text (``data.reference_text``) as token chunks of at most ``max_tokens``."""
+    ctx = learner.ctx
+    ids = ctx.backbone.tokenizer(reference_text(ctx.cfg.data.reference_text), add_special_tokens=False)["input_ids"]
+    return [ids[k:k + max_tokens] for k in range(0, len(ids), max_tokens)]
 
 
 @dataclass
@@ -109,6 +154,10 @@ class SeedProgress:
     adapter_bytes: list[int] = field(default_factory=list)
     extra: dict[str, list] = field(default_factory=dict)
     """Learner-specific per-task metrics (selector accuracy, merge error...)."""
+    base_reference_perplexity: float | None = None
+    """Generative streams: perplexity of the reference text under the backbone alone."""
+    reference_perplexity: list[float] = field(default_factory=list)
+    """Generative streams: perplexity of the reference text after each task (general ability)."""
     artifacts: dict[str, str] = field(default_factory=dict)
     """SHA-256 of every adapter file written so far (``conpet verify`` of an unfinished run)."""
 
@@ -145,6 +194,10 @@ def run_seed(cfg: RunConfig, prepared: Prepared, seed: int, out: Path, progress:
             print(f"seed {seed}: resuming after task {done}/{T}", file=sys.stderr)
     if resume:
         checkpointer.find_in_task(done)
+    chunks = reference_chunks(learner, cfg.train.max_length) if stream.generative else None
+    if chunks is not None and state.base_reference_perplexity is None:
+        state.base_reference_perplexity = perplexity(engine.backbone.model, learner.ctx.lm_head, chunks,
+                                                     engine.compute, cfg.train.eval_batch_size)
     bar = tqdm(range(done, T), desc=f"seed {seed}", unit="task", disable=not (progress and main), dynamic_ncols=True,
                initial=done, total=T)
     try:
@@ -164,6 +217,9 @@ def run_seed(cfg: RunConfig, prepared: Prepared, seed: int, out: Path, progress:
             state.eval_seconds.append(time.perf_counter() - start)
             state.accuracy_matrix.append(accs + [None] * (T - t - 1))
             extra = learner.eval_extra(t)
+            if chunks is not None:
+                state.reference_perplexity.append(perplexity(learner.reference_model(), learner.ctx.lm_head, chunks,
+                                                             engine.compute, cfg.train.eval_batch_size))
             if cfg.data.report_dev:
                 extra["dev_accuracy"] = evaluate(learner, t, "dev")[0]
             for key, values in extra.items():
@@ -191,6 +247,9 @@ def run_seed(cfg: RunConfig, prepared: Prepared, seed: int, out: Path, progress:
         "eval_seconds": state.eval_seconds,
         "train_samples": state.train_samples,
         "train_loss": state.train_loss,
+        **({"base_reference_perplexity": state.base_reference_perplexity,
+            "reference_perplexity": state.reference_perplexity,
+            "task_metric": [task_metric(cfg, stream, j) for j in range(T)]} if stream.generative else {}),
         "adapter_bytes": state.adapter_bytes,
         **state.extra,
         **params,

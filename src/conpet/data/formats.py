@@ -61,7 +61,9 @@ def _span(value: Any, text: str, name: str, where: str) -> str | None:
     raise DataError(f"{where}: field '{name}' must be a string or [start, end] offsets, got {value!r}")
 
 
-KNOWN_FIELDS = ("text", "label", "split", "entity", "head", "tail", "id")
+KNOWN_FIELDS = ("text", "label", "split", "entity", "head", "tail", "id",
+                "prompt", "target", "instruction", "input", "output", "task", "answers")
+GENERATIVE_FIELDS = ("prompt", "target", "instruction", "output")
 
 
 def _check_fields(record: dict[str, Any], where: str) -> None:
@@ -79,8 +81,67 @@ def _check_fields(record: dict[str, Any], where: str) -> None:
             raise DataError(f"{where}: unknown field '{name}' (field names are lower case: '{name.lower()}')")
 
 
+def _text_field(record: dict[str, Any], name: str, where: str) -> str | None:
+    value = record.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _generative_row(record: dict[str, Any], where: str, require_target: bool) -> Row:
+    """``prompt`` + ``target``, or ``instruction`` (+ ``input``) + ``output``; ``task`` names the task."""
+    prompt, instruction = _text_field(record, "prompt", where), _text_field(record, "instruction", where)
+    if prompt is not None and instruction is not None:
+        raise DataError(f"{where}: give 'prompt' or 'instruction' (+ 'input'), not both")
+    if prompt is None:
+        if instruction is None:
+            raise DataError(f"{where}: a generative row needs 'prompt' (or 'instruction')")
+        extra = _text_field(record, "input", where)
+        prompt = instruction if extra is None else f"{instruction}\n\n{extra}"
+    target, output = _text_field(record, "target", where), _text_field(record, "output", where)
+    if target is not None and output is not None:
+        raise DataError(f"{where}: give 'target' or 'output', not both")
+    target = target if target is not None else output
+    if target is None and require_target:
+        raise DataError(f"{where}: the row has a prompt but no target (field 'target' or 'output')")
+    task = record.get("task")
+    if task is None or task == "":
+        if require_target:
+            raise DataError(f"{where}: a generative row needs field 'task' (the name of its task)")
+        task = "?"
+    if "label" in record and record["label"] not in (None, ""):
+        raise DataError(f"{where}: a generative row has no 'label' (its task is field 'task')")
+    answers = record.get("answers")
+    if answers is not None:
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a for a in answers):
+            raise DataError(f"{where}: field 'answers' must be a non-empty list of strings")
+        if target is not None and target not in answers:
+            answers = [target, *answers]
+    split = _split_of(record, where)
+    rid = record.get("id")
+    return Row(text=prompt, label=str(task).strip(), split=split, id=None if rid is None else str(rid),
+               target=target, answers=tuple(answers) if answers else None, where=where)
+
+
+def _split_of(record: dict[str, Any], where: str) -> str | None:
+    split = record.get("split")
+    if split in (None, ""):
+        return None
+    if not isinstance(split, str) or split.lower() not in SPLIT_ALIASES:
+        raise DataError(f"{where}: field 'split' must be one of train, dev, test; got {split!r}")
+    return SPLIT_ALIASES[split.lower()]
+
+
 def _make_row(record: dict[str, Any], where: str, require_label: bool = True) -> Row:
     _check_fields(record, where)
+    if any(record.get(name) not in (None, "") for name in GENERATIVE_FIELDS):
+        return _generative_row(record, where, require_target=require_label)
+    if record.get("task") not in (None, ""):
+        raise DataError(f"{where}: field 'task' on a classification row (tasks that share labels, the "
+                        "domain-incremental setting) is not supported yet; give the tasks as label groups "
+                        "(--tasks FILE or --n-tasks N)")
     if not require_label and record.get("label") in (None, ""):
         record = {**record, "label": "?"}
     for name in ("text", "label"):
@@ -94,13 +155,7 @@ def _make_row(record: dict[str, Any], where: str, require_label: bool = True) ->
         label = str(label)
     if not isinstance(label, str):
         raise DataError(f"{where}: field 'label' must be a string, got {type(label).__name__}")
-    split = record.get("split")
-    if split in (None, ""):
-        split = None
-    elif not isinstance(split, str) or split.lower() not in SPLIT_ALIASES:
-        raise DataError(f"{where}: field 'split' must be one of train, dev, test; got {split!r}")
-    else:
-        split = SPLIT_ALIASES[split.lower()]
+    split = _split_of(record, where)
     rid = record.get("id")
     return Row(
         text=text,
@@ -144,7 +199,10 @@ def read_rows(path: str | Path, require_label: bool = True) -> list[Row]:
                 reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",", strict=True)
                 if reader.fieldnames is None:
                     raise DataError(f"{path}: empty file (expected a header line with text,label)")
-                missing = [c for c in ("text", "label")[: 2 if require_label else 1] if c not in reader.fieldnames]
+                generative = any(c in reader.fieldnames for c in ("prompt", "instruction"))
+                needed = ("prompt" if "prompt" in reader.fieldnames else "instruction", "task") if generative \
+                    else ("text", "label")
+                missing = [c for c in needed[: 2 if require_label else 1] if c not in reader.fieldnames]
                 if missing:
                     raise DataError(f"{path}:1: header lacks column(s) {', '.join(missing)}")
                 while True:
@@ -177,6 +235,10 @@ def read_rows(path: str | Path, require_label: bool = True) -> list[Row]:
             if r.id in first_of_id:
                 raise DataError(f"{r.where}: duplicate id '{r.id}' (first used at {first_of_id[r.id]})")
             first_of_id[r.id] = r.where
+    if require_label and len({r.target is not None for r in rows}) > 1:
+        first = next(r for r in rows if (r.target is not None) != (rows[0].target is not None))
+        raise DataError(f"{first.where}: this row is {'generative (prompt/target)' if first.target is not None else 'a classification row (text/label)'} "
+                        f"but {rows[0].where} is not: a stream has one kind of task")
     with_split = sum(r.split is not None for r in rows)
     if 0 < with_split < len(rows):
         first = next(r for r in rows if r.split is None)

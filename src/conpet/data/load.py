@@ -22,6 +22,8 @@ def load_stream(data_cfg: DataConfig) -> Stream:
         return stream
     path = Path(data_cfg.file)
     rows = read_rows(path)
+    if rows[0].target is not None:
+        return _generative_stream(path, rows, data_cfg)
     if data_cfg.tasks:
         groups = read_task_file(data_cfg.tasks)
         source = str(data_cfg.tasks)
@@ -31,4 +33,53 @@ def load_stream(data_cfg: DataConfig) -> Stream:
     else:
         raise DataError(f"{path}: give a task file (--tasks FILE) or a number of tasks (--n-tasks N)")
     kind = infer_kind(rows) if data_cfg.template == "auto" else data_cfg.template
+    if kind == "generate":
+        raise DataError(f"{path}: data.template generate needs rows with prompt and target")
     return build_stream(path.stem, rows, groups, kind, source, data_cfg.max_train_per_class, data_cfg.split_seed)
+
+
+def _generative_stream(path: Path, rows, data_cfg: DataConfig) -> Stream:
+    """Tasks from the rows' ``task`` field, in order of first appearance, or in the order of a
+    task file listing the task names (each task is one group: ``[[t1], [t2]]`` or ``[t1, t2]``)."""
+    if data_cfg.n_tasks:
+        raise DataError(f"{path}: generative rows name their task (field 'task'); drop --n-tasks")
+    if data_cfg.template not in ("auto", "generate"):
+        raise DataError(f"{path}: rows with prompt/target are a generative stream; data.template "
+                        f"'{data_cfg.template}' is for classification")
+    names = list(dict.fromkeys(r.label for r in rows))
+    source = "the rows' task field"
+    if data_cfg.tasks:
+        groups = read_task_file(data_cfg.tasks)
+        order = [label for _, labels in groups for label in labels]
+        unknown = [t for t in order if t not in names]
+        if unknown:
+            raise DataError(f"{data_cfg.tasks}: task '{unknown[0]}' has no rows in {path}")
+        missing = [t for t in names if t not in order]
+        if missing:
+            raise DataError(f"{data_cfg.tasks}: task '{missing[0]}' of {path} is in no group of the task file")
+        names, source = order, str(data_cfg.tasks)
+    return build_stream(path.stem, rows, [(name, [name]) for name in names], "generate", source,
+                        data_cfg.max_train_per_class, data_cfg.split_seed)
+
+
+REFERENCE_ROWS = 300
+"""Sentences in the built-in reference text (about 5,000 SmolLM2 tokens)."""
+
+
+def reference_text(path: str | None = None) -> str:
+    """The text whose perplexity tracks general ability after every task of a generative stream:
+    the file ``path`` (UTF-8), or the built-in sample: the first 300 distinct example sentences of
+    WordNet 3.0 (``wordnet-typing``'s rows, real English; WordNet licence in the package)."""
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise DataError(f"{file}: reference text not found")
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if not text.strip():
+            raise DataError(f"{file}: the reference text is empty")
+        return text
+    rows = load_benchmark("wordnet-typing").rows
+    return "\n".join(list(dict.fromkeys(r.text for r in rows))[:REFERENCE_ROWS])

@@ -1,6 +1,10 @@
 """The continual-learning vocabulary: a Row, a Task (a set of labels with train/dev/test rows)
 and a Stream (an ordered list of class-disjoint tasks).
 
+A generative row (``kind == "generate"``) has a prompt (``text``) and a ``target`` answer; its
+``label`` is its task's name, so a generative task is a task with one "class", itself: replay
+memories, task ids and the Dynamic ConPET selector work on both kinds unchanged.
+
 Tasks hold *indices* into ``Stream.rows`` so that every row is tokenized once per run and
 shared by every learner, replay buffer and evaluation.
 """
@@ -21,6 +25,15 @@ class Row:
     head: str | None = None
     tail: str | None = None
     id: str | None = None
+    target: str | None = None
+    """The answer of a generative row (``None`` for classification rows): what training teaches."""
+    answers: tuple[str, ...] | None = None
+    """Every answer that counts as right at evaluation (default: the target alone)."""
+
+    @property
+    def references(self) -> tuple[str, ...]:
+        """What a generated answer is scored against (the best match counts)."""
+        return self.answers or ((self.target,) if self.target is not None else ())
     where: str = ""
     """``file:line`` the row came from, for error messages."""
 
@@ -41,7 +54,8 @@ class Task:
 class Stream:
     name: str
     kind: str
-    """Prompt template kind: ``typing``, ``relation`` or ``text``."""
+    """Prompt template kind: ``typing``, ``relation`` or ``text`` (classification), or
+    ``generate`` (prompt -> target)."""
     rows: list[Row]
     tasks: list[Task]
 
@@ -56,6 +70,10 @@ class Stream:
         for task in self.tasks:
             starts.append(starts[-1] + len(task.labels))
         self._ranges: list[tuple[int, int]] = list(zip(starts[:-1], starts[1:]))
+
+    @property
+    def generative(self) -> bool:
+        return self.kind == "generate"
 
     def seen_labels(self, t: int) -> list[str]:
         """Labels of tasks 0..t, in the head's column order."""

@@ -25,7 +25,10 @@ TEMPLATES: dict[str, str] = {
 
 
 def infer_kind(rows: list[Row]) -> str:
-    """``relation`` if rows carry head and tail, ``typing`` if they carry an entity, else ``text``."""
+    """``generate`` if rows carry targets, ``relation`` if they carry head and tail, ``typing`` if
+    they carry an entity, else ``text``."""
+    if rows and all(r.target is not None for r in rows):
+        return "generate"
     if rows and all(r.head is not None and r.tail is not None for r in rows):
         return "relation"
     if rows and all(r.entity is not None for r in rows):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -19,14 +20,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from conpet.backbone import Backbone
+from conpet.backbone import Backbone, load_lm_head
 from conpet.config import RunConfig
 from conpet.data.stream import Stream
 from conpet.device import Compute, shrink_on_oom
 from conpet.errors import ConfigError
 from conpet.engine import FeatureEngine
+from conpet.generation import greedy_generate, lm_loss
 from conpet.heads import GrowingHead
-from conpet.inputs import Encoded, length_bucketed_batches, sorted_batches
+from conpet.inputs import Encoded, end_token_id, length_bucketed_batches, sorted_batches
 from conpet.learners.loop import FitStats, fit, pet_training, predict
 from conpet.learners.options import Option, check_options
 from conpet.pet.base import Calibration, PETMethod, in_module
@@ -87,6 +89,24 @@ class Context:
     def device(self) -> torch.device:
         return self.engine.device
 
+    @property
+    def generative(self) -> bool:
+        """Whether the stream's tasks are prompt -> target (trained and evaluated through the LM head)."""
+        return self.stream.generative
+
+    @cached_property
+    def lm_head(self) -> torch.nn.Module:
+        """The backbone's frozen output projection (generative streams), loaded once."""
+        return load_lm_head(self.backbone)
+
+    def generate(self, model: torch.nn.Module, indices: list[int], **forward_kwargs) -> list[str]:
+        """Greedy answers (text) to the prompts of rows ``indices`` through ``model``'s active module."""
+        tok = self.backbone.tokenizer
+        prompts = [self.encoded.prompt(i) for i in indices]
+        tokens = greedy_generate(model, self.lm_head, prompts, self.backbone.pad_id, [end_token_id(tok)],
+                                 self.cfg.data.max_new_tokens, self.compute, **forward_kwargs)
+        return [tok.decode(t, skip_special_tokens=True).strip() for t in tokens]
+
     def new_head(self) -> GrowingHead:
         """An empty classification head on the run's device."""
         return GrowingHead(self.backbone.hidden_size, device=self.device)
@@ -117,6 +137,8 @@ class Context:
 
 class Learner:
     name: ClassVar[str] = "?"
+    generative: ClassVar[bool] = False
+    """Whether the learner trains and evaluates generative (prompt -> target) streams."""
     options: ClassVar[dict[str, Option]] = {}
     """The learner's options (:class:`conpet.learners.options.Option`), declared once."""
 
@@ -202,12 +224,35 @@ class OneModuleLearner(Learner):
     def logits(self, indices: list[int]) -> torch.Tensor:
         return self.head(self.features(indices))
 
-    def loss(self, indices: list[int]) -> torch.Tensor:
+    def objective_loss(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The task loss of a batch and the logits it came from: cross-entropy over the seen
+        classes, or (generative streams) the LM loss on the target tokens, with no logits."""
+        if self.ctx.generative:
+            return lm_loss(self.ctx.engine, self.model, self.ctx.lm_head, indices), None
         logits = self.logits(indices)
-        loss = F.cross_entropy(logits, self.ctx.targets(indices))
+        return F.cross_entropy(logits, self.ctx.targets(indices)), logits
+
+    def loss(self, indices: list[int]) -> torch.Tensor:
+        loss, logits = self.objective_loss(indices)
         for plugin in self.plugins:
             loss = loss + plugin.extra_loss(indices, logits)
         return loss
+
+    def grow_head(self, labels: list[str]) -> None:
+        """Add head columns for ``labels`` (classification; a generative stream answers through the LM head)."""
+        if not self.ctx.generative:
+            self.head.grow(labels, self.ctx.torch_gen)
+
+    def generate(self, indices: list[int]) -> list[str]:
+        """Greedy answers to the prompts of rows ``indices`` (generative streams)."""
+        self.ctx.pet.activate(self.model, self.module_name)
+        return self.ctx.generate(self.model, indices)
+
+    def reference_model(self) -> torch.nn.Module:
+        """The backbone with the module that answers, for the reference-text perplexity."""
+        self.ctx.pet.activate(self.model, self.module_name)
+        self.model.eval()
+        return self.model
 
     def pet_parameters(self) -> list[torch.nn.Parameter]:
         return self.ctx.pet.parameters(self.model, self.module_name)

@@ -20,6 +20,8 @@ from conpet.learners.static import Plugin, register_method
 class EMR(Plugin):
     """Episodic memory replay of k-means-selected exemplars (Wang et al. 2019)."""
 
+    generative = True
+
     name = "emr"
 
     def needs_memory(self) -> bool:

@@ -21,7 +21,6 @@ value and gradient as one penalty per old task, up to float rounding).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 import numpy as np
 
@@ -32,6 +31,8 @@ from conpet.learners.static import Plugin, register_method
 @register_method
 class EWC(Plugin):
     """Elastic weight consolidation on the PET parameters (Kirkpatrick et al. 2017)."""
+
+    generative = True
 
     name = "ewc"
     options = {"ewc_lambda": Option(1.0, float, minimum=0.0, help="weight of the EWC penalty"),
@@ -66,7 +67,7 @@ class EWC(Plugin):
         learner.model.eval()
         for i in rows:
             with ctx.compute.autocast():
-                loss = F.cross_entropy(learner.logits([i]).float(), ctx.targets([i]))  # -log p(y | x)
+                loss = learner.objective_loss([i])[0]  # -log p(y | x): the gold label, or the target tokens
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             for f, g in zip(fisher, grads):
                 if g is not None:

@@ -14,9 +14,11 @@ from conpet.learners.base import OneModuleLearner, register_learner
 class Joint(OneModuleLearner):
     """A fresh PET module trained on all tasks seen so far at every step (the upper bound)."""
 
+    generative = True
+
     def learn(self, t: int) -> None:
         self.new_module(t)
         stream = self.ctx.stream
-        self.head.grow(stream.seen_labels(t), self.ctx.torch_gen)
+        self.grow_head(stream.seen_labels(t))
         rows = [i for task in stream.tasks[: t + 1] for i in task.train]
         self.train_on(rows, f"joint 1..{t + 1} train", t)

@@ -20,6 +20,8 @@ from conpet.learners.static import Plugin, register_method
 class L2(Plugin):
     """L2 penalty towards the PET weights of the previous task, the initial ones on task 1 (Smith et al. 2023)."""
 
+    generative = True
+
     name = "l2"
     options = {"l2_lambda": Option(1.0, float, minimum=0.0, help="weight of the L2 penalty")}
 

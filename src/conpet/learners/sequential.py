@@ -13,9 +13,11 @@ from conpet.learners.base import OneModuleLearner, register_learner
 class Sequential(OneModuleLearner):
     """One PET module trained task after task, no replay (ConPET's PET-only lower bound)."""
 
+    generative = True
+
     def learn(self, t: int) -> None:
         if self.model is None:
             self.new_module(t)
         task = self.ctx.stream.tasks[t]
-        self.head.grow(list(task.labels), self.ctx.torch_gen)
+        self.grow_head(list(task.labels))
         self.train_on(task.train, f"{task.name} train", t)

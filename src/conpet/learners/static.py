@@ -35,6 +35,8 @@ class Plugin:
     name: ClassVar[str] = "?"
     options: ClassVar[dict[str, Option]] = {}
     """The method's own options (:class:`conpet.learners.options.Option`)."""
+    generative: ClassVar[bool] = False
+    """Whether the method also works on generative streams (its loss terms need no class logits)."""
 
     def __init__(self, learner: "StaticConPET", options: dict[str, Any]) -> None:
         self.learner = learner
@@ -46,8 +48,9 @@ class Plugin:
     def after_task(self, t: int) -> None:
         """Called after training task ``t`` (memories, Fisher information, snapshots...)."""
 
-    def extra_loss(self, indices: list[int], logits: torch.Tensor) -> torch.Tensor | float:
-        """Added to the cross-entropy of every training batch."""
+    def extra_loss(self, indices: list[int], logits: torch.Tensor | None) -> torch.Tensor | float:
+        """Added to the task loss of every training batch (``logits``: the batch's class logits;
+        ``None`` on a generative stream)."""
         return 0.0
 
     def transform(self, features: torch.Tensor) -> torch.Tensor:
@@ -105,7 +108,7 @@ class StaticConPET(OneModuleLearner):
         if self.model is None:
             self.new_module(t)
         task = self.ctx.stream.tasks[t]
-        self.head.grow(list(task.labels), self.ctx.torch_gen)
+        self.grow_head(list(task.labels))
         for plugin in self.plugins:
             plugin.before_task(t)
         if t > 0 and self.dynamic:
@@ -125,7 +128,8 @@ def register_method(plugin_cls: type[Plugin]) -> type[Plugin]:
     for dynamic in (False, True):
         name = plugin_cls.name + ("*" if dynamic else "")
         cls = type(f"StaticConPET_{plugin_cls.__name__}{'Star' if dynamic else ''}", (StaticConPET,),
-                   {"plugin_cls": plugin_cls, "dynamic": dynamic, "options": {**REPLAY_OPTIONS, **plugin_cls.options},
+                   {"plugin_cls": plugin_cls, "dynamic": dynamic, "generative": plugin_cls.generative,
+                    "options": {**REPLAY_OPTIONS, **plugin_cls.options},
                     "__doc__": f"{doc} ({'dynamic replay' if dynamic else 'original schedule'})",
                     "__module__": plugin_cls.__module__})
         register_learner(name)(cls)

@@ -4,7 +4,9 @@ Debian package synopses -> archive section) by ``scripts/build_debian_sections.p
 
 See ``docs/benchmarks.md`` for how they were built, their sizes and class lists. WordNet's
 licence is in ``LICENSE-WordNet`` beside the data files, the Debian data's notice in
-``NOTICE-debian-sections``.
+``NOTICE-debian-sections``; ``freedict-translation`` (a generative stream: English word ->
+its translation, one task per language) by ``scripts/build_freedict_translation.py`` from the
+FreeDict dictionaries (GPL-2.0-or-later, ``NOTICE-freedict-translation``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ BENCHMARKS: dict[str, str] = {
     "wordnet-relations": "wordnet_relations",
     "wordnet-fine": "wordnet_fine",
     "debian-sections": "debian_sections",
+    "freedict-translation": "freedict_translation",
 }
 
 
@@ -40,5 +43,7 @@ def load_benchmark(name: str, max_train_per_class: int | None = None) -> Stream:
     meta = benchmark_meta(name)
     rows = read_rows(HERE / f"{BENCHMARKS[name]}.jsonl.gz")
     groups = [(f"task-{i + 1:02d}", list(labels)) for i, labels in enumerate(meta["tasks"])]
-    kind = {"typing": "typing", "relation": "relation", "text": "text"}[meta["kind"]]
+    kind = {"typing": "typing", "relation": "relation", "text": "text", "generate": "generate"}[meta["kind"]]
+    if kind == "generate":
+        groups = [(labels[0], list(labels)) for labels in meta["tasks"]]
     return build_stream(name, rows, groups, kind, f"{name} meta", max_train_per_class)

@@ -1,0 +1,133 @@
+"""Generative tasks: the language-model loss on target tokens, greedy decoding with a KV cache,
+and perplexity on a reference text.
+
+- :func:`lm_loss`: mean cross-entropy of the next-token predictions at the **target** positions
+  of each row (prompt tokens are context only, never counted); the hidden states come from the
+  feature engine, so frozen lower layers are cached as for classification;
+- :func:`greedy_generate`: batched greedy decoding (left-padded prompts, one forward pass per new
+  token over the KV cache), stopping at the end-of-sequence token or after ``max_new_tokens``;
+  the same tokens as Hugging Face ``generate(do_sample=False)`` with the same adapter (tested);
+- :func:`perplexity`: of the backbone with its active module on a fixed text, the retention of
+  general ability reported after every task.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conpet.device import Compute
+from conpet.engine import FeatureEngine
+
+
+def target_positions(engine: FeatureEngine, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(batch row, position, next token) of every target token of rows ``indices``: the hidden
+    state at ``position`` predicts ``next token`` (the first from the prompt's last position)."""
+    enc = engine.encoded
+    rows, pos, nxt = [], [], []
+    for r, i in enumerate(indices):
+        ids, start = enc.ids[i], enc.target_start[i]
+        rows.extend([r] * (len(ids) - start))
+        pos.extend(range(start - 1, len(ids) - 1))
+        nxt.extend(ids[start:])
+    device = engine.device
+    return (torch.tensor(rows, device=device), torch.tensor(pos, device=device), torch.tensor(nxt, device=device))
+
+
+def lm_loss(engine: FeatureEngine, model: nn.Module, lm_head: nn.Module, indices: Sequence[int],
+            **forward_kwargs) -> torch.Tensor:
+    """Mean next-token cross-entropy over the target tokens of the batch (prompt masked)."""
+    states = engine.states(model, list(indices), **forward_kwargs)
+    rows, pos, nxt = target_positions(engine, indices)
+    logits = lm_head(states[rows, pos])
+    return F.cross_entropy(logits.float(), nxt)
+
+
+def token_logits(engine: FeatureEngine, model: nn.Module, lm_head: nn.Module, indices: Sequence[int],
+                 **forward_kwargs) -> torch.Tensor:
+    """Next-token logits [target tokens of the batch, vocabulary], in :func:`target_positions` order."""
+    states = engine.states(model, list(indices), **forward_kwargs)
+    rows, pos, _ = target_positions(engine, indices)
+    return lm_head(states[rows, pos]).float()
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """transformers 5 renames ``past_key_values`` to ``cache`` (the old name goes in 5.40)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def greedy_generate(model: nn.Module, lm_head: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int,
+                    eos_ids: Sequence[int], max_new_tokens: int, compute: Compute,
+                    **forward_kwargs) -> list[list[int]]:
+    """Greedy continuations of ``prompts`` (token lists), each without its end-of-sequence token.
+
+    ``forward_kwargs`` go to every forward pass (peft's ``adapter_names`` routes each row through
+    its own module)."""
+    from transformers import DynamicCache
+
+    device = compute.device
+    n, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((n, width), dtype=torch.long, device=device)
+    for r, p in enumerate(prompts):  # left padding: every prompt ends at the last column
+        ids[r, width - len(p):] = torch.tensor(list(p), dtype=torch.long, device=device)
+        mask[r, width - len(p):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache_key = _cache_argument(model)
+    cache = DynamicCache()
+    eos = torch.tensor(sorted(set(eos_ids)), device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    out: list[list[int]] = [[] for _ in range(n)]
+    step_ids, step_pos = ids, positions
+    for _ in range(max_new_tokens):
+        with compute.autocast():
+            hidden = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
+                           **{cache_key: cache}, **forward_kwargs)
+            hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
+            logits = lm_head(hidden[:, -1]).float()
+        token = logits.argmax(dim=-1)
+        finished = torch.isin(token, eos)
+        for r in (~done & ~finished).nonzero().flatten().tolist():
+            out[r].append(int(token[r]))
+        done |= finished
+        if bool(done.all()):
+            break
+        step_ids = torch.where(done, torch.full_like(token, pad_id), token)[:, None]
+        step_pos = step_pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
+    return out
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, lm_head: nn.Module, chunks: Sequence[Sequence[int]], compute: Compute,
+               batch_size: int = 8) -> float:
+    """exp(mean next-token negative log-likelihood) over every token of ``chunks`` (token lists,
+    each predicted from its own start)."""
+    total, count = 0.0, 0
+    device = compute.device
+    for start in range(0, len(chunks), batch_size):
+        batch = [list(c) for c in chunks[start:start + batch_size] if len(c) > 1]
+        if not batch:
+            continue
+        width = max(len(c) for c in batch)
+        ids = torch.zeros((len(batch), width), dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for r, c in enumerate(batch):
+            ids[r, : len(c)] = torch.tensor(c, device=device)
+            mask[r, : len(c)] = 1
+        with compute.autocast():
+            out = model(input_ids=ids, attention_mask=mask)
+            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+            logits = lm_head(hidden[:, :-1]).float()
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        keep = mask[:, 1:].bool()
+        total += float(nll[keep].sum())
+        count += int(keep.sum())
+    return math.exp(total / max(1, count))

@@ -1,0 +1,203 @@
+"""Generative streams: rows, target-only loss, greedy decoding against HF generate, metrics,
+every generative learner on a tiny stream, and the misuse errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ANIMALS, FOODS, PLACES, TOOLS
+from conpet.cli import main
+from conpet.config import from_dict
+from conpet.errors import DataError
+from conpet.text_metrics import chrf, exact_match, normalize, primary_metric, rouge_l, score, token_f1
+
+WORDS = ANIMALS + FOODS + TOOLS + PLACES
+
+
+def write_generative_data(folder: Path) -> Path:
+    """Two tasks (plural, capitals) over 48 words; one row in four is test, one dev."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "gen.jsonl"
+    with open(path, "w") as f:
+        for k, w in enumerate(WORDS):
+            split = "test" if k % 4 == 0 else "dev" if k % 4 == 1 else "train"
+            f.write(json.dumps({"prompt": f"Plural of {w}?", "target": w + "s", "task": "plural", "split": split}) + "\n")
+            f.write(json.dumps({"instruction": "Write the word in capitals.", "input": w, "output": w.upper(),
+                                "task": "upper", "split": split}) + "\n")
+    return path
+
+
+@pytest.fixture
+def gen_data(tmp_path) -> Path:
+    return write_generative_data(tmp_path / "data")
+
+
+def _cfg(model, data, out, learner="sequential", **train):
+    return from_dict({"model": str(model), "learner": learner, "out": str(out), "data": {"file": str(data)},
+                      "train": {"epochs": 1, "batch_size": 8, "precision": "fp32", **train}})
+
+
+# -- metrics against hand-computed values ------------------------------------------------------------
+def test_text_metrics_by_hand():
+    assert normalize("The  Dog's, bark!") == "dogs bark"
+    assert exact_match("the cat.", "Cat") == 1.0 and exact_match("cats", "cat") == 0.0
+    # prediction "a big red dog" -> [big, red, dog]; reference "red dog barks" -> [red, dog, barks]
+    # common 2: precision 2/3, recall 2/3, F1 2/3
+    assert token_f1("a big red dog", "red dog barks") == pytest.approx(2 / 3)
+    assert token_f1("", "") == 1.0 and token_f1("x", "") == 0.0
+    # LCS of "the cat sat on the mat" and "the cat on the mat": 5 tokens; P = 5/6, R = 5/5
+    assert rouge_l("the cat sat on the mat", "the cat on the mat") == pytest.approx(2 * (5 / 6) / (5 / 6 + 1))
+    assert chrf("hello", "hello") == pytest.approx(1.0) and chrf("abc", "xyz") == 0.0
+    assert score("exact_match", ["a", "b"], ["a", "c"]) == 0.5
+    assert primary_metric("auto", ["chien", "le chat"]) == "exact_match"
+    assert primary_metric("auto", ["a long answer of five words"]) == "rouge_l"
+    assert primary_metric("f1", ["x"]) == "f1"
+
+
+# -- rows ---------------------------------------------------------------------------------------------
+def test_generative_rows_and_their_stream(gen_data):
+    from conpet.config import DataConfig
+    from conpet.data import load_stream
+
+    stream = load_stream(DataConfig(benchmark=None, file=str(gen_data)))
+    assert stream.generative and [t.name for t in stream.tasks] == ["plural", "upper"]
+    upper = stream.rows[stream.tasks[1].train[0]]
+    assert upper.text == "Write the word in capitals.\n\n" + upper.target.lower() and upper.label == "upper"
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"prompt": "Plural of dog?", "task": "t"}, "has a prompt but no target"),
+    ({"prompt": "Plural of dog?", "target": "dogs"}, "needs field 'task'"),
+    ({"prompt": "p", "instruction": "i", "target": "x", "task": "t"}, "not both"),
+    ({"text": "dog", "label": "animal", "task": "t"}, "domain-incremental"),
+])
+def test_bad_generative_rows(tmp_path, record, message):
+    from conpet.data.formats import read_rows
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(DataError, match=message):
+        read_rows(path)
+
+
+def test_misuse_is_a_clear_error_before_anything_is_written(tiny_decoder, tiny_encoder, gen_data, tmp_path, capsys):
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(gen_data.read_text() + json.dumps({"text": "a dog", "label": "animal"}) + "\n")
+    long = tmp_path / "long.jsonl"
+    long.write_text(gen_data.read_text() + json.dumps({"prompt": "p", "target": "word " * 400, "task": "plural", "split": "train"}) + "\n")
+    cases = [
+        (["--data", str(mixed), "--model", str(tiny_decoder)], "a stream has one kind of task"),
+        (["--data", str(long), "--model", str(tiny_decoder)], "leaves no room for the prompt within train.max_length"),
+        (["--data", str(gen_data), "--model", str(tiny_decoder), "--set", "data.chat_template=true"],
+         "the model's tokenizer has no chat template"),
+        (["--data", str(gen_data), "--model", str(tiny_encoder)], "an encoder cannot generate answers"),
+        (["--data", str(gen_data), "--model", str(tiny_decoder), "--learner", "lwf"],
+         "does not train generative (prompt -> target) streams yet"),
+    ]
+    for k, (flags, message) in enumerate(cases):
+        out = tmp_path / f"out-{k}"
+        assert main(["run", *flags, "--out", str(out), "--no-progress"]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+
+
+# -- the loss counts target tokens only --------------------------------------------------------------
+def test_loss_counts_target_tokens_only(tiny_decoder, gen_data):
+    from conpet.build import build_learner, prepare
+    from conpet.generation import lm_loss, target_positions
+
+    cfg = _cfg(tiny_decoder, gen_data, "unused", top_layers=None)
+    prepared = prepare(cfg)
+    engine = prepared.engine
+    learner = build_learner(cfg, prepared, seed=0)
+    learner.new_module()
+    rows = prepared.stream.tasks[0].train[:4]
+    _, pos, nxt = target_positions(engine, rows)
+    enc = engine.encoded
+    assert len(nxt) == sum(len(enc.ids[i]) - enc.target_start[i] for i in rows)
+    loss = lm_loss(engine, learner.model, learner.ctx.lm_head, rows)
+    # changing a prompt token's *label* changes nothing: prompt positions are not predicted
+    states = engine.states(learner.model, rows)
+    by_hand = []
+    for r, i in enumerate(rows):
+        ids, start = enc.ids[i], enc.target_start[i]
+        logits = learner.ctx.lm_head(states[r, start - 1:len(ids) - 1]).float()
+        by_hand.append(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[start:]), reduction="sum"))
+    assert loss.item() == pytest.approx(float(sum(by_hand)) / len(nxt), rel=1e-5)
+    everything = []
+    for r, i in enumerate(rows):  # the loss a prompt-counting objective would give differs
+        ids = enc.ids[i]
+        logits = learner.ctx.lm_head(states[r, : len(ids) - 1]).float()
+        everything.append(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum"))
+    assert abs(float(sum(everything)) / sum(len(enc.ids[i]) - 1 for i in rows) - loss.item()) > 1e-3
+    learner.close()
+
+
+# -- decoding matches Hugging Face generate ---------------------------------------------------------
+def test_greedy_decoding_matches_hf_generate_with_and_without_the_adapter(tiny_decoder, gen_data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from conpet.build import build_learner, prepare
+    from conpet.generation import greedy_generate
+    from conpet.runner import run
+
+    cfg = _cfg(tiny_decoder, gen_data, tmp_path / "run", top_layers=None)
+    run(cfg, progress=False)
+    prepared = prepare(cfg)
+    learner = build_learner(cfg, prepared, seed=0)
+    ctx = learner.ctx
+    rows = prepared.stream.tasks[0].test[:3] + prepared.stream.tasks[1].test[:3]
+    prompts = [ctx.encoded.prompt(i) for i in rows]
+    assert len({len(p) for p in prompts}) > 1  # left padding is exercised
+    eos = ctx.backbone.tokenizer.sep_token_id
+    ours_base = greedy_generate(ctx.backbone.model, ctx.lm_head, prompts, ctx.backbone.pad_id, [eos], 6, ctx.compute)
+
+    causal = AutoModelForCausalLM.from_pretrained(str(tiny_decoder)).eval()
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+    def hf(model):
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                             eos_token_id=eos, pad_token_id=0)[:, width:].tolist()
+        return [row[: row.index(eos)] if eos in row else row for row in out]
+
+    assert ours_base == hf(causal) and any(ours_base)
+    learner.restore(Path(cfg.out), 0)
+    ours = greedy_generate(learner.model, ctx.lm_head, prompts, ctx.backbone.pad_id, [eos], 6, ctx.compute)
+    plain = PeftModel.from_pretrained(AutoModel.from_pretrained(str(tiny_decoder)),
+                                      str(Path(cfg.out) / "seed-0" / "adapters" / "upper")).eval()
+    causal.model = plain.base_model.model  # the LoRA-injected decoder under HF's own LM head and generate
+    assert ours == hf(causal)
+    learner.close()
+
+
+# -- every generative learner, end to end --------------------------------------------------------------
+@pytest.mark.parametrize("learner", ["sequential", "joint", "emr*", "ewc*", "l2*", "emr"])
+def test_generative_learners_run_end_to_end(tiny_decoder, gen_data, tmp_path, learner):
+    from conpet.runner import run
+
+    metrics = run(_cfg(tiny_decoder, gen_data, tmp_path / "run", learner), progress=False)
+    seed = metrics["per_seed"][0] if "per_seed" in metrics else metrics
+    assert len(seed["accuracy_matrix"]) == 2 and all(0 <= v <= 1 for v in seed["accuracy_matrix"][1])
+    assert seed["task_metric"] == ["exact_match", "exact_match"]
+    assert len(seed["reference_perplexity"]) == 2 and seed["base_reference_perplexity"] > 1
+    assert main(["verify", str(tmp_path / "run")]) == 0
+
+
+def test_predict_answers_prompts_of_a_generative_run(tiny_decoder, gen_data, tmp_path, capsys):
+    from conpet.data.stream import Row
+    from conpet.predict import predict
+    from conpet.runner import run
+
+    run(_cfg(tiny_decoder, gen_data, tmp_path / "run"), progress=False)
+    out = predict(tmp_path / "run", [Row(text="Plural of cat?", label="?"), Row(text="Plural of dog?", label="?")])
+    assert [r["prompt"] for r in out] == ["Plural of cat?", "Plural of dog?"]
+    assert all(isinstance(r["answer"], str) for r in out) and out[0]["tasks"] == ["plural", "upper"]
+    assert main(["predict", str(tmp_path / "run"), "Plural of cat?"]) == 0
+    assert "Plural of cat?" in capsys.readouterr().out
