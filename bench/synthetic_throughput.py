@@ -45,7 +45,7 @@ def time_arm(size: str, top_layers: int | None, args) -> dict:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaModel
 
-    from conpet.backbone import _packaged_path, backbone_from_model, convert_gguf
+    from conpet.backbone import backbone_from_model, resolve_model
     from conpet.build import build_learner, compute_of, prepare
     from conpet.config import from_dict
 
@@ -61,7 +61,7 @@ def time_arm(size: str, top_layers: int | None, args) -> dict:
     torch.manual_seed(0)
     with torch.device(compute.device):
         model = LlamaModel(config).to(torch.bfloat16 if compute.precision != "fp32" else torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(convert_gguf(_packaged_path("smollm2"))))
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model("smollm2")))
     backbone = backbone_from_model(model, tokenizer, size)
     from conpet.data import load_stream
     from conpet.data.stream import Stream

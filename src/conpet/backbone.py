@@ -147,6 +147,8 @@ class Backbone:
     is_decoder: bool
     hidden_size: int
     fingerprint: str
+    lm_head: nn.Module | None = None
+    """The frozen output projection (:func:`load_lm_head`), loaded by ``prepare`` for generative streams."""
 
     @property
     def n_params(self) -> int:

@@ -19,14 +19,15 @@ from typing import NamedTuple
 import torch
 
 from conpet import distributed
-from conpet.backbone import Backbone, cast_frozen_linears, check_quantize, enable_gradient_checkpointing, load_backbone
+from conpet.backbone import (Backbone, cast_frozen_linears, check_quantize, enable_gradient_checkpointing,
+                             load_backbone, load_lm_head)
 from conpet.config import RunConfig
 from conpet.data import load_stream
 from conpet.data.stream import Stream
 from conpet.device import Compute, resolve_device, resolve_precision
 from conpet.engine import FeatureEngine, resolve_top_layers
 from conpet.inputs import encode_generation, encode_rows
-from conpet.errors import ConfigError, ModelError
+from conpet.errors import ConfigError
 from conpet.learners import LEARNERS, Context, Learner, get_learner
 from conpet.pet import PETMethod, get_pet, get_pet_class
 
@@ -52,7 +53,7 @@ def check(cfg: RunConfig) -> None:
     pet = get_pet(cfg.pet.method, cfg.pet.options)
     compute = compute_of(cfg)
     if cfg.backbone.quantize:
-        check_quantize(cfg.backbone.quantize, compute.device, pet_supports_kbit=getattr(pet, "supports_kbit", False))
+        check_quantize(cfg.backbone.quantize, compute.device, pet_supports_kbit=pet.supports_kbit)
 
 
 def check_stream(cfg: RunConfig, stream: Stream) -> None:
@@ -94,9 +95,7 @@ def prepare(cfg: RunConfig, stream: Stream | None = None, check_rows: int = 8, c
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(backbone.model)
     if stream.generative:
-        if not backbone.is_decoder:
-            raise ModelError(f"model '{cfg.model}': an encoder cannot generate answers; a generative stream needs "
-                             "a decoder (causal LM), e.g. --model smollm2")
+        backbone.lm_head = backbone.lm_head or load_lm_head(backbone)  # an encoder is an error here
         encoded = encode_generation(stream.rows, backbone.tokenizer, cfg.train.max_length, cfg.data.chat_template)
     else:
         encoded = encode_rows(stream.rows, stream.kind, backbone.tokenizer, backbone.is_decoder, cfg.train.max_length)

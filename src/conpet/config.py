@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from conpet.device import PRECISIONS
-from conpet.errors import ConfigError
+from conpet.errors import ConfigError, read_user_text
 
 
 @dataclass
@@ -256,12 +256,7 @@ def from_dict(values: dict[str, Any], where: str = "config") -> RunConfig:
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_user_text(path, "config file", ConfigError)
     try:
         values = yaml.safe_load(text)
     except yaml.YAMLError as e:

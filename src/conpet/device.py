@@ -137,10 +137,6 @@ class Compute:
         elif self.device.type == "mps":
             torch.mps.empty_cache()
 
-    def peak_memory(self) -> int | None:
-        """Peak bytes allocated on a CUDA device since the last reset, else ``None``."""
-        return int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None
-
 
 def as_compute(compute: "Compute | str") -> Compute:
     """A :class:`Compute`, or a precision string meaning that precision on the CPU."""

@@ -57,11 +57,6 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def barrier() -> None:
-    if active():
-        dist.barrier()
-
-
 def shard(indices: Sequence[int], parts: int, index: int) -> list[int]:
     """Share ``index`` of ``parts`` contiguous, near-equal shares of ``indices`` (the first
     ``len % parts`` shares get one more row; a share may be empty)."""

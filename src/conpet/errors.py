@@ -32,3 +32,17 @@ def warn(message: str) -> None:
     import warnings
 
     warnings.warn(message, ConpetWarning, stacklevel=2)
+
+
+def read_user_text(path, what: str, error: type[ConpetError] = ConpetError, encoding: str = "utf-8") -> str:
+    """The text of a user's file (``what``: "config file", "task file"...): a missing file or one
+    that is not UTF-8 is an ``error`` naming the file (and the byte)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {what} not found")
+    try:
+        return path.read_text(encoding=encoding)
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None

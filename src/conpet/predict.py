@@ -47,10 +47,10 @@ def predict(run_dir: str | Path, rows: list[Row], seed: int | None = None, batch
     try:
         learner.restore(run_dir, seed)
         if stream.generative:
-            return [{"prompt": rows[i].text, "answer": answer, "tasks": task_names}
-                    for start in range(0, len(rows), batch_size)
-                    for i, answer in zip(range(start, min(start + batch_size, len(rows))),
-                                         learner.generate(list(range(start, min(start + batch_size, len(rows))))))]
+            answers = []
+            for start in range(0, len(rows), batch_size):
+                answers.extend(learner.generate(list(range(start, min(start + batch_size, len(rows))))))
+            return [{"prompt": row.text, "answer": answer, "tasks": task_names} for row, answer in zip(rows, answers)]
         out = []
         for start in range(0, len(rows), batch_size):
             indices = list(range(start, min(start + batch_size, len(rows))))

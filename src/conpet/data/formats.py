@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from conpet.data.stream import SPLITS, Row, Stream, Task
-from conpet.errors import DataError, warn
+from conpet.errors import DataError, read_user_text, warn
 
 SPLIT_ALIASES = {"train": "train", "dev": "dev", "valid": "dev", "validation": "dev", "val": "dev", "test": "test"}
 AUTO_SPLIT = (0.7, 0.1, 0.2)
@@ -249,12 +249,7 @@ def read_rows(path: str | Path, require_label: bool = True) -> list[Row]:
 def read_task_file(path: str | Path) -> list[tuple[str, list[str]]]:
     """Read a task file: a list of label groups, or a mapping task name -> labels."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: task file not found")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_user_text(path, "task file", DataError, encoding="utf-8-sig")
     try:
         value = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:

@@ -10,7 +10,7 @@ from conpet.data.benchmarks import load_benchmark
 from conpet.data.formats import build_stream, read_rows, read_task_file, split_labels
 from conpet.data.stream import Stream
 from conpet.data.templates import infer_kind
-from conpet.errors import DataError
+from conpet.errors import DataError, read_user_text
 
 
 def load_stream(data_cfg: DataConfig) -> Stream:
@@ -71,15 +71,9 @@ def reference_text(path: str | None = None) -> str:
     the file ``path`` (UTF-8), or the built-in sample: the first 300 distinct example sentences of
     WordNet 3.0 (``wordnet-typing``'s rows, real English; WordNet licence in the package)."""
     if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise DataError(f"{file}: reference text not found")
-        try:
-            text = file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        text = read_user_text(path, "reference text", DataError)
         if not text.strip():
-            raise DataError(f"{file}: the reference text is empty")
+            raise DataError(f"{path}: the reference text is empty")
         return text
     rows = load_benchmark("wordnet-typing").rows
     return "\n".join(list(dict.fromkeys(r.text for r in rows))[:REFERENCE_ROWS])

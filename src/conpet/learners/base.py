@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from conpet.backbone import Backbone, load_lm_head
+from conpet.backbone import Backbone
 from conpet.config import RunConfig
 from conpet.data.stream import Stream
 from conpet.device import Compute, shrink_on_oom
@@ -94,10 +93,10 @@ class Context:
         """Whether the stream's tasks are prompt -> target (trained and evaluated through the LM head)."""
         return self.stream.generative
 
-    @cached_property
+    @property
     def lm_head(self) -> torch.nn.Module:
-        """The backbone's frozen output projection (generative streams), loaded once."""
-        return load_lm_head(self.backbone)
+        """The backbone's frozen output projection (generative streams; loaded once by ``prepare``)."""
+        return self.backbone.lm_head
 
     def generate(self, model: torch.nn.Module, indices: list[int], **forward_kwargs) -> list[str]:
         """Greedy answers (text) to the prompts of rows ``indices`` through ``model``'s active module."""

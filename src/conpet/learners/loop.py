@@ -124,7 +124,7 @@ def fit(
     optimizer = torch.optim.AdamW(param_groups, weight_decay=train.weight_decay)
     scaler = compute.grad_scaler()
     rank, world = dist.rank(), dist.world_size()
-    accum = max(1, int(getattr(train, "grad_accum", 1)))
+    accum = train.grad_accum
     step_fn: Callable[[list[int]], torch.Tensor] = loss_fn
     ddp = None
     if world > 1:
