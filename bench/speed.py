@@ -22,6 +22,12 @@ backward to the inputs of every layer at or above the lowest PET layer, i.e. ano
 ratio to the two measured peaks, peak RSS (and peak device memory on a GPU), and test accuracy
 after training. Ratios are conpet / trainer. ``--device cuda`` runs all of it on a GPU (precision
 ``auto``: bf16 where the GPU has it, else fp16 with gradient scaling, for both arms).
+
+On a generative benchmark (``--benchmark freedict-translation``) every arm trains the LM loss on
+the target tokens: the trainer arm is HF Trainer + peft with a causal-LM collator (prompt labels
+-100, dynamic padding, ``group_by_length``, bf16 where available) and HF's own loss over the
+shifted labels; the accuracy column is the tasks' primary metric (exact match) of greedy answers
+on the first ``--eval-rows`` test rows of each task.
 """
 
 from __future__ import annotations
@@ -131,14 +137,15 @@ def run_config(args) -> dict:
     tokens = sum(lengths) * args.epochs
     torch.manual_seed(args.seed)
     learner.new_module()
-    learner.head.grow(stream.seen_labels(len(stream.tasks) - 1), ctx.torch_gen)
+    learner.grow_head(stream.seen_labels(len(stream.tasks) - 1))  # no columns on a generative stream
 
     cache_seconds = 0.0
     cuda = args.device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     if args.one == "trainer":
-        seconds = train_with_hf_trainer(learner, ctx, train, args)
+        seconds = (train_causal_lm_with_hf_trainer if stream.generative else train_with_hf_trainer)(
+            learner, ctx, train, args)
     else:
         synchronize(args.device)
         start = time.perf_counter()
@@ -154,9 +161,12 @@ def run_config(args) -> dict:
     else:
         split = len(per_layer) - top
         flops = tokens * 2 * sum(per_layer[split:]) + sum(lengths) * sum(per_layer[:split])
-    lengths_all = ctx.encoded.all_lengths
-    preds = predict(learner.logits, sorted_batches(test, lengths_all[test], 64), ctx.compute)
-    accuracy = sum(preds[i] == stream.targets[i] for i in test) / len(test)
+    if stream.generative:
+        accuracy = generation_score(learner, cfg, stream, args.eval_rows)
+    else:
+        lengths_all = ctx.encoded.all_lengths
+        preds = predict(learner.logits, sorted_batches(test, lengths_all[test], 64), ctx.compute)
+        accuracy = sum(preds[i] == stream.targets[i] for i in test) / len(test)
     return {
         "config": args.one, "seed": args.seed, "precision": precision, "train_seconds": seconds,
         "cache_seconds": cache_seconds, "epoch_seconds": (seconds - cache_seconds) / args.epochs,
@@ -166,11 +176,96 @@ def run_config(args) -> dict:
     }
 
 
+def generation_score(learner, cfg, stream, rows_per_task: int) -> float:
+    """Mean over tasks of each task's primary metric on its first ``rows_per_task`` test rows."""
+    from conpet import text_metrics
+    from conpet.runner import generate_rows, task_metric
+
+    scores = []
+    for j, task in enumerate(stream.tasks):
+        rows = task.test[:rows_per_task]
+        answers = generate_rows(learner, rows)
+        scores.append(text_metrics.score(task_metric(cfg, stream, j), [answers[i] for i in rows],
+                                         [stream.rows[i].references for i in rows]))
+    return sum(scores) / len(scores)
+
+
+def train_causal_lm_with_hf_trainer(learner, ctx, train, args) -> float:
+    """HF Trainer + peft, causal-LM style: labels are the row's tokens with the prompt (and the
+    padding) at -100, the loss HF's own shifted cross-entropy over the full-vocabulary logits of
+    every position, as ``AutoModelForCausalLM(labels=...)`` computes it; returns seconds."""
+    import torch
+    import torch.nn.functional as F
+
+    enc = ctx.encoded
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(train)
+
+        def __getitem__(self, k):
+            i = train[k]
+            ids, start = enc.ids[i], enc.target_start[i]
+            return {"input_ids": ids, "labels": [-100] * start + ids[start:]}
+
+    def collate(items):  # DataCollatorForSeq2Seq's padding: labels padded with -100
+        width = max(len(x["input_ids"]) for x in items)
+        ids = torch.full((len(items), width), ctx.backbone.pad_id)
+        labels = torch.full((len(items), width), -100)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for r, x in enumerate(items):
+            n = len(x["input_ids"])
+            ids[r, :n], labels[r, :n], mask[r, :n] = torch.tensor(x["input_ids"]), torch.tensor(x["labels"]), 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    class CausalLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model, self.lm_head = learner.model, ctx.lm_head
+
+        def forward(self, input_ids, attention_mask, labels):
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            logits = self.lm_head(hidden).float()
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                   ignore_index=-100)
+            return {"loss": loss}
+
+    seconds = run_hf_trainer(CausalLM(), Rows(), collate, [{"params": learner.pet_parameters(), "lr": 1e-3}],
+                             ctx, args)
+    learner.model.eval()
+    return seconds
+
+
+def run_hf_trainer(model, dataset, collate, groups: list[dict], ctx, args) -> float:
+    """``Trainer.train()`` as a careful user sets it up (bf16/fp16 as the run, dynamic padding by
+    ``collate``, ``group_by_length``, no checkpoints, logging or workers; AdamW on ``groups`` at a
+    constant rate, as conpet's loop); returns its wall seconds."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        targs = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
+            bf16=ctx.precision == "bf16", fp16=ctx.precision == "fp16", use_cpu=args.device == "cpu",
+            train_sampling_strategy="group_by_length",
+            report_to="none", save_strategy="no", logging_strategy="no", remove_unused_columns=False,
+            dataloader_num_workers=0, max_grad_norm=1.0, disable_tqdm=True, seed=args.seed,
+        )
+        trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=collate,
+                          optimizers=(optimizer, scheduler))
+        synchronize(args.device)
+        start = time.perf_counter()
+        trainer.train()
+        synchronize(args.device)
+        return time.perf_counter() - start
+
+
 def train_with_hf_trainer(learner, ctx, train, args) -> float:
     """HF Trainer + peft on the same classifier, data and optimizer groups; returns seconds."""
     import torch
     import torch.nn.functional as F
-    from transformers import Trainer, TrainingArguments
 
     class Rows(torch.utils.data.Dataset):
         def __len__(self):
@@ -202,25 +297,8 @@ def train_with_hf_trainer(learner, ctx, train, args) -> float:
             logits = self.head(hidden[torch.arange(len(labels)), cloze_pos])
             return {"loss": F.cross_entropy(logits, labels), "logits": logits}
 
-    model = Cloze()
     groups = [{"params": learner.pet_parameters(), "lr": 1e-3}, {"params": list(learner.head.parameters()), "lr": 5e-3}]
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    with tempfile.TemporaryDirectory() as tmp:
-        targs = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
-            bf16=ctx.precision == "bf16", fp16=ctx.precision == "fp16", use_cpu=args.device == "cpu",
-            train_sampling_strategy="group_by_length",
-            report_to="none", save_strategy="no", logging_strategy="no", remove_unused_columns=False,
-            dataloader_num_workers=0, max_grad_norm=1.0, disable_tqdm=True, seed=args.seed,
-        )
-        trainer = Trainer(model=model, args=targs, train_dataset=Rows(), data_collator=collate,
-                          optimizers=(optimizer, scheduler))
-        synchronize(args.device)
-        start = time.perf_counter()
-        trainer.train()
-        synchronize(args.device)
-        seconds = time.perf_counter() - start
+    seconds = run_hf_trainer(Cloze(), Rows(), collate, groups, ctx, args)
     learner.model.eval()
     return seconds
 
@@ -233,6 +311,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--top-layers", type=int, default=8, help="L of the fast path")
+    p.add_argument("--eval-rows", type=int, default=100, help="generative benchmarks: test rows per task scored")
     p.add_argument("--fast-pet-options", default="{}", help="JSON LoRA options of the fast path only")
     p.add_argument("--fast-lr", type=float, default=None, help="PET learning rate of the fast path only")
     p.add_argument("--configs", default="peak,trainer,conpet,conpet-fast")

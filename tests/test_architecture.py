@@ -14,6 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "conpet"
 LAYERS = [
     ["conpet", "conpet.__main__", "conpet.cli"],
     ["conpet.runner", "conpet.predict"],
+    ["conpet.plots"],
     ["conpet.build", "conpet.report", "conpet.checkpoint"],
     ["conpet.learners"],
     ["conpet.generation"],

@@ -61,9 +61,12 @@ def test_empty_and_missing_and_non_utf8_files(tmp_path):
     bad.write_bytes(b'{"text": "caf\xe9", "label": "x"}\n')
     with pytest.raises(DataError, match="not UTF-8"):
         read_rows(bad)
-    (tmp_path / "d.parquet").write_bytes(b"PAR1")
-    with pytest.raises(DataError, match="unknown data format"):
+    (tmp_path / "d.parquet").write_bytes(b"PAR1")  # a truncated Parquet file
+    with pytest.raises(DataError, match="d.parquet: cannot read Parquet"):
         read_rows(tmp_path / "d.parquet")
+    (tmp_path / "d.xlsx").write_bytes(b"PK")
+    with pytest.raises(DataError, match="unknown data format"):
+        read_rows(tmp_path / "d.xlsx")
 
 
 def _rows(labels_per_split):
@@ -147,3 +150,68 @@ def test_a_label_with_training_rows_but_no_test_rows_is_named_in_a_warning():
             for w, split in zip("xyz", splits)]
     with pytest.warns(ConpetWarning, match="label 'b' has training rows but no test rows"):
         build_stream("s", rows, [("t1", ["a", "b"]), ("t2", ["c"])], "text")
+
+
+# -- Parquet files and folders saved by Hugging Face datasets ------------------------------------------
+def _records():
+    return [{"prompt": f"Plural of {w}?", "target": w + "s", "task": "plural"} for w in ("dog", "cat", "cow")] + \
+           [{"prompt": f"Capitals: {w}", "target": w.upper(), "task": "upper"} for w in ("dog", "cat", "cow")]
+
+
+def _save_arrow(folder, records):
+    """The layout ``Dataset.save_to_disk`` writes: Arrow stream shards named in state.json."""
+    import pyarrow as pa
+
+    folder.mkdir(parents=True)
+    table = pa.Table.from_pylist(records)
+    with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink:
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}],
+                                                   "_split": None}))
+    (folder / "dataset_info.json").write_text("{}")
+
+
+def test_parquet_and_datasets_folders_give_the_same_rows_as_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conpet.data.formats import read_rows
+
+    records = _records()
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "rows.parquet")
+    _save_arrow(tmp_path / "saved", records)
+    strip = lambda rows: [(r.text, r.target, r.label, r.split) for r in rows]  # noqa: E731
+    expected = strip(read_rows(jsonl))
+    assert strip(read_rows(tmp_path / "rows.parquet")) == expected
+    assert strip(read_rows(tmp_path / "saved")) == expected
+    # a DatasetDict: the split folders give rows their split
+    dd = tmp_path / "dd"
+    _save_arrow(dd / "train", records[:2] + records[3:5])
+    _save_arrow(dd / "validation", records[2:3] + records[5:6])
+    (dd / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "validation"]}))
+    rows = read_rows(dd)
+    assert [r.split for r in rows] == ["train"] * 4 + ["dev"] * 2
+    # a bad row names its file and row; a plain folder and an unknown split are errors
+    bad = records[:1] + [{"prompt": "x", "task": "plural"}]
+    pq.write_table(pa.Table.from_pylist(bad), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad\.parquet:2: .*has a prompt but no target"):
+        read_rows(tmp_path / "bad.parquet")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataError, match="not one saved by Hugging Face datasets"):
+        read_rows(tmp_path / "plain")
+    (dd / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "extra"]}))
+    _save_arrow(dd / "extra", records[:1])
+    with pytest.raises(DataError, match="split 'extra' is not train, validation/dev or test"):
+        read_rows(dd)
+
+
+def test_a_real_datasets_save_to_disk_folder_is_read(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from conpet.data.formats import read_rows
+
+    records = _records()
+    datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "hf"))
+    assert [(r.text, r.target) for r in read_rows(tmp_path / "hf")] == [(r["prompt"], r["target"]) for r in records]

@@ -95,8 +95,10 @@ def test_misuse_is_a_clear_error_before_anything_is_written(tiny_decoder, tiny_e
         (["--data", str(gen_data), "--model", str(tiny_decoder), "--set", "data.chat_template=true"],
          "the model's tokenizer has no chat template"),
         (["--data", str(gen_data), "--model", str(tiny_encoder)], "an encoder cannot generate answers"),
-        (["--data", str(gen_data), "--model", str(tiny_decoder), "--learner", "lwf"],
+        (["--data", str(gen_data), "--model", str(tiny_decoder), "--learner", "ea-emr"],
          "does not train generative (prompt -> target) streams yet"),
+        (["--data", str(gen_data), "--model", str(tiny_decoder), "--learner", "dynamic",
+          "--set", "learner_options.top_k=2"], "the selector routes each prompt to one expert"),
     ]
     for k, (flags, message) in enumerate(cases):
         out = tmp_path / f"out-{k}"
@@ -178,7 +180,8 @@ def test_greedy_decoding_matches_hf_generate_with_and_without_the_adapter(tiny_d
 
 
 # -- every generative learner, end to end --------------------------------------------------------------
-@pytest.mark.parametrize("learner", ["sequential", "joint", "emr*", "ewc*", "l2*", "emr"])
+@pytest.mark.parametrize("learner", ["sequential", "joint", "emr*", "ewc*", "l2*", "emr", "lwf", "lwf*", "dynamic",
+                                     "merge"])
 def test_generative_learners_run_end_to_end(tiny_decoder, gen_data, tmp_path, learner):
     from conpet.runner import run
 
@@ -201,3 +204,82 @@ def test_predict_answers_prompts_of_a_generative_run(tiny_decoder, gen_data, tmp
     assert all(isinstance(r["answer"], str) for r in out) and out[0]["tasks"] == ["plural", "upper"]
     assert main(["predict", str(tmp_path / "run"), "Plural of cat?"]) == 0
     assert "Plural of cat?" in capsys.readouterr().out
+
+
+# -- LwF distils the previous module's next-token distributions ----------------------------------------
+def test_generative_lwf_distils_token_distributions(tiny_decoder, gen_data):
+    import torch.nn.functional as F
+
+    from conpet.build import build_learner, prepare
+    from conpet.generation import token_logits
+    from conpet.learners.lwf import TEACHER
+
+    cfg = _cfg(tiny_decoder, gen_data, "unused", learner="lwf*")
+    cfg.learner_options = {"steps_per_task": 2, "lwf_temperature": 2.0, "lwf_lambda": 1.0}
+    prepared = prepare(cfg)
+    learner = build_learner(cfg, prepared, seed=0)
+    ctx, plugin = learner.ctx, learner.plugins[0]
+    learner.learn(0)
+    plugin.before_task(1)  # teacher = the module after task 1
+    rows = prepared.stream.tasks[1].train[:4] + prepared.stream.tasks[0].train[:2]
+    loss, logits = learner.objective_loss(rows)
+    assert logits.shape[-1] == ctx.lm_head.weight.shape[0]  # vocabulary-wide, one row per target token
+    assert float(plugin.extra_loss(rows, logits)) == pytest.approx(0.0, abs=1e-6)  # teacher == student now
+    with torch.no_grad():  # move the student: the term becomes the hand-computed KL
+        for p in learner.pet_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    _, student = learner.objective_loss(rows)
+    ctx.pet.activate(learner.model, TEACHER)
+    teacher = token_logits(ctx.engine, learner.model, ctx.lm_head, rows)
+    ctx.pet.activate(learner.model, learner.module_name)
+    kl = (F.softmax(teacher / 2, -1) * (F.log_softmax(teacher / 2, -1) - F.log_softmax(student / 2, -1))).sum(-1)
+    expected = 4 * kl.mean()
+    assert float(plugin.extra_loss(rows, student)) == pytest.approx(float(expected), rel=1e-4) and float(expected) > 0
+    learner.close()
+
+
+# -- Dynamic ConPET: the selector routes each prompt to the expert that generates --------------------------
+def test_dynamic_routes_each_prompt_to_one_generating_expert(tiny_decoder, gen_data, tmp_path):
+    from conpet.build import build_learner, prepare
+    from conpet.data.stream import Row
+    from conpet.generation import perplexity
+    from conpet.learners.dynamic import expert_name
+    from conpet.predict import predict
+    from conpet.runner import reference_chunks, run
+
+    cfg = _cfg(tiny_decoder, gen_data, tmp_path / "run", learner="dynamic")
+    cfg.learner_options = {"steps_per_task": 6}
+    metrics = run(cfg, progress=False)
+    assert len(metrics["selector_accuracy"][1]) == 2
+    prepared = prepare(cfg)
+    learner = build_learner(cfg, prepared, seed=0)
+    learner.restore(Path(cfg.out), 0)
+    ctx = learner.ctx
+    rows = prepared.stream.tasks[0].test[:4] + prepared.stream.tasks[1].test[:4]
+    routed = learner.generate(rows)  # one batch, peft's per-row adapter_names
+    picks = learner.last_selection[0][:, 0].tolist()
+    by_expert = {}
+    for j in set(picks):  # the same rows, each expert on its own
+        ctx.pet.activate(learner.model, expert_name(j))
+        mine = [i for i, p in zip(rows, picks) if p == j]
+        by_expert.update(zip(mine, ctx.generate(learner.model, mine)))
+    assert routed == [by_expert[i] for i in rows]
+    mixed = [expert_name(k % 2) for k in range(len(rows))]  # both experts in one batch, row by row
+    alone = {}
+    for j in range(2):
+        ctx.pet.activate(learner.model, expert_name(j))
+        alone[j] = ctx.generate(learner.model, rows)
+    assert ctx.generate(learner.model, rows, adapter_names=mixed) == [alone[k % 2][k] for k in range(len(rows))]
+    assert alone[0] != alone[1]  # the experts differ, so the routing is visible
+    # the reference text is served the same way: pooled over the experts the selector picks
+    chunks = reference_chunks(learner, 32)[:6]
+    pooled = learner.reference_perplexity(chunks)
+    single = []
+    for j in range(2):
+        ctx.pet.activate(learner.model, expert_name(j))
+        single.append(perplexity(learner.model, ctx.lm_head, chunks, ctx.compute))
+    assert min(single) - 1e-6 <= pooled <= max(single) + 1e-6
+    learner.close()
+    out = predict(tmp_path / "run", [Row(text="Plural of cat?", label="?")])
+    assert out[0]["tasks"][0] in ("plural", "upper") and len(out[0]["tasks"]) == 1
+    assert 0 <= out[0]["selector_confidence"][0] <= 1

@@ -4,17 +4,8 @@ import pytest
 
 from conpet.errors import ConpetError
 from conpet.metrics import aggregate_seeds, summarize
-from conpet.report import (
-    accuracy_matrix_table,
-    load_run,
-    metrics_table,
-    per_task_seconds_table,
-    plot_accuracy_curve,
-    plot_accuracy_matrix,
-    plot_comparison,
-    summary_markdown,
-    write_run_report,
-)
+from conpet.plots import plot_accuracy_curve, plot_accuracy_matrix, plot_comparison, write_run_report
+from conpet.report import accuracy_matrix_table, load_run, metrics_table, per_task_seconds_table, summary_markdown
 from conpet.runs import atomic_write_json, atomic_write_text, seed_dir
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

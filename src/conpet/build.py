@@ -65,6 +65,7 @@ def check_stream(cfg: RunConfig, stream: Stream) -> None:
         able = sorted(name for name, cls in LEARNERS.items() if cls.generative)
         raise ConfigError(f"learner: '{cfg.learner}' does not train generative (prompt -> target) streams yet; "
                           f"these do: {', '.join(able)}")
+    learner.validate_generative(cfg, learner.check_options(cfg))
     if cfg.train.select_on_dev:
         raise ConfigError("train.select_on_dev: not available for generative streams yet (it scores dev "
                           "accuracy of a classification head)")

@@ -29,7 +29,8 @@ from conpet.learners import LEARNERS
 from conpet.merging import MERGE_METHODS
 from conpet.pet import PET_METHODS
 from conpet.predict import predict
-from conpet.report import load_run, metrics_table, per_task_seconds_table, plot_comparison
+from conpet.plots import plot_comparison
+from conpet.report import load_run, metrics_table, orders_table, per_task_seconds_table
 from conpet.runner import evaluate_run, resume, run, run_many
 from conpet.runs import atomic_write_json, verify_run
 
@@ -38,7 +39,8 @@ RUN_FLAGS = [
     ("--model", "model", str, "minilm, smollm2, a local HF model folder or a .gguf file (default: minilm)"),
     ("--learner", "learner", str, "continual learner: sequential, joint, emr*, dynamic, ... (see `conpet learners`); a comma-separated list runs each on the same data and model and prints one comparison; per-learner options in brackets, e.g. 'dynamic,dynamic[top_k=2]' (default: sequential)"),
     ("--benchmark", "data.benchmark", str, "built-in benchmark (default: wordnet-typing; see `conpet benchmarks`)"),
-    ("--data", "data.file", str, "your own JSONL/CSV rows (text, label, optional split/entity/head/tail)"),
+    ("--data", "data.file", str, "your own rows: JSONL/CSV/Parquet or a datasets save_to_disk folder (text, label, "
+     "optional split/entity/head/tail; or prompt, target, task)"),
     ("--tasks", "data.tasks", str, "task file: JSON/YAML list of label groups (with --data)"),
     ("--n-tasks", "data.n_tasks", int, "split the labels of --data into N tasks at random (seeded)"),
     ("--template", "data.template", str, "prompt template: auto, typing, relation, text"),
@@ -55,6 +57,8 @@ RUN_FLAGS = [
     ("--quantize", "backbone.quantize", str, "nf4 or int8: a quantized frozen backbone (QLoRA; CUDA)"),
     ("--threads", "train.threads", int, "torch threads (default: all cores)"),
     ("--seeds", "seeds", int, "number of seeds; reports mean ± std (default: 1)"),
+    ("--orders", "orders", int, "task orders: the stream's own + N-1 seeded permutations, each in "
+     "OUT/order-<k>; reports mean ± std over orders (default: 1)"),
     ("--seed", "seed", int, "first seed (default: 0)"),
     ("--out", "out", str, "run directory (default: runs/<learner>-<pet>-<model>-<data>)"),
 ]
@@ -95,6 +99,9 @@ def cmd_run(args) -> int:
     if not distributed.is_main():  # one process prints (torchrun, accelerate launch)
         return 0
     name = f"{cfg.learner}/{cfg.pet.method}/{cfg.model}"
+    if cfg.orders > 1:
+        print_orders([(name, metrics)], cfg.out)
+        return 0
     print(f"\n{metrics['run']['benchmark']}: {len(metrics['run']['tasks'])} tasks, "
           f"{cfg.seeds} seed(s), {cfg.data.setting}")
     print(metrics_table([(name, metrics)]))
@@ -114,6 +121,9 @@ def resume_run(args) -> int:
     if not distributed.is_main():
         return 0
     run = metrics["run"]
+    if "over_orders" in metrics:
+        print_orders([(f"{run['learner']}/{run['pet']}/{run['model']}", metrics)], args.resume)
+        return 0
     print(f"\n{run['benchmark']}: {len(run['tasks'])} tasks (resumed)")
     print(metrics_table([(f"{run['learner']}/{run['pet']}/{run['model']}", metrics)]))
     print(f"\nrun directory: {args.resume}")
@@ -189,6 +199,9 @@ def run_compare(args, overrides: dict, learners: list[str]) -> int:
     out = Path(cfg.out) if cfg.out else default_out(cfg, compare=True)
     results = run_many(cfg, learners, out, progress=None if not args.no_progress else False)
     rows = [(name, m) for name, m in results.items()]
+    if cfg.orders > 1:
+        print_orders(rows, f"{out}/<learner>")
+        return 0
     first = next(iter(results.values()))
     print(f"\n{first['run']['benchmark']}: {len(first['run']['tasks'])} tasks, {cfg.seeds} seed(s), "
           f"{cfg.data.setting}, {cfg.pet.method} on {cfg.model}")
@@ -199,6 +212,17 @@ def run_compare(args, overrides: dict, learners: list[str]) -> int:
     print(f"\ncomparison plot: {out / 'comparison.png'}")
     print(f"run directories: {out}/<learner>  (compare again with `conpet report {out}/*`)")
     return 0
+
+
+def print_orders(rows: list[tuple[str, dict]], where: str) -> None:
+    """The summary of ``--orders N`` runs: each order's tasks, then mean ± std over orders."""
+    first = rows[0][1]
+    print(f"\n{first['run']['benchmark']}: {first['n_orders']} task orders x {first['orders'][0]['n_seeds']} "
+          f"seed(s), {first['run']['setting']}")
+    for k, order in enumerate(first["orders"], start=1):
+        print(f"  order {k}: {' -> '.join(order['tasks'])}")
+    print(orders_table(rows))
+    print(f"\nper-order run directories: {where}/order-<k>  (`conpet report {where}/order-*`)")
 
 
 def cmd_predict(args) -> int:
@@ -216,7 +240,9 @@ def cmd_predict(args) -> int:
         return 0
     for r in results:
         if "answer" in r:  # a generative run
-            print(f"{r['prompt'][:70]}\n  -> {r['answer']}")
+            sel = r.get("selector_confidence")
+            who = f"  [expert {r['tasks'][0]}, selector {sel[0]:.2f}]" if sel else ""
+            print(f"{r['prompt'][:70]}\n  -> {r['answer']}{who}")
             continue
         tasks = ", ".join(r["tasks"])
         sel = r.get("selector_confidence")

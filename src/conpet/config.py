@@ -56,6 +56,9 @@ class DataConfig:
     """Generative streams: each task's primary metric: ``exact_match``, ``f1`` (token F1),
     ``rouge_l``, ``chrf``, or ``auto`` (exact match for tasks whose answers are at most 3 words,
     else ROUGE-L)."""
+    task_order: list[str] | None = None
+    """Run the stream's tasks in this order (their names, each once); ``None``: the stream's own
+    order. ``conpet run --orders N`` sets it for each of N seeded orders."""
     setting: str = "class-incremental"
     """``class-incremental`` (predict over all seen classes) or ``task-incremental`` (task id known)."""
     split_seed: int = 0
@@ -138,6 +141,9 @@ class RunConfig:
     seeds: int = 1
     """Number of seeds; seeds are ``seed, seed+1, ...``."""
     seed: int = 0
+    orders: int = 1
+    """Task orders: ``N > 1`` runs the stream in N orders (the stream's own, then N-1 seeded
+    permutations), each a run directory ``out/order-<k>``, and reports mean ± std over orders."""
     out: str | None = None
     """Run directory; default ``runs/<learner>-<model>-<benchmark>``."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -218,6 +224,9 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
     """Check value ranges; raise ConfigError naming the field."""
     checks = [
         (cfg.seeds >= 1, "seeds", "must be >= 1"),
+        (cfg.orders >= 1, "orders", "must be >= 1"),
+        (cfg.data.task_order is None or all(isinstance(t, str) for t in cfg.data.task_order), "data.task_order",
+         "must be a list of task names"),
         (cfg.train.epochs >= 1, "train.epochs", "must be >= 1"),
         (cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1"),
         (cfg.train.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1"),

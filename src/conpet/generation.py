@@ -39,13 +39,17 @@ def target_positions(engine: FeatureEngine, indices: Sequence[int]) -> tuple[tor
     return (torch.tensor(rows, device=device), torch.tensor(pos, device=device), torch.tensor(nxt, device=device))
 
 
+def target_tokens(engine: FeatureEngine, indices: Sequence[int]) -> torch.Tensor:
+    """The target tokens of rows ``indices`` in :func:`target_positions` order (what the logits predict)."""
+    enc = engine.encoded
+    return torch.tensor([tok for i in indices for tok in enc.ids[i][enc.target_start[i]:]], device=engine.device)
+
+
 def lm_loss(engine: FeatureEngine, model: nn.Module, lm_head: nn.Module, indices: Sequence[int],
             **forward_kwargs) -> torch.Tensor:
     """Mean next-token cross-entropy over the target tokens of the batch (prompt masked)."""
-    states = engine.states(model, list(indices), **forward_kwargs)
-    rows, pos, nxt = target_positions(engine, indices)
-    logits = lm_head(states[rows, pos])
-    return F.cross_entropy(logits.float(), nxt)
+    return F.cross_entropy(token_logits(engine, model, lm_head, indices, **forward_kwargs),
+                           target_tokens(engine, indices))
 
 
 def token_logits(engine: FeatureEngine, model: nn.Module, lm_head: nn.Module, indices: Sequence[int],

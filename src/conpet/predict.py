@@ -47,10 +47,19 @@ def predict(run_dir: str | Path, rows: list[Row], seed: int | None = None, batch
     try:
         learner.restore(run_dir, seed)
         if stream.generative:
-            answers = []
+            out = []
             for start in range(0, len(rows), batch_size):
-                answers.extend(learner.generate(list(range(start, min(start + batch_size, len(rows))))))
-            return [{"prompt": row.text, "answer": answer, "tasks": task_names} for row, answer in zip(rows, answers)]
+                indices = list(range(start, min(start + batch_size, len(rows))))
+                answers = learner.generate(indices)
+                selection = getattr(learner, "last_selection", None)
+                for r, (i, answer) in enumerate(zip(indices, answers)):
+                    item = {"prompt": rows[i].text, "answer": answer, "tasks": task_names}
+                    if selection is not None:  # Dynamic ConPET: the expert that answered
+                        task = int(selection[0][r, 0])
+                        item["tasks"] = [task_names[task]]
+                        item["selector_confidence"] = [float(selection[1][r, task])]
+                    out.append(item)
+            return out
         out = []
         for start in range(0, len(rows), batch_size):
             indices = list(range(start, min(start + batch_size, len(rows))))

@@ -1,4 +1,4 @@
-"""Tables, summaries and plots of run directories.
+"""Tables and summaries of run directories (their plots: :mod:`conpet.plots`).
 
 A run directory holds ``DIR/metrics.json``: the dict of :func:`conpet.metrics.aggregate_seeds`
 (mean over seeds, ``std``, ``seeds``, ``n_seeds``, ``per_seed``; also for one seed) plus
@@ -9,14 +9,10 @@ Accuracies are stored as fractions and shown in percent. ``mean ± std`` (sample
 seeds) is shown when a run has more than one seed. Missing values show as ``-``, so a table of
 an older or partial run still prints.
 
-Plots use matplotlib's object API with the Agg canvas (no ``pyplot``), so they work without a
-display, never change the backend of the caller (a notebook, say) and leave no open figures.
-Every file is written atomically with :mod:`conpet.runs`.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
@@ -25,18 +21,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from conpet.errors import ConpetError
-from conpet.runs import atomic_write_bytes, atomic_write_text, read_json
+from conpet.runs import read_json
 
 __all__ = [
     "load_run",
     "metrics_table",
     "per_task_seconds_table",
     "accuracy_matrix_table",
+    "orders_table",
     "summary_markdown",
-    "plot_accuracy_matrix",
-    "plot_accuracy_curve",
-    "plot_comparison",
-    "write_run_report",
 ]
 
 Runs = Sequence[tuple[str, dict[str, Any]]]
@@ -237,8 +230,25 @@ def _rows_per_second_cell(m: dict[str, Any]) -> str:
     return f"{np.mean(rates):.1f}" if rates else MISSING
 
 
+def _generative(runs: Runs) -> bool:
+    """Every run is of a generative stream (its matrix holds each task's primary metric)."""
+    return bool(runs) and all("task_metric" in m for _, m in runs)
+
+
+def _score_label(label: str, generative: bool) -> str:
+    return label.replace("accuracy", "score").replace("acc ", "score ") if generative else label
+
+
+def _metric_names(m: dict) -> str:
+    names = m.get("task_metric") or []
+    return ", ".join(dict.fromkeys(names if isinstance(names[0], str) else names[0])) if names else "-"
+
+
 def _metrics_rows(runs: Runs) -> list[list[str]]:
     rows = []
+    generative = _generative(runs)
+    if generative:
+        rows.append(["score = task's metric", *(_metric_names(m) for _, m in runs)])
     for label, key in PERCENT_ROWS:
         cells = []
         for _, m in runs:
@@ -251,7 +261,9 @@ def _metrics_rows(runs: Runs) -> list[list[str]]:
                     ".2f",
                 )
             )
-        rows.append([label, *cells])
+        rows.append([_score_label(label, generative), *cells])
+    if generative:
+        rows.append(["reference ppl: base -> last", *(_perplexity_cell(m) for _, m in runs)])
     rows.append(["seconds per task", *(_seconds_cell(m, np.mean) for _, m in runs)])
     rows.append(["total train seconds", *(_seconds_cell(m, np.sum) for _, m in runs)])
     rows.append(["train rows per second", *(_rows_per_second_cell(m) for _, m in runs)])
@@ -277,6 +289,28 @@ def _metrics_rows(runs: Runs) -> list[list[str]]:
         ["seeds", *(f"{_n_seeds(m)} ({', '.join(str(s) for s in m.get('seeds') or [])})" for _, m in runs)]
     )
     return rows
+
+
+def _perplexity_cell(m: dict) -> str:
+    base, after = _number(m.get("base_reference_perplexity")), m.get("reference_perplexity") or []
+    last = _number(after[-1]) if after else None
+    return "-" if base is None or last is None else f"{base:.2f} -> {last:.2f}"
+
+
+def orders_table(runs: list[tuple[str, dict]]) -> str:
+    """Plain-text table of :func:`conpet.runner.run_orders` summaries, one column per run:
+    mean ± std over task orders (accuracy-like keys in percent)."""
+    keys = list(dict.fromkeys(k for _, s in runs for k in s["over_orders"]))
+    rows = []
+    for key in keys:
+        row = [key.replace("_", " ") + (" (%)" if key != "reference_perplexity" else "")]
+        for _, summary in runs:
+            cell = summary["over_orders"].get(key)
+            scale = 1 if key == "reference_perplexity" else 100
+            row.append("-" if cell is None else _mean_std(scale * cell["mean"], scale * cell["std"], cell["n"], ".2f"))
+        rows.append(row)
+    rows.append(["orders x seeds", *(f"{s['n_orders']} x {s['orders'][0]['n_seeds']}" for _, s in runs)])
+    return _text_table(["over task orders", *(name for name, _ in runs)], rows)
 
 
 def metrics_table(runs: Runs) -> str:
@@ -358,159 +392,3 @@ def summary_markdown(metrics: dict[str, Any]) -> str:
     lines += ["## Training seconds per task", ""]
     lines.append(_markdown_table(["task", name], _seconds_rows([(name, metrics)])))
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- plots
-
-
-def _figure(width: float, height: float, ncols: int = 1, **kw):
-    """A figure on an Agg canvas (no pyplot: no global state, no display needed)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, ncols, **kw)
-    return fig, axes
-
-
-def _save(fig, path: str | os.PathLike) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    fig.clear()
-    return atomic_write_bytes(path, buf.getvalue())
-
-
-def _or(value: float | None, default: float) -> float:
-    return default if value is None else value
-
-
-def _short(label: str, n: int = 16) -> str:
-    return label if len(label) <= n else label[: n - 1] + "…"
-
-
-def _band(ax, x, mean: np.ndarray, std: Any, color) -> None:
-    if isinstance(std, list) and len(std) == len(mean):
-        sd = 100 * np.array([np.nan if s is None else s for s in std], dtype=float)
-        ax.fill_between(x, mean - sd, mean + sd, color=color, alpha=0.2, linewidth=0)
-
-
-def _per_step(metrics: dict[str, Any], key: str) -> np.ndarray:
-    values = metrics.get(key) or []
-    return 100 * np.array([np.nan if v is None else v for v in values], dtype=float)
-
-
-def plot_accuracy_matrix(metrics: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Heatmap of the (mean) accuracy matrix in percent: row = after learning task i, column =
-    task j; cells are annotated, tasks not evaluated yet are blank. Returns the PNG path."""
-    a = _matrix(metrics)
-    if a is None:
-        raise ValueError("metrics have no accuracy_matrix to plot")
-    import matplotlib
-
-    T = len(a)
-    names = [_short(n) for n in _task_names(metrics)]
-    if len(names) != T:
-        names = [f"task {j + 1}" for j in range(T)]
-    size = min(4 + 0.6 * T, 16)
-    fig, ax = _figure(size + 1.2, size)
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
-    image = ax.imshow(np.ma.masked_invalid(100 * a), cmap=cmap, vmin=0, vmax=100)
-    fig.colorbar(image, ax=ax, label="accuracy (%)", shrink=0.8)
-    if T <= 20:
-        fontsize = 9 if T <= 8 else 7
-        for i in range(T):
-            for j in range(T):
-                if not np.isnan(a[i, j]):
-                    v = 100 * a[i, j]
-                    ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=fontsize,
-                            color="black" if v >= 60 else "white")
-    ax.set_xticks(range(T), names, rotation=45 if T > 4 else 0, ha="right" if T > 4 else "center")
-    ax.set_yticks(range(T), names)
-    ax.set_xlabel("evaluated on task")
-    ax.set_ylabel("after learning task")
-    ax.set_title(_title(metrics))
-    return _save(fig, path)
-
-
-def plot_accuracy_curve(metrics: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Average and whole accuracy after each task (x = number of tasks learned), in percent,
-    shaded by ± one std across seeds when there are several. Returns the PNG path."""
-    fig, ax = _figure(6.4, 4.2)
-    std = metrics.get("std") if _n_seeds(metrics) > 1 else None
-    for key, label, color, style in [
-        ("average_accuracy_per_step", "average accuracy", "C0", dict(marker="o")),
-        ("whole_accuracy_per_step", "whole accuracy", "C1", dict(marker="s", linestyle="--")),
-    ]:
-        y = _per_step(metrics, key)
-        if not len(y):
-            continue
-        x = np.arange(1, len(y) + 1)
-        ax.plot(x, y, color=color, label=f"{label} (final {y[-1]:.1f}%)", **style)
-        if std:
-            _band(ax, x, y, std.get(key), color)
-    T = _n_tasks(metrics)
-    ax.set_xticks(range(1, T + 1) if T <= 20 else np.linspace(1, T, 10, dtype=int))
-    ax.set_xlabel("tasks learned")
-    ax.set_ylabel("accuracy on seen tasks (%)")
-    low, high = ax.get_ylim()
-    ax.set_ylim(max(low, 0), min(high, 100.5))
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left")
-    ax.set_title(_title(metrics))
-    return _save(fig, path)
-
-
-def plot_comparison(runs: Runs, path: str | os.PathLike) -> Path:
-    """Compare runs: left, average accuracy after each task (one line per run, ± std band);
-    right, bars of final average and whole accuracy (± std). Returns the PNG path."""
-    if not runs:
-        raise ValueError("plot_comparison needs at least one run")
-    fig, (left, right) = _figure(11, 4.5, ncols=2, width_ratios=[3, 2])
-    for k, (name, m) in enumerate(runs):
-        y = _per_step(m, "average_accuracy_per_step")
-        if not len(y):
-            continue
-        x = np.arange(1, len(y) + 1)
-        left.plot(x, y, marker="o", color=f"C{k % 10}", label=name)
-        if _n_seeds(m) > 1:
-            _band(left, x, y, _std(m, "average_accuracy_per_step"), f"C{k % 10}")
-    T = max(_n_tasks(m) for _, m in runs)
-    left.set_xticks(range(1, T + 1) if T <= 20 else np.linspace(1, T, 10, dtype=int))
-    left.set_xlabel("tasks learned")
-    left.set_ylabel("average accuracy (%)")
-    left.grid(alpha=0.3)
-    left.legend()
-    left.set_title("average accuracy after each task")
-
-    x = np.arange(len(runs))
-    width = 0.38
-    for offset, key, label in [(-width / 2, "average_accuracy", "average"),
-                               (width / 2, "whole_accuracy", "whole")]:
-        means = [100 * _or(_number(m.get(key)), np.nan) for _, m in runs]
-        errs = [100 * _or(_number(_std(m, key)), 0.0) if _n_seeds(m) > 1 else 0.0
-                for _, m in runs]
-        bars = right.bar(x + offset, means, width, yerr=errs, capsize=3, label=label)
-        right.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
-    right.set_xticks(x, [_short(name, 20) for name, _ in runs],
-                     rotation=30 if len(runs) > 3 else 0, ha="right" if len(runs) > 3 else "center")
-    right.set_ylim(0, 118)
-    right.set_yticks(range(0, 101, 20))
-    right.set_ylabel("final accuracy (%)")
-    right.legend(loc="upper center", ncols=2)
-    right.set_title("after the last task")
-    return _save(fig, path)
-
-
-def write_run_report(run_dir: str | os.PathLike, metrics: dict[str, Any]) -> list[Path]:
-    """Write ``summary.md``, ``accuracy_matrix.png`` and ``accuracy_curve.png`` into
-    ``run_dir`` (atomically) and return their paths."""
-    run_dir = Path(run_dir)
-    text = summary_markdown(metrics)
-    text += "\n## Plots\n\n![accuracy matrix](accuracy_matrix.png)\n\n"
-    text += "![accuracy after each task](accuracy_curve.png)\n"
-    return [
-        atomic_write_text(run_dir / "summary.md", text),
-        plot_accuracy_matrix(metrics, run_dir / "accuracy_matrix.png"),
-        plot_accuracy_curve(metrics, run_dir / "accuracy_curve.png"),
-    ]

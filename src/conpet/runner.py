@@ -10,6 +10,7 @@ This is the library entry point behind ``conpet run``::
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 import resource
@@ -31,17 +32,17 @@ from conpet.build import Prepared, build_learner, check, compute_of, prepare
 from conpet.checkpoint import Checkpointer
 from conpet.config import RunConfig, default_out, load_config, parse_learner_spec, spec_dir_name
 from conpet.data.load import reference_text
-from conpet.data.stream import Stream
+from conpet.data.stream import Stream, reorder_tasks
 from conpet.errors import ConpetError
 from conpet.inputs import sorted_batches
 from conpet.learners import Learner
 from conpet.generation import perplexity
 from conpet.learners.loop import predict
-from conpet.report import write_run_report
+from conpet.plots import write_run_report
 from conpet.runs import (adapter_dir, atomic_directory, atomic_write_json, atomic_write_text, finished_run,
                          hash_files, read_json, recover_interrupted, seed_dir, write_manifest)
 
-__all__ = ["run", "run_many", "resume", "evaluate_run", "prepare", "Prepared"]
+__all__ = ["run", "run_many", "run_orders", "resume", "evaluate_run", "prepare", "Prepared"]
 
 
 def peak_rss_mb() -> float:
@@ -218,8 +219,7 @@ def run_seed(cfg: RunConfig, prepared: Prepared, seed: int, out: Path, progress:
             state.accuracy_matrix.append(accs + [None] * (T - t - 1))
             extra = learner.eval_extra(t)
             if chunks is not None:
-                state.reference_perplexity.append(perplexity(learner.reference_model(), learner.ctx.lm_head, chunks,
-                                                             engine.compute, cfg.train.eval_batch_size))
+                state.reference_perplexity.append(learner.reference_perplexity(chunks))
             if cfg.data.report_dev:
                 extra["dev_accuracy"] = evaluate(learner, t, "dev")[0]
             for key, values in extra.items():
@@ -280,6 +280,8 @@ def run(cfg: RunConfig, progress: bool | None = None, prepared: Prepared | None 
 
     ``prepared`` (from :func:`conpet.build.prepare`) reuses a loaded backbone and its feature
     cache, e.g. to compare several learners on the same data and model (see :func:`run_many`)."""
+    if cfg.orders > 1:
+        return run_orders(cfg, progress, prepared)
     progress = default_progress() if progress is None else progress
     check(cfg)
     prepared = prepared or prepare(cfg)
@@ -287,6 +289,88 @@ def run(cfg: RunConfig, progress: bool | None = None, prepared: Prepared | None 
     cfg.out = str(out)
     distributed.on_main(start_run_dir, cfg, out, prepared.stream)
     return _run_seeds(cfg, prepared, out, progress, resume=False)
+
+
+ORDERS_CONFIG = "orders-config.yaml"
+"""The configuration of a :func:`run_orders` folder (``conpet run --resume`` reads it)."""
+
+ORDER_KEYS = ("average_accuracy", "whole_accuracy", "forgetting", "bwt")
+"""The headline metrics summarised over task orders (plus the last reference perplexity of a
+generative stream)."""
+
+
+def task_orders(names: list[str], n: int) -> list[list[str]]:
+    """``n`` distinct task orders: the stream's own, then seeded permutations (the k-th drawn
+    from ``numpy.random.default_rng(k)``, re-drawn while it repeats an earlier order)."""
+    if n > math.factorial(len(names)):
+        raise ConpetError(f"orders: {len(names)} tasks have only {math.factorial(len(names))} orders, not {n}")
+    orders, k = [list(names)], 1
+    while len(orders) < n:
+        order = [names[i] for i in np.random.default_rng(k).permutation(len(names))]
+        if order not in orders:
+            orders.append(order)
+        k += 1
+    return orders
+
+
+def run_orders(cfg: RunConfig, progress: bool | None = None, prepared: Prepared | None = None) -> dict:
+    """Run the stream in ``cfg.orders`` task orders (:func:`task_orders`), ``cfg.seeds`` seeds
+    each, as the Standard CL benchmark's orders 1-3; each order is a plain run directory
+    ``out/order-<k>`` (its ``config.yaml`` names the order in ``data.task_order``, so resume,
+    evaluate and predict work on it as on any run). The backbone is loaded and the rows
+    tokenized once. Calling it again on the same ``out`` continues: finished orders are read,
+    an interrupted one is resumed. Writes ``out/orders.json``: per order the mean over seeds,
+    and mean ± std over orders (and over every order x seed run) of :data:`ORDER_KEYS`."""
+    check(cfg)
+    prepared = prepared or prepare(dataclasses.replace(cfg, orders=1))
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    cfg.out = str(out)
+    distributed.on_main(check_out_dir, out)
+    distributed.on_main(atomic_write_text, out / ORDERS_CONFIG, cfg.to_yaml())
+    base = prepared.stream
+    if cfg.data.task_order:
+        base = reorder_tasks(base, cfg.data.task_order)
+    per_order = []
+    for k, order in enumerate(task_orders([t.name for t in base.tasks], cfg.orders), start=1):
+        one = dataclasses.replace(cfg, orders=1, out=str(out / f"order-{k}"),
+                                  data=dataclasses.replace(cfg.data, task_order=order))
+        folder = Path(one.out)
+        if (folder / "metrics.json").is_file() or any(folder.glob("seed-*/state.json")):
+            saved = load_config(str(folder / "config.yaml"))
+            saved.train.device = one.train.device  # a run may continue on another device
+            if saved.to_dict() != one.to_dict():
+                raise ConpetError(f"{folder}: holds a run of another configuration; choose another --out")
+            metrics = (read_json(folder / "metrics.json") if (folder / "metrics.json").is_file()
+                       else resume(folder, progress, device=cfg.train.device))
+        else:
+            metrics = run(one, progress, Prepared(reorder_tasks(base, order), prepared.engine))
+        per_order.append(metrics)
+    summary = orders_summary(per_order)
+    distributed.on_main(atomic_write_json, out / "orders.json", summary)
+    return summary
+
+
+def orders_summary(per_order: list[dict]) -> dict:
+    """Mean ± std (ddof=1) over task orders of each order's seed-mean, and over all order x seed runs."""
+    keys = list(ORDER_KEYS)
+    rows = []
+    for m in per_order:
+        seeds = m.get("per_seed") or [m]
+        row = {key: m[key] for key in keys}
+        runs = {key: [s[key] for s in seeds] for key in keys}
+        if "reference_perplexity" in m:
+            row["reference_perplexity"] = m["reference_perplexity"][-1]
+            runs["reference_perplexity"] = [s["reference_perplexity"][-1] for s in seeds]
+        rows.append({"tasks": m["run"]["tasks"], "n_seeds": len(seeds), **row, "runs": runs})
+    summary_keys = [k for k in rows[0] if k in (*keys, "reference_perplexity")]
+
+    def spread(values: list[float]) -> dict:
+        return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                "n": len(values)}
+
+    return {"run": {**per_order[0]["run"], "tasks": None}, "n_orders": len(rows), "orders": rows,
+            "over_orders": {k: spread([r[k] for r in rows]) for k in summary_keys},
+            "over_runs": {k: spread([v for r in rows for v in r["runs"][k]]) for k in summary_keys}}
 
 
 def start_run_dir(cfg: RunConfig, out: Path, stream: Stream) -> None:
@@ -309,6 +393,12 @@ def resume(run_dir: str | Path, progress: bool | None = None, device: str | None
     that finished are kept. Ends with the same metrics as an uninterrupted run (docs/reliability.md).
     ``device`` overrides the run's ``train.device`` (a run checkpointed on a GPU resumes on a CPU)."""
     out = Path(run_dir)
+    if (out / ORDERS_CONFIG).is_file():  # a folder of task orders: continue every order
+        cfg = load_config(str(out / ORDERS_CONFIG))
+        cfg.out = str(out)
+        if device is not None:
+            cfg.train.device = device
+        return run_orders(cfg, progress)
     if not (out / "config.yaml").is_file():
         raise ConpetError(f"{out}: not a conpet run directory (no config.yaml)")
     progress = default_progress() if progress is None else progress

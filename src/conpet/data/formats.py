@@ -1,4 +1,5 @@
-"""Read rows (JSONL or CSV, optionally gzipped) and task files, validate them, build a Stream.
+"""Read rows (JSONL or CSV, optionally gzipped; Parquet; a folder saved by Hugging Face
+``datasets``) and task files, validate them, build a Stream.
 
 Every problem is a :class:`DataError` whose message starts with ``file:line`` (or ``file``)
 and says what is wrong; nothing is written anywhere before the data has been validated.
@@ -19,7 +20,7 @@ import io
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -44,7 +45,77 @@ def _format_of(path: Path) -> str:
         return "jsonl"
     if ext in (".csv", ".tsv"):
         return ext[1:]
-    raise DataError(f"{path}: unknown data format '{ext or path.name}' (use .jsonl or .csv, optionally .gz)")
+    if ext == ".parquet" and path.suffix.lower() != ".gz":
+        return "parquet"
+    raise DataError(f"{path}: unknown data format '{ext or path.name}' (use .jsonl, .csv (optionally .gz), "
+                    f".parquet, or a folder saved by Hugging Face datasets' save_to_disk)")
+
+
+def _pyarrow(path: Path):
+    try:
+        import pyarrow  # noqa: F401  (optional: only Parquet and datasets folders need it)
+        import pyarrow.ipc
+        import pyarrow.parquet
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet or a datasets folder needs pyarrow: "
+                        f"pip install 'conpet[data]' (or pip install pyarrow)") from None
+    return pyarrow
+
+
+def is_datasets_folder(path: Path) -> bool:
+    """A folder written by Hugging Face ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
+def _datasets_json(path: Path) -> dict:
+    try:
+        value = json.loads(read_user_text(path, "datasets metadata file", DataError))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return value
+
+
+def _arrow_records(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
+    """(record, where) of every row of a Parquet file or a saved ``datasets`` folder, read with
+    pyarrow (no ``datasets`` import). ``where`` is ``file:row`` (1-based). A ``DatasetDict``'s
+    split folders (``train``, ``validation``/``dev``, ``test``) give rows without ``split`` theirs."""
+    pa = _pyarrow(path)
+    if path.is_file():
+        try:
+            table = pa.parquet.read_table(path)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: cannot read Parquet: {e}") from None
+        for k, record in enumerate(table.to_pylist(), 1):
+            yield record, f"{path}:{k}"
+        return
+    if (path / "dataset_dict.json").is_file():
+        splits = _datasets_json(path / "dataset_dict.json").get("splits", [])
+        folders = [(path / name, name) for name in splits]
+    else:
+        folders = [(path, None)]
+    for folder, split_name in folders:
+        split = None
+        if split_name is not None:
+            split = SPLIT_ALIASES.get(split_name.lower())
+            if split is None:
+                raise DataError(f"{folder}: split '{split_name}' is not train, validation/dev or test; "
+                                f"save only those splits, or give rows a 'split' field")
+        state = folder / "state.json"
+        if not state.is_file():
+            raise DataError(f"{folder}: not a saved datasets split (no state.json)")
+        files = [f["filename"] for f in _datasets_json(state).get("_data_files", [])]
+        for name in files:
+            try:
+                with pa.memory_map(str(folder / name)) as source:
+                    table = pa.ipc.open_stream(source).read_all()
+            except (pa.ArrowException, OSError) as e:
+                raise DataError(f"{folder / name}: cannot read the Arrow file: {e}") from None
+            for k, record in enumerate(table.to_pylist(), 1):
+                if split is not None and record.get("split") in (None, ""):
+                    record["split"] = split
+                yield record, f"{folder / name}:{k}"
 
 
 def _span(value: Any, text: str, name: str, where: str) -> str | None:
@@ -169,16 +240,8 @@ def _make_row(record: dict[str, Any], where: str, require_label: bool = True) ->
     )
 
 
-def read_rows(path: str | Path, require_label: bool = True) -> list[Row]:
-    """Read and validate a JSONL or CSV data file (``.gz`` allowed).
-
-    ``require_label=False`` reads rows to predict (their label, if any, is kept)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: data file not found")
-    if not path.is_file():
-        raise DataError(f"{path}: not a file")
-    fmt = _format_of(path)
+def _read_text_rows(path: Path, fmt: str, require_label: bool) -> list[Row]:
+    """Rows of a JSONL or CSV/TSV file, each error naming its line."""
     rows: list[Row] = []
     try:
         with _open_text(path) as f:
@@ -227,6 +290,27 @@ def read_rows(path: str | Path, require_label: bool = True) -> list[Row]:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except (OSError, EOFError, csv.Error) as e:
         raise DataError(f"{path}: cannot read: {e}") from None
+    return rows
+
+
+def read_rows(path: str | Path, require_label: bool = True) -> list[Row]:
+    """Read and validate a data file: JSONL or CSV (``.gz`` allowed), Parquet, or a folder saved by
+    Hugging Face ``datasets`` (``save_to_disk``; read with pyarrow, the ``conpet[data]`` extra).
+
+    ``require_label=False`` reads rows to predict (their label, if any, is kept)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: data file not found")
+    if path.is_dir() and not is_datasets_folder(path):
+        raise DataError(f"{path}: a folder, but not one saved by Hugging Face datasets (no state.json or "
+                        f"dataset_dict.json); give a .jsonl, .csv or .parquet file")
+    if not path.is_file() and not path.is_dir():
+        raise DataError(f"{path}: not a file")
+    fmt = "datasets" if path.is_dir() else _format_of(path)
+    if fmt in ("parquet", "datasets"):
+        rows = [_make_row(record, where, require_label) for record, where in _arrow_records(path)]
+    else:
+        rows = _read_text_rows(path, fmt, require_label)
     if not rows:
         raise DataError(f"{path}: no rows (empty file)")
     first_of_id: dict[str, str] = {}

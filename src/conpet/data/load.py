@@ -8,13 +8,19 @@ from pathlib import Path
 from conpet.config import DataConfig
 from conpet.data.benchmarks import load_benchmark
 from conpet.data.formats import build_stream, read_rows, read_task_file, split_labels
-from conpet.data.stream import Stream
+from conpet.data.stream import Stream, reorder_tasks
 from conpet.data.templates import infer_kind
 from conpet.errors import DataError, read_user_text
 
 
 def load_stream(data_cfg: DataConfig) -> Stream:
-    """Build the stream described by a :class:`conpet.config.DataConfig`."""
+    """Build the stream described by a :class:`conpet.config.DataConfig` (tasks in
+    ``data.task_order`` when it is set)."""
+    stream = _load_stream(data_cfg)
+    return reorder_tasks(stream, data_cfg.task_order) if data_cfg.task_order else stream
+
+
+def _load_stream(data_cfg: DataConfig) -> Stream:
     if data_cfg.file is None:
         stream = load_benchmark(data_cfg.benchmark, max_train_per_class=data_cfg.max_train_per_class)
         if data_cfg.template not in ("auto", stream.kind):

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from conpet.errors import ConfigError
+
 SPLITS = ("train", "dev", "test")
 
 
@@ -89,3 +91,17 @@ class Stream:
             for task in self.tasks
         )
         return f"{self.name} ({self.kind}, {len(self.tasks)} tasks, {len(self.labels)} classes; train/dev/test: {sizes})"
+
+
+def reorder_tasks(stream: Stream, names: list[str], where: str = "data.task_order") -> Stream:
+    """The same rows with the tasks in the order ``names`` (every task of the stream once)."""
+    have = [t.name for t in stream.tasks]
+    unknown = [n for n in names if n not in have]
+    if unknown:
+        raise ConfigError(f"{where}: no task '{unknown[0]}' in {stream.name} (tasks: {', '.join(have)})")
+    if len(names) != len(set(names)) or len(names) != len(have):
+        missing = [n for n in have if n not in names]
+        raise ConfigError(f"{where}: name every task of {stream.name} once"
+                          + (f" (missing: {', '.join(missing)})" if missing else " (a task is repeated)"))
+    by_name = {t.name: t for t in stream.tasks}
+    return Stream(name=stream.name, kind=stream.kind, rows=stream.rows, tasks=[by_name[n] for n in names])

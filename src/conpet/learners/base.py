@@ -25,7 +25,7 @@ from conpet.data.stream import Stream
 from conpet.device import Compute, shrink_on_oom
 from conpet.errors import ConfigError
 from conpet.engine import FeatureEngine
-from conpet.generation import greedy_generate, lm_loss
+from conpet.generation import greedy_generate, perplexity, target_tokens, token_logits
 from conpet.heads import GrowingHead
 from conpet.inputs import Encoded, end_token_id, length_bucketed_batches, sorted_batches
 from conpet.learners.loop import FitStats, fit, pet_training, predict
@@ -157,6 +157,10 @@ class Learner:
     def validate(cls, cfg: RunConfig, opts: dict[str, Any]) -> None:
         """Checks that involve several options or the rest of the config (default: none)."""
 
+    @classmethod
+    def validate_generative(cls, cfg: RunConfig, opts: dict[str, Any]) -> None:
+        """Checks a generative (prompt -> target) stream adds to :meth:`validate` (default: none)."""
+
     def learn(self, t: int) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -172,6 +176,16 @@ class Learner:
     def eval_extra(self, t: int) -> dict[str, list[float]]:
         """Extra per-task metrics after task ``t`` (one value per seen task), e.g. selector accuracy."""
         return {}
+
+    def reference_model(self) -> torch.nn.Module:  # pragma: no cover - abstract
+        """The backbone with the module that answers general text (generative streams)."""
+        raise NotImplementedError
+
+    def reference_perplexity(self, chunks: list[list[int]]) -> float:
+        """Perplexity of the reference text (token ``chunks``) as the learner serves it: through
+        :meth:`reference_model` (a learner that routes inputs overrides this)."""
+        ctx = self.ctx
+        return perplexity(self.reference_model(), ctx.lm_head, chunks, ctx.compute, ctx.cfg.train.eval_batch_size)
 
     def restore(self, run_dir: Path, seed: int) -> None:  # pragma: no cover - abstract
         """Load the learner's state after the last task of seed ``seed`` of run ``run_dir`` (for prediction)."""
@@ -223,11 +237,13 @@ class OneModuleLearner(Learner):
     def logits(self, indices: list[int]) -> torch.Tensor:
         return self.head(self.features(indices))
 
-    def objective_loss(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def objective_loss(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The task loss of a batch and the logits it came from: cross-entropy over the seen
-        classes, or (generative streams) the LM loss on the target tokens, with no logits."""
+        classes, or (generative streams) the LM loss on the target tokens, with the next-token
+        logits [target tokens of the batch, vocabulary] (prompt tokens are never counted)."""
         if self.ctx.generative:
-            return lm_loss(self.ctx.engine, self.model, self.ctx.lm_head, indices), None
+            logits = token_logits(self.ctx.engine, self.model, self.ctx.lm_head, indices)
+            return F.cross_entropy(logits, target_tokens(self.ctx.engine, indices)), logits
         logits = self.logits(indices)
         return F.cross_entropy(logits, self.ctx.targets(indices)), logits
 

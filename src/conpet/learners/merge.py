@@ -9,6 +9,9 @@ Prediction runs the one merged module and the concatenation of the experts' head
 all seen classes): one backbone pass whatever the number of tasks, and the stream ends with one
 module. The experts are kept only as LoRA factors (a few hundred KB each) to re-merge.
 
+On a generative stream each expert trains with the LM loss on its task's target tokens and the
+merged module answers every prompt (no heads).
+
 Options (``learner_options``): ``method`` (``ties``; any name in ``conpet.merging``),
 ``rank`` (default: the PET module's ``r``), ``merge_options`` (the method's options, e.g.
 ``{density: 0.2, scaling: 1.0}``).
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 
 from conpet.adapters import merge_lora
 from conpet.errors import ConfigError
+from conpet.generation import lm_loss
 from conpet.heads import GrowingHead, concat_heads
 from conpet.learners.base import (Context, OneModuleLearner, dev_scorer, head_tensors, load_expert_heads,
                                   load_module_tensors, module_tensors, register_learner, train_module)
@@ -43,6 +47,7 @@ class MergeLearner(OneModuleLearner):
     """One LoRA per task, all merged on dW into one module after every task."""
 
     module_name = "default"
+    generative = True
     options = {"method": Option("ties", str, help="merge rule (any name in conpet.merging)"),
                "rank": Option(None, int, minimum=1, nullable=True, help="rank of the merged LoRA (default: r)"),
                "merge_options": Option({}, dict, help="the merge rule's options, e.g. {density: 0.2}")}
@@ -72,11 +77,14 @@ class MergeLearner(OneModuleLearner):
         elif EXPERT not in pet.modules(self.model):
             pet.add(self.model, EXPERT, ctx.calibration(t))
         head = ctx.new_head()
-        head.grow(list(task.labels), ctx.torch_gen)
+        if not ctx.generative:  # a generative expert answers through the LM head
+            head.grow(list(task.labels), ctx.torch_gen)
         self.expert_heads.append(head)
         start = ctx.stream.class_range(t)[0]
 
         def expert_loss(indices):
+            if ctx.generative:
+                return lm_loss(ctx.engine, self.model, ctx.lm_head, indices)
             return F.cross_entropy(head(ctx.features(self.model, indices)), ctx.targets(indices) - start)
 
         score = dev_scorer(ctx, self.model, [t], lambda idx: head(ctx.features(self.model, idx)),

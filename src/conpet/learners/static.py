@@ -36,7 +36,7 @@ class Plugin:
     options: ClassVar[dict[str, Option]] = {}
     """The method's own options (:class:`conpet.learners.options.Option`)."""
     generative: ClassVar[bool] = False
-    """Whether the method also works on generative streams (its loss terms need no class logits)."""
+    """Whether the method also works on generative streams (prompt -> target tasks)."""
 
     def __init__(self, learner: "StaticConPET", options: dict[str, Any]) -> None:
         self.learner = learner
@@ -48,9 +48,10 @@ class Plugin:
     def after_task(self, t: int) -> None:
         """Called after training task ``t`` (memories, Fisher information, snapshots...)."""
 
-    def extra_loss(self, indices: list[int], logits: torch.Tensor | None) -> torch.Tensor | float:
-        """Added to the task loss of every training batch (``logits``: the batch's class logits;
-        ``None`` on a generative stream)."""
+    def extra_loss(self, indices: list[int], logits: torch.Tensor) -> torch.Tensor | float:
+        """Added to the task loss of every training batch (``logits``: the batch's class logits
+        [rows, seen classes], or on a generative stream its next-token logits [target tokens,
+        vocabulary], :func:`conpet.generation.token_logits`)."""
         return 0.0
 
     def transform(self, features: torch.Tensor) -> torch.Tensor:
