@@ -15,8 +15,11 @@ targets, its B factor drawn at random so that the adapter changes the answers):
   is the same peft-injected model (the saved adapter loaded with ``PeftModel.from_pretrained``),
   ``model.generate(do_sample=False, num_beams=1)``.
 
-Prints prompts/s and generated tokens/s (median of ``--repeats``), the ratio conpet / HF, and the
-share of prompts whose answers are token-identical.
+Prints prompts/s and generated tokens/s (median of ``--repeats``), the ratio conpet / HF, the
+share of prompts whose answers are token-identical and each arm's exact match (with a random
+adapter: a sanity check of the answers, not a result). In fp32 the two arms compute the same
+model; in bf16 conpet keeps HF Trainer-style mixed precision (fp32 residual stream and norms,
+bf16 matmuls) while the HF arm is the model loaded in bf16, so answers can differ.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def main() -> None:
     from peft import PeftModel
     from transformers import AutoModel, AutoModelForCausalLM
 
+    from conpet import text_metrics
     from conpet.build import build_learner, prepare
     from conpet.config import DataConfig, PETConfig, RunConfig, TrainConfig
     from conpet.generation import greedy_generate
@@ -50,10 +54,11 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="auto", help="auto (bf16 where the device has it) or fp32, both arms")
     args = p.parse_args()
 
     cfg = RunConfig(model=args.model, data=DataConfig(benchmark=args.benchmark),
-                    train=TrainConfig(device=args.device, top_layers=None), pet=PETConfig("lora", {"r": 8}))
+                    train=TrainConfig(device=args.device, top_layers=None, precision=args.precision), pet=PETConfig("lora", {"r": 8}))
     prepared = prepare(cfg)
     stream, engine = prepared
     learner = build_learner(cfg, prepared, seed=0)
@@ -63,7 +68,7 @@ def main() -> None:
     with torch.no_grad():
         for name, param in learner.model.named_parameters():
             if "lora_B" in name:
-                param.normal_(0.0, 0.02)
+                param.normal_(0.0, 0.004)
     per_task = max(1, args.prompts // len(stream.tasks))
     rows = [i for t in stream.tasks for i in t.test[:per_task]][: args.prompts]
     prompts = {i: ctx.encoded.prompt(i) for i in rows}
@@ -114,12 +119,18 @@ def main() -> None:
     tokens = sum(len(v) for v in ours_out.values())
     hf_tokens = sum(len(v) for v in hf_out.values())
     same = sum(ours_out[i] == hf_out[i] for i in rows) / len(rows)
+
+    def exact_match(out: dict[int, list[int]]) -> float:  # the adapter is random: a check, not a result
+        answers = [tok.decode(out[i], skip_special_tokens=True).strip() for i in rows]
+        return text_metrics.score("exact_match", answers, [stream.rows[i].references for i in rows])
+
     print(f"\n{args.model} on {args.benchmark}: {len(rows)} prompts, batch {args.batch_size}, up to "
           f"{args.max_new_tokens} new tokens, precision {engine.precision}, {args.device}, median of {args.repeats}")
     print(f"{'arm':8s} {'seconds':>8s} {'prompts/s':>10s} {'tokens/s':>9s}")
     print(f"{'hf':8s} {hf_s:8.2f} {len(rows) / hf_s:10.1f} {hf_tokens / hf_s:9.1f}")
     print(f"{'conpet':8s} {ours_s:8.2f} {len(rows) / ours_s:10.1f} {tokens / ours_s:9.1f}")
-    print(f"\nconpet / hf: prompts/s x{hf_s / ours_s:.2f}; identical answers {100 * same:.1f}% of prompts")
+    print(f"\nconpet / hf: prompts/s x{hf_s / ours_s:.2f}; identical answers {100 * same:.1f}% of prompts; "
+          f"exact match hf {100 * exact_match(hf_out):.1f}%, conpet {100 * exact_match(ours_out):.1f}%")
     learner.close()
 
 

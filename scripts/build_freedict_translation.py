@@ -3,13 +3,17 @@
 target language, from the FreeDict English-X dictionaries shipped by Debian.
 
 Task order: French, German, Spanish, Italian, Portuguese, Dutch. A row asks for the translation
-of one English headword into the task's language; the target is the dictionary's first
-translation of the word's first sense, and ``answers`` lists every translation of that sense
-(exact match and token F1 take the best of them).
+of one English headword into the task's language. ``answers`` lists every translation the
+dictionary gives the word (every sense line of every entry whose headword is the word itself,
+at most three words each; exact match and token F1 take the best of them); the target taught
+in training is the translation listed most often over those senses (ties: the first listed), so
+that a dictionary that files a word's senses in an arbitrary order (the German one lists "ham"
+as a radio amateur first) still teaches its main translation ("Schinken", in two senses).
 
 - Headwords: single lower-case English words (letters only, 3 to 14 of them) present in all six
-  dictionaries, whose first translation has at most three words; annotations (``<neut>``,
-  ``[chem.]``, ``(...)``) are removed from translations.
+  dictionaries with at least one translation of at most three words; annotations (``<neut>``,
+  ``[chem.]``, ``(...)``) are removed from translations; example sentences, synonyms, notes and
+  entries indexed under the word but headed by another (``‐able`` under "able") are skipped.
 - Every headword has one split for all six tasks (a seeded shuffle of the sorted headwords:
   70% train, 10% dev, 20% test), so no test word is a training word of any task.
 - Sorted inputs, a seeded ``random.Random`` and gzip with ``mtime=0``: a rebuild from the same
@@ -58,32 +62,47 @@ def clean(translation: str) -> str:
     return " ".join(text.replace("…", " ").split()).strip(" ;.")
 
 
-def first_sense(entry: str) -> list[str]:
-    """The translations of the first sense of a dictd entry (``headword /ipa/`` then senses)."""
-    lines = [line for line in entry.splitlines()[1:] if line.strip()]
-    for line in lines:
+def senses(entry: str, word: str) -> list[list[str]]:
+    """The translations of every sense line of a dictd entry (``headword /ipa/`` then sense lines,
+    optionally numbered), or none when the entry is headed by another word than ``word``."""
+    lines = entry.splitlines()
+    if not lines or lines[0].split(" /")[0].strip() != word:
+        return []
+    out = []
+    for line in lines[1:]:
         stripped = line.strip()
-        if stripped.startswith(("Synonym:", "see:", "Note:")):
+        if not stripped or stripped.startswith(('"', "Synonym", "see:", "Note:")):
             continue
         stripped = re.sub(r"^\d+\.\s*", "", stripped)
-        out = [clean(t) for t in stripped.split(",")]
-        return [t for t in out if t]
-    return []
+        translations = [t for t in (clean(t) for t in stripped.split(",")) if t and len(t.split()) <= 3]
+        if translations:
+            out.append(translations)
+    return out
+
+
+def main_translation(sense_lists: list[list[str]]) -> str:
+    """The translation listed in the most senses (ties: the first listed)."""
+    order = list(dict.fromkeys(t for sense in sense_lists for t in sense))
+    counts = {t: sum(t in sense for sense in sense_lists) for t in order}
+    return max(order, key=lambda t: (counts[t], -order.index(t)))
 
 
 def read_dictionary(folder: Path, code: str) -> dict[str, list[str]]:
-    """English headword -> translations of its first sense (the first entry of a headword)."""
+    """English headword -> its translations, the main one first (:func:`main_translation`)."""
     data = gzip.open(folder / f"freedict-eng-{code}.dict.dz").read()
-    out: dict[str, list[str]] = {}
+    found: dict[str, list[list[str]]] = {}
     with open(folder / f"freedict-eng-{code}.index", encoding="utf-8") as f:
         for line in f:
             word, offset, length = line.rstrip("\n").split("\t")
-            if word in out or not HEADWORD.match(word):
+            if not HEADWORD.match(word):
                 continue
             entry = data[_b64(offset):_b64(offset) + _b64(length)].decode("utf-8")
-            senses = first_sense(entry)
-            if senses and len(senses[0].split()) <= 3:
-                out[word] = senses
+            found.setdefault(word, []).extend(senses(entry, word))
+    out = {}
+    for word, sense_lists in found.items():
+        if sense_lists:
+            target = main_translation(sense_lists)
+            out[word] = [target] + [t for t in dict.fromkeys(t for s in sense_lists for t in s) if t != target]
     return out
 
 
@@ -111,7 +130,7 @@ def build(folder: Path, seed: int = 0) -> tuple[list[dict], dict]:
             "description": "Generative: an English word -> its translation (FreeDict), one task per language "
                            "(French, German, Spanish, Italian, Portuguese, Dutch); test headwords never trained on.",
             "kind": "generate", "tasks": [[language.lower()] for _, language in LANGUAGES], "counts": counts,
-            "headwords": len(common), "source": "FreeDict English-X dictionaries, Debian dict-freedict-eng-* "
+            "metric": "chrf", "headwords": len(common), "source": "FreeDict English-X dictionaries, Debian dict-freedict-eng-* "
             "2022.04.21", "licence": "GPL-2.0-or-later", "prompt": PROMPT}
     return rows, meta
 

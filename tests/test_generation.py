@@ -56,6 +56,8 @@ def test_text_metrics_by_hand():
     assert primary_metric("auto", ["chien", "le chat"]) == "exact_match"
     assert primary_metric("auto", ["a long answer of five words"]) == "rouge_l"
     assert primary_metric("f1", ["x"]) == "f1"
+    assert primary_metric("auto", ["chien"], recommended="chrf") == "chrf"  # a benchmark's recommendation
+    assert primary_metric("exact_match", ["chien"], recommended="chrf") == "exact_match"  # data.metric wins
 
 
 # -- rows ---------------------------------------------------------------------------------------------
@@ -73,7 +75,6 @@ def test_generative_rows_and_their_stream(gen_data):
     ({"prompt": "Plural of dog?", "task": "t"}, "has a prompt but no target"),
     ({"prompt": "Plural of dog?", "target": "dogs"}, "needs field 'task'"),
     ({"prompt": "p", "instruction": "i", "target": "x", "task": "t"}, "not both"),
-    ({"text": "dog", "label": "animal", "task": "t"}, "domain-incremental"),
 ])
 def test_bad_generative_rows(tmp_path, record, message):
     from conpet.data.formats import read_rows
@@ -180,7 +181,7 @@ def test_greedy_decoding_matches_hf_generate_with_and_without_the_adapter(tiny_d
 
 
 # -- every generative learner, end to end --------------------------------------------------------------
-@pytest.mark.parametrize("learner", ["sequential", "joint", "emr*", "ewc*", "l2*", "emr", "lwf", "lwf*", "dynamic",
+@pytest.mark.parametrize("learner", ["sequential", "joint", "emr*", "ewc*", "l2*", "emr", "lwf", "lwf*", "dynamic", "o-lora", "lae",
                                      "merge"])
 def test_generative_learners_run_end_to_end(tiny_decoder, gen_data, tmp_path, learner):
     from conpet.runner import run
@@ -189,6 +190,8 @@ def test_generative_learners_run_end_to_end(tiny_decoder, gen_data, tmp_path, le
     seed = metrics["per_seed"][0] if "per_seed" in metrics else metrics
     assert len(seed["accuracy_matrix"]) == 2 and all(0 <= v <= 1 for v in seed["accuracy_matrix"][1])
     assert seed["task_metric"] == ["exact_match", "exact_match"]
+    assert seed["score_exact_match"] == seed["accuracy_matrix"]  # the primary metric, recorded again
+    assert len(seed["score_chrf"][1]) == 2 and all(0 <= v <= 1 for v in seed["score_chrf"][1])
     assert len(seed["reference_perplexity"]) == 2 and seed["base_reference_perplexity"] > 1
     assert main(["verify", str(tmp_path / "run")]) == 0
 

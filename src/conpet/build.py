@@ -19,8 +19,8 @@ from typing import NamedTuple
 import torch
 
 from conpet import distributed
-from conpet.backbone import (Backbone, cast_frozen_linears, check_quantize, enable_gradient_checkpointing,
-                             load_backbone, load_lm_head)
+from conpet.backbone import (Backbone, cast_frozen_linears, cast_lm_head, check_quantize,
+                             enable_gradient_checkpointing, load_backbone, load_lm_head)
 from conpet.config import RunConfig
 from conpet.data import load_stream
 from conpet.data.stream import Stream
@@ -58,9 +58,15 @@ def check(cfg: RunConfig) -> None:
 
 def check_stream(cfg: RunConfig, stream: Stream) -> None:
     """What the stream's kind asks of the learner and the settings (before the backbone is loaded)."""
+    learner = get_learner(cfg.learner)
+    if stream.domain_incremental:
+        if cfg.data.setting == "task-incremental":
+            raise ConfigError("data.setting: the tasks share labels (a domain-incremental stream); masking "
+                              "predictions to a task's classes is not supported there yet; leave data.setting at "
+                              "class-incremental")
+        learner.validate_domain_incremental(cfg, learner.check_options(cfg))
     if not stream.generative:
         return
-    learner = get_learner(cfg.learner)
     if not learner.generative:
         able = sorted(name for name, cls in LEARNERS.items() if cls.generative)
         raise ConfigError(f"learner: '{cfg.learner}' does not train generative (prompt -> target) streams yet; "
@@ -97,6 +103,8 @@ def prepare(cfg: RunConfig, stream: Stream | None = None, check_rows: int = 8, c
         enable_gradient_checkpointing(backbone.model)
     if stream.generative:
         backbone.lm_head = backbone.lm_head or load_lm_head(backbone)  # an encoder is an error here
+        if compute.precision != "fp32" and cast_frozen and not cfg.backbone.quantize:
+            backbone.lm_head = cast_lm_head(backbone.lm_head, compute.dtype)
         encoded = encode_generation(stream.rows, backbone.tokenizer, cfg.train.max_length, cfg.data.chat_template)
     else:
         encoded = encode_rows(stream.rows, stream.kind, backbone.tokenizer, backbone.is_decoder, cfg.train.max_length)

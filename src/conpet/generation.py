@@ -68,15 +68,18 @@ def _cache_argument(model: nn.Module) -> str:
 
 @torch.no_grad()
 def greedy_generate(model: nn.Module, lm_head: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int,
-                    eos_ids: Sequence[int], max_new_tokens: int, compute: Compute,
+                    eos_ids: Sequence[int], max_new_tokens: int, compute: Compute, ensemble: int = 1,
                     **forward_kwargs) -> list[list[int]]:
     """Greedy continuations of ``prompts`` (token lists), each without its end-of-sequence token.
 
     ``forward_kwargs`` go to every forward pass (peft's ``adapter_names`` routes each row through
-    its own module)."""
+    its own module). ``ensemble`` k > 1: the prompts run k times in one batch (copy c is rows
+    ``c n .. (c + 1) n - 1``, routed by ``adapter_names``) and each step's token is the argmax of
+    the element-wise maximum of the copies' next-token probabilities (LAE's ensemble)."""
     from transformers import DynamicCache
 
     device = compute.device
+    prompts = list(prompts) * ensemble
     n, width = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((n, width), dtype=torch.long, device=device)
@@ -90,23 +93,27 @@ def greedy_generate(model: nn.Module, lm_head: nn.Module, prompts: Sequence[Sequ
     done = torch.zeros(n, dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in range(n)]
     step_ids, step_pos = ids, positions
-    for _ in range(max_new_tokens):
-        with compute.autocast():
+    with compute.autocast():  # one region for every step: autocast's cast cache lives across steps
+        for _ in range(max_new_tokens):
             hidden = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
                            **{cache_key: cache}, **forward_kwargs)
             hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
             logits = lm_head(hidden[:, -1]).float()
-        token = logits.argmax(dim=-1)
-        finished = torch.isin(token, eos)
-        for r in (~done & ~finished).nonzero().flatten().tolist():
-            out[r].append(int(token[r]))
-        done |= finished
-        if bool(done.all()):
-            break
-        step_ids = torch.where(done, torch.full_like(token, pad_id), token)[:, None]
-        step_pos = step_pos[:, -1:] + 1
-        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
-    return out
+            if ensemble > 1:
+                probs = logits.softmax(dim=-1).view(ensemble, n // ensemble, -1).amax(dim=0)
+                token = probs.argmax(dim=-1).repeat(ensemble)
+            else:
+                token = logits.argmax(dim=-1)
+            finished = torch.isin(token, eos)
+            for r in (~done & ~finished).nonzero().flatten().tolist():
+                out[r].append(int(token[r]))
+            done |= finished
+            if bool(done.all()):
+                break
+            step_ids = torch.where(done, torch.full_like(token, pad_id), token)[:, None]
+            step_pos = step_pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
+    return out[: n // ensemble]
 
 
 @torch.no_grad()

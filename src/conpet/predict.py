@@ -76,7 +76,7 @@ def predict(run_dir: str | Path, rows: list[Row], seed: int | None = None, batch
                     item["tasks"] = [task_names[int(t)] for t in top[r]]
                     item["selector_confidence"] = [float(sel[r, int(t)]) for t in top[r]]
                 else:
-                    item["tasks"] = [task_names[stream.task_of_label[label]]]
+                    item["tasks"] = [task_names[t] for t, task in enumerate(stream.tasks) if label in task.labels]
                 item["confidence"] = item.get("selector_confidence", [item["probability"]])[0]
                 out.append(item)
     finally:

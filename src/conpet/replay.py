@@ -135,7 +135,7 @@ def replay_schedule(stream: Stream, t: int, opts: dict[str, Any], memory: "Exemp
     steps = replay_steps(len(new), batch_size, epochs, opts["new_ratio"], opts["steps_per_task"],
                          opts["batch_limit"])
     if opts["replay_source"] == "memory":
-        pools = [memory.rows(stream.tasks[j].labels) for j in range(t)]
+        pools = [memory.rows(stream.memory_keys(j)) for j in range(t)]
     else:
         pools = [list(stream.tasks[j].train) for j in range(t)]
     batches = dynamic_replay_batches(new, pools, steps, batch_size, rng, new_ratio=opts["new_ratio"])

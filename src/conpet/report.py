@@ -264,6 +264,9 @@ def _metrics_rows(runs: Runs) -> list[list[str]]:
         rows.append([_score_label(label, generative), *cells])
     if generative:
         rows.append(["reference ppl: base -> last", *(_perplexity_cell(m) for _, m in runs)])
+        for key, label in (("score_exact_match", "final exact match (%)"), ("score_chrf", "final chrF (%)")):
+            if any(m.get(key) for _, m in runs):
+                rows.append([label, *(_last_row_cell(m, key) for _, m in runs)])
     rows.append(["seconds per task", *(_seconds_cell(m, np.mean) for _, m in runs)])
     rows.append(["total train seconds", *(_seconds_cell(m, np.sum) for _, m in runs)])
     rows.append(["train rows per second", *(_rows_per_second_cell(m) for _, m in runs)])

@@ -91,8 +91,10 @@ def generate_rows(learner: Learner, rows: list[int]) -> dict[int, str]:
 
 
 def task_metric(cfg: RunConfig, stream: Stream, j: int) -> str:
-    """Task ``j``'s primary metric (``data.metric``; ``auto`` decides on its training targets)."""
-    return text_metrics.primary_metric(cfg.data.metric, [stream.rows[i].target for i in stream.tasks[j].train])
+    """Task ``j``'s primary metric (``data.metric``; ``auto``: the stream's recommendation, else
+    decided on its training targets)."""
+    return text_metrics.primary_metric(cfg.data.metric, [stream.rows[i].target for i in stream.tasks[j].train],
+                                       stream.metric)
 
 
 def evaluate(learner: Learner, t: int, split: str = "test") -> tuple[list[float], list[int]]:
@@ -102,7 +104,7 @@ def evaluate(learner: Learner, t: int, split: str = "test") -> tuple[list[float]
     ctx = learner.ctx
     stream = ctx.stream
     if stream.generative:
-        return evaluate_generation(learner, t, split)
+        return evaluate_generation(learner, t, split)[:2]
     lengths = ctx.encoded.all_lengths
     accs, counts = [], []
     for j in range(t + 1):
@@ -118,19 +120,25 @@ def evaluate(learner: Learner, t: int, split: str = "test") -> tuple[list[float]
     return accs, counts
 
 
-def evaluate_generation(learner: Learner, t: int, split: str = "test") -> tuple[list[float], list[int]]:
+def evaluate_generation(learner: Learner, t: int, split: str = "test"
+                        ) -> tuple[list[float], list[int], dict[str, list[float]]]:
+    """Each task's primary metric of greedy answers on its ``split`` rows, the row counts, and
+    every metric of :data:`conpet.text_metrics.REPORTED` on the same answers (``score_<metric>``)."""
     ctx = learner.ctx
     stream = ctx.stream
     scores, counts = [], []
+    by_metric: dict[str, list[float]] = {f"score_{m}": [] for m in text_metrics.REPORTED}
     for j in range(t + 1):
         rows = stream.tasks[j].split(split)
         if not rows:
             raise ConpetError(f"data.report_dev: task '{stream.tasks[j].name}' has no {split} rows")
         answers = generate_rows(learner, rows)
-        scores.append(text_metrics.score(task_metric(ctx.cfg, stream, j), [answers[i] for i in rows],
-                                         [stream.rows[i].references for i in rows]))
+        predictions, references = [answers[i] for i in rows], [stream.rows[i].references for i in rows]
+        scores.append(text_metrics.score(task_metric(ctx.cfg, stream, j), predictions, references))
+        for metric in text_metrics.REPORTED:
+            by_metric[f"score_{metric}"].append(text_metrics.score(metric, predictions, references))
         counts.append(len(rows))
-    return scores, counts
+    return scores, counts, by_metric
 
 
 def reference_chunks(learner: Learner, max_tokens: int) -> list[list[int]]:
@@ -214,10 +222,13 @@ def run_seed(cfg: RunConfig, prepared: Prepared, seed: int, out: Path, progress:
             loss = learner.last_fit.final_loss if learner.last_fit else float("nan")
             state.train_loss.append(None if loss != loss else loss)
             start = time.perf_counter()
-            accs, state.test_counts = evaluate(learner, t)
+            if stream.generative:
+                accs, state.test_counts, scores = evaluate_generation(learner, t)
+            else:
+                (accs, state.test_counts), scores = evaluate(learner, t), {}
             state.eval_seconds.append(time.perf_counter() - start)
             state.accuracy_matrix.append(accs + [None] * (T - t - 1))
-            extra = learner.eval_extra(t)
+            extra = {**scores, **learner.eval_extra(t)}
             if chunks is not None:
                 state.reference_perplexity.append(learner.reference_perplexity(chunks))
             if cfg.data.report_dev:

@@ -80,9 +80,16 @@ def score(metric: str, predictions: Sequence[str], references: Sequence[str | Se
 SHORT_ANSWER_WORDS = 3
 
 
-def primary_metric(setting: str, references: Sequence[str]) -> str:
-    """``setting`` (``data.metric``) unless ``auto``: exact match when every reference of the task
-    has at most 3 words (names, words, labels), else ROUGE-L."""
+REPORTED = ("exact_match", "chrf")
+"""Metrics recorded for every generative task beside its primary one (``score_<metric>`` matrices)."""
+
+
+def primary_metric(setting: str, references: Sequence[str], recommended: str | None = None) -> str:
+    """``setting`` (``data.metric``) unless ``auto``; then the stream's ``recommended`` metric
+    (a built-in benchmark's), else exact match when every reference of the task has at most 3
+    words (names, words, labels), else ROUGE-L."""
     if setting != "auto":
         return setting
+    if recommended:
+        return recommended
     return "exact_match" if all(len(r.split()) <= SHORT_ANSWER_WORDS for r in references) else "rouge_l"

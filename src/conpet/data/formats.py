@@ -209,10 +209,9 @@ def _make_row(record: dict[str, Any], where: str, require_label: bool = True) ->
     _check_fields(record, where)
     if any(record.get(name) not in (None, "") for name in GENERATIVE_FIELDS):
         return _generative_row(record, where, require_target=require_label)
-    if record.get("task") not in (None, ""):
-        raise DataError(f"{where}: field 'task' on a classification row (tasks that share labels, the "
-                        "domain-incremental setting) is not supported yet; give the tasks as label groups "
-                        "(--tasks FILE or --n-tasks N)")
+    task = record.get("task")
+    if task not in (None, "") and not isinstance(task, (str, int)):
+        raise DataError(f"{where}: field 'task' must be a string, got {type(task).__name__}")
     if not require_label and record.get("label") in (None, ""):
         record = {**record, "label": "?"}
     for name in ("text", "label"):
@@ -231,6 +230,7 @@ def _make_row(record: dict[str, Any], where: str, require_label: bool = True) ->
     return Row(
         text=text,
         label=label.strip(),
+        task=None if task in (None, "") else str(task).strip(),
         split=split,
         entity=_span(record.get("entity"), text, "entity", where),
         head=_span(record.get("head"), text, "head", where),
@@ -375,10 +375,11 @@ def split_labels(labels: list[str], n_tasks: int, seed: int) -> list[tuple[str, 
 
 
 def _assign_splits(rows: list[Row], seed: int) -> list[Row]:
-    """Give rows without a split a per-class 70/10/20 train/dev/test split (seeded)."""
-    by_label: dict[str, list[int]] = {}
+    """Give rows without a split a per-class 70/10/20 train/dev/test split (seeded); rows that
+    name their task are split per (task, class)."""
+    by_label: dict[tuple[str, str], list[int]] = {}
     for i, r in enumerate(rows):
-        by_label.setdefault(r.label, []).append(i)
+        by_label.setdefault((r.task or "", r.label), []).append(i)
     rng = random.Random(seed)
     split_of = {}
     for label in sorted(by_label):
@@ -391,6 +392,37 @@ def _assign_splits(rows: list[Row], seed: int) -> list[Row]:
             split_of[i] = "test" if k < n_test else "dev" if k < n_test + n_dev else "train"
     from dataclasses import replace
     return [replace(r, split=split_of[i]) for i, r in enumerate(rows)]
+
+
+def build_task_stream(name: str, rows: list[Row], task_names: list[str], kind: str, task_source: str,
+                      max_train_per_class: int | None = None, seed: int = 0) -> Stream:
+    """A stream whose rows name their task (field ``task``): each task holds its rows, its labels
+    in order of first appearance; tasks may share labels (the domain-incremental setting)."""
+    if rows and rows[0].split is None:
+        rows = _assign_splits(rows, seed)
+    position = {n: t for t, n in enumerate(task_names)}
+    labels: list[dict[str, None]] = [{} for _ in task_names]
+    for r in rows:
+        labels[position[r.task]].setdefault(r.label)
+    tasks = [Task(name=n, labels=tuple(labels[t])) for t, n in enumerate(task_names)]
+    per_class_train: dict[tuple[str, str], int] = {}
+    for i, r in enumerate(rows):
+        if r.split == "train" and max_train_per_class is not None:
+            key = (r.task, r.label)
+            if per_class_train.get(key, 0) >= max_train_per_class:
+                continue
+            per_class_train[key] = per_class_train.get(key, 0) + 1
+        tasks[position[r.task]].split(r.split).append(i)
+    for task in tasks:
+        for split in ("train", "test"):
+            if not task.split(split):
+                raise DataError(f"{task_source}: task '{task.name}' has no {split} rows")
+        tested = {rows[i].label for i in task.test}
+        untested = [label for label in task.labels if label not in tested]
+        if untested:
+            warn(f"{task_source}: task '{task.name}' label '{untested[0]}' has training rows but no test rows "
+                 f"in that task: its accuracy there is never measured")
+    return Stream(name=name, kind=kind, rows=rows, tasks=tasks)
 
 
 def build_stream(name: str, rows: list[Row], groups: list[tuple[str, list[str]]], kind: str,
@@ -438,4 +470,4 @@ def build_stream(name: str, rows: list[Row], groups: list[tuple[str, list[str]]]
     return Stream(name=name, kind=kind, rows=rows, tasks=tasks)
 
 
-__all__ = ["read_rows", "read_task_file", "split_labels", "build_stream", "SPLITS"]
+__all__ = ["read_rows", "read_task_file", "split_labels", "build_stream", "build_task_stream", "SPLITS"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conpet.config import DataConfig
 from conpet.data.benchmarks import load_benchmark
-from conpet.data.formats import build_stream, read_rows, read_task_file, split_labels
+from conpet.data.formats import build_stream, build_task_stream, read_rows, read_task_file, split_labels
 from conpet.data.stream import Stream, reorder_tasks
 from conpet.data.templates import infer_kind
 from conpet.errors import DataError, read_user_text
@@ -30,6 +30,19 @@ def _load_stream(data_cfg: DataConfig) -> Stream:
     rows = read_rows(path)
     if rows[0].target is not None:
         return _generative_stream(path, rows, data_cfg)
+    named = [r for r in rows if r.task is not None]
+    if named:
+        if len(named) != len(rows):
+            other = next(r for r in rows if (r.task is None) != (rows[0].task is None))
+            raise DataError(f"{other.where}: {'no' if other.task is None else 'a'} field 'task' here, but "
+                            f"{'every' if other.task is None else 'no'} row before it has one: name the task "
+                            f"of every row or of none")
+        if data_cfg.n_tasks:
+            raise DataError(f"{path}: the rows name their task (field 'task'); drop --n-tasks")
+        kind = infer_kind(rows) if data_cfg.template == "auto" else data_cfg.template
+        names, source = _task_order(path, [r.task for r in rows], data_cfg)
+        return build_task_stream(path.stem, rows, names, kind, source, data_cfg.max_train_per_class,
+                                 data_cfg.split_seed)
     if data_cfg.tasks:
         groups = read_task_file(data_cfg.tasks)
         source = str(data_cfg.tasks)
@@ -52,20 +65,26 @@ def _generative_stream(path: Path, rows, data_cfg: DataConfig) -> Stream:
     if data_cfg.template not in ("auto", "generate"):
         raise DataError(f"{path}: rows with prompt/target are a generative stream; data.template "
                         f"'{data_cfg.template}' is for classification")
-    names = list(dict.fromkeys(r.label for r in rows))
-    source = "the rows' task field"
-    if data_cfg.tasks:
-        groups = read_task_file(data_cfg.tasks)
-        order = [label for _, labels in groups for label in labels]
-        unknown = [t for t in order if t not in names]
-        if unknown:
-            raise DataError(f"{data_cfg.tasks}: task '{unknown[0]}' has no rows in {path}")
-        missing = [t for t in names if t not in order]
-        if missing:
-            raise DataError(f"{data_cfg.tasks}: task '{missing[0]}' of {path} is in no group of the task file")
-        names, source = order, str(data_cfg.tasks)
+    names, source = _task_order(path, [r.label for r in rows], data_cfg)
     return build_stream(path.stem, rows, [(name, [name]) for name in names], "generate", source,
                         data_cfg.max_train_per_class, data_cfg.split_seed)
+
+
+def _task_order(path: Path, row_tasks: list[str], data_cfg: DataConfig) -> tuple[list[str], str]:
+    """Task names from the rows' ``task`` field, in order of first appearance, or in the order of
+    a task file listing them (``[[t1], [t2]]`` or ``[t1, t2]``); and where the order came from."""
+    names = list(dict.fromkeys(row_tasks))
+    if not data_cfg.tasks:
+        return names, "the rows' task field"
+    groups = read_task_file(data_cfg.tasks)
+    order = [label for _, labels in groups for label in labels]
+    unknown = [t for t in order if t not in names]
+    if unknown:
+        raise DataError(f"{data_cfg.tasks}: task '{unknown[0]}' has no rows in {path}")
+    missing = [t for t in names if t not in order]
+    if missing:
+        raise DataError(f"{data_cfg.tasks}: task '{missing[0]}' of {path} is in no group of the task file")
+    return order, str(data_cfg.tasks)
 
 
 REFERENCE_ROWS = 300

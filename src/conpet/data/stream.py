@@ -31,6 +31,9 @@ class Row:
     """The answer of a generative row (``None`` for classification rows): what training teaches."""
     answers: tuple[str, ...] | None = None
     """Every answer that counts as right at evaluation (default: the target alone)."""
+    task: str | None = None
+    """A classification row's task when the data names it (field ``task``): tasks may then share
+    labels, the domain-incremental setting. ``None``: the task follows from the label."""
 
     @property
     def references(self) -> tuple[str, ...]:
@@ -60,29 +63,57 @@ class Stream:
     ``generate`` (prompt -> target)."""
     rows: list[Row]
     tasks: list[Task]
+    metric: str | None = None
+    """Generative streams: the metric the stream recommends (a built-in benchmark's meta), used
+    when ``data.metric`` is ``auto``."""
 
     def __post_init__(self) -> None:
-        self.labels: list[str] = [label for task in self.tasks for label in task.labels]
+        # the label space: every task's labels in order of first appearance (class-disjoint
+        # tasks: their concatenation); the classes seen after task t are always a prefix of it
+        self.labels: list[str] = list(dict.fromkeys(label for task in self.tasks for label in task.labels))
         self.label_index: dict[str, int] = {label: i for i, label in enumerate(self.labels)}
-        self.task_of_label: dict[str, int] = {
-            label: t for t, task in enumerate(self.tasks) for label in task.labels
-        }
+        self.task_of_label: dict[str, int] = {}
+        for t, task in enumerate(self.tasks):
+            for label in task.labels:
+                self.task_of_label.setdefault(label, t)
         self.targets: list[int] = [self.label_index.get(row.label, -1) for row in self.rows]
-        starts = [0]
+        self.task_of_row: list[int] = [-1] * len(self.rows)
+        """The task each row belongs to (-1: in no task, e.g. rows to predict)."""
+        for t, task in enumerate(self.tasks):
+            for i in (*task.train, *task.dev, *task.test):
+                self.task_of_row[i] = t
+        self.domain_incremental: bool = len(self.labels) < sum(len(task.labels) for task in self.tasks)
+        """Tasks share labels (rows name their task): the domain-incremental setting."""
+        seen = [0]
+        known: set[str] = set()
         for task in self.tasks:
-            starts.append(starts[-1] + len(task.labels))
-        self._ranges: list[tuple[int, int]] = list(zip(starts[:-1], starts[1:]))
+            known.update(task.labels)
+            seen.append(len(known))
+        self._ranges: list[tuple[int, int]] = list(zip(seen[:-1], seen[1:]))
 
     @property
     def generative(self) -> bool:
         return self.kind == "generate"
 
     def seen_labels(self, t: int) -> list[str]:
-        """Labels of tasks 0..t, in the head's column order."""
-        return [label for task in self.tasks[: t + 1] for label in task.labels]
+        """Labels of tasks 0..t, in the head's column order (each once)."""
+        return self.labels[: self._ranges[t][1]]
+
+    def task_columns(self, t: int) -> list[int]:
+        """The columns (global label indices) of task t's labels, in ``task.labels`` order."""
+        return [self.label_index[label] for label in self.tasks[t].labels]
+
+    def memory_key(self, t: int, label: str) -> str:
+        """The exemplar-memory class of ``label`` in task t: the label, or in the
+        domain-incremental setting ``task/label`` (each domain keeps its own exemplars)."""
+        return f"{self.tasks[t].name}/{label}" if self.domain_incremental else label
+
+    def memory_keys(self, t: int) -> list[str]:
+        return [self.memory_key(t, label) for label in self.tasks[t].labels]
 
     def class_range(self, t: int) -> tuple[int, int]:
-        """Column range [start, end) of task t's classes in the global label order (O(1))."""
+        """Column range [start, end) of the classes task t adds to the global label order (O(1));
+        with class-disjoint tasks, exactly task t's classes (:meth:`task_columns`)."""
         return self._ranges[t]
 
     def describe(self) -> str:
@@ -104,4 +135,5 @@ def reorder_tasks(stream: Stream, names: list[str], where: str = "data.task_orde
         raise ConfigError(f"{where}: name every task of {stream.name} once"
                           + (f" (missing: {', '.join(missing)})" if missing else " (a task is repeated)"))
     by_name = {t.name: t for t in stream.tasks}
-    return Stream(name=stream.name, kind=stream.kind, rows=stream.rows, tasks=[by_name[n] for n in names])
+    return Stream(name=stream.name, kind=stream.kind, rows=stream.rows, tasks=[by_name[n] for n in names],
+                  metric=stream.metric)

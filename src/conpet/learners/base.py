@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -161,6 +161,10 @@ class Learner:
     def validate_generative(cls, cfg: RunConfig, opts: dict[str, Any]) -> None:
         """Checks a generative (prompt -> target) stream adds to :meth:`validate` (default: none)."""
 
+    @classmethod
+    def validate_domain_incremental(cls, cfg: RunConfig, opts: dict[str, Any]) -> None:
+        """Checks a domain-incremental stream (tasks that share labels) adds (default: none)."""
+
     def learn(self, t: int) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -255,7 +259,7 @@ class OneModuleLearner(Learner):
 
     def grow_head(self, labels: list[str]) -> None:
         """Add head columns for ``labels`` (classification; a generative stream answers through the LM head)."""
-        if not self.ctx.generative:
+        if not self.ctx.generative:  # a label an earlier task brought (domain-incremental) keeps its column
             self.head.grow(labels, self.ctx.torch_gen)
 
     def generate(self, indices: list[int]) -> list[str]:
@@ -346,18 +350,33 @@ class OneModuleLearner(Learner):
 
 def train_module(ctx: Context, model: torch.nn.Module, module: str, loss_fn, batches: list[list[int]], desc: str,
                  task: int, head_params: list[torch.nn.Parameter], extra_groups: list[dict] = (),
-                 dev_score: Callable[[], float] | None = None) -> FitStats:
+                 dev_score: Callable[[], float] | None = None,
+                 activate: Callable[[], None] | None = None, after_step: Sequence[Callable[[int], None]] = (),
+                 pet_frozen: bool = False, epochs: int | None = None) -> FitStats:
     """One fit of PET module ``module`` (+ a head, + a method's own tensors) through the loop,
     with the PET method's own groups, regulariser and step hook; the model is left in eval mode.
-    ``dev_score`` (:func:`dev_scorer`): keep the best epoch on dev rows."""
-    ctx.pet.activate(model, module)
+    ``dev_score`` (:func:`dev_scorer`): keep the best epoch on dev rows. ``activate``: how the
+    forward pass is set up (default: ``module`` alone active; O-LoRA stacks its frozen history).
+    ``after_step``: hooks run after every optimizer step (LAE's EMA). ``pet_frozen``: the module
+    does not train, only the head and extra groups (LAE's warm-up). ``epochs``: how many epochs
+    ``batches`` hold (default ``train.epochs``; where ``dev_score`` looks)."""
+    if activate is None:
+        ctx.pet.activate(model, module)
+    else:
+        activate()
     model.train()
     train = ctx.cfg.train
-    groups, loss_fn, hooks = pet_training(ctx.pet, model, module, train.lr, loss_fn, len(batches), task)
+    if pet_frozen:
+        for p in ctx.pet.parameters(model, module):
+            p.requires_grad_(False)
+        groups, hooks = [], []
+    else:
+        groups, loss_fn, hooks = pet_training(ctx.pet, model, module, train.lr, loss_fn, len(batches), task)
     groups.append({"params": list(head_params), "lr": train.head_lr})
     groups.extend(extra_groups)
     stats = fit(loss_fn, groups, batches, train, ctx.compute, desc=desc, progress=ctx.progress,
-                after_step=hooks, checkpointer=ctx.checkpointer, dev_score=dev_score, epochs=train.epochs)
+                after_step=[*hooks, *after_step], checkpointer=ctx.checkpointer, dev_score=dev_score,
+                epochs=epochs or train.epochs)
     model.eval()
     return stats
 
@@ -415,7 +434,7 @@ def update_memory(ctx: Context, memory: ExemplarMemory, t: int, features) -> Non
     position = {i: k for k, i in enumerate(rows)}
     for label in stream.tasks[t].labels:
         own = [i for i in rows if stream.rows[i].label == label]
-        memory.add_class(label, own, feats[[position[i] for i in own]], seed=ctx.seed)
+        memory.add_class(stream.memory_key(t, label), own, feats[[position[i] for i in own]], seed=ctx.seed)
 
 
 def write_module_meta(ctx: Context, t: int, folder: Path, learner: str, module: str, labels: list[str],

@@ -76,6 +76,13 @@ class DynamicConPET(Learner):
         split_batch(cfg.train.batch_size, opts["new_ratio"])
 
     @classmethod
+    def validate_domain_incremental(cls, cfg, opts) -> None:
+        if opts["top_k"] != 1:
+            raise ConfigError(f"learner_options.top_k: {opts['top_k']} experts of tasks that share labels would fill "
+                              "the same columns; on a domain-incremental stream each input goes to one expert "
+                              "(top_k=1)")
+
+    @classmethod
     def validate_generative(cls, cfg, opts) -> None:
         if opts["top_k"] != 1:
             raise ConfigError(f"learner_options.top_k: {opts['top_k']} experts cannot share one generated answer; "
@@ -154,15 +161,14 @@ class DynamicConPET(Learner):
             head.grow(list(task.labels), self.ctx.torch_gen)
         self.expert_heads.append(head)
         k = min(self.opts["top_k"], t + 1)
-        start = stream.class_range(t)[0]
         score = dev_scorer(self.ctx, self.model, [t], lambda idx: head(self.ctx.features(self.model, idx)),
-                           lambda idx: self.ctx.targets(idx) - start)
+                           lambda idx: self._local_targets(t, idx))
         if k == 1 or t == 0:
             def expert_loss(indices):
                 if self.ctx.generative:
                     return lm_loss(self.ctx.engine, self.model, self.ctx.lm_head, indices)
                 feats = self.ctx.features(self.model, indices)
-                return F.cross_entropy(head(feats), self.ctx.targets(indices) - start)
+                return F.cross_entropy(head(feats), self._local_targets(t, indices))
 
             self.last_fit = train_module(self.ctx, self.model, name, expert_loss, self.ctx.epoch_batches(task.train),
                                          f"{task.name} expert", t, list(head.parameters()), dev_score=score)
@@ -173,6 +179,17 @@ class DynamicConPET(Learner):
         if self.opts["replay_source"] == "memory":
             self.ctx.pet.activate(self.model, name)
             update_memory(self.ctx, self.memory, t, lambda rows: module_features(self.ctx, self.model, rows))
+
+    def _columns(self, t: int) -> torch.Tensor:
+        """Task t's columns in the global label order (its expert head's outputs go there)."""
+        return torch.tensor(self.ctx.stream.task_columns(t), device=self.ctx.device)
+
+    def _local_targets(self, t: int, indices: list[int]) -> torch.Tensor:
+        """Rows' targets as positions among task t's columns (what its expert head predicts)."""
+        lookup = torch.full((len(self.ctx.stream.labels),), -1, dtype=torch.long, device=self.ctx.device)
+        columns = self._columns(t)
+        lookup[columns] = torch.arange(len(columns), device=self.ctx.device)
+        return lookup[self.ctx.targets(indices)]
 
     @torch.no_grad()
     def select(self, indices: list[int], k: int, gold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,15 +233,13 @@ class DynamicConPET(Learner):
         logits = torch.full((len(indices), n_seen), float("-inf"), device=device)
         slots = [(r, j) for r, picks in enumerate(top.tolist()) for j in dict.fromkeys(picks) if j != t]
         for (r, j), values in zip(slots, self._old_expert_logits([(j, indices[r]) for r, j in slots])):
-            lo, hi = stream.class_range(j)
-            logits[r, lo:hi] = values
+            logits[r, self._columns(j)] = values
         rows = (top == t).any(dim=1).nonzero().flatten().tolist()
         self.ctx.pet.activate(self.model, expert_name(t))
-        lo, hi = stream.class_range(t)
         if rows:
             new_logits = self.expert_heads[t](self.ctx.features(self.model, [indices[r] for r in rows])).float()
-            logits = logits.index_put((torch.tensor(rows, device=device)[:, None],
-                                       torch.arange(lo, hi, device=device)[None, :]), new_logits)
+            logits = logits.index_put((torch.tensor(rows, device=device)[:, None], self._columns(t)[None, :]),
+                                      new_logits)
         return F.cross_entropy(logits, self.ctx.targets(indices))
 
     # -- prediction --------------------------------------------------------------------------------
@@ -241,8 +256,7 @@ class DynamicConPET(Learner):
             feats = self._features(indices, modules).float()
             for task in top[:, j].unique().tolist():
                 rows = (top[:, j] == task).nonzero().flatten()
-                lo, hi = stream.class_range(task)
-                out[rows, lo:hi] = self.expert_heads[task](feats[rows]).float()
+                out[rows[:, None], self._columns(task)[None, :]] = self.expert_heads[task](feats[rows]).float()
         return out
 
     def _route(self, indices: list[int]) -> list[str]:

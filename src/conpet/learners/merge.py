@@ -59,6 +59,11 @@ class MergeLearner(OneModuleLearner):
                               "is not a plain LoRA")
         get_merge_method(opts["method"]).check_options(opts["merge_options"])
 
+    @classmethod
+    def validate_domain_incremental(cls, cfg, opts) -> None:
+        raise ConfigError("learner 'merge': its experts' heads are concatenated, one block of classes per task; "
+                          "tasks that share labels (a domain-incremental stream) are not supported yet")
+
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
         self.rank = self.opts["rank"] or ctx.pet.rank

@@ -36,7 +36,7 @@ class ModuleSelector:
 
     def task_ids(self, indices: list[int]) -> torch.Tensor:
         stream = self.ctx.stream
-        return torch.tensor([stream.task_of_label[stream.rows[i].label] for i in indices], device=self.ctx.device)
+        return torch.tensor([stream.task_of_row[i] for i in indices], device=self.ctx.device)
 
     def loss(self, model: torch.nn.Module, indices: list[int]) -> torch.Tensor:
         logits, targets = self.head(self.ctx.features(model, indices)), self.task_ids(indices)

@@ -103,6 +103,14 @@ class LoRA(PeftBacked):
                 layer.lora_A[name].weight.copy_(a)
                 layer.lora_B[name].weight.copy_(b)
 
+    def activate_stacked(self, model: nn.Module, name: str, frozen: list[str]) -> None:
+        """Make ``name`` and the ``frozen`` modules active together, their updates adding up in
+        the forward pass (peft's multi-adapter LoRA); only ``name`` trains."""
+        model.base_model.set_adapter([name, *frozen])
+        for module in frozen:
+            for p in self.tensors(model, module):
+                p.requires_grad_(False)
+
     def resized(self, rank: int) -> "LoRA":
         """A plain LoRA of rank ``rank`` and scaling 1 on the same layers (where merged updates go)."""
         options = {**self.options, "r": rank, "lora_alpha": rank, "use_rslora": False, "use_dora": False}

@@ -46,4 +46,6 @@ def load_benchmark(name: str, max_train_per_class: int | None = None) -> Stream:
     kind = {"typing": "typing", "relation": "relation", "text": "text", "generate": "generate"}[meta["kind"]]
     if kind == "generate":
         groups = [(labels[0], list(labels)) for labels in meta["tasks"]]
-    return build_stream(name, rows, groups, kind, f"{name} meta", max_train_per_class)
+    stream = build_stream(name, rows, groups, kind, f"{name} meta", max_train_per_class)
+    stream.metric = meta.get("metric")
+    return stream

@@ -1,0 +1,172 @@
+"""``o-lora``: orthogonal subspace LoRA (Wang et al. 2023, "Orthogonal Subspace Learning for
+Language Model Continual Learning", official code cmnfriend/O-LoRA).
+
+Each task trains a fresh LoRA (A_t, B_t) while every earlier task's LoRA stays frozen and active:
+the forward pass is ``W0 x + s B_hist A_hist x + s B_t A_t x``. A penalty pushes the new A
+towards orthogonality with every earlier A, so the new update reads input directions the old
+ones do not; no replay, no task id: every input runs through the sum of all LoRAs. The loss of a
+batch, as the official trainer computes it (``uie_trainer_lora.py``)::
+
+    L = L_task + lambda_orth * sum over layers of sum |A_hist A_t^T| + lambda_l2 * sum ||p||_F
+
+(the elementwise-absolute sum of the r_sum x r overlap matrix, an L1 norm; ``||p||_F`` the plain,
+not squared, Frobenius norm of the new A and B). Defaults from the official scripts of the
+Standard CL benchmark orders 1-3: ``lambda_orth`` 0.5, ``lambda_l2`` 0. The penalty is added to
+the mean task loss once per micro-batch, so per optimizer step it is counted once whatever
+``train.grad_accum`` (the official code counts it grad-accum times without DeepSpeed).
+
+**Storage, as the official code.** After task t the new factors are appended to the history:
+``A_hist`` gains A_t's rows, ``B_hist`` gains ``s B_t``'s columns (the scaling folded into B), so
+the history is one plain LoRA of rank ``r (t + 1)`` and scaling 1 whose ``B_hist A_hist`` is
+``s sum_i B_i A_i``: the saved adapter after each task opens in plain peft and is the whole
+model. The next task starts a fresh LoRA (A Kaiming-uniform, B zero: peft's init, as the
+official ``loranew``).
+
+**Cost.** Trainable parameters per task are constant; the stored history and the unmerged
+forward grow linearly with the tasks (rank ``r t``; the history can be merged into the weights
+for inference, ``conpet merge``-style); the penalty is one (r t) x r matmul per layer per step.
+
+Deviations, named: conpet's default targets and confinement apply (every linear layer of the
+top ``train.top_layers`` layers) where the official LLaMA scripts put LoRA on ``q_proj`` and
+``v_proj`` of every layer (``--set pet.options.target_modules=[q_proj,v_proj]
+--set train.top_layers=null`` gives theirs); on classification streams the growing head is
+trained as ``sequential``'s (the official code is generative: T5 / LLaMA answers).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from conpet.errors import ConfigError
+from conpet.learners.base import (Context, OneModuleLearner, load_head, load_module_tensors, register_learner,
+                                  train_module)
+from conpet.learners.options import Option
+from conpet.pet import get_pet_class
+from conpet.runs import adapter_dir
+
+HISTORY = "o-lora"
+"""The frozen history: every finished task's LoRA, concatenated (what answers after each task)."""
+NEW = "o-lora-new"
+"""The LoRA of the task being learned."""
+
+
+@register_learner("o-lora")
+class OLoRA(OneModuleLearner):
+    """O-LoRA: a fresh LoRA per task, orthogonal to the earlier tasks' frozen LoRAs (Wang et al. 2023)."""
+
+    paper = "Wang et al. 2023, Orthogonal Subspace Learning for Language Model Continual Learning"
+    generative = True
+    module_name = HISTORY
+    options = {"lambda_orth": Option(0.5, float, minimum=0.0, help="weight of the orthogonality penalty"),
+               "lambda_l2": Option(0.0, float, minimum=0.0, help="weight of the new LoRA's Frobenius norms")}
+
+    @classmethod
+    def validate(cls, cfg, opts) -> None:
+        options = cfg.pet.options
+        if not get_pet_class(cfg.pet.method).lora_mergeable or options.get("use_dora") or options.get("use_rslora"):
+            raise ConfigError(f"learner 'o-lora' stacks plain LoRA modules (dW = s B A); pet.method "
+                              f"'{cfg.pet.method}' with these options is not one")
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.history_rank = 0
+
+    # -- learning --------------------------------------------------------------------------------------
+    def learn(self, t: int) -> None:
+        ctx, pet = self.ctx, self.ctx.pet
+        task = ctx.stream.tasks[t]
+        torch.manual_seed(int(ctx.rng.integers(2**31)))
+        if self.model is None:
+            self.model = pet.attach(ctx.backbone.model, NEW, ctx.calibration(t))
+        elif NEW not in pet.modules(self.model):
+            pet.add(self.model, NEW, ctx.calibration(t))
+        self.grow_head(list(task.labels))
+        batches = ctx.epoch_batches(task.train)
+        self.last_fit = train_module(ctx, self.model, NEW, self.loss, batches, f"{task.name} o-lora", t,
+                                     list(self.head.parameters()), activate=self.activate_training)
+        self.fold_new_into_history()
+
+    def activate_training(self) -> None:
+        """The new LoRA trains with the frozen history active beside it."""
+        if self.history_rank:
+            self.ctx.pet.activate_stacked(self.model, NEW, [HISTORY])
+        else:
+            self.ctx.pet.activate(self.model, NEW)
+
+    def loss(self, indices: list[int]) -> torch.Tensor:
+        loss, _ = self.objective_loss(indices)
+        return loss + self.penalty()
+
+    def penalty(self) -> torch.Tensor | float:
+        """``lambda_orth * sum |A_hist A_new^T| + lambda_l2 * sum ||p||_F`` over the new LoRA's layers."""
+        pet, model = self.ctx.pet, self.model
+        total = 0.0
+        if self.opts["lambda_orth"] and self.history_rank:
+            history = dict(pet.tuner_layers(model, HISTORY))
+            for path, layer in pet.tuner_layers(model, NEW):
+                a_new = layer.lora_A[NEW].weight.float()
+                a_old = history[path].lora_A[HISTORY].weight.float()
+                total = total + self.opts["lambda_orth"] * (a_old @ a_new.T).abs().sum()
+        if self.opts["lambda_l2"]:
+            for _, layer in pet.tuner_layers(model, NEW):
+                total = total + self.opts["lambda_l2"] * (layer.lora_A[NEW].weight.float().norm()
+                                                          + layer.lora_B[NEW].weight.float().norm())
+        return total
+
+    def fold_new_into_history(self) -> None:
+        """Append the new factors to the history (A rows; ``s B`` columns), drop the new LoRA."""
+        pet, model = self.ctx.pet, self.model
+        config, new = pet.lora_factors(model, NEW)
+        scaling = config["lora_alpha"] / config["r"]
+        if self.history_rank:
+            _, old = pet.lora_factors(model, HISTORY)
+            factors = {k: (torch.cat([old[k][0], a]), torch.cat([old[k][1], scaling * b], dim=1))
+                       for k, (a, b) in new.items()}
+            pet.remove(model, HISTORY)
+        else:
+            factors = {k: (a, scaling * b) for k, (a, b) in new.items()}
+        self.history_rank += config["r"]
+        history_pet = pet.resized(self.history_rank)  # scaling 1: the factors carry it
+        history_pet.add(model, HISTORY)
+        history_pet.set_lora_factors(model, HISTORY, factors)
+        pet.activate(model, HISTORY)
+        pet.remove(model, NEW)
+        for p in pet.tensors(model, HISTORY):
+            p.requires_grad_(False)
+
+    # -- saving and resuming -----------------------------------------------------------------------------
+    def restore(self, run_dir: Path, seed: int) -> None:
+        super().restore(run_dir, seed)
+        folder = adapter_dir(run_dir, seed, self.ctx.stream.tasks[-1].name)
+        self.history_rank = self.model.peft_config[HISTORY].r if folder.is_dir() else 0
+
+    def state(self):
+        tensors, meta = super().state()
+        meta["history_rank"] = self.history_rank
+        return tensors, meta
+
+    def load_state(self, tensors, meta) -> None:
+        pet = self.ctx.pet
+        self.history_rank = meta["history_rank"]
+        for name in meta["modules"]:  # the history has its own rank; the new LoRA the method's
+            maker = pet.resized(self.history_rank) if name == HISTORY else pet
+            if self.model is None:
+                self.model = maker.attach(self.ctx.backbone.model, name)
+            elif name not in pet.modules(self.model):
+                maker.add(self.model, name)
+        if meta["modules"]:
+            load_module_tensors(pet, self.model, meta["modules"], tensors)
+            if HISTORY in meta["modules"]:
+                pet.activate(self.model, HISTORY)
+        self.head = load_head(self.head, {k[5:]: v for k, v in tensors.items() if k.startswith("head/")},
+                              meta["head_labels"])
+
+    def tunable_params(self) -> dict[str, int]:
+        pet = self.ctx.pet
+        stored = pet.count(self.model, HISTORY) if HISTORY in pet.modules(self.model) else 0
+        tasks = max(1, self.history_rank // max(1, pet.rank))
+        head = sum(p.numel() for p in self.head.parameters())
+        return {"pet_params": stored, "pet_params_per_task": stored // tasks, "head_params": head,
+                "tunable_params": stored // tasks + head}
