@@ -272,7 +272,8 @@ def cmd_list(args) -> int:
     elif args.command == "learners":
         for name, cls in sorted(LEARNERS.items()):
             doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
-            print(f"{name:12s} {doc}")
+            paper = cls.paper
+            print(f"{name:12s} {doc}" + (f"\n{'':12s} paper: {paper}" if paper else ""))
     else:
         for name, cls in sorted(PET_METHODS.items()):
             print(f"{name:17s} {cls.paper}")

@@ -136,6 +136,8 @@ class Context:
 
 class Learner:
     name: ClassVar[str] = "?"
+    paper: ClassVar[str] = ""
+    """The method's paper (``conpet learners`` prints it)."""
     generative: ClassVar[bool] = False
     """Whether the learner trains and evaluates generative (prompt -> target) streams."""
     options: ClassVar[dict[str, Option]] = {}

@@ -1,0 +1,274 @@
+"""``crl`` / ``crl*``: consistent representation learning (Zhao et al. 2022, "Consistent
+Representation Learning for Continual Relation Extraction"), as ConPET adapts it (official code
+Raincleared-Song/ConPET, folder ``CRL/``) - ConPET's third former method.
+
+- **Model.** The cloze feature h (the PET-tuned backbone's hidden state at the slot) and a
+  projection ``Linear(d, d) - ReLU - Linear(d, 64)``, its output z L2-normalised. No linear head:
+  prediction is the **nearest class prototype** (squared Euclidean distance on h; a prototype is
+  the mean h of the class's exemplars under the current module).
+- **Supervised contrastive loss against a memory bank** of z (one entry per row of the stage's
+  data, refreshed with the batch's z after every step, no momentum): for a batch row i with
+  label y_i and the bank entries P_i of the same label,
+  ``-1/|P_i| sum_{j in P_i} log(exp(z_i . z_j / tau) / sum_k exp(z_i . z_k / tau))``, tau 0.1,
+  averaged over the rows that have a positive. The bank is subsampled to ``sample_k`` entries
+  (then one entry of every batch label the sample missed is added; the official code redraws
+  until every label is present).
+- **Per task.** Stage 1: the bank holds the new task's rows; ``epochs`` passes over them with the
+  contrastive loss. Exemplars of the new classes by k-means on h (``memory_per_class``). From the
+  second task on, stage 2: the bank holds every exemplar; the contrastive loss plus a **KL
+  distillation** on old-class rows: target ``softmax(10 P_old[y] . P_old^T)`` (normalised
+  prototypes from the end of the previous task), prediction ``log_softmax(10 z . C^T)`` (C: the
+  normalised bank centroids of the old classes in z-space); ``crl`` runs ``epochs`` passes over
+  the exemplars, ``crl*`` ConPET's dynamic replay batches (new rows : old rows 1:1, a fixed number
+  of steps, the shared replay options). Then the new classes' exemplars are chosen again and the
+  prototypes of every seen class recomputed.
+
+Defaults from ``CRL/config.py``: feature dim 64, temperature 0.1, KL temperature 10,
+``sample_k`` 1000 (ConPET's summary says 500 sampled negatives; the config file says 1000).
+Deviations, named: conpet's AdamW settings and ``train.grad_clip`` (the official code clips at 10);
+the projection trains at ``train.head_lr``; no ``+1e-4`` inside the exponent. Classification only:
+a prototype classifier has nothing to say about generated text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from conpet.learners.base import Context, OneModuleLearner, register_learner, train_module, update_memory
+from conpet.learners.options import REPLAY_OPTIONS, Option
+from conpet.replay import ExemplarMemory, replay_schedule, split_batch
+from conpet.runs import adapter_dir
+
+
+class Projection(nn.Module):
+    """``Linear(d, d) - ReLU - Linear(d, dim)``, output L2-normalised (CRL's ``lora_head``)."""
+
+    def __init__(self, hidden: int, dim: int, device) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, dim)).to(device)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(h.float()), dim=-1)
+
+
+def supcon_loss(z: torch.Tensor, labels: torch.Tensor, bank_z: torch.Tensor, bank_labels: torch.Tensor,
+                temperature: float) -> torch.Tensor:
+    """Supervised contrastive loss of batch ``z`` against the bank (positives: same label)."""
+    logits = z @ bank_z.T / temperature
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positive = (labels[:, None] == bank_labels[None, :]).float()
+    count = positive.sum(dim=1)
+    per_row = -(positive * log_prob).sum(dim=1) / count.clamp(min=1)
+    has = count > 0
+    return per_row[has].mean() if bool(has.any()) else z.sum() * 0.0
+
+
+class MomentBank:
+    """z of every row of a stage's data, refreshed with each batch's z (CRL's ``Moment``)."""
+
+    def __init__(self) -> None:
+        self.position: dict[int, int] = {}
+        self.z = torch.zeros(0)
+        self.labels = torch.zeros(0, dtype=torch.long)
+
+    def fill(self, rows: list[int], z: torch.Tensor, labels: torch.Tensor) -> None:
+        self.position = {i: k for k, i in enumerate(rows)}
+        self.z, self.labels = z.detach().clone(), labels.clone()
+
+    def update(self, rows: list[int], z: torch.Tensor) -> None:
+        keep = [(r, self.position[i]) for r, i in enumerate(rows) if i in self.position]
+        if keep:  # out of place: this step's loss still reads the old bank in its backward pass
+            batch, slots = zip(*keep)
+            fresh = self.z.clone()
+            fresh[list(slots)] = z.detach()[list(batch)].to(self.z.dtype)
+            self.z = fresh
+
+    def sample(self, k: int, needed: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """At most ``k`` random entries, plus one of every ``needed`` label the draw missed."""
+        n = len(self.labels)
+        if n <= k:
+            return self.z, self.labels
+        chosen = set(rng.choice(n, size=k, replace=False).tolist())
+        present = set(self.labels[sorted(chosen)].tolist())
+        for label in needed.unique().tolist():
+            if label not in present:
+                where = (self.labels == label).nonzero().flatten().tolist()
+                if where:
+                    chosen.add(int(rng.choice(where)))
+        idx = torch.tensor(sorted(chosen), device=self.z.device)
+        return self.z[idx], self.labels[idx]
+
+    def centroids(self, n_classes: int) -> torch.Tensor:
+        """Normalised mean z of each of the first ``n_classes`` classes (zeros if absent)."""
+        out = torch.zeros(n_classes, self.z.shape[1], device=self.z.device)
+        for c in range(n_classes):
+            mask = self.labels == c
+            if bool(mask.any()):
+                out[c] = self.z[mask].mean(dim=0)
+        return F.normalize(out, dim=-1)
+
+
+class CRL(OneModuleLearner):
+    """CRL as ConPET adapts it: supervised contrastive learning + prototype distillation (Zhao et al. 2022)."""
+
+    paper = "Zhao et al. 2022, Consistent Representation Learning for Continual Relation Extraction"
+    dynamic: ClassVar[bool] = False
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.projection = Projection(ctx.backbone.hidden_size, self.opts["feature_dim"], ctx.device)
+        self.memory = ExemplarMemory(self.opts["memory_per_class"])
+        self.bank = MomentBank()
+        self.prototypes: torch.Tensor | None = None
+        """[seen classes, hidden]: the mean h of each class's exemplars (prediction)."""
+        self.old_prototypes: torch.Tensor | None = None
+
+    @classmethod
+    def validate(cls, cfg, opts) -> None:
+        if cls.dynamic:
+            split_batch(cfg.train.batch_size, opts["new_ratio"])
+
+    # -- learning ------------------------------------------------------------------------------------
+    def learn(self, t: int) -> None:
+        ctx = self.ctx
+        stream, task = ctx.stream, ctx.stream.tasks[t]
+        if self.model is None:
+            self.new_module(t)
+        self.grow_head(list(task.labels))  # bookkeeping of the seen labels (no weights are used)
+        self._fill_bank(list(task.train))
+        self.last_fit = self._train(self.contrastive_loss, ctx.epoch_batches(task.train), f"{task.name} crl", t)
+        update_memory(ctx, self.memory, t, self.raw_features)
+        if t > 0:
+            self.old_prototypes = F.normalize(self.prototypes.float(), dim=-1)
+            exemplars = self.memory.rows([key for j in range(t + 1) for key in stream.memory_keys(j)])
+            if self.dynamic:
+                train = ctx.cfg.train
+                lengths = ctx.encoded.all_lengths if train.length_bucketing else None
+                batches = replay_schedule(stream, t, self.opts, self.memory, train.batch_size, train.epochs,
+                                          ctx.rng, lengths)
+                self._fill_bank(sorted(set(exemplars) | set(task.train)))
+            else:
+                batches = ctx.epoch_batches(exemplars)
+                self._fill_bank(exemplars)
+            self.last_fit = self._train(self.distilled_loss, batches, f"{task.name} crl memory", t)
+            update_memory(ctx, self.memory, t, self.raw_features)
+        self._compute_prototypes(t)
+
+    def _train(self, loss, batches, desc: str, t: int):
+        return train_module(self.ctx, self.model, self.module_name, loss, batches, desc, t,
+                            list(self.projection.parameters()))
+
+    def _fill_bank(self, rows: list[int]) -> None:
+        with torch.no_grad():
+            z = self.projection(self.raw_features(rows))
+        self.bank.fill(rows, z, self.ctx.targets(rows))
+
+    def contrastive_loss(self, indices: list[int]) -> torch.Tensor:
+        z = self.projection(self.ctx.features(self.model, indices))
+        labels = self.ctx.targets(indices)
+        bank_z, bank_labels = self.bank.sample(self.opts["sample_k"], labels, self.ctx.rng)
+        loss = supcon_loss(z, labels, bank_z, bank_labels, self.opts["temperature"])
+        self.bank.update(indices, z)
+        return loss
+
+    def distilled_loss(self, indices: list[int]) -> torch.Tensor:
+        z = self.projection(self.ctx.features(self.model, indices))
+        labels = self.ctx.targets(indices)
+        bank_z, bank_labels = self.bank.sample(self.opts["sample_k"], labels, self.ctx.rng)
+        loss = supcon_loss(z, labels, bank_z, bank_labels, self.opts["temperature"])
+        n_old = self.old_prototypes.shape[0]
+        old = labels < n_old
+        if bool(old.any()):
+            kl_t = self.opts["kl_temperature"]
+            centroids = self.bank.centroids(n_old)
+            prediction = F.log_softmax(kl_t * z[old] @ centroids.T, dim=-1)
+            target = F.softmax(kl_t * self.old_prototypes[labels[old]] @ self.old_prototypes.T, dim=-1)
+            loss = loss + F.kl_div(prediction, target, reduction="batchmean")
+        self.bank.update(indices, z)
+        return loss
+
+    @torch.no_grad()
+    def _compute_prototypes(self, t: int) -> None:
+        stream = self.ctx.stream
+        labels = stream.seen_labels(t)
+        rows = self.memory.rows([key for j in range(t + 1) for key in stream.memory_keys(j)])
+        feats = self.raw_features(rows)
+        targets = self.ctx.targets(rows)
+        protos = torch.zeros(len(labels), feats.shape[1], device=feats.device)
+        for c in range(len(labels)):
+            mask = targets == c
+            if bool(mask.any()):
+                protos[c] = feats[mask].mean(dim=0)
+        self.prototypes = protos
+
+    # -- prediction ----------------------------------------------------------------------------------
+    def logits(self, indices: list[int]) -> torch.Tensor:
+        """Minus the squared Euclidean distance of h to every seen class's prototype."""
+        h = self.ctx.features(self.model, indices).float()
+        return -torch.cdist(h, self.prototypes.float()) ** 2
+
+    # -- saving and resuming ---------------------------------------------------------------------------
+    def save(self, t: int, folder: Path) -> None:
+        super().save(t, folder)
+        save_file({"prototypes": self.prototypes.detach().cpu().contiguous(),
+                   **{f"projection.{k}": v.detach().cpu().contiguous()
+                      for k, v in self.projection.state_dict().items()}}, str(folder / "crl.safetensors"))
+
+    def restore(self, run_dir: Path, seed: int) -> None:
+        super().restore(run_dir, seed)
+        saved = load_file(str(adapter_dir(run_dir, seed, self.ctx.stream.tasks[-1].name) / "crl.safetensors"))
+        self._load_tensors(saved)
+
+    def _load_tensors(self, saved: dict[str, torch.Tensor]) -> None:
+        device = self.ctx.device
+        self.projection.load_state_dict({k[len("projection."):]: v for k, v in saved.items()
+                                         if k.startswith("projection.")})
+        self.prototypes = saved["prototypes"].to(device) if "prototypes" in saved else None
+        self.old_prototypes = saved["old_prototypes"].to(device) if "old_prototypes" in saved else None
+        if "bank_z" in saved:
+            rows = saved["bank_rows"].tolist()
+            self.bank.fill(rows, saved["bank_z"].to(device), saved["bank_labels"].to(device))
+
+    def state(self):
+        tensors, meta = super().state()
+        extra = {f"projection.{k}": v for k, v in self.projection.state_dict().items()}
+        for name in ("prototypes", "old_prototypes"):
+            if getattr(self, name) is not None:
+                extra[name] = getattr(self, name)
+        if self.bank.position:
+            extra["bank_rows"] = torch.tensor(list(self.bank.position), dtype=torch.long)
+            extra["bank_z"], extra["bank_labels"] = self.bank.z, self.bank.labels
+        tensors.update({f"crl/{k}": v for k, v in extra.items()})
+        return tensors, meta
+
+    def load_state(self, tensors, meta) -> None:
+        super().load_state({k: v for k, v in tensors.items() if not k.startswith("crl/")}, meta)
+        self._load_tensors({k[4:]: v for k, v in tensors.items() if k.startswith("crl/")})
+
+    def tunable_params(self) -> dict[str, int]:
+        out = super().tunable_params()
+        projection = sum(p.numel() for p in self.projection.parameters())
+        out["head_params"] = projection
+        out["tunable_params"] = out["pet_params"] + projection
+        return out
+
+
+CRL_OPTIONS = {
+    "feature_dim": Option(64, int, minimum=1, help="dimension of the projection z"),
+    "temperature": Option(0.1, float, minimum=1e-6, help="contrastive temperature"),
+    "kl_temperature": Option(10.0, float, minimum=1e-6, help="prototype-similarity distillation temperature"),
+    "sample_k": Option(1000, int, minimum=1, help="bank entries each contrastive loss reads"),
+}
+
+for _dynamic in (False, True):
+    _name = "crl*" if _dynamic else "crl"
+    register_learner(_name)(type(f"CRL{'Star' if _dynamic else ''}", (CRL,), {
+        "dynamic": _dynamic, "options": {**REPLAY_OPTIONS, **CRL_OPTIONS}, "__module__": __name__,
+        "__doc__": f"{CRL.__doc__} ({'dynamic replay' if _dynamic else 'original schedule'})"}))
