@@ -181,7 +181,7 @@ def test_greedy_decoding_matches_hf_generate_with_and_without_the_adapter(tiny_d
 
 
 # -- every generative learner, end to end --------------------------------------------------------------
-@pytest.mark.parametrize("learner", ["sequential", "joint", "emr*", "ewc*", "l2*", "emr", "lwf", "lwf*", "dynamic", "o-lora", "lae",
+@pytest.mark.parametrize("learner", ["sequential", "joint", "emr*", "ewc*", "l2*", "emr", "lwf", "lwf*", "dynamic", "o-lora", "lae", "fpf", "inflora",
                                      "merge"])
 def test_generative_learners_run_end_to_end(tiny_decoder, gen_data, tmp_path, learner):
     from conpet.runner import run

@@ -26,7 +26,7 @@ from conpet.cli import main
 from conpet.errors import ModelError
 from conpet.runs import recover_interrupted, verify_run
 
-LEARNERS = ["sequential", "ewc*", "lwf", "ea-emr*", "dynamic[top_k=2]", "merge[rank=4]", "o-lora", "lae", "crl*"]
+LEARNERS = ["sequential", "ewc*", "lwf", "ea-emr*", "dynamic[top_k=2]", "merge[rank=4]", "o-lora", "lae", "crl*", "inflora"]
 
 
 def _args(model: Path, data: tuple[Path, Path], out: Path, learner: str) -> list[str]:

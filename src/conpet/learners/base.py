@@ -376,6 +376,9 @@ def train_module(ctx: Context, model: torch.nn.Module, module: str, loss_fn, bat
         groups, loss_fn, hooks = pet_training(ctx.pet, model, module, train.lr, loss_fn, len(batches), task)
     groups.append({"params": list(head_params), "lr": train.head_lr})
     groups.extend(extra_groups)
+    for group in extra_groups:  # a method's own tensors train, even those of a frozen module (FPF)
+        for p in group["params"]:
+            p.requires_grad_(True)
     stats = fit(loss_fn, groups, batches, train, ctx.compute, desc=desc, progress=ctx.progress,
                 after_step=[*hooks, *after_step], checkpointer=ctx.checkpointer, dev_score=dev_score,
                 epochs=epochs or train.epochs)

@@ -1,0 +1,47 @@
+"""FPF: sequential training, then only the forgetting-prone parts (head + the top PET layers)
+fine-tuned on the exemplar buffer."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from conpet.cli import main
+from conpet.config import from_dict
+
+
+def test_only_the_forgetting_prone_parts_change_in_the_fpf_phase(tiny_decoder, typing_data):
+    from conpet.build import build_learner, prepare
+
+    data, tasks = typing_data
+    cfg = from_dict({"model": str(tiny_decoder), "learner": "fpf", "data": {"file": str(data), "tasks": str(tasks)},
+                     "learner_options": {"memory_per_class": 2, "fpf_layers": 1, "fpf_steps": 5},
+                     "train": {"epochs": 1, "batch_size": 4, "lr": 0.01, "precision": "fp32", "top_layers": None}})
+    prepared = prepare(cfg)
+    learner = build_learner(cfg, prepared, seed=0)
+    learner.learn(0)
+    learner.train_task(1)
+    from conpet.learners.base import update_memory
+
+    update_memory(learner.ctx, learner.memory, 1, learner.raw_features)
+    pet = {n: p.detach().clone() for n, p in learner.model.named_parameters() if "lora_" in n}
+    layers = sorted({int(re.search(r"\.layers\.(\d+)\.", n).group(1)) for n in pet})
+    head = learner.head.weight.detach().clone()
+    learner.forgetting_prone_finetune(1)
+    after = {n: p.detach() for n, p in learner.model.named_parameters() if "lora_" in n}
+    changed = {n for n in pet if not torch.equal(pet[n], after[n])}
+    top = f".layers.{layers[-1]}."
+    assert changed and all(top in n for n in changed)  # only the top PET layer moved
+    assert not torch.equal(head, learner.head.weight)  # and the head
+    learner.close()
+
+
+def test_fpf_runs_end_to_end(tiny_encoder, typing_data, tmp_path):
+    data, tasks = typing_data
+    out = tmp_path / "run"
+    assert main(["run", "--model", str(tiny_encoder), "--data", str(data), "--tasks", str(tasks), "--learner",
+                 "fpf[fpf_steps=3]", "--epochs", "1", "--out", str(out), "--no-progress"]) == 0
+    assert main(["verify", str(out)]) == 0
+    assert (Path(out) / "metrics.json").is_file()
