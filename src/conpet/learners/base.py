@@ -386,6 +386,22 @@ def train_module(ctx: Context, model: torch.nn.Module, module: str, loss_fn, bat
     return stats
 
 
+def new_task_loss(ctx: Context, t: int, logits: Callable[[list[int]], torch.Tensor],
+                  lm_loss_fn: Callable[[list[int]], torch.Tensor]) -> Callable[[list[int]], torch.Tensor]:
+    """Cross-entropy over task ``t``'s classes only (the per-task head of LAE and InfLoRA: the
+    columns of its labels in ``logits(rows)``); ``lm_loss_fn`` on a generative stream."""
+    columns = torch.tensor(ctx.stream.task_columns(t), device=ctx.device)
+    local = torch.full((len(ctx.stream.labels),), -1, dtype=torch.long, device=ctx.device)
+    local[columns] = torch.arange(len(columns), device=ctx.device)
+
+    def loss(indices: list[int]) -> torch.Tensor:
+        if ctx.generative:
+            return lm_loss_fn(indices)
+        return F.cross_entropy(logits(indices)[:, columns], local[ctx.targets(indices)])
+
+    return loss
+
+
 def dev_scorer(ctx: Context, model: torch.nn.Module, tasks: list[int], logits: Callable[[list[int]], torch.Tensor],
                targets: Callable[[list[int]], torch.Tensor]) -> Callable[[], float] | None:
     """With ``train.select_on_dev``: a function giving the mean over ``tasks`` of the accuracy of

@@ -35,9 +35,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-from conpet.learners.base import register_learner, train_module
+from conpet.learners.base import new_task_loss, register_learner, train_module
 from conpet.learners.o_lora import HISTORY, NEW, OLoRA
 from conpet.learners.options import Option
 
@@ -117,17 +116,7 @@ class InfLoRA(OLoRA):
 
     def task_loss(self, t: int):
         """Cross-entropy over task t's classes only (its own head); the LM loss on generative streams."""
-        ctx = self.ctx
-        columns = torch.tensor(ctx.stream.task_columns(t), device=ctx.device)
-        local = torch.full((len(ctx.stream.labels),), -1, dtype=torch.long, device=ctx.device)
-        local[columns] = torch.arange(len(columns), device=ctx.device)
-
-        def loss(indices: list[int]) -> torch.Tensor:
-            if ctx.generative:
-                return self.objective_loss(indices)[0]
-            return F.cross_entropy(self.logits(indices)[:, columns], local[ctx.targets(indices)])
-
-        return loss
+        return new_task_loss(self.ctx, t, self.logits, lambda idx: self.objective_loss(idx)[0])
 
     def penalty(self) -> float:
         return 0.0  # InfLoRA has no regulariser: A is designed, not pushed

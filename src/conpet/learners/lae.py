@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from conpet.errors import ConfigError
 from conpet.generation import greedy_generate
 from conpet.inputs import end_token_id
-from conpet.learners.base import Context, OneModuleLearner, register_learner, train_module
+from conpet.learners.base import Context, OneModuleLearner, new_task_loss, register_learner, train_module
 from conpet.learners.options import Option
 from conpet.pet.base import in_module
 from conpet.runs import adapter_dir
@@ -77,15 +77,8 @@ class LAE(OneModuleLearner):
         epochs = ctx.cfg.train.epochs
         # the warm-up trains the head alone: a generative stream has none, so it has no warm-up
         frozen = 0 if t == 0 or ctx.generative else min(epochs, self._freeze_epochs())
-        columns = torch.tensor(ctx.stream.task_columns(t), device=ctx.device)
-        local = torch.full((len(ctx.stream.labels),), -1, dtype=torch.long, device=ctx.device)
-        local[columns] = torch.arange(len(columns), device=ctx.device)
-
-        def loss(indices: list[int]) -> torch.Tensor:
-            if ctx.generative:
-                return self.objective_loss(indices)[0]
-            logits = self.logits_of(self.module_name, indices)[:, columns]  # the new task's logits only
-            return F.cross_entropy(logits, local[ctx.targets(indices)])
+        loss = new_task_loss(ctx, t, lambda idx: self.logits_of(self.module_name, idx),
+                             lambda idx: self.objective_loss(idx)[0])
 
         hooks = [self.ema_step] if self.has_offline else []
         head = list(self.head.parameters())
