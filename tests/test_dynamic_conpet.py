@@ -77,7 +77,7 @@ def test_expert_k1_trains_on_its_own_rows_only(tiny_encoder, typing_data, tmp_pa
     learner = _learner(tiny_encoder, typing_data, tmp_path)
     learner.learn(0)
     learner.learn(1)
-    assert learner.last_fit.samples == 2 * len(learner.ctx.stream.tasks[1].train)
+    assert learner.expert_fit.samples == 2 * len(learner.ctx.stream.tasks[1].train)
 
 
 @pytest.mark.parametrize("learner", ["dynamic", "sequential", "ea-emr*"])

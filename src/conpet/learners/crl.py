@@ -144,6 +144,7 @@ class CRL(OneModuleLearner):
         self.grow_head(list(task.labels))  # bookkeeping of the seen labels (no weights are used)
         self._fill_bank(list(task.train))
         self.last_fit = self._train(self.contrastive_loss, ctx.epoch_batches(task.train), f"{task.name} crl", t)
+        stage_one = self.last_fit
         update_memory(ctx, self.memory, t, self.raw_features)
         if t > 0:
             self.old_prototypes = F.normalize(self.prototypes.float(), dim=-1)
@@ -157,7 +158,7 @@ class CRL(OneModuleLearner):
             else:
                 batches = ctx.epoch_batches(exemplars)
                 self._fill_bank(exemplars)
-            self.last_fit = self._train(self.distilled_loss, batches, f"{task.name} crl memory", t)
+            self.last_fit = stage_one + self._train(self.distilled_loss, batches, f"{task.name} crl memory", t)
             update_memory(ctx, self.memory, t, self.raw_features)
         self._compute_prototypes(t)
 

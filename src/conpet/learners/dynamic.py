@@ -100,6 +100,8 @@ class DynamicConPET(Learner):
         self.last_selection: tuple[torch.Tensor, torch.Tensor] | None = None
         self.routed: dict[int, int] = {}
         """Top-1 task chosen for each row by the current selector (reused by eval_extra)."""
+        self.expert_fit = None
+        """The last task's expert fit alone (``last_fit`` adds the selector's)."""
 
     @property
     def selector_head(self) -> GrowingHead:
@@ -148,9 +150,10 @@ class DynamicConPET(Learner):
         self.routed = {}
         self.selector.head.grow([task.name], self.ctx.torch_gen)
         replay = self.replay_batches(t) if t > 0 else None
+        selector_fit = None
         if t > 0:
             self._new_module(SELECTOR, t)
-            self.selector.train(self.model, replay, f"{task.name} selector", t)
+            selector_fit = self.selector.train(self.model, replay, f"{task.name} selector", t)
             self.versions[SELECTOR] += 1
 
         name = expert_name(t)
@@ -176,6 +179,9 @@ class DynamicConPET(Learner):
             self.last_fit = train_module(self.ctx, self.model, name, lambda idx: self._calibrated_loss(idx, t, k),
                                          replay, f"{task.name} expert (k={k})", t, list(head.parameters()),
                                          dev_score=score)
+        self.expert_fit = self.last_fit
+        if selector_fit is not None:  # the task's training is both fits
+            self.last_fit = selector_fit + self.last_fit
         if self.opts["replay_source"] == "memory":
             self.ctx.pet.activate(self.model, name)
             update_memory(self.ctx, self.memory, t, lambda rows: module_features(self.ctx, self.model, rows))

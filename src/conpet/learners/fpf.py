@@ -23,6 +23,7 @@ tasks); storage: the PET module, the head, the memory's row ids.
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -50,9 +51,11 @@ class FPF(OneModuleLearner):
 
     def learn(self, t: int) -> None:
         self.train_task(t)
+        task_fit = self.last_fit
         update_memory(self.ctx, self.memory, t, self.raw_features)
         if t > 0:
             self.forgetting_prone_finetune(t)
+            self.last_fit = task_fit + self.last_fit
 
     def train_task(self, t: int) -> None:
         """``sequential``'s training on task t's rows."""
@@ -72,11 +75,14 @@ class FPF(OneModuleLearner):
         top = set(indices[-self.opts["fpf_layers"]:])
         return [p for n, p in named if (m := pattern.search(n)) and int(m.group(1)) in top]
 
-    def forgetting_prone_finetune(self, t: int) -> None:
-        """``fpf_steps`` steps on the buffer training only the head and the forgetting-prone PET parameters."""
+    def forgetting_prone_finetune(self, t: int, buffer: list[int] | None = None):
+        """``fpf_steps`` steps on the buffer (default: the memory of tasks 0..t) training only the
+        head and the forgetting-prone PET parameters."""
         ctx = self.ctx
         stream = ctx.stream
-        buffer = np.asarray(self.memory.rows([key for j in range(t + 1) for key in stream.memory_keys(j)]))
+        if buffer is None:
+            buffer = self.memory.rows([key for j in range(t + 1) for key in stream.memory_keys(j)])
+        buffer = np.asarray(buffer)
         size = ctx.cfg.train.batch_size
         batches = [sorted(ctx.rng.choice(buffer, size=min(size, len(buffer)), replace=False).tolist())
                    for _ in range(self.opts["fpf_steps"])]
@@ -85,3 +91,57 @@ class FPF(OneModuleLearner):
                                      f"{stream.tasks[t].name} fpf", t, list(self.head.parameters()),
                                      extra_groups=[{"params": prone, "lr": ctx.cfg.train.lr}], pet_frozen=True,
                                      epochs=1)
+        return self.last_fit
+
+
+@register_learner("k-fpf")
+class KFPF(FPF):
+    """k-FPF: training on the current rows only, with FPF k times over the stream at fixed step intervals (Zhao et al. 2023)."""
+
+    options = {**FPF.options, "k": Option(10, int, minimum=1, help="FPF phases over the whole stream")}
+
+    def planned_steps(self) -> list[int]:
+        """Training steps of each task of the stream (``epochs`` passes over its rows)."""
+        train = self.ctx.cfg.train
+        return [train.epochs * math.ceil(len(task.train) / train.batch_size) for task in self.ctx.stream.tasks]
+
+    def triggers_in(self, t: int, n_steps: int) -> list[int]:
+        """Positions (steps into task t) after which an FPF phase runs."""
+        planned = self.planned_steps()
+        total, start = sum(planned), sum(planned[:t])
+        points = [round(total * (q + 1) / self.opts["k"]) for q in range(self.opts["k"])]
+        return sorted({p - start for p in points if start < p <= start + n_steps})
+
+    def learn(self, t: int) -> None:
+        ctx = self.ctx
+        task = ctx.stream.tasks[t]
+        if self.model is None:
+            self.new_module(t)
+        self.grow_head(list(task.labels))
+        batches = ctx.epoch_batches(task.train)
+        triggers = self.triggers_in(t, len(batches))
+        fits, done = [], 0
+        for cut in sorted({*triggers, len(batches)}):
+            if cut > done:
+                fits.append(train_module(ctx, self.model, self.module_name, self.loss, batches[done:cut],
+                                         f"{task.name} train", t, list(self.head.parameters()), epochs=1))
+            if cut in triggers:
+                buffer = self.buffer(t, [i for batch in batches[:cut] for i in batch])
+                if buffer:
+                    fits.append(self.forgetting_prone_finetune(t, buffer))
+            done = cut
+        self.last_fit = sum(fits[1:], fits[0])
+        update_memory(ctx, self.memory, t, self.raw_features)
+
+    def buffer(self, t: int, seen: list[int]) -> list[int]:
+        """The earlier tasks' exemplars + up to ``memory_per_class`` random seen rows per class of task t."""
+        stream = self.ctx.stream
+        rows = self.memory.rows([key for j in range(t) for key in stream.memory_keys(j)])
+        by_label: dict[str, list[int]] = {}
+        for i in dict.fromkeys(seen):
+            by_label.setdefault(stream.rows[i].label, []).append(i)
+        for label in sorted(by_label):
+            own = by_label[label]
+            keep = self.ctx.rng.choice(len(own), size=min(len(own), self.opts["memory_per_class"]), replace=False)
+            rows.extend(own[k] for k in sorted(keep.tolist()))
+        return rows

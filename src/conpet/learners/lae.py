@@ -82,13 +82,16 @@ class LAE(OneModuleLearner):
 
         hooks = [self.ema_step] if self.has_offline else []
         head = list(self.head.parameters())
+        fits = []
         if frozen:
-            train_module(ctx, self.model, self.module_name, loss, ctx.epoch_batches(task.train, frozen),
-                         f"{task.name} lae warm-up", t, head, after_step=hooks, pet_frozen=True, epochs=frozen)
+            fits.append(train_module(ctx, self.model, self.module_name, loss, ctx.epoch_batches(task.train, frozen),
+                                     f"{task.name} lae warm-up", t, head, after_step=hooks, pet_frozen=True,
+                                     epochs=frozen))
         if epochs - frozen:
-            self.last_fit = train_module(ctx, self.model, self.module_name, loss,
-                                         ctx.epoch_batches(task.train, epochs - frozen), f"{task.name} lae", t,
-                                         head, after_step=hooks, epochs=epochs - frozen)
+            fits.append(train_module(ctx, self.model, self.module_name, loss,
+                                     ctx.epoch_batches(task.train, epochs - frozen), f"{task.name} lae", t,
+                                     head, after_step=hooks, epochs=epochs - frozen))
+        self.last_fit = sum(fits[1:], fits[0])
 
     def _freeze_epochs(self) -> int:
         given = self.opts["freeze_epochs"]

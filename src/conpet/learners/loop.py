@@ -52,6 +52,11 @@ class FitStats:
         tail = self.losses[-20:]
         return sum(tail) / len(tail) if tail else float("nan")
 
+    def __add__(self, other: "FitStats") -> "FitStats":
+        """Two fits of one task as one (steps, seconds, samples summed; losses in order)."""
+        return FitStats(self.steps + other.steps, self.seconds + other.seconds, self.samples + other.samples,
+                        self.losses + other.losses, other.best or self.best)
+
 
 def pet_training(pet, model, name: str, lr: float, loss_fn: Callable[[list[int]], torch.Tensor],
                  total_steps: int, task: int) -> tuple[list[dict], Callable[[list[int]], torch.Tensor],
