@@ -259,6 +259,15 @@ class OneModuleLearner(Learner):
             loss = loss + plugin.extra_loss(indices, logits)
         return loss
 
+    def begin_task(self, t: int):
+        """The start every one-module learner shares: the module made at the first task, head
+        columns for task ``t``'s labels; returns the task."""
+        if self.model is None:
+            self.new_module(t)
+        task = self.ctx.stream.tasks[t]
+        self.grow_head(list(task.labels))
+        return task
+
     def grow_head(self, labels: list[str]) -> None:
         """Add head columns for ``labels`` (classification; a generative stream answers through the LM head)."""
         if not self.ctx.generative:  # a label an earlier task brought (domain-incremental) keeps its column

@@ -138,10 +138,8 @@ class CRL(OneModuleLearner):
     # -- learning ------------------------------------------------------------------------------------
     def learn(self, t: int) -> None:
         ctx = self.ctx
-        stream, task = ctx.stream, ctx.stream.tasks[t]
-        if self.model is None:
-            self.new_module(t)
-        self.grow_head(list(task.labels))  # bookkeeping of the seen labels (no weights are used)
+        stream = ctx.stream
+        task = self.begin_task(t)  # the head's columns only keep the seen labels (its weights are unused)
         self._fill_bank(list(task.train))
         self.last_fit = self._train(self.contrastive_loss, ctx.epoch_batches(task.train), f"{task.name} crl", t)
         stage_one = self.last_fit

@@ -59,10 +59,7 @@ class FPF(OneModuleLearner):
 
     def train_task(self, t: int) -> None:
         """``sequential``'s training on task t's rows."""
-        if self.model is None:
-            self.new_module(t)
-        task = self.ctx.stream.tasks[t]
-        self.grow_head(list(task.labels))
+        task = self.begin_task(t)
         self.train_on(task.train, f"{task.name} train", t)
 
     def forgetting_prone(self) -> list[torch.nn.Parameter]:
@@ -114,10 +111,7 @@ class KFPF(FPF):
 
     def learn(self, t: int) -> None:
         ctx = self.ctx
-        task = ctx.stream.tasks[t]
-        if self.model is None:
-            self.new_module(t)
-        self.grow_head(list(task.labels))
+        task = self.begin_task(t)
         batches = ctx.epoch_batches(task.train)
         triggers = self.triggers_in(t, len(batches))
         fits, done = [], 0

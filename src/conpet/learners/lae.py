@@ -67,10 +67,7 @@ class LAE(OneModuleLearner):
     # -- learning --------------------------------------------------------------------------------------
     def learn(self, t: int) -> None:
         ctx = self.ctx
-        task = ctx.stream.tasks[t]
-        if self.model is None:
-            self.new_module(t)
-        self.grow_head(list(task.labels))
+        task = self.begin_task(t)
         if t == 1 and not self.has_offline:
             ctx.pet.copy(self.model, self.module_name, OFFLINE)
             self.has_offline = True

@@ -16,8 +16,5 @@ class Sequential(OneModuleLearner):
     generative = True
 
     def learn(self, t: int) -> None:
-        if self.model is None:
-            self.new_module(t)
-        task = self.ctx.stream.tasks[t]
-        self.grow_head(list(task.labels))
+        task = self.begin_task(t)
         self.train_on(task.train, f"{task.name} train", t)

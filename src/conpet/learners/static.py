@@ -106,10 +106,7 @@ class StaticConPET(OneModuleLearner):
                                self.ctx.rng, lengths)
 
     def learn(self, t: int) -> None:
-        if self.model is None:
-            self.new_module(t)
-        task = self.ctx.stream.tasks[t]
-        self.grow_head(list(task.labels))
+        task = self.begin_task(t)
         for plugin in self.plugins:
             plugin.before_task(t)
         if t > 0 and self.dynamic:
