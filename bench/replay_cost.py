@@ -13,7 +13,9 @@ Runs, one after the other in this process on the same machine:
   trains on the replay schedule; the work of a step must not grow with the number of old tasks.
 
 Prints training seconds for t = 1..T and the ratio task T / task 2 for each; the ConPET claim is
-that the ``*`` schedule and Dynamic ConPET stay flat (within 15%). ``--learners`` picks a subset. Both learners run in one process on one loaded
+that the ``*`` schedule and Dynamic ConPET stay flat (within 15%). The literature's learners
+(``o-lora``, ``inflora``, ``lae``, ``crl``, ``crl*``, ``fpf``, ``k-fpf``) can be added; for those
+whose steps follow the task's size a second table gives milliseconds per training row. ``--learners`` picks a subset. Both learners run in one process on one loaded
 backbone; with ``--top-layers`` the lower-layer cache is built for every training row before
 any timing starts, so neither learner pays for it.
 """
@@ -44,7 +46,8 @@ def main() -> None:
     p.add_argument("--all-linear", action="store_true", help="LoRA on every linear layer (peft's all-linear)")
     p.add_argument("--max-train-per-class", type=int, default=None)
     p.add_argument("--learners", default="emr*,emr,dynamic,dynamic-k2",
-                   help="comma-separated subset of: emr*, emr, dynamic, dynamic-k2")
+                   help="comma-separated subset of: emr*, emr, dynamic, dynamic-k2, sequential, o-lora, inflora, lae, crl, "
+                        "crl*, fpf, k-fpf")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     # a fixed number of steps per task (the wordnet-typing tasks have 3 or 4 classes, so the
@@ -56,6 +59,14 @@ def main() -> None:
         "dynamic": ("dynamic k=1", {"learner": "dynamic", "learner_options": {"steps_per_task": steps}}),
         "dynamic-k2": ("dynamic k=2", {"learner": "dynamic", "learner_options": {"steps_per_task": steps,
                                                                                     "top_k": 2}}),
+        "sequential": ("sequential", {"learner": "sequential"}),
+        "o-lora": ("o-lora", {"learner": "o-lora"}),
+        "inflora": ("inflora", {"learner": "inflora"}),
+        "lae": ("lae", {"learner": "lae"}),
+        "crl": ("crl", {"learner": "crl"}),
+        "crl*": ("crl* (dynamic replay)", {"learner": "crl*", "learner_options": {"steps_per_task": steps}}),
+        "fpf": ("fpf", {"learner": "fpf"}),
+        "k-fpf": ("k-fpf", {"learner": "k-fpf"}),
     }
     configs = dict(known[name.strip()] for name in args.learners.split(","))
     base = from_dict({"model": args.model, "train": {"epochs": args.epochs, "top_layers": args.top_layers},
@@ -80,6 +91,13 @@ def main() -> None:
     if T >= 10:
         print("10/5  " + "  ".join(f"{r['train_seconds'][9] / r['train_seconds'][4]:24.2f}" for r in results.values()))
     print("avg acc" + "  ".join(f"{100 * r['average_accuracy']:23.2f}%" for r in results.values()))
+    # learners whose steps follow the task's size (o-lora, lae, fpf...): the cost of a training row
+    print("\nmilliseconds per training row (seconds / rows trained on, the task's size factored out)")
+    for t in range(T):
+        print(f"{t + 1:4d}  " + "  ".join(f"{1000 * r['train_seconds'][t] / max(1, r['train_samples'][t]):24.2f}"
+                                          for r in results.values()))
+    per_row = [[s / max(1, n) for s, n in zip(r["train_seconds"], r["train_samples"])] for r in results.values()]
+    print("T/2   " + "  ".join(f"{row[-1] / row[1]:24.2f}" for row in per_row))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")

@@ -150,6 +150,11 @@ def autocast(precision: str, device: torch.device | str = "cpu"):
     return contextlib.nullcontext()
 
 
+def full_precision(device: torch.device | str = "cpu"):
+    """A region where autocast is off (statistics that must be fp32, e.g. InfLoRA's covariances)."""
+    return torch.autocast(torch.device(device).type, enabled=False)
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """True for a device out-of-memory error (CUDA, MPS, or the CPU allocator's)."""
     if isinstance(error, torch.OutOfMemoryError):

@@ -36,6 +36,7 @@ import math
 
 import torch
 
+from conpet.device import full_precision
 from conpet.learners.base import new_task_loss, register_learner, train_module
 from conpet.learners.o_lora import HISTORY, NEW, OLoRA
 from conpet.learners.options import Option
@@ -135,7 +136,7 @@ class InfLoRA(OLoRA):
             def record(_module, inputs):
                 x = inputs[0].detach()
                 keep = mask_now[0][:, : x.shape[1]].bool()
-                with torch.autocast(x.device.type, enabled=False):  # the covariance in fp32
+                with full_precision(x.device):  # the covariance in fp32
                     flat = x[keep].float()
                     total = flat.T @ flat
                 sums[path] = total if sums[path] is None else sums[path] + total
