@@ -56,6 +56,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("runs/generative-table"))
     ap.add_argument("--record", type=Path, default=Path("bench/results/generative-freedict-smollm2.json"))
+    ap.add_argument("--report", action="store_true", help="print the table of what the record holds; run nothing")
     args = ap.parse_args()
     setup = {"model": args.model, "benchmark": args.benchmark, "epochs": args.epochs,
              "max_new_tokens": args.max_new_tokens}
@@ -63,6 +64,9 @@ def main() -> int:
     if any(record.get(k) != v for k, v in setup.items()):
         raise SystemExit(f"{args.record}: records another setup; pass --record with a new file")
     learners = args.learners.split(",")
+    if args.report:
+        print_table(record, learners)
+        return 0
     base = {"model": args.model, "data": {"benchmark": args.benchmark, "max_new_tokens": args.max_new_tokens},
             "train": {"epochs": args.epochs, "threads": args.threads}}
     prepared = None
