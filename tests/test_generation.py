@@ -286,3 +286,14 @@ def test_dynamic_routes_each_prompt_to_one_generating_expert(tiny_decoder, gen_d
     out = predict(tmp_path / "run", [Row(text="Plural of cat?", label="?")])
     assert out[0]["tasks"][0] in ("plural", "upper") and len(out[0]["tasks"]) == 1
     assert 0 <= out[0]["selector_confidence"][0] <= 1
+
+
+def test_generative_dynamic_and_lae_run_in_bf16(tiny_decoder, gen_data, tmp_path):
+    """The routing pass of Dynamic ConPET and LAE's ensemble run under the run's autocast, with
+    the frozen weights stored in bf16 (a selector pass outside autocast was a dtype error)."""
+    from conpet.runner import run
+
+    for learner in ("dynamic", "lae"):
+        cfg = _cfg(tiny_decoder, gen_data, tmp_path / learner, learner, precision="bf16")
+        metrics = run(cfg, progress=False)
+        assert metrics["precision"] == "bf16" and len(metrics["accuracy_matrix"]) == 2

@@ -267,7 +267,8 @@ class DynamicConPET(Learner):
 
     def _route(self, indices: list[int]) -> list[str]:
         """Top-1 expert of each row (remembered for :meth:`eval_extra` and ``last_selection``)."""
-        top, probs = self.select(indices, 1)
+        with self.ctx.compute.autocast():  # generation calls it outside the evaluation's autocast
+            top, probs = self.select(indices, 1)
         self.last_selection = (top, probs)
         self.routed.update(zip(indices, top[:, 0].tolist()))
         return [expert_name(int(j)) for j in top[:, 0]]
