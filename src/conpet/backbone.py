@@ -335,13 +335,17 @@ def cast_frozen_linears(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -
     return n
 
 
+def last_hidden(out) -> torch.Tensor:
+    """The last layer's hidden states of a base-model forward (a ``ModelOutput`` or a tuple)."""
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
 def cloze_features(model: nn.Module, batch: dict[str, torch.Tensor], **forward_kwargs) -> torch.Tensor:
     """Hidden state of the last layer at each row's cloze position: [batch, hidden].
 
     ``forward_kwargs`` go to the model (e.g. peft's per-row ``adapter_names``). Positions that a
     prompt method prepends (the output is longer than the input) shift the cloze position."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **forward_kwargs)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    hidden = last_hidden(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **forward_kwargs))
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     # a prompt method (prompt tuning, P-tuning, DePT) prepends its virtual tokens to the sequence
     shift = hidden.shape[1] - batch["input_ids"].shape[1]

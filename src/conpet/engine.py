@@ -21,7 +21,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from conpet.backbone import Backbone, cloze_features
+from conpet.backbone import Backbone, cloze_features, last_hidden
 from conpet.device import Compute, as_compute, shrink_on_oom
 from conpet.errors import ConfigError
 from conpet.families import family_of
@@ -160,8 +160,8 @@ class FeatureEngine:
         a language-model loss reads at every target position. The lower layers come from the cache."""
         if self.split is None or self.split == 0:
             batch = self.batch(indices)
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **forward_kwargs)
-            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+            hidden = last_hidden(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       **forward_kwargs))
             return hidden[:, hidden.shape[1] - batch["input_ids"].shape[1]:]
         self._ensure(indices)
         seqs = [self.cache[i] for i in indices]
@@ -200,7 +200,7 @@ class FeatureEngine:
         finally:
             for obj, name, old in reversed(saved):
                 setattr(obj, name, old)
-        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return last_hidden(out)
 
     @torch.no_grad()
     def _lower(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conpet.backbone import last_hidden
 from conpet.device import Compute
 from conpet.engine import FeatureEngine
 
@@ -95,9 +96,8 @@ def greedy_generate(model: nn.Module, lm_head: nn.Module, prompts: Sequence[Sequ
     step_ids, step_pos = ids, positions
     with compute.autocast():  # one region for every step: autocast's cast cache lives across steps
         for _ in range(max_new_tokens):
-            hidden = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
-                           **{cache_key: cache}, **forward_kwargs)
-            hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
+            hidden = last_hidden(model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
+                                       use_cache=True, **{cache_key: cache}, **forward_kwargs))
             logits = lm_head(hidden[:, -1]).float()
             if ensemble > 1:
                 probs = logits.softmax(dim=-1).view(ensemble, n // ensemble, -1).amax(dim=0)
@@ -116,6 +116,17 @@ def greedy_generate(model: nn.Module, lm_head: nn.Module, prompts: Sequence[Sequ
     return out[: n // ensemble]
 
 
+def right_padded(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as a right-padded batch: ``input_ids`` and ``attention_mask`` [len(seqs), longest]."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(list(s), device=device)
+        mask[r, : len(s)] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, lm_head: nn.Module, chunks: Sequence[Sequence[int]], compute: Compute,
                batch_size: int = 8) -> float:
@@ -127,16 +138,9 @@ def perplexity(model: nn.Module, lm_head: nn.Module, chunks: Sequence[Sequence[i
         batch = [list(c) for c in chunks[start:start + batch_size] if len(c) > 1]
         if not batch:
             continue
-        width = max(len(c) for c in batch)
-        ids = torch.zeros((len(batch), width), dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for r, c in enumerate(batch):
-            ids[r, : len(c)] = torch.tensor(c, device=device)
-            mask[r, : len(c)] = 1
+        ids, mask = right_padded(batch, 0, device)
         with compute.autocast():
-            out = model(input_ids=ids, attention_mask=mask)
-            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-            logits = lm_head(hidden[:, :-1]).float()
+            logits = lm_head(last_hidden(model(input_ids=ids, attention_mask=mask))[:, :-1]).float()
         nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
         keep = mask[:, 1:].bool()
         total += float(nll[keep].sum())

@@ -9,6 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from conpet.data.stream import Stream
+
 
 class GrowingHead(nn.Module):
     """``logits = features @ weight.T + bias`` over the labels added so far (in arrival order).
@@ -62,3 +64,13 @@ def concat_heads(heads: list[GrowingHead], hidden_size: int) -> GrowingHead:
     out.bias = torch.nn.Parameter(torch.cat([h.bias.detach() for h in heads]))
     out.labels = [label for h in heads for label in h.labels]
     return out
+
+
+def task_targets(stream: Stream, t: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Task ``t``'s columns in ``stream``'s global label order, and the lookup from a global target
+    to its position among them (-1 for the other classes): what a head over task ``t``'s classes
+    predicts (a per-task head of Dynamic ConPET, LAE, InfLoRA)."""
+    columns = torch.tensor(stream.task_columns(t), device=device)
+    local = torch.full((len(stream.labels),), -1, dtype=torch.long, device=device)
+    local[columns] = torch.arange(len(columns), device=device)
+    return columns, local

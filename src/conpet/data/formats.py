@@ -394,6 +394,25 @@ def _assign_splits(rows: list[Row], seed: int) -> list[Row]:
     return [replace(r, split=split_of[i]) for i, r in enumerate(rows)]
 
 
+def _index_rows(rows: list[Row], tasks: list[Task], task_of, class_of, max_train_per_class: int | None) -> None:
+    """Append every row's index to its task's split (``task_of(row)``: the task's position),
+    keeping at most ``max_train_per_class`` training rows per ``class_of(row)``."""
+    per_class_train: dict = {}
+    for i, r in enumerate(rows):
+        if r.split == "train" and max_train_per_class is not None:
+            key = class_of(r)
+            if per_class_train.get(key, 0) >= max_train_per_class:
+                continue
+            per_class_train[key] = per_class_train.get(key, 0) + 1
+        tasks[task_of(r)].split(r.split).append(i)
+
+
+def _require_train_and_test(task: Task, task_source: str) -> None:
+    for split in ("train", "test"):
+        if not task.split(split):
+            raise DataError(f"{task_source}: task '{task.name}' has no {split} rows")
+
+
 def build_task_stream(name: str, rows: list[Row], task_names: list[str], kind: str, task_source: str,
                       max_train_per_class: int | None = None, seed: int = 0) -> Stream:
     """A stream whose rows name their task (field ``task``): each task holds its rows, its labels
@@ -405,18 +424,9 @@ def build_task_stream(name: str, rows: list[Row], task_names: list[str], kind: s
     for r in rows:
         labels[position[r.task]].setdefault(r.label)
     tasks = [Task(name=n, labels=tuple(labels[t])) for t, n in enumerate(task_names)]
-    per_class_train: dict[tuple[str, str], int] = {}
-    for i, r in enumerate(rows):
-        if r.split == "train" and max_train_per_class is not None:
-            key = (r.task, r.label)
-            if per_class_train.get(key, 0) >= max_train_per_class:
-                continue
-            per_class_train[key] = per_class_train.get(key, 0) + 1
-        tasks[position[r.task]].split(r.split).append(i)
+    _index_rows(rows, tasks, lambda r: position[r.task], lambda r: (r.task, r.label), max_train_per_class)
     for task in tasks:
-        for split in ("train", "test"):
-            if not task.split(split):
-                raise DataError(f"{task_source}: task '{task.name}' has no {split} rows")
+        _require_train_and_test(task, task_source)
         tested = {rows[i].label for i in task.test}
         untested = [label for label in task.labels if label not in tested]
         if untested:
@@ -444,22 +454,13 @@ def build_stream(name: str, rows: list[Row], groups: list[tuple[str, list[str]]]
         rows = _assign_splits(rows, seed)
     index = {label: t for t, (_, labels) in enumerate(groups) for label in labels}
     tasks = [Task(name=n, labels=tuple(labels)) for n, labels in groups]
-    per_class_train: dict[str, int] = {}
-    for i, r in enumerate(rows):
-        task = tasks[index[r.label]]
-        if r.split == "train" and max_train_per_class is not None:
-            if per_class_train.get(r.label, 0) >= max_train_per_class:
-                continue
-            per_class_train[r.label] = per_class_train.get(r.label, 0) + 1
-        task.split(r.split).append(i)
+    _index_rows(rows, tasks, lambda r: index[r.label], lambda r: r.label, max_train_per_class)
     present = {r.label for r in rows}
     for task in tasks:
         empty = [label for label in task.labels if label not in present]
         if empty:
             raise DataError(f"{task_source}: task '{task.name}' label '{empty[0]}' has no rows in the data")
-        for split in ("train", "test"):
-            if not task.split(split):
-                raise DataError(f"{task_source}: task '{task.name}' has no {split} rows")
+        _require_train_and_test(task, task_source)
     in_test = {rows[i].label for task in tasks for i in task.test}
     in_train = {rows[i].label for task in tasks for i in task.train}
     untested = [label for task in tasks for label in task.labels if label in in_train and label not in in_test]

@@ -111,6 +111,10 @@ class Stream:
     def memory_keys(self, t: int) -> list[str]:
         return [self.memory_key(t, label) for label in self.tasks[t].labels]
 
+    def memory_keys_through(self, t: int) -> list[str]:
+        """The memory classes of tasks 0..t (none for t < 0)."""
+        return [key for j in range(t + 1) for key in self.memory_keys(j)]
+
     def class_range(self, t: int) -> tuple[int, int]:
         """Column range [start, end) of the classes task t adds to the global label order (O(1));
         with class-disjoint tasks, exactly task t's classes (:meth:`task_columns`)."""

@@ -26,7 +26,7 @@ from conpet.device import Compute, shrink_on_oom
 from conpet.errors import ConfigError
 from conpet.engine import FeatureEngine
 from conpet.generation import greedy_generate, perplexity, target_tokens, token_logits
-from conpet.heads import GrowingHead
+from conpet.heads import GrowingHead, task_targets
 from conpet.inputs import Encoded, end_token_id, length_bucketed_batches, sorted_batches
 from conpet.learners.loop import FitStats, fit, pet_training, predict
 from conpet.learners.options import Option, check_options
@@ -399,9 +399,7 @@ def new_task_loss(ctx: Context, t: int, logits: Callable[[list[int]], torch.Tens
                   lm_loss_fn: Callable[[list[int]], torch.Tensor]) -> Callable[[list[int]], torch.Tensor]:
     """Cross-entropy over task ``t``'s classes only (the per-task head of LAE and InfLoRA: the
     columns of its labels in ``logits(rows)``); ``lm_loss_fn`` on a generative stream."""
-    columns = torch.tensor(ctx.stream.task_columns(t), device=ctx.device)
-    local = torch.full((len(ctx.stream.labels),), -1, dtype=torch.long, device=ctx.device)
-    local[columns] = torch.arange(len(columns), device=ctx.device)
+    columns, local = task_targets(ctx.stream, t, ctx.device)
 
     def loss(indices: list[int]) -> torch.Tensor:
         if ctx.generative:

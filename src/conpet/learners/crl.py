@@ -146,7 +146,7 @@ class CRL(OneModuleLearner):
         update_memory(ctx, self.memory, t, self.raw_features)
         if t > 0:
             self.old_prototypes = F.normalize(self.prototypes.float(), dim=-1)
-            exemplars = self.memory.rows([key for j in range(t + 1) for key in stream.memory_keys(j)])
+            exemplars = self.memory.rows(stream.memory_keys_through(t))
             if self.dynamic:
                 train = ctx.cfg.train
                 lengths = ctx.encoded.all_lengths if train.length_bucketing else None
@@ -197,7 +197,7 @@ class CRL(OneModuleLearner):
     def _compute_prototypes(self, t: int) -> None:
         stream = self.ctx.stream
         labels = stream.seen_labels(t)
-        rows = self.memory.rows([key for j in range(t + 1) for key in stream.memory_keys(j)])
+        rows = self.memory.rows(stream.memory_keys_through(t))
         feats = self.raw_features(rows)
         targets = self.ctx.targets(rows)
         protos = torch.zeros(len(labels), feats.shape[1], device=feats.device)

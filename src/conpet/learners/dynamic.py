@@ -35,16 +35,16 @@ official code's: the new expert starts from the selector module just trained for
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from conpet.backbone import last_hidden
 from conpet.errors import ConfigError
-from conpet.generation import lm_loss, perplexity
-from conpet.heads import GrowingHead
+from conpet.generation import lm_loss, perplexity, right_padded
+from conpet.heads import GrowingHead, task_targets
 from conpet.learners.base import (Context, Learner, dev_scorer, head_tensors, load_expert_heads, load_head,
                                   load_module_tensors, module_features, module_tensors, register_learner, train_module,
                                   update_memory, write_module_meta)
@@ -102,6 +102,7 @@ class DynamicConPET(Learner):
         """Top-1 task chosen for each row by the current selector (reused by eval_extra)."""
         self.expert_fit = None
         """The last task's expert fit alone (``last_fit`` adds the selector's)."""
+        self.task_target_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def selector_head(self) -> GrowingHead:
@@ -186,16 +187,19 @@ class DynamicConPET(Learner):
             self.ctx.pet.activate(self.model, name)
             update_memory(self.ctx, self.memory, t, lambda rows: module_features(self.ctx, self.model, rows))
 
+    def _task_targets(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`conpet.heads.task_targets` of task t, built once per task (read every step)."""
+        if t not in self.task_target_cache:
+            self.task_target_cache[t] = task_targets(self.ctx.stream, t, self.ctx.device)
+        return self.task_target_cache[t]
+
     def _columns(self, t: int) -> torch.Tensor:
         """Task t's columns in the global label order (its expert head's outputs go there)."""
-        return torch.tensor(self.ctx.stream.task_columns(t), device=self.ctx.device)
+        return self._task_targets(t)[0]
 
     def _local_targets(self, t: int, indices: list[int]) -> torch.Tensor:
         """Rows' targets as positions among task t's columns (what its expert head predicts)."""
-        lookup = torch.full((len(self.ctx.stream.labels),), -1, dtype=torch.long, device=self.ctx.device)
-        columns = self._columns(t)
-        lookup[columns] = torch.arange(len(columns), device=self.ctx.device)
-        return lookup[self.ctx.targets(indices)]
+        return self._task_targets(t)[1][self.ctx.targets(indices)]
 
     @torch.no_grad()
     def select(self, indices: list[int], k: int, gold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,15 +304,9 @@ class DynamicConPET(Learner):
             size = ctx.cfg.train.eval_batch_size
             for start in range(0, len(chunks), size):
                 batch = chunks[start:start + size]
-                width = max(len(c) for c in batch)
-                ids = torch.full((len(batch), width), ctx.backbone.pad_id, dtype=torch.long, device=ctx.device)
-                mask = torch.zeros_like(ids)
-                for r, c in enumerate(batch):
-                    ids[r, : len(c)] = torch.tensor(c, device=ctx.device)
-                    mask[r, : len(c)] = 1
+                ids, mask = right_padded(batch, ctx.backbone.pad_id, ctx.device)
                 with ctx.compute.autocast():
-                    out = model(input_ids=ids, attention_mask=mask)
-                    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+                    hidden = last_hidden(model(input_ids=ids, attention_mask=mask))
                     last = hidden[torch.arange(len(batch), device=ctx.device), mask.sum(1) - 1]
                     picks[start:start + len(batch)] = self.selector.head(last).float().argmax(-1).tolist()
         log_ppl, tokens = 0.0, 0

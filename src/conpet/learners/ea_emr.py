@@ -90,9 +90,9 @@ class EAEMR(EMR):
         or the new task's plus as many old ones drawn uniformly (``ea-emr*``: a constant cost)."""
         memory, stream = self.learner.memory, self.learner.ctx.stream
         if not self.learner.dynamic:
-            return memory.rows([key for j in range(t + 1) for key in stream.memory_keys(j)])
+            return memory.rows(stream.memory_keys_through(t))
         new = memory.rows(stream.memory_keys(t))
-        old = memory.rows([key for j in range(t) for key in stream.memory_keys(j)])
+        old = memory.rows(stream.memory_keys_through(t - 1))
         if len(old) > len(new):
             old = [old[k] for k in sorted(rng.choice(len(old), size=len(new), replace=False))]
         return new + old

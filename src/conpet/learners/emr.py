@@ -29,4 +29,4 @@ class EMR(Plugin):
 
     def replay_rows(self, t: int) -> list[int]:
         stream = self.learner.ctx.stream
-        return self.learner.memory.rows([key for j in range(t) for key in stream.memory_keys(j)])
+        return self.learner.memory.rows(stream.memory_keys_through(t - 1))

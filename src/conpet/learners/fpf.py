@@ -64,10 +64,10 @@ class FPF(OneModuleLearner):
 
     def forgetting_prone(self) -> list[torch.nn.Parameter]:
         """The PET parameters of the top ``fpf_layers`` layers PET modules touch."""
-        _, attr, layers = find_layers(self.ctx.backbone.model)
+        _, attr, _ = find_layers(self.ctx.backbone.model)
         pattern = re.compile(rf"\.{re.escape(attr)}\.(\d+)\.")
-        named = [(n, p) for n, p in self.model.named_parameters()
-                 if any(p is q for q in self.ctx.pet.parameters(self.model, self.module_name))]
+        own = {id(p) for p in self.ctx.pet.parameters(self.model, self.module_name)}  # listed once, not per parameter
+        named = [(n, p) for n, p in self.model.named_parameters() if id(p) in own]
         indices = sorted({int(m.group(1)) for n, _ in named if (m := pattern.search(n))})
         top = set(indices[-self.opts["fpf_layers"]:])
         return [p for n, p in named if (m := pattern.search(n)) and int(m.group(1)) in top]
@@ -78,7 +78,7 @@ class FPF(OneModuleLearner):
         ctx = self.ctx
         stream = ctx.stream
         if buffer is None:
-            buffer = self.memory.rows([key for j in range(t + 1) for key in stream.memory_keys(j)])
+            buffer = self.memory.rows(stream.memory_keys_through(t))
         buffer = np.asarray(buffer)
         size = ctx.cfg.train.batch_size
         batches = [sorted(ctx.rng.choice(buffer, size=min(size, len(buffer)), replace=False).tolist())
@@ -130,7 +130,7 @@ class KFPF(FPF):
     def buffer(self, t: int, seen: list[int]) -> list[int]:
         """The earlier tasks' exemplars + up to ``memory_per_class`` random seen rows per class of task t."""
         stream = self.ctx.stream
-        rows = self.memory.rows([key for j in range(t) for key in stream.memory_keys(j)])
+        rows = self.memory.rows(stream.memory_keys_through(t - 1))
         by_label: dict[str, list[int]] = {}
         for i in dict.fromkeys(seen):
             by_label.setdefault(stream.rows[i].label, []).append(i)

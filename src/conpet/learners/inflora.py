@@ -89,13 +89,7 @@ class InfLoRA(OLoRA):
 
     def learn(self, t: int) -> None:
         ctx, pet = self.ctx, self.ctx.pet
-        task = ctx.stream.tasks[t]
-        torch.manual_seed(int(ctx.rng.integers(2**31)))
-        if self.model is None:
-            self.model = pet.attach(ctx.backbone.model, NEW)
-        elif NEW not in pet.modules(self.model):
-            pet.add(self.model, NEW)
-        self.grow_head(list(task.labels))
+        task = self.start_new_lora(t)
         self.activate_training()
         covariances = self.input_covariances(task.train, NEW)
         with torch.no_grad():

@@ -37,7 +37,7 @@ from conpet.generation import greedy_generate
 from conpet.inputs import end_token_id
 from conpet.learners.base import Context, OneModuleLearner, new_task_loss, register_learner, train_module
 from conpet.learners.options import Option
-from conpet.pet.base import in_module
+from conpet.pet.base import module_pairs
 from conpet.runs import adapter_dir
 
 OFFLINE = "lae-offline"
@@ -63,6 +63,8 @@ class LAE(OneModuleLearner):
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
         self.has_offline = False
+        self.ema_pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []
+        """(online, offline) parameters of one place (the EMA's pairs, matched once per task)."""
 
     # -- learning --------------------------------------------------------------------------------------
     def learn(self, t: int) -> None:
@@ -77,6 +79,7 @@ class LAE(OneModuleLearner):
         loss = new_task_loss(ctx, t, lambda idx: self.logits_of(self.module_name, idx),
                              lambda idx: self.objective_loss(idx)[0])
 
+        self.ema_pairs = module_pairs(self.model, self.module_name, OFFLINE) if self.has_offline else []
         hooks = [self.ema_step] if self.has_offline else []
         head = list(self.head.parameters())
         fits = []
@@ -96,18 +99,11 @@ class LAE(OneModuleLearner):
 
     @torch.no_grad()
     def ema_step(self, step: int) -> None:
-        """``theta_off <- decay theta_off + (1 - decay) theta_on``, tensor by tensor."""
+        """``theta_off <- decay theta_off + (1 - decay) theta_on``, tensor by tensor (the
+        (online, offline) pairs are matched once per task, not at every step)."""
         decay = self.opts["ema_decay"]
-        params = dict(self.model.named_parameters())
-        for name, off in params.items():
-            if in_module(name, OFFLINE):
-                off.mul_(decay).add_(params[self._online_name(name)], alpha=1.0 - decay)
-
-    def _online_name(self, offline_name: str) -> str:
-        """The online module's parameter of the same place (the naming ``PETMethod.copy`` uses)."""
-        if f".{OFFLINE}." in offline_name:
-            return offline_name.replace(f".{OFFLINE}.", f".{self.module_name}.")
-        return offline_name[: -len(OFFLINE)] + self.module_name
+        for online, offline in self.ema_pairs:
+            offline.mul_(decay).add_(online, alpha=1.0 - decay)
 
     # -- prediction ------------------------------------------------------------------------------------
     def logits_of(self, module: str, indices: list[int]) -> torch.Tensor:

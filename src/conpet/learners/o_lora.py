@@ -72,21 +72,31 @@ class OLoRA(OneModuleLearner):
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
         self.history_rank = 0
+        self._penalty_weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        """(A_hist, A_new, B_new) of every layer the new LoRA touches, matched once per task."""
 
     # -- learning --------------------------------------------------------------------------------------
     def learn(self, t: int) -> None:
+        ctx = self.ctx
+        task = self.start_new_lora(t)
+        batches = ctx.epoch_batches(task.train)
+        self.last_fit = train_module(ctx, self.model, NEW, self.loss, batches, f"{task.name} o-lora", t,
+                                     list(self.head.parameters()), activate=self.activate_training)
+        self.fold_new_into_history()
+
+    def start_new_lora(self, t: int):
+        """A fresh LoRA for task ``t`` (the model wrapped at the first task), head columns for its
+        labels; returns the task."""
         ctx, pet = self.ctx, self.ctx.pet
-        task = ctx.stream.tasks[t]
         torch.manual_seed(int(ctx.rng.integers(2**31)))
         if self.model is None:
             self.model = pet.attach(ctx.backbone.model, NEW, ctx.calibration(t))
         elif NEW not in pet.modules(self.model):
             pet.add(self.model, NEW, ctx.calibration(t))
+        self._penalty_weights = None
+        task = ctx.stream.tasks[t]
         self.grow_head(list(task.labels))
-        batches = ctx.epoch_batches(task.train)
-        self.last_fit = train_module(ctx, self.model, NEW, self.loss, batches, f"{task.name} o-lora", t,
-                                     list(self.head.parameters()), activate=self.activate_training)
-        self.fold_new_into_history()
+        return task
 
     def activate_training(self) -> None:
         """The new LoRA trains with the frozen history active beside it."""
@@ -101,19 +111,25 @@ class OLoRA(OneModuleLearner):
 
     def penalty(self) -> torch.Tensor | float:
         """``lambda_orth * sum |A_hist A_new^T| + lambda_l2 * sum ||p||_F`` over the new LoRA's layers."""
-        pet, model = self.ctx.pet, self.model
         total = 0.0
-        if self.opts["lambda_orth"] and self.history_rank:
-            history = dict(pet.tuner_layers(model, HISTORY))
-            for path, layer in pet.tuner_layers(model, NEW):
-                a_new = layer.lora_A[NEW].weight.float()
-                a_old = history[path].lora_A[HISTORY].weight.float()
-                total = total + self.opts["lambda_orth"] * (a_old @ a_new.T).abs().sum()
-        if self.opts["lambda_l2"]:
-            for _, layer in pet.tuner_layers(model, NEW):
-                total = total + self.opts["lambda_l2"] * (layer.lora_A[NEW].weight.float().norm()
-                                                          + layer.lora_B[NEW].weight.float().norm())
+        for a_old, a_new, b_new in self.penalty_weights():
+            if self.opts["lambda_orth"] and a_old is not None:
+                total = total + self.opts["lambda_orth"] * (a_old.float() @ a_new.float().T).abs().sum()
+            if self.opts["lambda_l2"]:
+                total = total + self.opts["lambda_l2"] * (a_new.float().norm() + b_new.float().norm())
         return total
+
+    def penalty_weights(self) -> list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]:
+        """(A_hist or None before any history, A_new, B_new) per layer of the new LoRA; matched
+        once per task (a step would otherwise walk every module of the model)."""
+        if self._penalty_weights is None:
+            pet, model = self.ctx.pet, self.model
+            history = dict(pet.tuner_layers(model, HISTORY)) if self.history_rank else {}
+            self._penalty_weights = [
+                (history[path].lora_A[HISTORY].weight if path in history else None,
+                 layer.lora_A[NEW].weight, layer.lora_B[NEW].weight)
+                for path, layer in pet.tuner_layers(model, NEW)]
+        return self._penalty_weights
 
     def fold_new_into_history(self) -> None:
         """Append the new factors to the history (A rows; ``s B`` columns), drop the new LoRA."""
@@ -133,6 +149,7 @@ class OLoRA(OneModuleLearner):
         history_pet.set_lora_factors(model, HISTORY, factors)
         pet.activate(model, HISTORY)
         pet.remove(model, NEW)
+        self._penalty_weights = None
         for p in pet.tensors(model, HISTORY):
             p.requires_grad_(False)
 
@@ -150,6 +167,7 @@ class OLoRA(OneModuleLearner):
     def load_state(self, tensors, meta) -> None:
         pet = self.ctx.pet
         self.history_rank = meta["history_rank"]
+        self._penalty_weights = None  # modules may be created anew below
         for name in meta["modules"]:  # the history has its own rank; the new LoRA the method's
             maker = pet.resized(self.history_rank) if name == HISTORY else pet
             if self.model is None:

@@ -61,6 +61,20 @@ def in_module(param_name: str, module: str) -> bool:
     return f".{module}." in param_name or param_name.endswith(f".{module}")
 
 
+def counterpart(param_name: str, src: str, dst: str) -> str:
+    """The name of module ``dst``'s parameter at the place of module ``src``'s ``param_name``
+    (the module name is a path component, or the path's end)."""
+    if f".{src}." in param_name:
+        return param_name.replace(f".{src}.", f".{dst}.")
+    return param_name[: -len(src)] + dst
+
+
+def module_pairs(model: nn.Module, src: str, dst: str) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """(``src`` parameter, the ``dst`` parameter at its place) for every parameter of module ``src``."""
+    names = dict(model.named_parameters())
+    return [(p, names[counterpart(n, src, dst)]) for n, p in names.items() if in_module(n, src)]
+
+
 def seeded_generator(*parts: object) -> torch.Generator:
     """A torch generator seeded by a real hash of ``parts`` (e.g. a seed and a module path), so
     different sites get independent draws (``sum(map(ord, path))`` collides across paths)."""
@@ -206,20 +220,15 @@ class PETMethod(ABC):
 
     def copy(self, model: nn.Module, src: str, dst: str) -> None:
         """Create (or overwrite) module ``dst`` as a frozen copy of module ``src``."""
-        names = dict(model.named_parameters())
-        if not any(in_module(n, dst) for n in names):
+        if not any(in_module(n, dst) for n, _ in model.named_parameters()):
             self.add(model, dst)
             self.activate(model, src)
-            names = dict(model.named_parameters())
-        copied = 0
-        for n, p in names.items():
-            if in_module(n, src):
-                target = n.replace(f".{src}.", f".{dst}.") if f".{src}." in n else n[: -len(src)] + dst
-                with torch.no_grad():
-                    names[target].copy_(p)
-                names[target].requires_grad_(False)
-                copied += 1
-        if not copied:
+        pairs = module_pairs(model, src, dst)
+        for p, target in pairs:
+            with torch.no_grad():
+                target.copy_(p)
+            target.requires_grad_(False)
+        if not pairs:
             raise ConfigError(f"pet '{self.name}': module '{src}' has no parameters to copy")
 
     def count(self, model: nn.Module, name: str) -> int:
