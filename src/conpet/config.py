@@ -68,6 +68,13 @@ class DataConfig:
     report_dev: bool = False
     """Also measure accuracy on the **dev** rows after every task (metrics key ``dev_accuracy``,
     a matrix like ``accuracy_matrix``): what a choice of settings should look at, never test."""
+    task_slice: str | None = None
+    """Keep only the tasks ``START:STOP`` of the stream (after ``task_order``), e.g. ``0:10`` and
+    ``10:20`` give two disjoint halves of ``wordnet-fine`` (``conpet search``'s built-in pair)."""
+    eval_split: str = "test"
+    """The rows the accuracy matrix is measured on: ``test``, or ``dev`` for choosing settings
+    (``conpet search``'s tuning phase): the test rows are then **sealed**, and anything that
+    reads them is an error (:func:`conpet.data.stream.seal_test`)."""
 
 
 @dataclass
@@ -244,6 +251,9 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
          "(each micro-batch needs a row)"),
         (cfg.backbone.quantize in QUANTIZE, "backbone.quantize", "must be nf4, int8 or null"),
         (cfg.data.setting in SETTINGS, "data.setting", f"must be one of {', '.join(SETTINGS)}"),
+        (cfg.data.eval_split in ("test", "dev"), "data.eval_split", "must be test or dev"),
+        (cfg.data.task_slice is None or _is_slice(cfg.data.task_slice), "data.task_slice",
+         "must be START:STOP with integers 0 <= START < STOP, e.g. 0:10"),
         (cfg.data.template in TEMPLATES, "data.template", f"must be one of {', '.join(TEMPLATES)}"),
         (cfg.data.chat_template in ("auto", True, False), "data.chat_template", "must be auto, true or false"),
         (cfg.data.max_new_tokens >= 1, "data.max_new_tokens", "must be >= 1"),
@@ -257,6 +267,17 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
         if not ok:
             raise ConfigError(f"{where}: '{key}' {msg}")
     return cfg
+
+
+def _is_slice(text: str) -> bool:
+    parts = str(text).split(":")
+    return len(parts) == 2 and all(p.strip().isdigit() for p in parts) and int(parts[0]) < int(parts[1])
+
+
+def task_slice(text: str) -> slice:
+    """``"0:10"`` -> ``slice(0, 10)`` (``data.task_slice``, checked by :func:`validate`)."""
+    start, stop = (int(p) for p in str(text).split(":"))
+    return slice(start, stop)
 
 
 def from_dict(values: dict[str, Any], where: str = "config") -> RunConfig:

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -148,6 +148,9 @@ def reference_chunks(learner: Learner, max_tokens: int) -> list[list[int]]:
     return [ids[k:k + max_tokens] for k in range(0, len(ids), max_tokens)]
 
 
+OnTask = Callable[[int, int, list[float]], None]
+
+
 @dataclass
 class SeedProgress:
     """What one seed has done so far; saved as ``seed-<s>/state.json`` after every task."""
@@ -180,8 +183,10 @@ class SeedProgress:
 
 
 def run_seed(cfg: RunConfig, prepared: Prepared, seed: int, out: Path, progress: bool = True,
-             resume: bool = False) -> dict:
+             resume: bool = False, on_task: OnTask | None = None) -> dict:
     """Learn the whole stream with one seed; write adapters and metrics under ``out/seed-<seed>``.
+    ``on_task(seed, t, accs)`` is called after each finished (saved) task with the accuracy row of
+    ``data.eval_split`` (a search's pruner; raising there stops the run, which can be resumed).
 
     With ``resume``, continue from the last finished task recorded in ``seed-<seed>/state.json``
     (and inside the next task from its in-task checkpoint, if one was written)."""
@@ -222,17 +227,18 @@ def run_seed(cfg: RunConfig, prepared: Prepared, seed: int, out: Path, progress:
             loss = learner.last_fit.final_loss if learner.last_fit else float("nan")
             state.train_loss.append(None if loss != loss else loss)
             start = time.perf_counter()
+            split = cfg.data.eval_split
             if stream.generative:
-                accs, state.test_counts, scores = evaluate_generation(learner, t)
+                accs, state.test_counts, scores = evaluate_generation(learner, t, split)
             else:
-                (accs, state.test_counts), scores = evaluate(learner, t), {}
+                (accs, state.test_counts), scores = evaluate(learner, t, split), {}
             state.eval_seconds.append(time.perf_counter() - start)
             state.accuracy_matrix.append(accs + [None] * (T - t - 1))
             extra = {**scores, **learner.eval_extra(t)}
             if chunks is not None:
                 state.reference_perplexity.append(learner.reference_perplexity(chunks))
             if cfg.data.report_dev:
-                extra["dev_accuracy"] = evaluate(learner, t, "dev")[0]
+                extra["dev_accuracy"] = accs if split == "dev" else evaluate(learner, t, "dev")[0]
             for key, values in extra.items():
                 state.extra.setdefault(key, []).append(values + [None] * (T - t - 1))
             folder = adapter_dir(out, seed, task.name)
@@ -243,6 +249,8 @@ def run_seed(cfg: RunConfig, prepared: Prepared, seed: int, out: Path, progress:
             distributed.on_main(state.write, sdir / "state.json")
             checkpointer.finish_task(t)
             bar.set_postfix(avg_acc=f"{100 * sum(accs) / len(accs):.1f}")
+            if on_task is not None:
+                on_task(seed, t, accs)
             if not progress and main:
                 print(f"seed {seed} task {t + 1}/{T} {task.name}: train {state.train_seconds[-1]:.1f}s, "
                       f"avg acc {100 * sum(accs) / len(accs):.2f}%", file=sys.stderr)
@@ -286,7 +294,8 @@ def save_modules(learner: Learner, t: int, folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def run(cfg: RunConfig, progress: bool | None = None, prepared: Prepared | None = None) -> dict:
+def run(cfg: RunConfig, progress: bool | None = None, prepared: Prepared | None = None,
+        on_task: OnTask | None = None) -> dict:
     """Run ``cfg.seeds`` seeds of the stream; write the run directory; return aggregate metrics.
 
     ``prepared`` (from :func:`conpet.build.prepare`) reuses a loaded backbone and its feature
@@ -299,7 +308,7 @@ def run(cfg: RunConfig, progress: bool | None = None, prepared: Prepared | None 
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     cfg.out = str(out)
     distributed.on_main(start_run_dir, cfg, out, prepared.stream)
-    return _run_seeds(cfg, prepared, out, progress, resume=False)
+    return _run_seeds(cfg, prepared, out, progress, resume=False, on_task=on_task)
 
 
 ORDERS_CONFIG = "orders-config.yaml"
@@ -399,7 +408,8 @@ def stream_description(stream: Stream) -> dict:
             "tasks": [{"name": t.name, "labels": list(t.labels)} for t in stream.tasks]}
 
 
-def resume(run_dir: str | Path, progress: bool | None = None, device: str | None = None) -> dict:
+def resume(run_dir: str | Path, progress: bool | None = None, device: str | None = None,
+           on_task: OnTask | None = None) -> dict:
     """Continue an interrupted run from its last finished task (and in-task checkpoint); seeds
     that finished are kept. Ends with the same metrics as an uninterrupted run (docs/reliability.md).
     ``device`` overrides the run's ``train.device`` (a run checkpointed on a GPU resumes on a CPU)."""
@@ -425,10 +435,11 @@ def resume(run_dir: str | Path, progress: bool | None = None, device: str | None
     if saved is not None and saved != stream_description(prepared.stream):
         raise ConpetError(f"{out}: the data no longer matches the run's stream.json (tasks or labels changed); "
                           f"cannot resume")
-    return _run_seeds(cfg, prepared, out, progress, resume=True)
+    return _run_seeds(cfg, prepared, out, progress, resume=True, on_task=on_task)
 
 
-def _run_seeds(cfg: RunConfig, prepared: Prepared, out: Path, progress: bool, resume: bool) -> dict:
+def _run_seeds(cfg: RunConfig, prepared: Prepared, out: Path, progress: bool, resume: bool,
+               on_task: OnTask | None = None) -> dict:
     per_seed = []
     for k in range(cfg.seeds):
         seed = cfg.seed + k
@@ -436,7 +447,7 @@ def _run_seeds(cfg: RunConfig, prepared: Prepared, out: Path, progress: bool, re
         if resume and finished.is_file():
             per_seed.append(read_json(finished))
         else:
-            per_seed.append(run_seed(cfg, prepared, seed, out, progress, resume=resume))
+            per_seed.append(run_seed(cfg, prepared, seed, out, progress, resume=resume, on_task=on_task))
     metrics = M.aggregate_seeds(per_seed)
     metrics["run"] = {
         "learner": cfg.learner,

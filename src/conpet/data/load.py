@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conpet.config import DataConfig
+from conpet.config import DataConfig, task_slice
 from conpet.data.benchmarks import load_benchmark
 from conpet.data.formats import build_stream, build_task_stream, read_rows, read_task_file, split_labels
-from conpet.data.stream import Stream, reorder_tasks
+from conpet.data.stream import Stream, reorder_tasks, seal_test, slice_tasks
 from conpet.data.templates import infer_kind
 from conpet.errors import DataError, read_user_text
 
@@ -17,7 +17,11 @@ def load_stream(data_cfg: DataConfig) -> Stream:
     """Build the stream described by a :class:`conpet.config.DataConfig` (tasks in
     ``data.task_order`` when it is set)."""
     stream = _load_stream(data_cfg)
-    return reorder_tasks(stream, data_cfg.task_order) if data_cfg.task_order else stream
+    if data_cfg.task_order:
+        stream = reorder_tasks(stream, data_cfg.task_order)
+    if data_cfg.task_slice:
+        stream = slice_tasks(stream, task_slice(data_cfg.task_slice))
+    return seal_test(stream) if data_cfg.eval_split == "dev" else stream
 
 
 def _load_stream(data_cfg: DataConfig) -> Stream:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from conpet.errors import ConfigError
+from conpet.errors import ConfigError, ConpetError
 
 SPLITS = ("train", "dev", "test")
 
@@ -126,6 +126,37 @@ class Stream:
             for task in self.tasks
         )
         return f"{self.name} ({self.kind}, {len(self.tasks)} tasks, {len(self.labels)} classes; train/dev/test: {sizes})"
+
+
+class SealedSplit(list):
+    """A task's test rows while settings are being chosen: any read is an error (the two-phase
+    protocol: the test split is never looked at when tuning)."""
+
+    def _refuse(self, *args, **kwargs):
+        raise ConpetError(f"the test rows of task '{self.task}' are sealed while settings are chosen "
+                          f"(data.eval_split: dev); only dev rows may be read")
+
+    def __init__(self, task: str) -> None:
+        super().__init__()
+        self.task = task
+
+    __iter__ = __len__ = __getitem__ = __bool__ = __contains__ = _refuse
+
+
+def seal_test(stream: Stream) -> Stream:
+    """The same stream with every task's test rows sealed (:class:`SealedSplit`)."""
+    for task in stream.tasks:
+        task.test = SealedSplit(task.name)
+    return stream
+
+
+def slice_tasks(stream: Stream, part: slice) -> Stream:
+    """The same rows with only the tasks ``part`` (``data.task_slice``)."""
+    tasks = stream.tasks[part]
+    if part.stop > len(stream.tasks):
+        raise ConfigError(f"data.task_slice: {stream.name} has {len(stream.tasks)} tasks, so {part.start}:{part.stop} "
+                          f"runs past its end")
+    return Stream(name=stream.name, kind=stream.kind, rows=stream.rows, tasks=tasks, metric=stream.metric)
 
 
 def reorder_tasks(stream: Stream, names: list[str], where: str = "data.task_order") -> Stream:

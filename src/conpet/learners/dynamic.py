@@ -319,10 +319,10 @@ class DynamicConPET(Learner):
         return math.exp(log_ppl / max(1, tokens))
 
     def eval_extra(self, t: int) -> dict[str, list[float]]:
-        """Selector accuracy (top-1 task id) on each seen task's test rows."""
+        """Selector accuracy (top-1 task id) on each seen task's evaluation rows (``data.eval_split``)."""
         accs = []
         for j in range(t + 1):
-            rows = self.ctx.stream.tasks[j].test
+            rows = self.ctx.stream.tasks[j].split(self.ctx.cfg.data.eval_split)
             missing = [i for i in rows if i not in self.routed]
             for start in range(0, len(missing), self.ctx.cfg.train.eval_batch_size):
                 batch = missing[start:start + self.ctx.cfg.train.eval_batch_size]
