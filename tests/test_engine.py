@@ -81,3 +81,27 @@ def test_runner_with_top_layers_matches_layer_confined_lora_without_cache(tiny_d
     uncached = run(plain, progress=False)
     assert cached["tunable_params"] == uncached["tunable_params"]
     assert cached["accuracy_matrix"] == uncached["accuracy_matrix"]
+
+
+def test_rows_first_cached_in_train_mode_carry_no_dropout(tiny_encoder, typing_data):
+    """A row cached while the model trains holds the eval-mode (dropout-free) lower layers, and
+    the model's modes are left as they were."""
+    import torch
+
+    from conpet.build import prepare
+    from conpet.config import from_dict
+
+    data, tasks = typing_data
+    cfg = from_dict({"model": str(tiny_encoder), "data": {"file": str(data), "tasks": str(tasks)},
+                     "train": {"precision": "fp32", "top_layers": 1}})
+    engine = prepare(cfg).engine
+    rows = list(range(4))
+    model = engine.backbone.model
+    model.train()
+    engine._ensure(rows)
+    trained = [engine.cache[i].clone() for i in rows]
+    assert model.training and all(m.training for m in model.modules())
+    engine.cache.clear()
+    model.eval()
+    engine._ensure(rows)
+    assert all(torch.equal(a, engine.cache[i]) for a, i in zip(trained, rows))

@@ -41,6 +41,7 @@ METHODS = [
     ("adalora", {"init_r": 4, "target_r": 2}),
     ("dept", {"prompt_length": 4, "r": 4, "max_length": 64}),
     ("corda", {"r": 2}),
+    ("osf", {}),
 ]
 IDS = [f"{m}-{o['placement']}" if o.get("placement") else "lora-rslora" if o.get("use_rslora")
        else "lora-dora" if o.get("use_dora") else m for m, o in METHODS]

@@ -26,11 +26,17 @@ from conpet.cli import main
 from conpet.errors import ModelError
 from conpet.runs import recover_interrupted, verify_run
 
-LEARNERS = ["sequential", "ewc*", "lwf", "ea-emr*", "dynamic[top_k=2]", "merge[rank=4]", "o-lora", "lae", "crl*", "inflora"]
+LEARNERS = ["sequential", "ewc*", "lwf", "ea-emr*", "dynamic[top_k=2]", "merge[rank=4]", "o-lora", "lae", "crl*",
+            "inflora", "i-lora", "osf", "cofitune", "zscl"]
+PET_OF = {"cofitune": "cofitune"}
+"""Learners that train a PET method of their own (the others run on the default LoRA)."""
+DECODER_ONLY = {"zscl"}
+"""Learners that distil next-token distributions: they need a causal LM."""
 
 
 def _args(model: Path, data: tuple[Path, Path], out: Path, learner: str) -> list[str]:
     return ["run", "--model", str(model), "--data", str(data[0]), "--tasks", str(data[1]), "--learner", learner,
+            "--pet", PET_OF.get(learner, "lora"),
             "--epochs", "3", "--batch-size", "4", "--no-progress", "--set", "train.checkpoint_seconds=0",
             "--out", str(out)]
 
@@ -52,7 +58,7 @@ def _same_run(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def baselines(tmp_path_factory, tiny_encoder):
+def baselines(tmp_path_factory, tiny_encoder, tiny_decoder):
     from conftest import write_typing_data
 
     root = tmp_path_factory.mktemp("reliability")
@@ -60,12 +66,13 @@ def baselines(tmp_path_factory, tiny_encoder):
     runs = {}
     for learner in LEARNERS:
         out = root / f"base-{LEARNERS.index(learner)}"
-        assert main(_args(tiny_encoder, data, out, learner)) == 0
+        model = tiny_decoder if learner in DECODER_ONLY else tiny_encoder
+        assert main(_args(model, data, out, learner)) == 0
         runs[learner] = out
     return root, data, runs
 
 
-def test_kill_at_random_moments_then_resume_gives_the_same_run(baselines, tiny_encoder, capsys):
+def test_kill_at_random_moments_then_resume_gives_the_same_run(baselines, tiny_encoder, tiny_decoder, capsys):
     root, data, runs = baselines
     rng = random.Random(0)
     env = {**os.environ, "CONPET_PROGRESS": "0"}
@@ -80,10 +87,11 @@ def test_kill_at_random_moments_then_resume_gives_the_same_run(baselines, tiny_e
     proc.wait()
     window = time.perf_counter() - started
     killed_mid_run = 0
-    for trial in range(10):
+    for trial in range(max(10, len(LEARNERS))):  # every learner is killed at least once
         learner = LEARNERS[trial % len(LEARNERS)]
         out = root / f"trial-{trial}"
-        cmd = [sys.executable, "-m", "conpet.cli", *_args(tiny_encoder, data, out, learner)]
+        model = tiny_decoder if learner in DECODER_ONLY else tiny_encoder
+        cmd = [sys.executable, "-m", "conpet.cli", *_args(model, data, out, learner)]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         while not (out / "config.yaml").exists() and proc.poll() is None:
             time.sleep(0.05)

@@ -101,14 +101,22 @@ def prepare(cfg: RunConfig, stream: Stream | None = None, check_rows: int = 8, c
         cast_frozen_linears(backbone.model, compute.dtype)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(backbone.model)
-    if stream.generative:
+    needs_lm_head = get_learner(cfg.learner).needs_lm_head
+    if needs_lm_head and not backbone.is_decoder:
+        raise ConfigError(f"learner '{cfg.learner}' distils the backbone's next-token distributions; model "
+                          f"'{cfg.model}' is an encoder without an LM head: use a decoder (causal LM) such as smollm2")
+    if stream.generative or needs_lm_head:
         backbone.lm_head = backbone.lm_head or load_lm_head(backbone)  # an encoder is an error here
         if compute.precision != "fp32" and cast_frozen and not cfg.backbone.quantize:
             backbone.lm_head = cast_lm_head(backbone.lm_head, compute.dtype)
+    if stream.generative:
         encoded = encode_generation(stream.rows, backbone.tokenizer, cfg.train.max_length, cfg.data.chat_template)
     else:
         encoded = encode_rows(stream.rows, stream.kind, backbone.tokenizer, backbone.is_decoder, cfg.train.max_length)
-    top_layers = resolve_top_layers(cfg.train.top_layers, backbone.model, get_pet_class(cfg.pet.method).input_level)
+    pet_cls = get_pet_class(cfg.pet.method)
+    setting = pet_cls.confine_top_layers(cfg.train.top_layers, backbone.model.config.num_hidden_layers,
+                                         cfg.pet.options)
+    top_layers = resolve_top_layers(setting, backbone.model, pet_cls.input_level)
     engine = FeatureEngine(backbone, encoded, top_layers, compute, cfg.train.eval_batch_size, cfg.train.cache_mb)
     rows = stream.tasks[0].train[:check_rows] if stream.tasks and stream.tasks[0].train else \
         list(range(min(check_rows, len(stream.rows))))

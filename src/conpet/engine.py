@@ -204,20 +204,27 @@ class FeatureEngine:
 
     @torch.no_grad()
     def _lower(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The input of layer ``split`` (the first PET layer) for a batch, as that layer receives it."""
+        """The input of layer ``split`` (the first PET layer) for a batch, as that layer receives it:
+        always computed in eval mode (no dropout), whatever mode the model is in when a row is
+        first cached, so a cached row never keeps one draw of dropout noise for the whole run."""
+        model = self.backbone.model
         layers = self._layers()[2]
 
         def stop(module, args, kwargs):
             raise _Stop(args[0] if args else kwargs["hidden_states"])
 
         handle = layers[self.split].register_forward_pre_hook(stop, with_kwargs=True)
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
         try:
             with self.compute.autocast():
-                self.backbone.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         except _Stop as s:
             return s.value
         finally:
             handle.remove()
+            for m, training in modes:
+                m.training = training
         raise RuntimeError("the lower layers never reached the split point")
 
     def _ensure(self, indices: list[int]) -> None:

@@ -73,6 +73,13 @@ def encode_rows(rows: list[Row], kind: str, tokenizer, is_decoder: bool, max_len
 MIN_PROMPT_TOKENS = 8
 
 
+def text_chunks(tokenizer, text: str, max_tokens: int) -> list[list[int]]:
+    """``text`` as token chunks of at most ``max_tokens`` (no special tokens; chunks of one token,
+    which predict nothing, left out): the reference text of perplexity and of ZSCL's distillation."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [c for c in (ids[k:k + max_tokens] for k in range(0, len(ids), max_tokens)) if len(c) > 1]
+
+
 def chat_template_on(tokenizer, setting: bool | str) -> bool:
     """``data.chat_template``: ``auto`` = when the tokenizer has one; ``true`` requires one."""
     has = bool(getattr(tokenizer, "chat_template", None))

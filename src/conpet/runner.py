@@ -34,7 +34,7 @@ from conpet.config import RunConfig, default_out, load_config, parse_learner_spe
 from conpet.data.load import reference_text
 from conpet.data.stream import Stream, reorder_tasks
 from conpet.errors import ConpetError
-from conpet.inputs import sorted_batches
+from conpet.inputs import sorted_batches, text_chunks
 from conpet.learners import Learner
 from conpet.generation import perplexity
 from conpet.learners.loop import predict
@@ -144,8 +144,7 @@ def evaluate_generation(learner: Learner, t: int, split: str = "test"
 def reference_chunks(learner: Learner, max_tokens: int) -> list[list[int]]:
     """The reference text (``data.reference_text``) as token chunks of at most ``max_tokens``."""
     ctx = learner.ctx
-    ids = ctx.backbone.tokenizer(reference_text(ctx.cfg.data.reference_text), add_special_tokens=False)["input_ids"]
-    return [ids[k:k + max_tokens] for k in range(0, len(ids), max_tokens)]
+    return text_chunks(ctx.backbone.tokenizer, reference_text(ctx.cfg.data.reference_text), max_tokens)
 
 
 OnTask = Callable[[int, int, list[float]], None]

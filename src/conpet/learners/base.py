@@ -140,6 +140,9 @@ class Learner:
     """The method's paper (``conpet learners`` prints it)."""
     generative: ClassVar[bool] = False
     """Whether the learner trains and evaluates generative (prompt -> target) streams."""
+    needs_lm_head: ClassVar[bool] = False
+    """Whether the learner reads the backbone's next-token distributions on classification
+    streams too (ZSCL's distillation): it then needs a causal LM, checked before anything is written."""
     options: ClassVar[dict[str, Option]] = {}
     """The learner's options (:class:`conpet.learners.options.Option`), declared once."""
 

@@ -7,8 +7,9 @@ One file per method in this folder; adding a method is one file (registered with
 from typing import Any
 
 from conpet.errors import ConfigError
-from conpet.pet import (adalora, adapter, bitfit, compacter, corda, dept, hft, ia3, lisa, ln_tuning,  # noqa: F401
-                        lora, mola, mos, p_tuning, parallel_adapter, prefix_tuning, prompt_tuning, sparse_ft)
+from conpet.pet import (adalora, adapter, bitfit, cofitune, compacter, corda, dept, hft, ia3, lisa,  # noqa: F401
+                        ln_tuning, lora, mola, mos, osf, p_tuning, parallel_adapter, prefix_tuning, prompt_tuning,
+                        sparse_ft)
 from conpet.pet.base import PET_METHODS, LayerScope, PETMethod, register_pet
 
 

@@ -19,12 +19,13 @@ Methods register with ``@register_pet("name")``; one file per method in this fol
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -144,6 +145,12 @@ class PETMethod(ABC):
         check_known(self.name, options, self.defaults)
         return {**self.defaults, **options}
 
+    @classmethod
+    def confine_top_layers(cls, setting: int | str | None, n_layers: int, options: dict[str, Any]) -> int | str | None:
+        """The ``train.top_layers`` setting this method needs (default: the user's); a method that
+        trains layers of its own choice (CoFiTune's window) turns ``auto`` into what it needs."""
+        return setting
+
     # -- the interface ------------------------------------------------------------------------------
     @abstractmethod
     def attach(self, model: nn.Module, name: str, calibration: Calibration | None = None) -> nn.Module:
@@ -233,3 +240,23 @@ class PETMethod(ABC):
 
     def count(self, model: nn.Module, name: str) -> int:
         return sum(p.numel() for p in self.parameters(model, name))
+
+
+@contextlib.contextmanager
+def backbone_alone(model: nn.Module) -> Iterator[nn.Module]:
+    """A module whose forward pass is the frozen backbone without its PET module (the zero-shot
+    teacher): under peft's prompt learning the unwrapped backbone (the prompts live in the
+    wrapper's forward only), else peft's ``disable_adapter()``, or, for conpet's own injected
+    modules, none active."""
+    config = getattr(model, "active_peft_config", None)
+    if config is not None and config.is_prompt_learning:
+        yield model.get_base_model()
+    elif hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield model
+    else:
+        active, model.active = model.active, None
+        try:
+            yield model
+        finally:
+            model.active = active

@@ -1,0 +1,283 @@
+"""``i-lora``: Interpolation-based LoRA (Ren et al. 2024, "Analyzing and Reducing Catastrophic
+Forgetting in Parameter Efficient Tuning", arXiv 2402.18865, ICASSP 2025; official code
+which47/LLMCL ``method/ILORA.py``).
+
+Two PET modules on one backbone:
+
+- the **fast** module (the learner's own, ``default``) trains on the current batch and on a
+  batch of the same size drawn from a replay buffer;
+- the **slow** module (``i-lora-slow``, a fresh module of the same PET config, as the official
+  ``add_adapter('ema', peft_cfg)``) is not trained: after **every** optimizer step it moves
+  towards the fast one, ``theta_s <- alpha theta_s + (1 - alpha) theta_f`` with
+  ``alpha = min(1 - 1 / (step + 1), ema_alpha)`` (``step`` = optimizer steps done, counted over
+  the whole stream; ``ema_alpha`` 0.25).
+
+The buffer is a reservoir of ``buffer_size`` (500) training rows (row indices), fed with every
+row of every batch, of every task, before that batch's buffer draw (as the official
+``compute_loss`` adds the batch, then ``forward`` draws). From the second task on (the official
+code skips replay on its first task, ``C-STANCE``) each step draws b, ``min(batch size, buffer)``
+buffer rows without replacement, and the loss is::
+
+    L = 1/2 (CE_fast(batch) + CE_fast(b)) + reg_weight * mean (h_fast(b) - max(h_fast(b), h_slow(b)))^2
+
+``h`` = every hidden state of b (HF's ``hidden_states``: the embeddings and each layer's output,
+the last one after the final norm), the slow pass without gradient; the elementwise max makes the
+penalty pull the fast states up to the slow ones only where they are below (official L223-263;
+``reg_weight`` 1.0). CE: cross-entropy over the seen classes through the growing head, or on a
+generative stream the LM loss on the target tokens. Prediction uses the fast module (the official
+code saves and evaluates ``default``), or the slow one with ``eval_module=slow``; both are saved.
+
+The reservoir and each step's buffer rows are laid out before a task's fit from the run's seeded
+generator (like the epochs' batches), so under ``train.grad_accum`` / several processes every
+micro-batch replays its own share of the step's buffer rows, and ``state`` (the reservoir, the
+step count, both modules) makes a resumed run identical.
+
+Cost: from the second task three forward passes per step (batch and buffer through the fast
+module, buffer through the slow one, no gradient), one backward through the first two; the EMA is
+one pass over the module's parameters per step. Storage: two modules, the head and at most
+``buffer_size`` row indices, constant in the number of tasks.
+
+Deviations, named:
+
+- the official code's defects are fixed, not copied: its EMA loop matches the *fast* module's
+  parameter names, so it rewrites the fast weights with themselves and the slow module stays at
+  its initialisation; here each fast parameter is paired with the slow one at its place. It calls
+  a missing ``load_ema_model`` after task 1 (crash): nothing is reloaded here, the slow module
+  simply carries over. It never passes the attention mask: here padding is masked in every
+  forward pass and left out of the consistency mean;
+- the consistency mean is over the real tokens of b, hidden size and the ``n_layers + 1`` hidden
+  states; with ``train.top_layers`` the lower layers are cached and carry no PET, so their states
+  are the same under both modules and their (zero) terms are counted without being computed;
+- ``step`` in alpha counts over the whole stream (the official HF ``global_step`` restarts each
+  task): with ``ema_alpha <= 0.5`` alpha is ``ema_alpha`` at every step either way;
+- buffer rows are row indices (the official buffer stores token tensors) and their draws use the
+  run's seeded generator instead of numpy's global one; conpet's PET method, confinement and
+  AdamW apply (official: LoRA r 8, alpha 32 on q/k/v/o of LLaMA-2-7B, lr 1e-5, 3 epochs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from conpet import distributed as dist
+from conpet.engine import find_layers
+from conpet.errors import ConfigError
+from conpet.generation import target_positions
+from conpet.learners.base import Context, OneModuleLearner, dev_scorer, register_learner, train_module
+from conpet.learners.options import Option
+from conpet.pet.base import module_pairs
+from conpet.runs import adapter_dir
+
+SLOW = "i-lora-slow"
+"""The slow (interpolated) module."""
+
+
+def consistency(fast: list[torch.Tensor], slow: list[torch.Tensor], mask: torch.Tensor, n_states: int) -> torch.Tensor:
+    """``mean (f - max(f, s))^2`` over ``n_states`` hidden states [rows, tokens, hidden] of which
+    ``fast`` / ``slow`` are those that can differ (the others count as zeros), over the tokens
+    where ``mask`` [rows, tokens] is true; ``slow`` gets no gradient."""
+    keep = mask[..., None].to(torch.float32)
+    total = sum(((f.float() - torch.maximum(f.float(), s.detach().float())) ** 2 * keep).sum()
+                for f, s in zip(fast, slow))
+    return total / (n_states * keep.sum() * fast[-1].shape[-1])
+
+
+@register_learner("i-lora")
+class ILoRA(OneModuleLearner):
+    """I-LoRA: a fast LoRA trained with replay and a consistency loss towards its EMA (Ren et al. 2024)."""
+
+    paper = "Ren et al. 2024, Analyzing and Reducing Catastrophic Forgetting in Parameter Efficient Tuning"
+    generative = True
+    options = {"buffer_size": Option(500, int, minimum=1, help="reservoir buffer size (training rows)"),
+               "reg_weight": Option(1.0, float, minimum=0.0, help="weight of the hidden-state consistency loss"),
+               "ema_alpha": Option(0.25, float, minimum=0.0,
+                                   help="cap of the slow module's EMA weight alpha = min(1 - 1/(step+1), ema_alpha)"),
+               "eval_module": Option("fast", str, choices=("fast", "slow"), help="the module that answers")}
+
+    @classmethod
+    def validate(cls, cfg, opts) -> None:
+        if opts["ema_alpha"] > 1.0:
+            raise ConfigError(f"learner_options.ema_alpha: {opts['ema_alpha']} is above 1")
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        try:
+            self.layers = list(find_layers(ctx.backbone.model)[2])
+        except ConfigError as e:
+            raise ConfigError(f"learner 'i-lora' reads every layer's hidden states: {e}") from e
+        self.buffer: list[int] = []
+        """The reservoir: training row indices (a row may be kept twice, from two epochs)."""
+        self.seen = 0
+        """Rows offered to the reservoir so far."""
+        self.global_step = 0
+        """Optimizer steps done over the whole stream (the EMA's ``step``)."""
+        self.fit_start = 0
+        self.batches: list[list[int]] = []
+        self.replay: list[list[int]] = []
+        """The current fit's batches and each one's buffer rows."""
+        self.ema_pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []
+
+    @property
+    def answer_module(self) -> str:
+        return SLOW if self.opts["eval_module"] == "slow" else self.module_name
+
+    # -- learning --------------------------------------------------------------------------------------
+    def learn(self, t: int) -> None:
+        ctx = self.ctx
+        task = self.begin_task(t)
+        if SLOW not in ctx.pet.modules(self.model):  # a fresh module of the same config
+            torch.manual_seed(int(ctx.rng.integers(2**31)))
+            ctx.pet.add(self.model, SLOW, ctx.calibration(t))
+            ctx.pet.activate(self.model, self.module_name)
+        self.ema_pairs = module_pairs(self.model, self.module_name, SLOW)
+        self.batches = ctx.epoch_batches(task.train)
+        self.replay = self.plan(self.batches, replay=t > 0)
+        self.fit_start = self.global_step
+        score = dev_scorer(ctx, self.model, list(range(t + 1)), lambda rows: self.logits_of(self.module_name, rows),
+                           ctx.targets)
+        self.last_fit = train_module(ctx, self.model, self.module_name, self.loss, self.batches,
+                                     f"{task.name} i-lora", t, list(self.head.parameters()), dev_score=score,
+                                     after_step=[self.ema_step])
+
+    def plan(self, batches: list[list[int]], replay: bool) -> list[list[int]]:
+        """Feed each batch's rows to the reservoir (official ``reservoir``: row number n >= size
+        replaces slot j ~ U{0..n} when j < size), then draw that step's buffer rows (none
+        without ``replay``); returns the buffer rows of every batch."""
+        rng, size = self.ctx.rng, self.opts["buffer_size"]
+        out = []
+        for batch in batches:
+            for row in batch:
+                if self.seen < size:
+                    self.buffer.append(row)
+                else:
+                    j = int(rng.integers(0, self.seen + 1))
+                    if j < size:
+                        self.buffer[j] = row
+                self.seen += 1
+            picks = rng.choice(len(self.buffer), size=min(len(batch), len(self.buffer)), replace=False) \
+                if replay else []
+            out.append([self.buffer[int(k)] for k in picks])
+        return out
+
+    def replay_part(self, micro: list[int]) -> list[int]:
+        """This micro-batch's share of its step's buffer rows (the same cut as the loop's)."""
+        step = self.global_step - self.fit_start
+        batch, buffer = self.batches[step], self.replay[step]
+        accum, rank, world = self.ctx.cfg.train.grad_accum, dist.rank(), dist.world_size()
+        share, own = dist.shard(batch, world, rank), dist.shard(buffer, world, rank)
+        for k in range(accum):
+            if dist.shard(share, accum, k) == micro:
+                return dist.shard(own, accum, k)
+        return []  # the zero-weight pass of a process without rows this step
+
+    def loss(self, indices: list[int]) -> torch.Tensor:
+        ctx, pet = self.ctx, self.ctx.pet
+        current = self.ce(indices, ctx.engine.states(self.model, indices))
+        rows = self.replay_part(indices)
+        if not rows:
+            return current
+        fast = self.hidden_states(rows)
+        pet.activate(self.model, SLOW)
+        with torch.no_grad():
+            slow = self.hidden_states(rows)
+        pet.activate(self.model, self.module_name)
+        width = fast[-1].shape[1]
+        lengths = torch.tensor([len(ctx.encoded.ids[i]) for i in rows], device=ctx.device)
+        mask = torch.arange(width, device=ctx.device)[None] < lengths[:, None]
+        cons = consistency(fast, slow, mask, len(self.layers) + 1)
+        return 0.5 * (current + self.ce(rows, fast[-1])) + self.opts["reg_weight"] * cons
+
+    def ce(self, rows: list[int], states: torch.Tensor) -> torch.Tensor:
+        """The task loss of ``rows`` from their last hidden states [rows, tokens, hidden]."""
+        ctx = self.ctx
+        if ctx.generative:
+            r, p, nxt = target_positions(ctx.engine, rows)
+            return F.cross_entropy(ctx.lm_head(states[r, p]).float(), nxt)
+        pos = torch.tensor([ctx.encoded.cloze_pos[i] for i in rows], device=ctx.device)
+        logits = self.head(states[torch.arange(len(rows), device=ctx.device), pos])
+        return F.cross_entropy(logits, ctx.targets(rows))
+
+    def hidden_states(self, rows: list[int]) -> list[torch.Tensor]:
+        """HF's ``hidden_states`` of ``rows`` through the active module that can differ between
+        modules: the output of every layer the engine runs (the upper ones with
+        ``train.top_layers``), the last one as the engine returns it (after the final norm)."""
+        captured: list[torch.Tensor] = []
+
+        def keep(module, args, output) -> None:
+            captured.append(output[0] if isinstance(output, tuple) else output)
+
+        handles = [layer.register_forward_hook(keep) for layer in self.layers]
+        try:
+            final = self.ctx.engine.states(self.model, rows)
+        finally:
+            for handle in handles:
+                handle.remove()
+        ran = len(self.layers) - (self.ctx.engine.split or 0)
+        if len(captured) != ran:
+            raise RuntimeError(f"i-lora: {len(captured)} layer outputs seen, {ran} layers expected (a PET method "
+                               "that replaces whole layers hides their hidden states)")
+        width = final.shape[1]  # a prompt method's virtual tokens are dropped, as the engine does
+        return [h[:, h.shape[1] - width:] for h in captured[:-1]] + [final]
+
+    @torch.no_grad()
+    def ema_step(self, step: int) -> None:
+        """``theta_s <- alpha theta_s + (1 - alpha) theta_f``, ``alpha = min(1 - 1/(n + 1),
+        ema_alpha)`` after optimizer step n (1-based, over the stream), pair by pair."""
+        self.global_step += 1
+        alpha = min(1.0 - 1.0 / (self.global_step + 1), self.opts["ema_alpha"])
+        for fast, slow in self.ema_pairs:
+            slow.mul_(alpha).add_(fast, alpha=1.0 - alpha)
+
+    # -- prediction ------------------------------------------------------------------------------------
+    def logits_of(self, module: str, indices: list[int]) -> torch.Tensor:
+        """Head logits through ``module``; the fast module is left active."""
+        pet = self.ctx.pet
+        if module != self.module_name:
+            pet.activate(self.model, module)
+        out = self.head(self.ctx.features(self.model, indices))
+        if module != self.module_name:
+            pet.activate(self.model, self.module_name)
+        return out
+
+    def logits(self, indices: list[int]) -> torch.Tensor:
+        return self.logits_of(self.answer_module, indices)
+
+    def generate(self, indices: list[int]) -> list[str]:
+        self.ctx.pet.activate(self.model, self.answer_module)
+        answers = self.ctx.generate(self.model, indices)
+        self.ctx.pet.activate(self.model, self.module_name)
+        return answers
+
+    def reference_model(self) -> torch.nn.Module:
+        self.ctx.pet.activate(self.model, self.answer_module)
+        self.model.eval()
+        return self.model
+
+    # -- saving and resuming ---------------------------------------------------------------------------
+    def save(self, t: int, folder: Path) -> None:
+        super().save(t, folder)
+        (folder / SLOW).mkdir()
+        self.ctx.pet.save(self.model, SLOW, folder / SLOW)
+
+    def restore(self, run_dir: Path, seed: int) -> None:
+        super().restore(run_dir, seed)
+        self.ctx.pet.load(self.model, adapter_dir(run_dir, seed, self.ctx.stream.tasks[-1].name) / SLOW, SLOW)
+        self.ctx.pet.activate(self.model, self.module_name)
+
+    def state(self):
+        tensors, meta = super().state()
+        meta["i_lora"] = {"buffer": list(self.buffer), "seen": self.seen, "global_step": self.global_step}
+        return tensors, meta
+
+    def load_state(self, tensors, meta) -> None:
+        super().load_state(tensors, meta)
+        own = meta["i_lora"]
+        self.buffer, self.seen, self.global_step = list(own["buffer"]), own["seen"], own["global_step"]
+
+    def tunable_params(self) -> dict[str, int]:
+        out = super().tunable_params()
+        out["stored_params"] = out["pet_params"] * 2 + out["head_params"]
+        return out

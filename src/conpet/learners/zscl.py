@@ -1,0 +1,314 @@
+"""``zscl``: Zero-Shot Continual Learning (Zheng et al. 2023, "Preventing Zero-Shot Transfer
+Degradation in Continual Learning of Vision-Language Models", ICCV; official code
+Thunderbeee/ZSCL ``mtil/src/models/finetune.py``, settings ``mtil/scripts/ZSCL.sh``).
+
+One PET module is trained task after task; every step's loss is, as the official trainer's::
+
+    L = CE_ls(task) + kd_weight * tau^2 KL(p_base^tau || p_module^tau) + l2 * sum (theta - theta_start)^2
+
+- **Task loss**: cross-entropy with label smoothing over the **new task's classes only** (the
+  official code scores images against the current dataset's class names); on a generative stream
+  the LM loss on the target tokens.
+- **Distillation from the zero-shot model** on a **reference set disjoint from the tasks**: the
+  teacher is the frozen backbone itself with the PET module switched off (peft's
+  ``disable_adapter()``, the unwrapped backbone under prompt learning, conpet's own modules with
+  none active), so no second model is held.
+  Each step draws ``ref_batch_size`` chunks of the reference text (``data.reference_text``, else
+  the built-in sample; the chunks of ``train.max_length`` tokens the runner's reference
+  perplexity reads) and distils the base model's next-token distribution at every position,
+  ``tau^2 KL`` with ``tau = 2``, averaged over tokens.
+- **L2** to the module's weights at the start of the task (``l2``, official 1), over the PET
+  parameters.
+- **Weight ensemble (WE)**: after step 0 and every ``we_interval`` steps (official 100),
+  ``theta_hat <- (n theta_hat + theta) / (n + 1)`` with ``theta_hat`` starting at the task-start
+  weights; at the end of the task ``theta_hat`` replaces the module (and the head): it is what is
+  evaluated, saved and what the next task starts from. For **LoRA** the average is taken of the
+  update ``dW = s B A`` (averaging A and B apart is not averaging their product): the snapshots'
+  factors are kept side by side (``[s B_0 .. s B_n] [A_0; ..; A_n] / (n + 1)`` is the average
+  exactly) and at the task's end refitted to the module's rank by a truncated SVD (QR of both
+  factor stacks, then an SVD of the small core); ``A`` gets the orthonormal right singular vectors
+  and ``s B`` the rest, so no rank component is left with both factors zero. The relative
+  Frobenius error of that truncation is reported per task (``we_truncation_error``). For every
+  other PET method the parameters are averaged, which is the paper's own averaging of weights.
+
+Cost per step: one extra no-grad forward (teacher) and one forward/backward (student) of the
+whole backbone on the reference batch (the frozen lower-layer cache does not cover reference
+text), plus a pass over the PET parameters for L2; the WE keeps one snapshot per ``we_interval``
+steps within a task (LoRA: ``r`` rows of each factor per snapshot, recompressed exactly once they
+reach a layer's full rank). Storage: one module + the head, constant in the number of tasks.
+
+Deviations, named:
+
+- the KD is ``KL(p_T || p_S)``: the official ``CE(s / T, softmax(t / T)) T^2`` minus the
+  teacher's entropy (the same gradient; the value is 0 when the module is the identity);
+- no second (text-side, transposed) KD term: a language model has no second tower; the one
+  token-level term takes the official weight 1 of each term (``kd_weight``);
+- the reference batch is an independent random draw of chunks each step (the official code
+  cycles a shuffled ImageNet loader); under ``train.grad_accum`` each micro-batch distils the
+  step's whole reference batch (the micro-batch weights sum to 1, so the term counts once);
+- the WE also snapshots the task's last step (the official 1000 iterations end on a multiple of
+  100); with fewer than ``we_interval`` steps a task averages its start, step 0 and its end;
+- label smoothing (``label_smoothing``) defaults to the official 0.2 on classification streams
+  and to 0 on generative ones: smoothing over a vocabulary of tens of thousands of tokens pulls
+  every answer distribution towards uniform noise (the class CE smooths over a task's few
+  classes, as CLIP's over its class names); a value given applies to both;
+- conpet's PET module and optimizer (AdamW, constant ``train.lr``, ``train.epochs`` passes)
+  instead of full fine-tuning of CLIP ViT-B/16 with 1000 iterations, cosine schedule, lr 1e-5;
+- WE averages parameters, not effective updates, for PET methods whose update is another
+  non-linear function of their parameters (AdaLoRA, Compacter, MoLA, MoS, DePT, CorDA, DoRA,
+  LoRA on embeddings); adapters and prompts are network weights, which the paper averages;
+- the L2 covers the PET parameters, not the growing head (a new head row starts random, not as a
+  zero-shot classifier); the WE does average the head;
+- ``train.select_on_dev`` is refused: the method keeps the ensemble, not a dev-selected epoch.
+
+The backbone needs its LM head (a decoder): on an encoder ``zscl`` is a ``ConfigError`` raised by
+:func:`conpet.build.prepare` (``needs_lm_head``) before anything is written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conpet.backbone import last_hidden
+from conpet.data.load import reference_text
+from conpet.errors import ConfigError
+from conpet.generation import right_padded, target_tokens, token_logits
+from conpet.heads import task_targets
+from conpet.inputs import text_chunks
+from conpet.learners.base import Context, OneModuleLearner, register_learner, train_module
+from conpet.learners.options import Option
+from conpet.pet.base import backbone_alone
+
+
+def token_kd(teacher: torch.Tensor, student: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``tau^2 KL(softmax(teacher / tau) || softmax(student / tau))``, mean over the rows (tokens)."""
+    t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    s = F.log_softmax(student.float() / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def refit(b_stack: torch.Tensor, a_stack: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """``b_stack @ a_stack`` ([out, R] x [R, in]) as ``B' A'`` of rank ``rank`` (truncated SVD via QR
+    of both stacks, never the dense product): ``A'`` the orthonormal right singular vectors, ``B'``
+    the rest; also the squared Frobenius norms of the discarded part and of the whole."""
+    qb, rb = torch.linalg.qr(b_stack)
+    qa, ra = torch.linalg.qr(a_stack.T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    k = min(rank, s.shape[0])
+    b_new = torch.zeros(b_stack.shape[0], rank, dtype=b_stack.dtype, device=b_stack.device)
+    a_new = torch.zeros(rank, a_stack.shape[1], dtype=a_stack.dtype, device=a_stack.device)
+    b_new[:, :k] = qb @ (u[:, :k] * s[:k])
+    a_new[:k] = vh[:k] @ qa.T
+    return b_new, a_new, float((s[k:] ** 2).sum()), float((s ** 2).sum())
+
+
+class WeightEnsemble:
+    """The running average ``theta_hat`` of one task: of ``s B A`` per LoRA layer (kept as side-by-side
+    factor stacks, exact) and of every other tensor (``dense``: other PET tensors and the head)."""
+
+    def __init__(self, lora: list[tuple[nn.Parameter, nn.Parameter, float]], dense: list[nn.Parameter]) -> None:
+        self.lora, self.dense = lora, dense
+        self.n = 1
+        """Weights averaged so far (the task-start weights count as the first)."""
+        self.b_sum = [float(s) * b.detach().float().clone() for a, b, s in lora]
+        self.a_sum = [a.detach().float().clone() for a, b, s in lora]
+        self.mean = [p.detach().clone() for p in dense]
+
+    @torch.no_grad()
+    def add(self) -> None:
+        """``theta_hat <- (n theta_hat + theta) / (n + 1)`` for the current weights."""
+        for k, (a, b, s) in enumerate(self.lora):
+            b_sum = torch.cat([self.b_sum[k], float(s) * b.detach().float()], dim=1)
+            a_sum = torch.cat([self.a_sum[k], a.detach().float()])
+            if a_sum.shape[0] > min(a_sum.shape[1], b_sum.shape[0]):  # past full rank: recompress, exactly
+                b_sum, a_sum, _, _ = refit(b_sum, a_sum, min(a_sum.shape[1], b_sum.shape[0]))
+            self.b_sum[k], self.a_sum[k] = b_sum, a_sum
+        for m, p in zip(self.mean, self.dense):
+            m.mul_(self.n / (self.n + 1)).add_(p.detach(), alpha=1.0 / (self.n + 1))
+        self.n += 1
+
+    @torch.no_grad()
+    def write(self) -> float:
+        """Put ``theta_hat`` into the module and head; the relative Frobenius error of refitting the
+        averaged LoRA updates to the module's rank (0 without LoRA layers)."""
+        dropped = total = 0.0
+        for k, (a, b, s) in enumerate(self.lora):
+            b_new, a_new, d, w = refit(self.b_sum[k] / self.n, self.a_sum[k], a.shape[0])
+            a.copy_(a_new)
+            b.copy_(b_new / float(s))
+            dropped, total = dropped + d, total + w
+        for m, p in zip(self.mean, self.dense):
+            p.copy_(m)
+        return (dropped / total) ** 0.5 if total > 0 else 0.0
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {**{f"b/{k}": v for k, v in enumerate(self.b_sum)}, **{f"a/{k}": v for k, v in enumerate(self.a_sum)},
+                **{f"mean/{k}": v for k, v in enumerate(self.mean)}}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], n: int) -> None:
+        self.n = n
+        self.b_sum = [tensors[f"b/{k}"].clone() for k in range(len(self.lora))]
+        self.a_sum = [tensors[f"a/{k}"].clone() for k in range(len(self.lora))]
+        self.mean = [tensors[f"mean/{k}"].clone() for k in range(len(self.dense))]
+
+
+@register_learner("zscl")
+class ZSCL(OneModuleLearner):
+    """ZSCL: KD from the frozen base on reference text, L2 to the task start, weight ensemble (Zheng et al. 2023)."""
+
+    paper = "Zheng et al. 2023, Preventing Zero-Shot Transfer Degradation in Continual Learning of Vision-Language Models"
+    generative = True
+    needs_lm_head = True
+    """:func:`conpet.build.prepare` loads the LM head on classification streams too (an encoder is refused)."""
+    options = {
+        "kd_weight": Option(1.0, float, minimum=0.0, help="weight of the distillation from the frozen base"),
+        "temperature": Option(2.0, float, minimum=1e-6, help="distillation temperature tau"),
+        "l2": Option(1.0, float, minimum=0.0, help="weight of sum (theta - theta_task_start)^2 over the PET"),
+        "we_interval": Option(100, int, minimum=1, help="steps between weight-ensemble snapshots"),
+        "ref_batch_size": Option(None, int, minimum=1, nullable=True,
+                                 help="reference chunks distilled per step; default train.batch_size"),
+        "label_smoothing": Option(None, float, minimum=0.0, nullable=True,
+                                  help="of the task loss; default 0.2 on classification, 0 on generative streams"),
+    }
+
+    @classmethod
+    def validate(cls, cfg, opts) -> None:
+        if opts["label_smoothing"] is not None and opts["label_smoothing"] >= 1.0:
+            raise ConfigError(f"learner_options.label_smoothing: must be below 1, got {opts['label_smoothing']}")
+        if cfg.train.select_on_dev:
+            raise ConfigError("train.select_on_dev: zscl keeps the weight ensemble of each task, not a dev-selected "
+                              "epoch; leave it off")
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.chunks: list[list[int]] | None = None
+        self.anchor: list[torch.Tensor] = []
+        self.params: list[nn.Parameter] = []
+        self.ensemble: WeightEnsemble | None = None
+        self.task = 0
+        self.step = 0
+        """The fit's next step (it picks the step's reference batch)."""
+        self.last_step = 0
+        self.errors: list[float] = []
+        """The WE's LoRA refit error of each finished task."""
+        self._targets: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def smoothing(self) -> float:
+        given = self.opts["label_smoothing"]
+        return given if given is not None else (0.0 if self.ctx.generative else 0.2)
+
+    # -- learning --------------------------------------------------------------------------------------
+    def learn(self, t: int) -> None:
+        ctx = self.ctx
+        task = self.begin_task(t)
+        self.task, self.step = t, 0
+        self._targets = None if ctx.generative else task_targets(ctx.stream, t, ctx.device)
+        self.params = self.pet_parameters()
+        self.anchor = [p.detach().clone() for p in self.params]
+        self.ensemble = self.new_ensemble()
+        batches = ctx.epoch_batches(task.train)
+        self.last_step = len(batches) - 1
+        self.last_fit = train_module(ctx, self.model, self.module_name, self.loss, batches, f"{task.name} zscl", t,
+                                     list(self.head.parameters()), after_step=[self.after_step])
+        self.errors.append(self.ensemble.write())
+        self.ensemble = None
+
+    def new_ensemble(self) -> WeightEnsemble:
+        """A WE over the module (LoRA layers as ``s B A``) and the head, starting at their current weights."""
+        pet, name = self.ctx.pet, self.module_name
+        lora = []
+        if pet.lora_mergeable and not pet.options.get("use_dora"):
+            lora = [(layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name])
+                    for _, layer in pet.tuner_layers(self.model, name) if name in getattr(layer, "lora_A", {})]
+        factors = {id(p) for a, b, _ in lora for p in (a, b)}
+        dense = [p for p in self.params if id(p) not in factors] + list(self.head.parameters())
+        return WeightEnsemble(lora, dense)
+
+    def after_step(self, step: int) -> None:
+        self.step = step + 1
+        if step % self.opts["we_interval"] == 0 or step == self.last_step:
+            self.ensemble.add()
+
+    def loss(self, indices: list[int]) -> torch.Tensor:
+        loss = self.task_loss(indices)
+        if self.opts["kd_weight"]:
+            loss = loss + self.opts["kd_weight"] * self.kd_loss(self.reference_batch(self.task, self.step))
+        if self.opts["l2"]:
+            loss = loss + self.opts["l2"] * sum(((p - q) ** 2).sum() for p, q in zip(self.params, self.anchor))
+        return loss
+
+    def task_loss(self, indices: list[int]) -> torch.Tensor:
+        """Label-smoothed cross-entropy over task ``t``'s classes (LM loss on a generative stream)."""
+        ctx = self.ctx
+        if ctx.generative:
+            logits = token_logits(ctx.engine, self.model, ctx.lm_head, indices)
+            return F.cross_entropy(logits, target_tokens(ctx.engine, indices), label_smoothing=self.smoothing)
+        columns, local = self._targets
+        return F.cross_entropy(self.logits(indices)[:, columns], local[ctx.targets(indices)],
+                               label_smoothing=self.smoothing)
+
+    # -- distillation on the reference text ------------------------------------------------------------
+    def reference_chunks(self) -> list[list[int]]:
+        """The reference text as token chunks of at most ``train.max_length`` (those of the runner's
+        reference perplexity), tokenized once."""
+        if self.chunks is None:
+            ctx = self.ctx
+            self.chunks = text_chunks(ctx.backbone.tokenizer, reference_text(ctx.cfg.data.reference_text),
+                                      ctx.cfg.train.max_length)
+        return self.chunks
+
+    def reference_batch(self, t: int, step: int) -> list[list[int]]:
+        """The reference chunks of step ``step`` of task ``t``: a draw without replacement, a
+        function of (seed, task, step) alone (a resumed fit draws the same)."""
+        chunks = self.reference_chunks()
+        size = min(len(chunks), self.opts["ref_batch_size"] or self.ctx.cfg.train.batch_size)
+        rows = np.random.default_rng([self.ctx.seed, t, step]).choice(len(chunks), size=size, replace=False)
+        return [chunks[i] for i in sorted(rows)]
+
+    def kd_loss(self, chunks: list[list[int]]) -> torch.Tensor:
+        """``tau^2 KL(p_base || p_module)`` at every next-token position of ``chunks``."""
+        teacher, student = self.reference_logits(chunks)
+        return token_kd(teacher, student, self.opts["temperature"])
+
+    def reference_logits(self, chunks: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token logits [tokens, vocabulary] of the bare backbone (no gradient) and of the
+        backbone with the module, at every predicted position of ``chunks``."""
+        ctx = self.ctx
+        ids, mask = right_padded(chunks, 0, ctx.device)
+
+        def logits(model: nn.Module) -> torch.Tensor:
+            hidden = last_hidden(model(input_ids=ids, attention_mask=mask))
+            hidden = hidden[:, hidden.shape[1] - ids.shape[1]:]  # a prompt method's virtual tokens come first
+            return ctx.lm_head(hidden[:, :-1][mask[:, 1:].bool()])
+
+        with torch.no_grad(), backbone_alone(self.model) as bare:
+            teacher = logits(bare)
+        return teacher, logits(self.model)
+
+    # -- state -----------------------------------------------------------------------------------------
+    def eval_extra(self, t: int) -> dict[str, list[float]]:
+        return {"we_truncation_error": list(self.errors[: t + 1])}
+
+    def state(self):
+        tensors, meta = super().state()
+        tensors.update({f"zscl/anchor/{k}": v for k, v in enumerate(self.anchor)})
+        meta["zscl"] = {"task": self.task, "step": self.step, "last_step": self.last_step, "errors": self.errors,
+                        "anchor": len(self.anchor), "we_n": self.ensemble.n if self.ensemble else None}
+        if self.ensemble is not None:
+            tensors.update({f"zscl/we/{k}": v for k, v in self.ensemble.state().items()})
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        super().load_state(tensors, meta)
+        own = meta["zscl"]
+        self.task, self.step, self.last_step = own["task"], own["step"], own["last_step"]
+        self.errors = list(own["errors"])
+        self.anchor = [tensors[f"zscl/anchor/{k}"].clone() for k in range(own["anchor"])]
+        if own["we_n"] is not None:  # inside a task: the learn() preamble made the ensemble's tensors
+            self.ensemble.load_state({k[8:]: v for k, v in tensors.items() if k.startswith("zscl/we/")}, own["we_n"])
