@@ -21,7 +21,7 @@ from conpet.cli import main
 from conpet.config import from_dict, load_config
 from conpet.data.load import load_stream
 from conpet.errors import ConfigError, ConpetError
-from conpet.search import load_space, search
+from conpet.search import search
 from conpet.search.pareto import best_per_budget, pareto_front, should_prune
 
 
@@ -189,3 +189,21 @@ def test_a_killed_worker_leaves_the_study_usable(tmp_path, tiny_encoder, typing_
     assert sum(s == optuna.trial.TrialState.COMPLETE for s in states.values()) == 2
     with sqlite3.connect(db) as con:  # nothing left in the running state
         assert con.execute("select count(*) from trials where state='RUNNING'").fetchone()[0] == 0
+
+
+def test_two_phase_tunes_on_one_half_and_reports_the_other(tmp_path, tiny_encoder, typing_data):
+    data, tasks = typing_data
+    space = _space(tmp_path, tiny_encoder, data, tasks, {"pet.method": ["lora", "bitfit"]}, trials=2)
+    out = tmp_path / "search"
+    result = search(space, out, tune_on=f"{data}[tasks=0:1]", eval_on=f"{data}[tasks=1:2]", sampler="random",
+                    prune=False, eval_seeds=1)
+    for p in result.points:  # phase 1 saw only the first task, on dev rows
+        cfg = load_config(str(Path(p["run_dir"]) / "config.yaml"))
+        assert (cfg.data.task_slice, cfg.data.eval_split) == ("0:1", "dev")
+    rows = {r["name"]: r for r in result.phase2["rows"]}
+    assert set(rows) == {"searched", "defaults"}
+    for row in rows.values():  # phase 2: the other task, its test rows
+        cfg = load_config(str(Path(row["run_dir"]) / "config.yaml"))
+        assert (cfg.data.task_slice, cfg.data.eval_split) == ("1:2", "test")
+        assert 0 <= row["accuracy"] <= 100
+    assert "Phase 2 on" in (out / "search.md").read_text()

@@ -256,7 +256,8 @@ def cmd_predict(args) -> int:
 def cmd_search(args) -> int:
     result = search(args.space, args.out, tune_on=args.tune_on, eval_on=args.eval_on, storage=args.storage,
                     study_name=args.study, sampler=args.sampler, seed=args.seed, trials=args.trials,
-                    prune=not args.no_prune, heartbeat=args.heartbeat, progress=args.progress)
+                    prune=not args.no_prune, heartbeat=args.heartbeat, eval_seeds=args.eval_seeds,
+                    progress=args.progress)
     print(report_search(result.out))
     print(f"search folder: {result.out} (search.md, pareto.png, best/*.yaml)")
     return 0
@@ -316,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the search folder (trials, search.md, pareto.png, best/*.yaml)")
     p.add_argument("--tune-on", help="phase 1 stream: a benchmark, a data file, or NAME[tasks=START:STOP]")
     p.add_argument("--eval-on", help="phase 2 stream (same scenario), reported on its test rows")
+    p.add_argument("--eval-seeds", type=int, default=3, help="seeds of each phase 2 run (default: 3)")
     p.add_argument("--storage", help="Optuna storage URL shared by workers (default: sqlite in --out)")
     p.add_argument("--study", help="study name (default: the --out folder's name); workers with the same "
                                    "storage and study share the trials")

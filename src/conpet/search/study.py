@@ -127,7 +127,7 @@ def space_fingerprint(space: Space) -> str:
 def search(space_path: str | Path, out: str | Path, tune_on: str | None = None, eval_on: str | None = None,
            storage: str | None = None, study_name: str | None = None, sampler: str = "nsga2", seed: int = 0,
            trials: int | None = None, prune: bool = True, min_trials: int = 4, heartbeat: int = 60,
-           progress: bool = False) -> SearchResult:
+           eval_seeds: int = 3, progress: bool = False) -> SearchResult:
     """Run (or join) a search and write its outputs under ``out`` (see the module docstring).
     Every input is checked before anything is written."""
     space = load_space(space_path)
@@ -139,6 +139,8 @@ def search(space_path: str | Path, out: str | Path, tune_on: str | None = None, 
         space.base = _with(space.base, stream_spec(tune_on))
     eval_values = _with(space.base, stream_spec(eval_on)) if eval_on else None
     if eval_values is not None:
+        if eval_seeds < 1:
+            raise ConfigError(f"--eval-seeds {eval_seeds}: must be >= 1")
         check_scenarios(space.base.get("data", {}), eval_values.get("data", {}), tune_on or "the base stream", eval_on)
     make_sampler(sampler, seed)  # a bad name fails before anything is written
     out = Path(out)
@@ -171,7 +173,7 @@ def search(space_path: str | Path, out: str | Path, tune_on: str | None = None, 
                    gc_after_trial=True)
     result = summarize(study, space, out)
     if eval_values is not None and result.front:
-        result.phase2 = phase_two(result, space, eval_values, eval_on, out, progress)
+        result.phase2 = phase_two(result, space, eval_on, eval_seeds, out, progress)
     return result
 
 
@@ -301,15 +303,14 @@ def pareto_plot(points: list[dict], front: list[int], path: Path) -> None:
     plt.close(fig)
 
 
-def phase_two(result: SearchResult, space: Space, eval_values: dict, eval_on: str, out: Path,
-              progress: bool) -> dict:
-    """Train the most accurate configuration of the front once on the evaluation stream, and the
-    base configuration beside it; report both on that stream's test rows."""
+def phase_two(result: SearchResult, space: Space, eval_on: str, seeds: int, out: Path, progress: bool) -> dict:
+    """Train the most accurate configuration of the front on the evaluation stream (``seeds``
+    seeds), and the base configuration beside it; report both on that stream's test rows."""
     chosen = result.points[result.front[0]]
     rows = []
     for name, config in (("searched", chosen["config"]), ("defaults", space.base)):
         values = _with(config, {k: v for k, v in stream_spec(eval_on).items()})
-        values = _with(values, {"data.eval_split": "test", "seeds": space.seeds,
+        values = _with(values, {"data.eval_split": "test", "seeds": seeds,
                                 "out": str(out / "phase2" / name)})
         run_dir = out / "phase2" / name
         if (run_dir / "metrics.json").is_file():
@@ -322,7 +323,7 @@ def phase_two(result: SearchResult, space: Space, eval_values: dict, eval_on: st
                      "accuracy_std": 100 * metrics.get("std", {}).get("average_accuracy", 0.0),
                      "forgetting": 100 * metrics["forgetting"], "params": int(metrics["tunable_params"]),
                      "run_dir": str(run_dir)})
-    phase2 = {"stream": eval_on, "seeds": space.seeds, "chosen_trial": chosen["number"], "rows": rows}
+    phase2 = {"stream": eval_on, "seeds": seeds, "chosen_trial": chosen["number"], "rows": rows}
     summary = json.loads((out / "search.json").read_text())
     summary["phase2"] = phase2
     atomic_write_json(out / "search.json", summary)
