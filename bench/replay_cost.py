@@ -32,10 +32,9 @@ warnings.filterwarnings("ignore")
 
 
 def main() -> None:
-    import dataclasses
-
     from conpet.build import prepare
     from conpet.config import from_dict
+    from conpet.learners import get_learner
     from conpet.runner import run
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,7 +46,7 @@ def main() -> None:
     p.add_argument("--max-train-per-class", type=int, default=None)
     p.add_argument("--learners", default="emr*,emr,dynamic,dynamic-k2",
                    help="comma-separated subset of: emr*, emr, dynamic, dynamic-k2, sequential, o-lora, inflora, lae, crl, "
-                        "crl*, fpf, k-fpf")
+                        "crl*, fpf, k-fpf, i-lora, osf, zscl, cofitune")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     # a fixed number of steps per task (the wordnet-typing tasks have 3 or 4 classes, so the
@@ -67,19 +66,30 @@ def main() -> None:
         "crl*": ("crl* (dynamic replay)", {"learner": "crl*", "learner_options": {"steps_per_task": steps}}),
         "fpf": ("fpf", {"learner": "fpf"}),
         "k-fpf": ("k-fpf", {"learner": "k-fpf"}),
+        "i-lora": ("i-lora", {"learner": "i-lora"}),
+        "osf": ("osf", {"learner": "osf"}),
+        "zscl": ("zscl", {"learner": "zscl"}),  # needs a causal LM (--model smollm2)
+        "cofitune": ("cofitune", {"learner": "cofitune", "pet": "cofitune"}),
     }
     configs = dict(known[name.strip()] for name in args.learners.split(","))
-    base = from_dict({"model": args.model, "train": {"epochs": args.epochs, "top_layers": args.top_layers},
-                      "data": {"benchmark": args.benchmark, "max_train_per_class": args.max_train_per_class},
-                      "pet": {"method": "lora", "options": {"target_modules": "all-linear"} if args.all_linear else {}}})
-    prepared = prepare(base)
-    stream, engine = prepared
-    engine.warm([i for task in stream.tasks for i in task.train])  # no learner pays for the cache
-    results = {}
+    lora = {"method": "lora", "options": {"target_modules": "all-linear"} if args.all_linear else {}}
+    results, ready = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in configs.items():
-            cfg = dataclasses.replace(base, out=str(Path(tmp) / name.replace(" ", "_")), **extra)
-            m = run(cfg, progress=False, prepared=prepared)
+            # one prepared backbone per PET method (CoFiTune caches below its own window) and LM-head need
+            pet = {"method": extra["pet"], "options": {}} if "pet" in extra else lora
+            cfg = from_dict({"model": args.model, "learner": extra["learner"],
+                             "learner_options": extra.get("learner_options", {}),
+                             "train": {"epochs": args.epochs, "top_layers": args.top_layers if "pet" not in extra
+                                       else "auto"},
+                             "data": {"benchmark": args.benchmark, "max_train_per_class": args.max_train_per_class},
+                             "pet": pet, "out": str(Path(tmp) / name.replace(" ", "_"))})
+            key = (pet["method"], get_learner(cfg.learner).needs_lm_head)
+            if key not in ready:
+                ready[key] = prepare(cfg)
+                stream, engine = ready[key]
+                engine.warm([i for task in stream.tasks for i in task.train])  # no learner pays for the cache
+            m = run(cfg, progress=False, prepared=ready[key])
             results[name] = {"train_seconds": m["train_seconds"], "train_samples": m["train_samples"],
                              "average_accuracy": m["average_accuracy"]}
     T = len(next(iter(results.values()))["train_seconds"])

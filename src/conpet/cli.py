@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="Optuna storage URL shared by workers (default: sqlite in --out)")
     p.add_argument("--study", help="study name (default: the --out folder's name); workers with the same "
                                    "storage and study share the trials")
-    p.add_argument("--sampler", default="nsga2", help="nsga2 (default), tpe or random")
+    p.add_argument("--sampler", default="tpe", help="tpe (default: multi-objective TPE), nsga2 or random")
     p.add_argument("--trials", type=int, help="finished trials to reach (default: the space's 'trials')")
     p.add_argument("--seed", type=int, default=0, help="sampler seed (each worker adds its process id)")
     p.add_argument("--no-prune", action="store_true", help="never stop a trial early")

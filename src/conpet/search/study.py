@@ -6,7 +6,7 @@ with the two-phase protocol built in.
 accuracy matrix is measured on **dev** rows and the test rows are sealed, so a trial that reads
 them fails (:func:`conpet.data.stream.seal_test`). A trial is scored on average dev accuracy
 after the stream (up), tunable parameters (down) and training seconds (down); the study's sampler
-(NSGA-II by default, or TPE, or random) proposes the next configuration. After each task a trial
+(TPE by default, or NSGA-II, or random) proposes the next configuration. After each task a trial
 whose dev accuracy is below the median of the finished trials' after the same task stops early
 (Optuna's median rule: Optuna's pruners need ``Trial.report``, which it refuses in
 multi-objective studies, so the rule is applied here on the per-task values the trials store).
@@ -50,7 +50,9 @@ from conpet.runs import atomic_write_json, atomic_write_text
 from conpet.search.pareto import best_per_budget, pareto_front, should_prune
 from conpet.search.space import Space, load_space
 
-SAMPLERS = ("nsga2", "tpe", "random")
+SAMPLERS = ("tpe", "nsga2", "random")
+"""TPE (multi-objective, Optuna's MOTPE: 10 random start-up trials, then a model of the good
+region) suits budgets of tens of trials; NSGA-II draws its whole first generation (50) at random."""
 DIRECTIONS = {"accuracy": "maximize", "params": "minimize", "seconds": "minimize"}
 
 
@@ -125,8 +127,8 @@ def space_fingerprint(space: Space) -> str:
 
 
 def search(space_path: str | Path, out: str | Path, tune_on: str | None = None, eval_on: str | None = None,
-           storage: str | None = None, study_name: str | None = None, sampler: str = "nsga2", seed: int = 0,
-           trials: int | None = None, prune: bool = True, min_trials: int = 4, heartbeat: int = 60,
+           storage: str | None = None, study_name: str | None = None, sampler: str = "tpe", seed: int = 0,
+           trials: int | None = None, prune: bool = True, min_trials: int = 5, heartbeat: int = 60,
            eval_seeds: int = 3, progress: bool = False) -> SearchResult:
     """Run (or join) a search and write its outputs under ``out`` (see the module docstring).
     Every input is checked before anything is written."""
