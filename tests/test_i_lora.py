@@ -6,10 +6,6 @@ with the same chance, and a run killed inside a task resumes to the same result.
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from conpet.build import build_learner, check, prepare
-from conpet.checkpoint import META_FILE
 from conpet.cli import main
 from conpet.config import from_dict
 from conpet.errors import ConfigError
@@ -209,23 +204,10 @@ def test_bad_options(options, match):
 
 
 def test_killed_inside_the_second_task_resumes_to_the_same_run(tiny_encoder, typing_data, tmp_path):
-    from test_reliability import _args, _same_run
+    from test_reliability import _args, _same_run, kill_inside_task
 
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert main(_args(tiny_encoder, typing_data, full, "i-lora")) == 0
-    proc = subprocess.Popen([sys.executable, "-m", "conpet.cli", *_args(tiny_encoder, typing_data, killed, "i-lora")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    meta = killed / "seed-0" / "checkpoint" / "in-task" / META_FILE
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline:  # an in-task checkpoint of the replay task
-        try:
-            if json.loads(meta.read_text())["task"] == 1:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before a checkpoint inside its second task"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_inside_task(_args(tiny_encoder, typing_data, killed, "i-lora"), killed, task=1)  # the replay task
     assert main(["run", "--resume", str(killed), "--no-progress"]) == 0
     _same_run(full, killed)

@@ -27,7 +27,7 @@ from conpet.errors import ModelError
 from conpet.runs import recover_interrupted, verify_run
 
 LEARNERS = ["sequential", "ewc*", "lwf", "ea-emr*", "dynamic[top_k=2]", "merge[rank=4]", "o-lora", "lae", "crl*",
-            "inflora", "i-lora", "osf", "cofitune", "zscl"]
+            "inflora", "i-lora", "osf", "cofitune", "zscl", "model-surgery"]
 PET_OF = {"cofitune": "cofitune"}
 """Learners that train a PET method of their own (the others run on the default LoRA)."""
 DECODER_ONLY = {"zscl"}
@@ -39,6 +39,31 @@ def _args(model: Path, data: tuple[Path, Path], out: Path, learner: str) -> list
             "--pet", PET_OF.get(learner, "lora"),
             "--epochs", "3", "--batch-size", "4", "--no-progress", "--set", "train.checkpoint_seconds=0",
             "--out", str(out)]
+
+
+def kill_inside_task(args: list[str], out: Path, task: int = 1, min_step: int = 0, timeout: float = 300) -> None:
+    """Start ``conpet ARGS`` (writing run directory ``out``) and SIGKILL it once an in-task
+    checkpoint of task ``task`` (0-based) at step >= ``min_step`` is written; fails if the run
+    ends first. Run with ``train.checkpoint_seconds=0`` so every step is checkpointed."""
+    from conpet.checkpoint import META_FILE
+
+    proc = subprocess.Popen([sys.executable, "-m", "conpet.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "CONPET_PROGRESS": "0"})
+    meta = out / "seed-0" / "checkpoint" / "in-task" / META_FILE
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            m = json.loads(meta.read_text())
+            if m["task"] == task and m.get("step", 0) >= min_step:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.01)
+    alive = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert alive, f"the run ended before an in-task checkpoint of task {task + 1}"
+    assert not (out / "manifest.json").exists()
 
 
 def _adapters(run: Path) -> dict[str, dict[str, torch.Tensor]]:

@@ -4,10 +4,6 @@ task start, and a weight ensemble (of s B A for LoRA) that becomes the module af
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -206,7 +202,7 @@ def test_an_encoder_is_refused_before_anything_is_written(tiny_encoder, typing_d
 def test_kill_inside_a_task_then_resume_gives_the_same_run(tiny_decoder, typing_data, short_reference, tmp_path):
     """kill -9 inside the second task (at an in-task checkpoint: WE snapshots, anchor and step
     saved mid-task), then ``--resume``: the same metrics and adapters as an uninterrupted run."""
-    from test_reliability import _args, _same_run
+    from test_reliability import _args, _same_run, kill_inside_task
 
     def args(out):
         return [*_args(tiny_decoder, typing_data, out, "zscl[we_interval=2]"), "--set",
@@ -214,22 +210,7 @@ def test_kill_inside_a_task_then_resume_gives_the_same_run(tiny_decoder, typing_
 
     base, killed = tmp_path / "base", tmp_path / "killed"
     assert main(args(base)) == 0
-    proc = subprocess.Popen([sys.executable, "-m", "conpet.cli", *args(killed)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    meta = killed / "seed-0" / "checkpoint" / "in-task" / "state.json"
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline:
-        try:
-            m = json.loads(meta.read_text())
-            if m["task"] == 1 and m["step"] >= 3:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "manifest.json").exists()
+    kill_inside_task(args(killed), killed, task=1, min_step=3)
     assert main(["run", "--resume", str(killed), "--no-progress"]) == 0
     _same_run(base, killed)
     assert np.array_equal(*(json.loads((d / "seed-0" / "metrics.json").read_text())["we_truncation_error"]

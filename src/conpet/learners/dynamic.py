@@ -49,6 +49,7 @@ from conpet.learners.base import (Context, Learner, dev_scorer, head_tensors, lo
                                   load_module_tensors, module_features, module_tensors, register_learner, train_module,
                                   update_memory, write_module_meta)
 from conpet.learners.options import REPLAY_OPTIONS, Option
+from conpet.learners.routing import load_task_modules, routed_features
 from conpet.learners.selector import SELECTOR, ModuleSelector
 from conpet.replay import ExemplarMemory, replay_schedule, split_batch
 from conpet.runs import adapter_dir
@@ -125,17 +126,7 @@ class DynamicConPET(Learner):
         if self.model.training or len(set(modules)) == 1:
             self.ctx.pet.activate(self.model, modules[0])
             return self.ctx.features(self.model, indices)
-        if self.ctx.pet.routes_per_row:
-            return self.ctx.features(self.model, indices, adapter_names=modules)
-        out = None  # one pass per module over its rows (same total cost per row)
-        for name in dict.fromkeys(modules):
-            rows = [r for r, m in enumerate(modules) if m == name]
-            self.ctx.pet.activate(self.model, name)
-            feats = self.ctx.features(self.model, [indices[r] for r in rows])
-            if out is None:
-                out = feats.new_zeros(len(indices), feats.shape[-1])
-            out[rows] = feats
-        return out
+        return routed_features(self.ctx, self.model, indices, modules)
 
     def replay_batches(self, t: int) -> list[list[int]]:
         train = self.ctx.cfg.train
@@ -345,13 +336,9 @@ class DynamicConPET(Learner):
     def restore(self, run_dir: Path, seed: int) -> None:
         """Load every expert and the last selector of seed ``seed`` of run ``run_dir``."""
         pet, tasks = self.ctx.pet, self.ctx.stream.tasks
+        self.model = load_task_modules(self.ctx, self.model, run_dir, seed, expert_name)
         for t, task in enumerate(tasks):
-            folder = adapter_dir(run_dir, seed, task.name)
-            if self.model is None:
-                self.model = pet.attach_from(self.ctx.backbone.model, folder, expert_name(t))
-            else:
-                pet.load(self.model, folder, expert_name(t))
-            self.expert_heads.append(GrowingHead.load(folder, self.ctx.device))
+            self.expert_heads.append(GrowingHead.load(adapter_dir(run_dir, seed, task.name), self.ctx.device))
             self.versions[expert_name(t)] = 0
         last = adapter_dir(run_dir, seed, tasks[-1].name) / SELECTOR
         if last.is_dir():
