@@ -98,7 +98,8 @@ def test_bad_storage_and_mismatched_scenario_are_errors(tmp_path, tiny_encoder, 
 
 
 # -- a real (tiny) search -------------------------------------------------------------------------------
-def test_search_runs_trials_on_dev_rows_and_writes_front_plot_and_configs(tmp_path, tiny_encoder, typing_data):
+def test_search_runs_trials_on_dev_rows_and_writes_front_plot_and_configs(tmp_path, tiny_encoder, typing_data,
+                                                                           capsys):
     data, tasks = typing_data
     space = _space(tmp_path, tiny_encoder, data, tasks, trials=4)
     out = tmp_path / "search"
@@ -115,6 +116,8 @@ def test_search_runs_trials_on_dev_rows_and_writes_front_plot_and_configs(tmp_pa
         assert cfg.data.eval_split == "test" and cfg.pet.method in ("lora", "bitfit")
     text = (out / "search.md").read_text()
     assert "Pareto front" in text and "| trial |" in text
+    assert main(["report", str(out)]) == 0  # `conpet report` reads a search folder too
+    assert "Pareto front" in capsys.readouterr().out
 
 
 def test_a_trial_that_reads_test_rows_fails(tmp_path, tiny_encoder, typing_data, monkeypatch):
