@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--max-train-per-class", type=int, default=None)
     p.add_argument("--learners", default="emr*,emr,dynamic,dynamic-k2",
                    help="comma-separated subset of: emr*, emr, dynamic, dynamic-k2, sequential, o-lora, inflora, lae, crl, "
-                        "crl*, fpf, k-fpf, i-lora, osf, zscl, cofitune")
+                        "crl*, fpf, k-fpf, i-lora, osf, zscl, cofitune, model-surgery")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     # a fixed number of steps per task (the wordnet-typing tasks have 3 or 4 classes, so the
@@ -70,6 +70,7 @@ def main() -> None:
         "osf": ("osf", {"learner": "osf"}),
         "zscl": ("zscl", {"learner": "zscl"}),  # needs a causal LM (--model smollm2)
         "cofitune": ("cofitune", {"learner": "cofitune", "pet": "cofitune"}),
+        "model-surgery": ("model-surgery", {"learner": "model-surgery"}),
     }
     configs = dict(known[name.strip()] for name in args.learners.split(","))
     lora = {"method": "lora", "options": {"target_modules": "all-linear"} if args.all_linear else {}}

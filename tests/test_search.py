@@ -118,6 +118,11 @@ def test_search_runs_trials_on_dev_rows_and_writes_front_plot_and_configs(tmp_pa
     assert "Pareto front" in text and "| trial |" in text
     assert main(["report", str(out)]) == 0  # `conpet report` reads a search folder too
     assert "Pareto front" in capsys.readouterr().out
+    again = search(space, out, sampler="random", prune=False)  # joining a finished study runs no trial
+    assert len(again.points) == 4 and len(list((out / "trials").iterdir())) == 4
+    budgets = sorted(int(k) for k in json.loads((out / "search.json").read_text())["best_per_budget"])
+    accuracy = {b: max(p["accuracy"] for p in result.points if int(p["params"]) == b) for b in budgets}
+    assert all(accuracy[b] < accuracy[c] for b, c in zip(budgets, budgets[1:]))  # a bigger budget buys accuracy
 
 
 def test_a_trial_that_reads_test_rows_fails(tmp_path, tiny_encoder, typing_data, monkeypatch):

@@ -169,10 +169,10 @@ def search(space_path: str | Path, out: str | Path, tune_on: str | None = None, 
                       + "# params: see " + str(Path(space_path).resolve()) + "\n")
     objective = Objective(space, out, prune, min_trials, progress)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(space.trials,
-                                                                        states=(TrialState.COMPLETE,
-                                                                                TrialState.PRUNED))],
-                   gc_after_trial=True)
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    if len(study.get_trials(deepcopy=False, states=finished)) < space.trials:  # joining a finished study runs none
+        study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(space.trials, states=finished)],
+                       gc_after_trial=True)
     result = summarize(study, space, out)
     if eval_values is not None and result.front:
         result.phase2 = phase_two(result, space, eval_on, eval_seeds, out, progress)
@@ -232,7 +232,9 @@ def summarize(study: optuna.Study, space: Space, out: Path) -> SearchResult:
                "run_dir": t.user_attrs["run_dir"]} for t in finished]
     front = pareto_front(points, space.objectives)
     counts = {s.name.lower(): sum(t.state == s for t in study.get_trials(deepcopy=False)) for s in TrialState}
-    best = best_per_budget(points, sorted({points[i]["params"] for i in front}))
+    # the budgets: the accuracy-vs-parameters front (each of its points is the best within its own size)
+    budgets = sorted({points[i]["params"] for i in pareto_front(points, ("accuracy", "params"))})
+    best = best_per_budget(points, budgets)
     configs = out / "best"
     configs.mkdir(parents=True, exist_ok=True)
     exported = {}
@@ -286,6 +288,7 @@ def pareto_plot(points: list[dict], front: list[int], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     methods = sorted({p["config"].get("pet", {}).get("method", "lora") for p in points})
     colours = {m: plt.cm.tab10(k % 10) for k, m in enumerate(methods)}
@@ -293,9 +296,15 @@ def pareto_plot(points: list[dict], front: list[int], path: Path) -> None:
     for m in methods:
         mine = [p for p in points if p["config"].get("pet", {}).get("method", "lora") == m]
         ax.scatter([p["params"] for p in mine], [p["accuracy"] for p in mine], color=colours[m], label=m, alpha=0.8)
-    line = sorted((points[i]["params"], points[i]["accuracy"]) for i in front)
-    ax.step([x for x, _ in line], [y for _, y in line], where="post", color="black", lw=1, label="Pareto front")
+    ax.scatter([points[i]["params"] for i in front], [points[i]["accuracy"] for i in front], s=90,
+               facecolors="none", edgecolors="black", lw=1, label="Pareto front (all objectives)")
+    line = sorted((points[i]["params"], points[i]["accuracy"]) for i in pareto_front(points, ("accuracy", "params")))
+    ax.step([x for x, _ in line], [y for _, y in line], where="post", color="black", lw=1,
+            label="best accuracy per parameter budget")
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:g}k"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("tunable parameters")
     ax.set_ylabel("dev average accuracy (%)")
     ax.legend(fontsize=8)
