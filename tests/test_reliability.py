@@ -252,3 +252,14 @@ def test_unwritable_or_full_output_is_refused_before_training(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert "only 5 MB free on its disk" in err
     assert not list((tmp_path / "full").glob("seed-*")), "nothing trained or written"
+
+
+@pytest.mark.parametrize("learner", ["o-lora", "inflora"])
+def test_killed_inside_the_second_task_resumes_with_the_stacked_modules(baselines, tiny_encoder, learner):
+    """O-LoRA/InfLoRA train the new LoRA with the frozen history stacked beside it: a resume from an
+    in-task checkpoint must train that way again (it once trained the history alone)."""
+    root, data, runs = baselines
+    out = root / f"in-task-{learner}"
+    kill_inside_task(_args(tiny_encoder, data, out, learner), out, task=1, min_step=1)
+    assert main(["run", "--resume", str(out), "--no-progress"]) == 0
+    _same_run(runs[learner], out)

@@ -176,7 +176,9 @@ class OLoRA(OneModuleLearner):
                 maker.add(self.model, name)
         if meta["modules"]:
             load_module_tensors(pet, self.model, meta["modules"], tensors)
-            if HISTORY in meta["modules"]:
+            if NEW in meta["modules"]:  # inside a task (an in-task checkpoint): train as before the kill
+                self.activate_training()
+            elif HISTORY in meta["modules"]:
                 pet.activate(self.model, HISTORY)
         self.head = load_head(self.head, {k[5:]: v for k, v in tensors.items() if k.startswith("head/")},
                               meta["head_labels"])
