@@ -75,7 +75,7 @@ from conpet.heads import GrowingHead, task_targets
 from conpet.learners.base import (Context, Learner, dev_scorer, head_tensors, load_head, load_module_tensors,
                                   module_features, module_tensors, register_learner, train_module, write_module_meta)
 from conpet.learners.options import Option
-from conpet.learners.routing import load_task_modules, routed_features
+from conpet.learners.routing import load_task_modules, routed_features, routed_generate
 from conpet.pet.base import counterpart, in_module
 from conpet.runs import adapter_dir
 
@@ -350,15 +350,7 @@ class ModelSurgery(Learner):
         ctx = self.ctx
         with ctx.compute.autocast():  # generation calls it outside the evaluation's autocast
             modules = [module_name(j) for j in self.retrieve(indices)[1].tolist()]
-        if len(set(modules)) > 1 and ctx.pet.routes_per_row:
-            return ctx.generate(self.model, indices, adapter_names=modules)
-        answers = [""] * len(indices)
-        for name in dict.fromkeys(modules):
-            rows = [r for r, m in enumerate(modules) if m == name]
-            ctx.pet.activate(self.model, name)
-            for r, answer in zip(rows, ctx.generate(self.model, [indices[r] for r in rows])):
-                answers[r] = answer
-        return answers
+        return routed_generate(ctx, self.model, indices, modules)
 
     def reference_model(self) -> torch.nn.Module:
         """The last task's module (general text has no task to retrieve)."""

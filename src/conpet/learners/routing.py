@@ -27,6 +27,20 @@ def routed_features(ctx: Context, model: torch.nn.Module, indices: list[int], mo
     return out
 
 
+def routed_generate(ctx: Context, model: torch.nn.Module, indices: list[int], modules: list[str]) -> list[str]:
+    """Greedy answers, each prompt generated through its own module: one batch with per-row
+    routing where the PET method allows it, else one generation per module over its rows."""
+    if len(set(modules)) > 1 and ctx.pet.routes_per_row:
+        return ctx.generate(model, indices, adapter_names=modules)
+    answers = [""] * len(indices)
+    for name in dict.fromkeys(modules):
+        rows = [r for r, m in enumerate(modules) if m == name]
+        ctx.pet.activate(model, name)
+        for r, answer in zip(rows, ctx.generate(model, [indices[r] for r in rows])):
+            answers[r] = answer
+    return answers
+
+
 def load_task_modules(ctx: Context, model: torch.nn.Module | None, run_dir: Path, seed: int,
                       name_of: Callable[[int], str]) -> torch.nn.Module:
     """Every task's saved module of seed ``seed`` of run ``run_dir``, under the name ``name_of(t)``,
