@@ -25,7 +25,7 @@ def minilm_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
-def _tiny(folder: Path, kind: str) -> Path:
+def _tiny(folder: Path, kind: str, initializer_range: float = 0.02) -> Path:
     import torch
     from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
@@ -38,7 +38,7 @@ def _tiny(folder: Path, kind: str) -> Path:
     else:
         config = LlamaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
-                             pad_token_id=0, tie_word_embeddings=True)
+                             pad_token_id=0, tie_word_embeddings=True, initializer_range=initializer_range)
         model = LlamaForCausalLM(config)
     model.save_pretrained(folder)
     for name in MINILM_FILES:
@@ -54,6 +54,13 @@ def tiny_encoder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_decoder(tmp_path_factory) -> Path:
     return _tiny(tmp_path_factory.mktemp("models") / "tiny-llama", "decoder")
+
+
+@pytest.fixture(scope="session")
+def lively_decoder(tmp_path_factory) -> Path:
+    """The tiny decoder with 25x larger initial weights: its greedy tokens depend on the context
+    (the plain one repeats one token whatever it reads), so decoding tests can see a wrong context."""
+    return _tiny(tmp_path_factory.mktemp("models") / "lively-llama", "decoder", initializer_range=0.5)
 
 
 ANIMALS = "dog cat horse cow lion tiger sheep goat wolf bear fox deer".split()

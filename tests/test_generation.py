@@ -141,7 +141,7 @@ def test_loss_counts_target_tokens_only(tiny_decoder, gen_data):
 
 
 # -- decoding matches Hugging Face generate ---------------------------------------------------------
-def test_greedy_decoding_matches_hf_generate_with_and_without_the_adapter(tiny_decoder, gen_data, tmp_path):
+def test_greedy_decoding_matches_hf_generate_with_and_without_the_adapter(lively_decoder, gen_data, tmp_path):
     from peft import PeftModel
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -149,7 +149,7 @@ def test_greedy_decoding_matches_hf_generate_with_and_without_the_adapter(tiny_d
     from conpet.generation import greedy_generate
     from conpet.runner import run
 
-    cfg = _cfg(tiny_decoder, gen_data, tmp_path / "run", top_layers=None)
+    cfg = _cfg(lively_decoder, gen_data, tmp_path / "run", top_layers=None)
     run(cfg, progress=False)
     prepared = prepare(cfg)
     learner = build_learner(cfg, prepared, seed=0)
@@ -160,7 +160,7 @@ def test_greedy_decoding_matches_hf_generate_with_and_without_the_adapter(tiny_d
     eos = ctx.backbone.tokenizer.sep_token_id
     ours_base = greedy_generate(ctx.backbone.model, ctx.lm_head, prompts, ctx.backbone.pad_id, [eos], 6, ctx.compute)
 
-    causal = AutoModelForCausalLM.from_pretrained(str(tiny_decoder)).eval()
+    causal = AutoModelForCausalLM.from_pretrained(str(lively_decoder)).eval()
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
@@ -170,10 +170,13 @@ def test_greedy_decoding_matches_hf_generate_with_and_without_the_adapter(tiny_d
                              eos_token_id=eos, pad_token_id=0)[:, width:].tolist()
         return [row[: row.index(eos)] if eos in row else row for row in out]
 
-    assert ours_base == hf(causal) and any(ours_base)
+    assert ours_base == hf(causal) and len({tuple(t) for t in ours_base}) > 1
+    no_cache = greedy_generate(ctx.backbone.model, ctx.lm_head, prompts, ctx.backbone.pad_id, [eos], 6, ctx.compute,
+                               kv_cache=False)
+    assert no_cache == ours_base  # one full pass per token, right-padded: the same tokens
     learner.restore(Path(cfg.out), 0)
     ours = greedy_generate(learner.model, ctx.lm_head, prompts, ctx.backbone.pad_id, [eos], 6, ctx.compute)
-    plain = PeftModel.from_pretrained(AutoModel.from_pretrained(str(tiny_decoder)),
+    plain = PeftModel.from_pretrained(AutoModel.from_pretrained(str(lively_decoder)),
                                       str(Path(cfg.out) / "seed-0" / "adapters" / "upper")).eval()
     causal.model = plain.base_model.model  # the LoRA-injected decoder under HF's own LM head and generate
     assert ours == hf(causal)
@@ -194,6 +197,44 @@ def test_generative_learners_run_end_to_end(tiny_decoder, gen_data, tmp_path, le
     assert len(seed["score_chrf"][1]) == 2 and all(0 <= v <= 1 for v in seed["score_chrf"][1])
     assert len(seed["reference_perplexity"]) == 2 and seed["base_reference_perplexity"] > 1
     assert main(["verify", str(tmp_path / "run")]) == 0
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning", "p_tuning", "dept"])
+def test_prompt_methods_decode_and_score_without_repeating_their_virtual_tokens(lively_decoder, gen_data, tmp_path,
+                                                                                 method):
+    """A method that prepends virtual tokens (or keys) at every forward pass decodes with one full
+    pass per token: the batched answers are what a naive loop over each prompt alone gives, and
+    the reference perplexity scores the text tokens only (it once crashed on the longer output)."""
+    from conpet.backbone import last_hidden
+    from conpet.build import build_learner, prepare
+    from conpet.inputs import end_token_id
+    from conpet.runner import run
+
+    cfg = _cfg(lively_decoder, gen_data, tmp_path / "run")
+    cfg.pet.method = method
+    metrics = run(cfg, progress=False)
+    assert len(metrics["reference_perplexity"]) == 2 and all(p > 1 for p in metrics["reference_perplexity"])
+    prepared = prepare(cfg)
+    learner = build_learner(cfg, prepared, seed=0)
+    learner.restore(Path(cfg.out), 0)
+    ctx = learner.ctx
+    rows = prepared.stream.tasks[0].test[:3] + prepared.stream.tasks[1].test[:3]
+    batched = ctx.generate(learner.model, rows)
+    eos, tok = end_token_id(ctx.backbone.tokenizer), ctx.backbone.tokenizer
+    alone = []
+    with torch.no_grad():
+        for i in rows:
+            seq, answer = list(ctx.encoded.prompt(i)), []
+            for _ in range(cfg.data.max_new_tokens):
+                hidden = last_hidden(learner.model(input_ids=torch.tensor([seq]), attention_mask=torch.ones(1, len(seq))))
+                nxt = int(ctx.lm_head(hidden[0, -1]).argmax())
+                if nxt == eos:
+                    break
+                seq.append(nxt)
+                answer.append(nxt)
+            alone.append(tok.decode(answer, skip_special_tokens=True).strip())
+    assert batched == alone and len(set(alone)) > 1
+    learner.close()
 
 
 def test_predict_answers_prompts_of_a_generative_run(tiny_decoder, gen_data, tmp_path, capsys):

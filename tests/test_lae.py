@@ -76,14 +76,14 @@ def test_prediction_is_the_max_softmax_ensemble(tiny_encoder, typing_data):
     learner.close()
 
 
-def test_ensemble_decoding_of_two_equal_modules_is_plain_decoding(tiny_decoder, tmp_path):
+def test_ensemble_decoding_of_two_equal_modules_is_plain_decoding(lively_decoder, tmp_path):
     from test_generation import write_generative_data
 
     from conpet.build import build_learner, prepare
     from conpet.learners.lae import OFFLINE
 
     data = write_generative_data(tmp_path / "gen")
-    cfg = from_dict({"model": str(tiny_decoder), "learner": "lae", "data": {"file": str(data)},
+    cfg = from_dict({"model": str(lively_decoder), "learner": "lae", "data": {"file": str(data)},
                      "train": {"epochs": 1, "batch_size": 8, "precision": "fp32"}})
     prepared = prepare(cfg)
     learner = build_learner(cfg, prepared, seed=0)
@@ -92,7 +92,7 @@ def test_ensemble_decoding_of_two_equal_modules_is_plain_decoding(tiny_decoder, 
     plain = learner.generate(rows)
     learner.ctx.pet.copy(learner.model, learner.module_name, OFFLINE)
     learner.has_offline = True
-    assert learner.generate(rows) == plain
+    assert learner.generate(rows) == plain and len(set(plain)) > 1
     learner.close()
 
 
@@ -103,3 +103,15 @@ def test_bad_options(tiny_encoder, typing_data, tmp_path, capsys):
     assert main(["run", "--model", str(tiny_encoder), "--data", str(data), "--tasks", str(tasks), "--learner",
                  "lae[ema_decay=1.5]", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
     assert "ema_decay: 1.5 is above 1" in capsys.readouterr().err
+
+
+def test_generative_ensemble_needs_a_method_that_routes_rows(tiny_decoder, tmp_path, capsys):
+    from test_generation import write_generative_data
+
+    from conpet.cli import main
+
+    data = write_generative_data(tmp_path / "gen")
+    assert main(["run", "--model", str(tiny_decoder), "--data", str(data), "--learner", "lae", "--pet", "ia3",
+                 "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "which 'ia3' cannot route; use one of: adapter" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

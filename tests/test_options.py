@@ -124,3 +124,15 @@ def test_predict_checks_the_engine_like_every_other_entry_point(tiny_decoder, ty
     monkeypatch.setattr(FeatureEngine, "check", lambda self, *a, **k: (calls.append(1), original(self, *a, **k))[1])
     predict(out, [Row(text="We saw the wolf.", label="?", entity="wolf")])
     assert calls == [1]
+
+
+def test_an_unknown_method_name_gets_the_closest_known_one():
+    from conpet.learners import get_learner
+    from conpet.pet import get_pet_class
+
+    with pytest.raises(ConfigError, match=r"unknown PET method 'prompt-tuning' \(did you mean 'prompt_tuning'\?\)"):
+        get_pet_class("prompt-tuning")
+    with pytest.raises(ConfigError, match=r"unknown learner 'model_surgery' \(did you mean 'model-surgery'\?\)"):
+        get_learner("model_surgery")
+    with pytest.raises(ConfigError, match=r"unknown learner 'qqq' \(available: cofitune, crl,"):
+        get_learner("qqq")

@@ -14,7 +14,8 @@ process group (:mod:`conpet.distributed`).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import Callable, NamedTuple, TypeVar
 
 import torch
 
@@ -38,6 +39,26 @@ class Prepared(NamedTuple):
 
     stream: Stream
     engine: FeatureEngine
+
+
+F = TypeVar("F", bound=Callable)
+
+
+def keeps_torch_threads(fn: F) -> F:
+    """Decorate a public entry point that may call :func:`prepare`: ``train.threads`` holds while
+    it runs and torch's thread count is put back when it returns, so a library call (or one test
+    in a pytest process) does not change the float arithmetic of what runs after it."""
+
+    @functools.wraps(fn)
+    def scoped(*args, **kwargs):
+        before = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if torch.get_num_threads() != before:
+                torch.set_num_threads(before)
+
+    return scoped  # type: ignore[return-value]
 
 
 def compute_of(cfg: RunConfig) -> Compute:
@@ -91,7 +112,7 @@ def prepare(cfg: RunConfig, stream: Stream | None = None, check_rows: int = 8, c
     :func:`conpet.backbone.backbone_from_model`) replaces loading ``cfg.model``."""
     stream = load_stream(cfg.data) if stream is None else stream
     check_stream(cfg, stream)
-    if cfg.train.threads:
+    if cfg.train.threads:  # entry points that call this are @keeps_torch_threads
         torch.set_num_threads(cfg.train.threads)
     compute = compute_of(cfg)
     distributed.setup(compute.device)

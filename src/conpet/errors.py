@@ -27,6 +27,17 @@ class ConpetWarning(UserWarning):
     ``conpet: warning: ...``; library users can filter it with :mod:`warnings`)."""
 
 
+def choices_hint(name: str, known) -> str:
+    """What to tell a user who named an unknown ``name``: the closest of ``known`` (``-`` and ``_``
+    count as the same), else all of them."""
+    import difflib
+
+    known = sorted(known)
+    folded = {k.replace("-", "_"): k for k in known}
+    close = [folded[c] for c in difflib.get_close_matches(name.replace("-", "_"), list(folded), n=1, cutoff=0.75)]
+    return f" (did you mean '{close[0]}'?)" if close else f" (available: {', '.join(known)})"
+
+
 def warn(message: str) -> None:
     """Warn the user about their input (a :class:`ConpetWarning`)."""
     import warnings

@@ -7,6 +7,7 @@ and perplexity on a reference text.
 - :func:`greedy_generate`: batched greedy decoding (left-padded prompts, one forward pass per new
   token over the KV cache), stopping at the end-of-sequence token or after ``max_new_tokens``;
   the same tokens as Hugging Face ``generate(do_sample=False)`` with the same adapter (tested);
+  methods that prepend virtual tokens decode without the cache (``kv_cache=False``);
 - :func:`perplexity`: of the backbone with its active module on a fixed text, the retention of
   general ability reported after every task.
 """
@@ -67,20 +68,39 @@ def _cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
+def _next_tokens(logits: torch.Tensor, ensemble: int) -> torch.Tensor:
+    """Greedy tokens from next-token logits [rows, vocabulary]; with ``ensemble`` k > 1 the rows are
+    k copies of the prompts and each prompt takes the argmax of the copies' element-wise max
+    probability (the same token for every copy)."""
+    if ensemble == 1:
+        return logits.argmax(dim=-1)
+    probs = logits.softmax(dim=-1).view(ensemble, logits.shape[0] // ensemble, -1).amax(dim=0)
+    return probs.argmax(dim=-1).repeat(ensemble)
+
+
 @torch.no_grad()
 def greedy_generate(model: nn.Module, lm_head: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int,
                     eos_ids: Sequence[int], max_new_tokens: int, compute: Compute, ensemble: int = 1,
-                    **forward_kwargs) -> list[list[int]]:
+                    kv_cache: bool = True, **forward_kwargs) -> list[list[int]]:
     """Greedy continuations of ``prompts`` (token lists), each without its end-of-sequence token.
 
     ``forward_kwargs`` go to every forward pass (peft's ``adapter_names`` routes each row through
     its own module). ``ensemble`` k > 1: the prompts run k times in one batch (copy c is rows
     ``c n .. (c + 1) n - 1``, routed by ``adapter_names``) and each step's token is the argmax of
-    the element-wise maximum of the copies' next-token probabilities (LAE's ensemble)."""
+    the element-wise maximum of the copies' next-token probabilities (LAE's ensemble).
+
+    ``kv_cache=False`` recomputes the whole right-padded sequence at every step, for methods that
+    prepend virtual tokens or keys at every forward pass (prompt and prefix tuning, P-tuning,
+    DePT: :attr:`conpet.pet.base.PETMethod.input_level`): over a cache they would be prepended
+    again at each new token. Each row then keeps its natural positions, so a batch gives the
+    tokens each prompt gives alone."""
+    prompts = list(prompts) * ensemble
+    if not kv_cache:
+        return _generate_without_cache(model, lm_head, prompts, pad_id, eos_ids, max_new_tokens, compute,
+                                       ensemble, **forward_kwargs)
     from transformers import DynamicCache
 
     device = compute.device
-    prompts = list(prompts) * ensemble
     n, width = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((n, width), dtype=torch.long, device=device)
@@ -98,12 +118,7 @@ def greedy_generate(model: nn.Module, lm_head: nn.Module, prompts: Sequence[Sequ
         for _ in range(max_new_tokens):
             hidden = last_hidden(model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
                                        use_cache=True, **{cache_key: cache}, **forward_kwargs))
-            logits = lm_head(hidden[:, -1]).float()
-            if ensemble > 1:
-                probs = logits.softmax(dim=-1).view(ensemble, n // ensemble, -1).amax(dim=0)
-                token = probs.argmax(dim=-1).repeat(ensemble)
-            else:
-                token = logits.argmax(dim=-1)
+            token = _next_tokens(lm_head(hidden[:, -1]).float(), ensemble)
             finished = torch.isin(token, eos)
             for r in (~done & ~finished).nonzero().flatten().tolist():
                 out[r].append(int(token[r]))
@@ -113,6 +128,35 @@ def greedy_generate(model: nn.Module, lm_head: nn.Module, prompts: Sequence[Sequ
             step_ids = torch.where(done, torch.full_like(token, pad_id), token)[:, None]
             step_pos = step_pos[:, -1:] + 1
             mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
+    return out[: n // ensemble]
+
+
+def _generate_without_cache(model: nn.Module, lm_head: nn.Module, prompts: list[Sequence[int]], pad_id: int,
+                            eos_ids: Sequence[int], max_new_tokens: int, compute: Compute, ensemble: int,
+                            **forward_kwargs) -> list[list[int]]:
+    """:func:`greedy_generate` with one full forward pass per new token (``kv_cache=False``)."""
+    n = len(prompts)
+    seqs = [list(p) for p in prompts]
+    eos = set(eos_ids)
+    done = [False] * n
+    out: list[list[int]] = [[] for _ in range(n)]
+    with compute.autocast():
+        for _ in range(max_new_tokens):
+            ids, mask = right_padded(seqs, pad_id, compute.device)
+            hidden = last_hidden(model(input_ids=ids, attention_mask=mask, **forward_kwargs))
+            shift = hidden.shape[1] - ids.shape[1]  # virtual tokens a prompt method put first
+            last = torch.tensor([shift + len(s) - 1 for s in seqs], device=hidden.device)
+            token = _next_tokens(lm_head(hidden[torch.arange(n, device=hidden.device), last]).float(), ensemble)
+            for r, tok in enumerate(token.tolist()):
+                if done[r]:
+                    continue
+                if tok in eos:
+                    done[r] = True
+                else:
+                    out[r].append(tok)
+                    seqs[r].append(tok)
+            if all(done):
+                break
     return out[: n // ensemble]
 
 
@@ -131,7 +175,8 @@ def right_padded(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[to
 def perplexity(model: nn.Module, lm_head: nn.Module, chunks: Sequence[Sequence[int]], compute: Compute,
                batch_size: int = 8) -> float:
     """exp(mean next-token negative log-likelihood) over every token of ``chunks`` (token lists,
-    each predicted from its own start)."""
+    each predicted from its own start). Under a prompt method the virtual tokens it prepends are
+    context, never scored."""
     total, count = 0.0, 0
     device = compute.device
     for start in range(0, len(chunks), batch_size):
@@ -140,7 +185,9 @@ def perplexity(model: nn.Module, lm_head: nn.Module, chunks: Sequence[Sequence[i
             continue
         ids, mask = right_padded(batch, 0, device)
         with compute.autocast():
-            logits = lm_head(last_hidden(model(input_ids=ids, attention_mask=mask))[:, :-1]).float()
+            hidden = last_hidden(model(input_ids=ids, attention_mask=mask))
+            hidden = hidden[:, hidden.shape[1] - ids.shape[1]:]  # a prompt method's virtual tokens come first
+            logits = lm_head(hidden[:, :-1]).float()
         nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
         keep = mask[:, 1:].bool()
         total += float(nll[keep].sum())

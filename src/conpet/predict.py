@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from conpet.build import prepare, build_learner
+from conpet.build import build_learner, keeps_torch_threads, prepare
 from conpet.data.stream import Row, Stream, Task
 from conpet.runs import adapter_dir, check_binding, finished_run, read_json
 
@@ -27,6 +27,7 @@ def load_run_stream(run_dir: Path, rows: list[Row]) -> Stream:
     return Stream(name=meta["name"], kind=meta["kind"], rows=rows, tasks=tasks)
 
 
+@keeps_torch_threads
 @torch.no_grad()
 def predict(run_dir: str | Path, rows: list[Row], seed: int | None = None, batch_size: int = 64,
             device: str | None = None) -> list[dict]:

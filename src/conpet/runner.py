@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from conpet import distributed
 from conpet import metrics as M
 from conpet import text_metrics
-from conpet.build import Prepared, build_learner, check, compute_of, prepare
+from conpet.build import Prepared, build_learner, check, compute_of, keeps_torch_threads, prepare
 from conpet.checkpoint import Checkpointer
 from conpet.config import RunConfig, default_out, load_config, parse_learner_spec, spec_dir_name
 from conpet.data.load import reference_text
@@ -293,6 +293,7 @@ def save_modules(learner: Learner, t: int, folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
+@keeps_torch_threads
 def run(cfg: RunConfig, progress: bool | None = None, prepared: Prepared | None = None,
         on_task: OnTask | None = None) -> dict:
     """Run ``cfg.seeds`` seeds of the stream; write the run directory; return aggregate metrics.
@@ -332,6 +333,7 @@ def task_orders(names: list[str], n: int) -> list[list[str]]:
     return orders
 
 
+@keeps_torch_threads
 def run_orders(cfg: RunConfig, progress: bool | None = None, prepared: Prepared | None = None) -> dict:
     """Run the stream in ``cfg.orders`` task orders (:func:`task_orders`), ``cfg.seeds`` seeds
     each, as the Standard CL benchmark's orders 1-3; each order is a plain run directory
@@ -407,6 +409,7 @@ def stream_description(stream: Stream) -> dict:
             "tasks": [{"name": t.name, "labels": list(t.labels)} for t in stream.tasks]}
 
 
+@keeps_torch_threads
 def resume(run_dir: str | Path, progress: bool | None = None, device: str | None = None,
            on_task: OnTask | None = None) -> dict:
     """Continue an interrupted run from its last finished task (and in-task checkpoint); seeds
@@ -471,6 +474,7 @@ def _finish_run_dir(out: Path, metrics: dict) -> None:
     write_manifest(out)
 
 
+@keeps_torch_threads
 def run_many(cfg: RunConfig, learners: list[str], out: str | Path | None = None,
              progress: bool | None = None) -> dict[str, dict]:
     """Run several learners on the same stream, model and settings, one after the other in this
@@ -493,6 +497,7 @@ def run_many(cfg: RunConfig, learners: list[str], out: str | Path | None = None,
     return {spec: run(one, progress=progress, prepared=prepared) for spec, one in configs}
 
 
+@keeps_torch_threads
 def evaluate_run(run_dir: str | Path, seed: int | None = None, prepared: Prepared | None = None,
                  device: str | None = None) -> dict:
     """Test accuracy of a run's final modules on every task of its stream (the data named in its

@@ -23,7 +23,7 @@ from conpet.backbone import Backbone
 from conpet.config import RunConfig
 from conpet.data.stream import Stream
 from conpet.device import Compute, shrink_on_oom
-from conpet.errors import ConfigError
+from conpet.errors import ConfigError, choices_hint
 from conpet.engine import FeatureEngine
 from conpet.generation import greedy_generate, perplexity, target_tokens, token_logits
 from conpet.heads import GrowingHead, task_targets
@@ -103,7 +103,8 @@ class Context:
         tok = self.backbone.tokenizer
         prompts = [self.encoded.prompt(i) for i in indices]
         tokens = greedy_generate(model, self.lm_head, prompts, self.backbone.pad_id, [end_token_id(tok)],
-                                 self.cfg.data.max_new_tokens, self.compute, **forward_kwargs)
+                                 self.cfg.data.max_new_tokens, self.compute, kv_cache=not self.pet.input_level,
+                                 **forward_kwargs)
         return [tok.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
     def new_head(self) -> GrowingHead:
@@ -532,5 +533,5 @@ def load_expert_heads(heads: list[GrowingHead], tensors: dict[str, torch.Tensor]
 
 def get_learner(name: str) -> type[Learner]:
     if name not in LEARNERS:
-        raise ConfigError(f"learner: unknown learner '{name}' (available: {', '.join(sorted(LEARNERS))})")
+        raise ConfigError(f"learner: unknown learner '{name}'{choices_hint(name, LEARNERS)}")
     return LEARNERS[name]

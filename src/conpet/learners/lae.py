@@ -37,6 +37,7 @@ from conpet.generation import greedy_generate
 from conpet.inputs import end_token_id
 from conpet.learners.base import Context, OneModuleLearner, new_task_loss, register_learner, train_module
 from conpet.learners.options import Option
+from conpet.pet import PET_METHODS, get_pet_class
 from conpet.pet.base import module_pairs
 from conpet.runs import adapter_dir
 
@@ -59,6 +60,14 @@ class LAE(OneModuleLearner):
     def validate(cls, cfg, opts) -> None:
         if opts["ema_decay"] > 1.0:
             raise ConfigError(f"learner_options.ema_decay: {opts['ema_decay']} is above 1")
+
+    @classmethod
+    def validate_generative(cls, cfg, opts) -> None:
+        if not get_pet_class(cfg.pet.method).routes_per_row:  # the ensemble decodes both modules in one batch
+            able = sorted(name for name, pet in PET_METHODS.items() if pet.routes_per_row)
+            raise ConfigError(f"pet.method: lae on a generative stream decodes with the online and offline modules "
+                              f"side by side in one batch, which '{cfg.pet.method}' cannot route; use one of: "
+                              f"{', '.join(able)}")
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
@@ -129,7 +138,8 @@ class LAE(OneModuleLearner):
         prompts = [ctx.encoded.prompt(i) for i in indices]
         names = [self.module_name] * len(indices) + [OFFLINE] * len(indices)
         tokens = greedy_generate(self.model, ctx.lm_head, prompts, ctx.backbone.pad_id, [end_token_id(tok)],
-                                 ctx.cfg.data.max_new_tokens, ctx.compute, ensemble=2, adapter_names=names)
+                                 ctx.cfg.data.max_new_tokens, ctx.compute, ensemble=2, kv_cache=not ctx.pet.input_level,
+                                 adapter_names=names)
         ctx.pet.activate(self.model, self.module_name)
         return [tok.decode(t, skip_special_tokens=True).strip() for t in tokens]
 

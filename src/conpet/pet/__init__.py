@@ -6,7 +6,7 @@ One file per method in this folder; adding a method is one file (registered with
 
 from typing import Any
 
-from conpet.errors import ConfigError
+from conpet.errors import ConfigError, choices_hint
 from conpet.pet import (adalora, adapter, bitfit, cofitune, compacter, corda, dept, hft, ia3, lisa,  # noqa: F401
                         ln_tuning, lora, mola, mos, osf, p_tuning, parallel_adapter, prefix_tuning, prompt_tuning,
                         sparse_ft)
@@ -15,7 +15,7 @@ from conpet.pet.base import PET_METHODS, LayerScope, PETMethod, register_pet
 
 def get_pet_class(method: str) -> type[PETMethod]:
     if method not in PET_METHODS:
-        raise ConfigError(f"pet.method: unknown PET method '{method}' (available: {', '.join(sorted(PET_METHODS))})")
+        raise ConfigError(f"pet.method: unknown PET method '{method}'{choices_hint(method, PET_METHODS)}")
     return PET_METHODS[method]
 
 
