@@ -245,3 +245,77 @@ def test_kill_one_rank_then_resume_gives_the_uninterrupted_run(no_dropout_encode
     assert b["accuracy_matrix"] == a["accuracy_matrix"]
     assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)
     assert main(["verify", str(killed)]) == 0
+
+
+# -- FSDP: the frozen backbone sharded over 2 processes ----------------------------------------------
+@pytest.mark.parametrize("learner", ["emr*", "lwf*"])
+def test_fsdp_shards_the_backbone_and_gives_the_run_of_one_process(no_dropout_encoder, typing_data, tmp_path,
+                                                                  learner):
+    data, tasks = typing_data
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = [a if a != "emr*" else learner for a in _run_args(no_dropout_encoder, data, tasks, one)]
+    assert main(args) == 0
+    _finish(_torchrun([*args[:-1], str(two), "--set", "backbone.fsdp=true"]))
+    a, b = _seed_metrics(one), _seed_metrics(two)
+    assert b["processes"] == 2 and b["train_samples"] == a["train_samples"]
+    assert b["backbone_bytes_per_process"] <= 0.55 * b["backbone_bytes"]  # each process holds about half
+    assert b["accuracy_matrix"] == a["accuracy_matrix"]
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+    from safetensors.torch import load_file
+
+    saved = sorted(two.glob("seed-0/adapters/*/adapter_model.safetensors"))
+    assert len(saved) == 2
+    for f in saved:  # plain LoRA tensors, the ones one process trains
+        mine, ref = load_file(str(f)), load_file(str(one / f.relative_to(two)))
+        assert all(torch.allclose(mine[k], ref[k], atol=1e-5) for k in ref)
+    assert main(["verify", str(two)]) == 0
+
+
+def test_fsdp_decodes_a_generative_stream_in_step(lively_decoder, tmp_path):
+    """Greedy decoding stops together on every rank (each step is a collective), and answers as
+    one process does. ``lr 1e-12`` keeps both runs on the same weights: the lively decoder turns the
+    last-bit differences of 2-process training into other tokens."""
+    from test_generation import write_generative_data
+
+    data = write_generative_data(tmp_path / "gen")
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["run", "--model", str(lively_decoder), "--data", str(data), "--learner", "sequential", "--epochs", "1",
+            "--lr", "1e-12",
+            "--batch-size", "8", "--precision", "fp32", "--threads", "1", "--no-progress",
+            "--set", "pet.options.lora_dropout=0", "--set", "train.eval_batch_size=3", "--out"]
+    assert main([*args, str(one)]) == 0
+    _finish(_torchrun([*args, str(two), "--set", "backbone.fsdp=true"]))
+    a, b = _seed_metrics(one), _seed_metrics(two)
+    assert b["accuracy_matrix"] == a["accuracy_matrix"] and b["score_chrf"] == a["score_chrf"]
+    assert any(v for row in a["score_chrf"] for v in row if v is not None)  # answers that can differ
+    assert b["reference_perplexity"] == pytest.approx(a["reference_perplexity"], rel=1e-4)
+
+
+def test_deal_pairs_every_forward_pass_when_the_backbone_is_sharded(monkeypatch):
+    from conpet import distributed
+
+    batches = [[i] for i in range(5)]
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    for sharded, counts in ((False, [3, 2]), (True, [3, 3])):
+        monkeypatch.setattr(distributed, "_SHARDED", sharded)
+        dealt = []
+        for r in range(2):
+            monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+            dealt.append(distributed.deal(batches))
+        assert [len(d) for d in dealt] == counts
+        kept = sorted(i for d in dealt for b, keep in d if keep for i in b)
+        assert kept == list(range(5))  # every row once; the padding repeat is dropped
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--pet", "ia3"], "pet.method 'ia3' has not been tried on a sharded backbone"),
+    (["--set", "train.top_layers=1"], "train.top_layers 1 caches the lower layers per process"),
+    (["--learner", "dynamic"], "learner 'dynamic' is not tried on a sharded backbone; these are: emr, emr*, lwf"),
+])
+def test_fsdp_refuses_what_it_has_not_been_tried_with(tiny_encoder, typing_data, tmp_path, capsys, flags, message):
+    data, tasks = typing_data
+    assert main(["run", "--model", str(tiny_encoder), "--data", str(data), "--tasks", str(tasks), "--no-progress",
+                 "--set", "backbone.fsdp=true", *flags, "--out", str(tmp_path / "x")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -149,6 +149,9 @@ class Backbone:
     fingerprint: str
     lm_head: nn.Module | None = None
     """The frozen output projection (:func:`load_lm_head`), loaded by ``prepare`` for generative streams."""
+    shard_bytes: tuple[int, int] | None = None
+    """(bytes of backbone weights this process holds, bytes of the whole backbone) once
+    ``backbone.fsdp`` has sharded it over a launcher's processes (:func:`conpet.distributed.shard_backbone`)."""
 
     @property
     def n_params(self) -> int:

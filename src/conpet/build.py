@@ -26,9 +26,9 @@ from conpet.config import RunConfig
 from conpet.data import load_stream
 from conpet.data.stream import Stream
 from conpet.device import Compute, resolve_device, resolve_precision
-from conpet.engine import FeatureEngine, resolve_top_layers
+from conpet.engine import FeatureEngine, find_layers, resolve_top_layers
 from conpet.inputs import encode_generation, encode_rows
-from conpet.errors import ConfigError
+from conpet.errors import ConfigError, warn
 from conpet.learners import LEARNERS, Context, Learner, get_learner
 from conpet.pet import PETMethod, get_pet, get_pet_class
 
@@ -75,6 +75,25 @@ def check(cfg: RunConfig) -> None:
     compute = compute_of(cfg)
     if cfg.backbone.quantize:
         check_quantize(cfg.backbone.quantize, compute.device, pet_supports_kbit=pet.supports_kbit)
+    if cfg.backbone.fsdp:
+        check_fsdp(cfg)
+
+
+def check_fsdp(cfg: RunConfig) -> None:
+    """What ``backbone.fsdp`` (a sharded backbone, docs/gpus.md) works with today."""
+    if cfg.backbone.quantize:
+        raise ConfigError("backbone.fsdp: a quantized backbone (backbone.quantize) is not sharded; use one or the other")
+    if cfg.pet.method != "lora":
+        raise ConfigError(f"backbone.fsdp: pet.method '{cfg.pet.method}' has not been tried on a sharded backbone; "
+                          f"use lora")
+    if isinstance(cfg.train.top_layers, int):
+        raise ConfigError(f"backbone.fsdp: train.top_layers {cfg.train.top_layers} caches the lower layers per "
+                          f"process, which a sharded backbone cannot (every forward pass is a collective); "
+                          f"use train.top_layers: null")
+    if not get_learner(cfg.learner).shards_backbone:
+        able = sorted(name for name, cls in LEARNERS.items() if cls.shards_backbone)
+        raise ConfigError(f"backbone.fsdp: learner '{cfg.learner}' is not tried on a sharded backbone; these are: "
+                          f"{', '.join(able)}")
 
 
 def check_stream(cfg: RunConfig, stream: Stream) -> None:
@@ -137,7 +156,14 @@ def prepare(cfg: RunConfig, stream: Stream | None = None, check_rows: int = 8, c
     pet_cls = get_pet_class(cfg.pet.method)
     setting = pet_cls.confine_top_layers(cfg.train.top_layers, backbone.model.config.num_hidden_layers,
                                          cfg.pet.options)
-    top_layers = resolve_top_layers(setting, backbone.model, pet_cls.input_level)
+    top_layers = None if cfg.backbone.fsdp else resolve_top_layers(setting, backbone.model, pet_cls.input_level)
+    if cfg.backbone.fsdp:
+        if distributed.active():
+            backbone.shard_bytes = distributed.shard_backbone(backbone.model, find_layers(backbone.model)[2],
+                                                              compute.device)
+        else:
+            warn("backbone.fsdp: one process, so the whole backbone is loaded here (sharding it needs a "
+                 "launcher: torchrun --nproc_per_node N -m conpet run ...)")
     engine = FeatureEngine(backbone, encoded, top_layers, compute, cfg.train.eval_batch_size, cfg.train.cache_mb)
     rows = stream.tasks[0].train[:check_rows] if stream.tasks and stream.tasks[0].train else \
         list(range(min(check_rows, len(stream.rows))))

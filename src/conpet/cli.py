@@ -291,7 +291,9 @@ def cmd_list(args) -> int:
         for name, cls in sorted(LEARNERS.items()):
             doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
             paper = cls.paper
-            print(f"{name:12s} {doc}" + (f"\n{'':12s} paper: {paper}" if paper else ""))
+            works = ["generative streams"] * cls.generative + ["backbone.fsdp"] * cls.shards_backbone
+            print(f"{name:12s} {doc}" + (f"\n{'':12s} paper: {paper}" if paper else "")
+                  + (f"\n{'':12s} also: {', '.join(works)}" if works else ""))
     else:
         for name, cls in sorted(PET_METHODS.items()):
             print(f"{name:17s} {cls.paper}")

@@ -137,6 +137,11 @@ class BackboneConfig:
     """Store the frozen backbone quantized: ``nf4`` (4-bit NormalFloat, QLoRA) or ``int8``
     (LLM.int8()), through bitsandbytes and peft's k-bit preparation; CUDA only, peft-backed PET
     methods only. ``null`` (default): full-precision weights."""
+    fsdp: bool = False
+    """Shard the frozen backbone's weights over the processes of a launcher (``torchrun``,
+    ``accelerate launch``) with torch's ``fully_shard`` (FSDP2), one unit per transformer layer, for a
+    backbone that does not fit one device. LoRA only, every layer (``train.top_layers`` null or
+    auto), the learners that list it (``conpet learners``); one process: nothing is sharded."""
 
 
 @dataclass

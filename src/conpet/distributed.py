@@ -11,8 +11,13 @@ What a rank does (docs/gpus.md):
 - every rank lays out the same global batches (same seed, same replay schedule);
   :func:`shard` gives each its contiguous share of a batch, and gradients are averaged by
   :class:`torch.nn.parallel.DistributedDataParallel` (see :mod:`conpet.learners.loop`);
-- evaluation batches are dealt out round-robin and the predictions gathered (:func:`gather_dicts`);
-- only rank 0 (:func:`is_main`) writes the run directory; the others read it on ``--resume``.
+- evaluation batches are dealt out round-robin (:func:`deal`) and the predictions gathered
+  (:func:`gather_dicts`);
+- only rank 0 (:func:`is_main`) writes the run directory; the others read it on ``--resume``;
+- with ``backbone.fsdp`` the frozen backbone is sharded over the ranks (:func:`shard_backbone`,
+  torch's ``fully_shard`` per transformer layer): each forward pass then all-gathers layer by
+  layer, so every rank must run the same forward passes in the same order; :func:`deal` pads the
+  short ranks' evaluation with a dropped repeat and :func:`all_true` lets decoding stop together.
 """
 
 from __future__ import annotations
@@ -55,6 +60,57 @@ def world_size() -> int:
 def is_main() -> bool:
     """True on the process that writes (rank 0, or the only process)."""
     return rank() == 0
+
+
+_SHARDED = False
+"""Whether :func:`shard_backbone` has sharded a backbone in this process."""
+
+
+def shard_backbone(model: torch.nn.Module, layers: Sequence[torch.nn.Module], device: torch.device) -> tuple[int, int]:
+    """Shard ``model``'s (frozen) weights over every rank with torch's ``fully_shard`` (FSDP2): one
+    unit per transformer layer, the rest (embeddings, final norm) as the root unit. PET modules
+    attached later live outside the shards: replicated, their gradients averaged by DDP as without
+    FSDP. Returns (bytes of backbone weights this rank holds, bytes of the whole backbone)."""
+    global _SHARDED
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    mesh = init_device_mesh(device.type, (world_size(),))
+    # explicit True, also for the root (whose default keeps its weights gathered after forward):
+    # a rank-0-only write (peft's save reads the state dict, which reshards) would otherwise leave
+    # rank 0 sharded and the others gathered, and their next all-gathers would not pair up
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    _SHARDED = True
+    local = (p.to_local() if isinstance(p, DTensor) else p for p in model.parameters())
+    return sum(t.numel() * t.element_size() for t in local), total
+
+
+def sharded() -> bool:
+    """Whether this process's backbone is sharded (every forward pass is then a collective)."""
+    return _SHARDED and active()
+
+
+def deal(batches: Sequence[Sequence[int]]) -> list[tuple[list[int], bool]]:
+    """This rank's batches, dealt out round-robin, each with whether to keep its result. With a
+    sharded backbone every rank gets the same number: a short rank repeats the first batch and
+    drops the result, because its forward passes must pair with the others'."""
+    mine = [(list(b), True) for b in batches[rank()::world_size()]]
+    if sharded() and batches:
+        mine += [(list(batches[0]), False)] * (-(-len(batches) // world_size()) - len(mine))
+    return mine
+
+
+def all_true(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on every rank (a loop that runs forward passes stops together)."""
+    if not active():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def shard(indices: Sequence[int], parts: int, index: int) -> list[int]:

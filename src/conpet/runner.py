@@ -85,8 +85,10 @@ def generate_rows(learner: Learner, rows: list[int]) -> dict[int, str]:
     lengths = np.asarray([ctx.encoded.target_start[i] for i in rows])
     batches = sorted_batches(rows, lengths, ctx.cfg.train.eval_batch_size)
     out: dict[int, str] = {}
-    for batch in batches[distributed.rank()::distributed.world_size()]:
-        out.update(zip(batch, learner.generate(batch)))
+    for batch, keep in distributed.deal(batches):
+        answers = learner.generate(batch)
+        if keep:
+            out.update(zip(batch, answers))
     return distributed.gather_dicts(out)
 
 
@@ -281,6 +283,8 @@ def run_seed(cfg: RunConfig, prepared: Prepared, seed: int, out: Path, progress:
     })
     if distributed.active():
         result["processes"] = distributed.world_size()
+    if engine.backbone.shard_bytes is not None:
+        result["backbone_bytes_per_process"], result["backbone_bytes"] = engine.backbone.shard_bytes
     distributed.on_main(atomic_write_json, sdir / "metrics.json", result)
     checkpointer.remove_all()
     return result

@@ -144,6 +144,9 @@ class Learner:
     needs_lm_head: ClassVar[bool] = False
     """Whether the learner reads the backbone's next-token distributions on classification
     streams too (ZSCL's distillation): it then needs a causal LM, checked before anything is written."""
+    shards_backbone: ClassVar[bool] = False
+    """Whether the learner runs with ``backbone.fsdp`` (a sharded backbone): every forward pass it
+    makes must run on every process in the same order (they are collectives), and it is tested so."""
     options: ClassVar[dict[str, Option]] = {}
     """The learner's options (:class:`conpet.learners.options.Option`), declared once."""
 

@@ -33,6 +33,7 @@ class EAEMR(EMR):
 
     name = "ea-emr"
     generative = False  # the alignment maps features before a classification head
+    shards_backbone = False  # not tried with backbone.fsdp
     options = {"align_lr": Option(1e-4, float, minimum=0.0, help="Adam learning rate of the alignment refit"),
                "align_epochs": Option(20, int, minimum=1, help="passes of the alignment refit"),
                "align_batch_size": Option(32, int, minimum=1, help="batch size of the alignment refit"),

@@ -23,6 +23,7 @@ class EMR(Plugin):
     generative = True
 
     name = "emr"
+    shards_backbone = True
 
     def needs_memory(self) -> bool:
         return not self.learner.dynamic or self.opts["replay_source"] == "memory"

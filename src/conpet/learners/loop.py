@@ -221,8 +221,9 @@ def predict(logits_fn: Callable[[list[int]], torch.Tensor], batches: list[list[i
         return logits.argmax(dim=-1).tolist()
 
     out: dict[int, int] = {}
-    for indices in batches[dist.rank()::dist.world_size()]:
-        preds = shrink_on_oom(argmax, list(indices), join=lambda parts: [p for part in parts for p in part],
+    for indices, keep in dist.deal(batches):
+        preds = shrink_on_oom(argmax, indices, join=lambda parts: [p for part in parts for p in part],
                               on_shrink=compute.empty_cache)
-        out.update(zip(indices, preds))
+        if keep:
+            out.update(zip(indices, preds))
     return dist.gather_dicts(out)

@@ -14,6 +14,7 @@ class Sequential(OneModuleLearner):
     """One PET module trained task after task, no replay (ConPET's PET-only lower bound)."""
 
     generative = True
+    shards_backbone = True
 
     def learn(self, t: int) -> None:
         task = self.begin_task(t)

@@ -37,6 +37,8 @@ class Plugin:
     """The method's own options (:class:`conpet.learners.options.Option`)."""
     generative: ClassVar[bool] = False
     """Whether the method also works on generative streams (prompt -> target tasks)."""
+    shards_backbone: ClassVar[bool] = False
+    """Whether the method runs with ``backbone.fsdp`` (:attr:`conpet.learners.base.Learner.shards_backbone`)."""
 
     def __init__(self, learner: "StaticConPET", options: dict[str, Any]) -> None:
         self.learner = learner
@@ -127,6 +129,7 @@ def register_method(plugin_cls: type[Plugin]) -> type[Plugin]:
         name = plugin_cls.name + ("*" if dynamic else "")
         cls = type(f"StaticConPET_{plugin_cls.__name__}{'Star' if dynamic else ''}", (StaticConPET,),
                    {"plugin_cls": plugin_cls, "dynamic": dynamic, "generative": plugin_cls.generative,
+                    "shards_backbone": plugin_cls.shards_backbone,
                     "options": {**REPLAY_OPTIONS, **plugin_cls.options},
                     "__doc__": f"{doc} ({'dynamic replay' if dynamic else 'original schedule'})",
                     "__module__": plugin_cls.__module__})
