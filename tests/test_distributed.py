@@ -248,7 +248,7 @@ def test_kill_one_rank_then_resume_gives_the_uninterrupted_run(no_dropout_encode
 
 
 # -- FSDP: the frozen backbone sharded over 2 processes ----------------------------------------------
-@pytest.mark.parametrize("learner", ["emr*", "lwf*"])
+@pytest.mark.parametrize("learner", ["emr*", "lwf*", "ewc*", "l2*", "joint"])
 def test_fsdp_shards_the_backbone_and_gives_the_run_of_one_process(no_dropout_encoder, typing_data, tmp_path,
                                                                   learner):
     data, tasks = typing_data
@@ -311,7 +311,7 @@ def test_deal_pairs_every_forward_pass_when_the_backbone_is_sharded(monkeypatch)
 @pytest.mark.parametrize("flags, message", [
     (["--pet", "ia3"], "pet.method 'ia3' has not been tried on a sharded backbone"),
     (["--set", "train.top_layers=1"], "train.top_layers 1 caches the lower layers per process"),
-    (["--learner", "dynamic"], "learner 'dynamic' is not tried on a sharded backbone; these are: emr, emr*, lwf"),
+    (["--learner", "dynamic"], "learner 'dynamic' is not tried on a sharded backbone; these are: emr, emr*, ewc, ewc*"),
 ])
 def test_fsdp_refuses_what_it_has_not_been_tried_with(tiny_encoder, typing_data, tmp_path, capsys, flags, message):
     data, tasks = typing_data

@@ -15,6 +15,7 @@ class Joint(OneModuleLearner):
     """A fresh PET module trained on all tasks seen so far at every step (the upper bound)."""
 
     generative = True
+    shards_backbone = True
 
     def learn(self, t: int) -> None:
         self.new_module(t)
