@@ -222,11 +222,12 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the rank's process through /proc")
-def test_kill_one_rank_then_resume_gives_the_uninterrupted_run(no_dropout_encoder, typing_data, tmp_path):
+@pytest.mark.parametrize("sharding", [[], ["--set", "backbone.fsdp=true"]], ids=["ddp", "fsdp"])
+def test_kill_one_rank_then_resume_gives_the_uninterrupted_run(no_dropout_encoder, typing_data, tmp_path, sharding):
     data, tasks = typing_data
     full, killed = tmp_path / "full", tmp_path / "killed"
-    _finish(_torchrun(_run_args(no_dropout_encoder, data, tasks, full, epochs=6)))
-    proc = _torchrun(_run_args(no_dropout_encoder, data, tasks, killed, epochs=6))
+    _finish(_torchrun(_run_args(no_dropout_encoder, data, tasks, full, epochs=6) + sharding))
+    proc = _torchrun(_run_args(no_dropout_encoder, data, tasks, killed, epochs=6) + sharding)
     deadline = time.monotonic() + 180
     # after task 1 is recorded and while task 2 checkpoints in-task
     in_task = killed / "seed-0" / "checkpoint" / "in-task"
