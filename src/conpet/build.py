@@ -135,8 +135,10 @@ def prepare(cfg: RunConfig, stream: Stream | None = None, check_rows: int = 8, c
         torch.set_num_threads(cfg.train.threads)
     compute = compute_of(cfg)
     distributed.setup(compute.device)
-    if backbone is None:
-        backbone = load_backbone(cfg.model, compute.device, cfg.backbone.quantize, compute.dtype)
+    shard = cfg.backbone.fsdp and distributed.active()
+    if backbone is None:  # a backbone to shard is read into CPU memory: only its shards go to the device
+        backbone = load_backbone(cfg.model, torch.device("cpu") if shard else compute.device, cfg.backbone.quantize,
+                                 compute.dtype)
     if compute.precision != "fp32" and cast_frozen and not cfg.backbone.quantize:
         cast_frozen_linears(backbone.model, compute.dtype)
     if cfg.train.gradient_checkpointing:
@@ -158,9 +160,11 @@ def prepare(cfg: RunConfig, stream: Stream | None = None, check_rows: int = 8, c
                                          cfg.pet.options)
     top_layers = None if cfg.backbone.fsdp else resolve_top_layers(setting, backbone.model, pet_cls.input_level)
     if cfg.backbone.fsdp:
-        if distributed.active():
+        if shard:  # fully_shard moves each unit's shard to the device, one layer at a time
             backbone.shard_bytes = distributed.shard_backbone(backbone.model, find_layers(backbone.model)[2],
                                                               compute.device)
+            if backbone.lm_head is not None:
+                backbone.lm_head = backbone.lm_head.to(compute.device)
         else:
             warn("backbone.fsdp: one process, so the whole backbone is loaded here (sharding it needs a "
                  "launcher: torchrun --nproc_per_node N -m conpet run ...)")
