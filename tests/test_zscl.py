@@ -86,6 +86,21 @@ def test_kd_is_the_token_kl_to_the_bare_backbone_and_zero_before_any_update(tiny
     learner.close()
 
 
+def test_top_k_kd_is_the_kl_over_the_teachers_top_tokens_renormalised():
+    from conpet.learners.zscl import token_kd
+
+    teacher = torch.tensor([[4.0, 1.0, 3.0, -2.0], [0.0, 2.0, 1.0, 5.0]])
+    student = torch.tensor([[1.0, 2.0, 0.5, 0.0], [3.0, 0.0, 1.0, 1.0]])
+    assert float(token_kd(teacher, student, 2.0, top_k=4)) == pytest.approx(float(token_kd(teacher, student, 2.0)))
+    # by hand, top 2 of the teacher: row 0 tokens (0, 2), row 1 tokens (3, 1); tau 2
+    expected = 0.0
+    for t, s in (([4.0, 3.0], [1.0, 0.5]), ([5.0, 2.0], [1.0, 0.0])):
+        p, q = torch.tensor(t) / 2, torch.tensor(s) / 2
+        p, q = p.softmax(-1), q.softmax(-1)
+        expected += float((p * (p.log() - q.log())).sum())
+    assert float(token_kd(teacher, student, 2.0, top_k=2)) == pytest.approx(4 * expected / 2, rel=1e-6)
+
+
 def test_the_module_after_a_task_is_the_weight_ensemble_of_s_b_a(tiny_decoder, typing_data, short_reference,
                                                                   tmp_path):
     learner = _learner(tiny_decoder, *typing_data, reference=short_reference, we_interval=2)

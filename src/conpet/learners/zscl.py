@@ -16,7 +16,8 @@ One PET module is trained task after task; every step's loss is, as the official
   Each step draws ``ref_batch_size`` chunks of the reference text (``data.reference_text``, else
   the built-in sample; the chunks of ``train.max_length`` tokens the runner's reference
   perplexity reads) and distils the base model's next-token distribution at every position,
-  ``tau^2 KL`` with ``tau = 2``, averaged over tokens.
+  ``tau^2 KL`` with ``tau = 2``, averaged over tokens; ``kd_top_k`` restricts it to the teacher's
+  top-k tokens of each position (both distributions renormalised over them).
 - **L2** to the module's weights at the start of the task (``l2``, official 1), over the PET
   parameters.
 - **Weight ensemble (WE)**: after step 0 and every ``we_interval`` steps (official 100),
@@ -85,8 +86,14 @@ from conpet.learners.options import Option
 from conpet.pet.base import backbone_alone
 
 
-def token_kd(teacher: torch.Tensor, student: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``tau^2 KL(softmax(teacher / tau) || softmax(student / tau))``, mean over the rows (tokens)."""
+def token_kd(teacher: torch.Tensor, student: torch.Tensor, temperature: float, top_k: int | None = None) -> torch.Tensor:
+    """``tau^2 KL(softmax(teacher / tau) || softmax(student / tau))``, mean over the rows (tokens).
+
+    ``top_k``: over each row's ``top_k`` tokens of the teacher only, both distributions renormalised
+    over them (the reference's "optionally over the teacher's top-k vocabulary")."""
+    if top_k is not None and top_k < teacher.shape[-1]:
+        keep = teacher.topk(top_k, dim=-1).indices
+        teacher, student = teacher.gather(-1, keep), student.gather(-1, keep)
     t = F.log_softmax(teacher.float() / temperature, dim=-1)
     s = F.log_softmax(student.float() / temperature, dim=-1)
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
@@ -174,6 +181,9 @@ class ZSCL(OneModuleLearner):
                                  help="reference chunks distilled per step; default train.batch_size"),
         "label_smoothing": Option(None, float, minimum=0.0, nullable=True,
                                   help="of the task loss; default 0.2 on classification, 0 on generative streams"),
+        "kd_top_k": Option(None, int, minimum=1, nullable=True,
+                           help="distil over the teacher's top-k tokens of each position only (renormalised); "
+                                "default: the whole vocabulary"),
     }
 
     @classmethod
@@ -274,7 +284,7 @@ class ZSCL(OneModuleLearner):
     def kd_loss(self, chunks: list[list[int]]) -> torch.Tensor:
         """``tau^2 KL(p_base || p_module)`` at every next-token position of ``chunks``."""
         teacher, student = self.reference_logits(chunks)
-        return token_kd(teacher, student, self.opts["temperature"])
+        return token_kd(teacher, student, self.opts["temperature"], self.opts["kd_top_k"])
 
     def reference_logits(self, chunks: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token logits [tokens, vocabulary] of the bare backbone (no gradient) and of the
