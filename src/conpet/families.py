@@ -17,10 +17,14 @@ gpt2           absolute positions ``wpe`` and embedding dropout ``drop`` are add
 gpt_neox, phi  embedding dropout (``emb_dropout``, ``embed_dropout``) bypassed
 phi3           peft has no default LoRA targets for its fused ``qkv_proj``: conpet's default is it
 =============  ==================================================================================
+
+conpet's own PET methods find their sites by the module names of a transformer block; those
+names live here too (:data:`LINEAR_TARGETS`, :data:`FFN_LAYOUTS`, :func:`is_llama_like`).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -75,3 +79,31 @@ def is_decoder(config) -> bool:
     except ImportError:  # pragma: no cover - transformers moved it
         return False
     return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+# -- block layouts: where conpet's own PET methods attach ---------------------------------------------
+LINEAR_TARGETS = r"(^|\.)(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|query|key|value|dense)$"
+"""Every linear layer of a Llama-like or BERT-like block."""
+
+FFN_LAYOUTS: tuple[tuple[str, str, str], ...] = (
+    ("mlp.up_proj", "mlp.down_proj", "self_attn.o_proj"),  # Llama, Mistral, Qwen2, Gemma, SmolLM2...
+    ("intermediate.dense", "output.dense", "attention.output.dense"),  # BERT, RoBERTa, ELECTRA, MiniLM...
+    ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "attention.dense"),  # GPT-NeoX, Pythia
+    ("mlp.fc1", "mlp.fc2", "self_attn.dense"),  # Phi
+)
+"""(up, down, attention output) linear layers of a transformer block, by family: the feed-forward
+input projection (Llama's ``up_proj``; a gated family's gate projection stays frozen), its output
+projection and the layer that takes the concatenated head outputs. Block-relative paths."""
+
+
+def ffn_layout(module_paths) -> tuple[str, str, str] | None:
+    """The :data:`FFN_LAYOUTS` entry whose three layers every block of a model has (``module_paths``:
+    the model's ``named_modules()`` paths), or None."""
+    blocks = {m.group(1) for path in module_paths if (m := re.search(r"\.\d+\.(.+)$", path))}
+    return next((names for names in FFN_LAYOUTS if all(name in blocks for name in names)), None)
+
+
+def is_llama_like(module_paths) -> bool:
+    """Whether a model's blocks are Llama-like (a gated ``mlp`` with ``down_proj``), from its
+    ``named_modules()`` paths."""
+    return any(path.endswith("mlp.down_proj") for path in module_paths)

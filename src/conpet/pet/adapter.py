@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from conpet.errors import ConfigError
+from conpet.families import is_llama_like
 from conpet.pet.base import check_positive_int, register_pet
-from conpet.pet.sites import InjectedPET, is_llama_like, out_features
+from conpet.pet.sites import InjectedPET, out_features
 
 
 class Bottleneck(nn.Module):
@@ -44,7 +45,7 @@ class SeriesAdapter(InjectedPET):
         return options
 
     def site_pattern(self, model):
-        if is_llama_like(model):
+        if is_llama_like(path for path, _ in model.named_modules()):
             ffn, attn = r"^mlp\.down_proj$", r"^self_attn\.o_proj$"
         else:
             ffn, attn = r"^output\.dense$", r"^attention\.output\.dense$"

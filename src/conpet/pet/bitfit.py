@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from conpet.families import LINEAR_TARGETS
 from conpet.pet.base import register_pet
-from conpet.pet.sites import LINEAR_TARGETS, InjectedPET, out_features
+from conpet.pet.sites import InjectedPET, out_features
 
 
 class BiasDelta(nn.Module):

@@ -7,6 +7,7 @@ import re
 from torch import nn
 
 from conpet.errors import ConfigError
+from conpet.families import FFN_LAYOUTS, ffn_layout
 from conpet.pet.base import register_pet
 from conpet.pet.delta import DeltaPart, DeltaPET
 
@@ -17,17 +18,6 @@ WINDOWS: dict[str, tuple[int, int]] = {
 """The candidate layer ranges of the official ``pipeline_sft.sh``, in quarters of the stack:
 ``bottom2`` = quarters [1, 2) = layers (N 25%, N 50%] (8-15 of 32, 10-19 of 40, 15-29 of 60)."""
 
-FFN_FAMILIES: tuple[tuple[str, str, str], ...] = (
-    ("mlp.up_proj", "mlp.down_proj", "self_attn.o_proj"),  # Llama, Mistral, Qwen2, Gemma, SmolLM2...
-    ("intermediate.dense", "output.dense", "attention.output.dense"),  # BERT, RoBERTa, ELECTRA, MiniLM...
-    ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "attention.dense"),  # GPT-NeoX, Pythia
-    ("mlp.fc1", "mlp.fc2", "self_attn.dense"),  # Phi
-)
-"""(up, down, attention output) linear layers of a transformer block, by family: the feed-forward
-input projection (Llama's ``up_proj``; a gated family's gate projection stays frozen), its output
-projection and the layer that takes the concatenated head outputs. Block-relative paths."""
-
-
 def window_layers(window: str, n_layers: int) -> list[int]:
     """The layer indices (0-based) of ``window`` in an ``n_layers`` stack."""
     lo, hi = WINDOWS[window]
@@ -35,13 +25,12 @@ def window_layers(window: str, n_layers: int) -> list[int]:
 
 
 def ffn_names(model: nn.Module) -> tuple[str, str, str]:
-    """(up, down, attention output) block-relative paths of ``model``'s family (:data:`FFN_FAMILIES`)."""
-    blocks = {m.group(1) for path, _ in model.named_modules() if (m := re.search(r"\.\d+\.(.+)$", path))}
-    for names in FFN_FAMILIES:
-        if all(name in blocks for name in names):
-            return names
-    raise ConfigError(f"pet 'cofitune': no known feed-forward layout in {type(model).__name__} (known: "
-                      + "; ".join("/".join(names) for names in FFN_FAMILIES) + ")")
+    """(up, down, attention output) block-relative paths of ``model``'s family (:data:`conpet.families.FFN_LAYOUTS`)."""
+    names = ffn_layout(path for path, _ in model.named_modules())
+    if names is None:
+        raise ConfigError(f"pet 'cofitune': no known feed-forward layout in {type(model).__name__} (known: "
+                          + "; ".join("/".join(names) for names in FFN_LAYOUTS) + ")")
+    return names
 
 
 @register_pet("cofitune")

@@ -27,9 +27,9 @@ import re
 
 import torch
 
+from conpet.families import LINEAR_TARGETS
 from conpet.pet.base import register_pet, seeded_generator
 from conpet.pet.delta import DeltaPart, DeltaPET
-from conpet.pet.sites import LINEAR_TARGETS
 
 ATTENTION = re.compile(r"(attn|attention)")
 

@@ -6,9 +6,9 @@ import re
 
 import torch
 
+from conpet.families import LINEAR_TARGETS
 from conpet.pet.base import check_positive_int, register_pet, seeded_generator
 from conpet.pet.delta import DeltaPart, DeltaPET
-from conpet.pet.sites import LINEAR_TARGETS
 
 
 @register_pet("lisa")

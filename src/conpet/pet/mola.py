@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from conpet.errors import ConfigError
+from conpet.families import LINEAR_TARGETS
 from conpet.pet.base import check_positive_int, register_pet
-from conpet.pet.sites import LINEAR_TARGETS, InjectedPET, block_paths
+from conpet.pet.sites import InjectedPET, block_paths
 
 
 def _kaiming_a(r: int, d_in: int) -> torch.Tensor:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from conpet.families import is_llama_like
 from conpet.pet.adapter import Bottleneck
 from conpet.pet.base import check_positive_int, check_positive_number, register_pet
-from conpet.pet.sites import InjectedPET, in_features, is_llama_like, out_features
+from conpet.pet.sites import InjectedPET, in_features, out_features
 
 
 @register_pet("parallel_adapter")
@@ -24,7 +25,7 @@ class ParallelAdapter(InjectedPET):
         return options
 
     def site_pattern(self, model):
-        return r"^mlp$" if is_llama_like(model) else r"^output\.dense$"
+        return r"^mlp$" if is_llama_like(path for path, _ in model.named_modules()) else r"^output\.dense$"
 
     def build(self, base, path, shared):
         return Bottleneck(in_features(base), out_features(base), int(self.options["bottleneck"]))

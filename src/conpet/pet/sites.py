@@ -269,14 +269,6 @@ class InjectedPET(PETMethod):
         return model.unload()
 
 
-LINEAR_TARGETS = r"(^|\.)(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|query|key|value|dense)$"
-"""Every linear layer of a Llama-like or BERT-like block."""
-
-
-def is_llama_like(model: nn.Module) -> bool:
-    return any(name.endswith("mlp.down_proj") for name, _ in model.named_modules())
-
-
 def out_features(base: nn.Module) -> int:
     if isinstance(base, nn.Linear):
         return base.out_features

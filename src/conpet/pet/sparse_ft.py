@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from conpet.errors import ConfigError
+from conpet.families import LINEAR_TARGETS
 from conpet.pet.base import check_positive_int, check_positive_number, register_pet, seeded_generator
 from conpet.pet.delta import DeltaPart, DeltaPET
-from conpet.pet.sites import LINEAR_TARGETS
 
 
 @register_pet("sparse_ft")
