@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from conpet.report import (Runs, _matrix, _n_seeds, _n_tasks, _number, _std, _task_names, _title,
-                           summary_markdown)
+from conpet.report import (Runs, as_number, mean_matrix, n_seeds, n_tasks, run_title, seed_std, summary_markdown,
+                           task_names)
 from conpet.runs import atomic_write_bytes, atomic_write_text
 
 __all__ = ["plot_accuracy_matrix", "plot_accuracy_curve", "plot_comparison", "write_run_report"]
@@ -62,13 +62,13 @@ def _per_step(metrics: dict[str, Any], key: str) -> np.ndarray:
 def plot_accuracy_matrix(metrics: dict[str, Any], path: str | os.PathLike) -> Path:
     """Heatmap of the (mean) accuracy matrix in percent: row = after learning task i, column =
     task j; cells are annotated, tasks not evaluated yet are blank. Returns the PNG path."""
-    a = _matrix(metrics)
+    a = mean_matrix(metrics)
     if a is None:
         raise ValueError("metrics have no accuracy_matrix to plot")
     import matplotlib
 
     T = len(a)
-    names = [_short(n) for n in _task_names(metrics)]
+    names = [_short(n) for n in task_names(metrics)]
     if len(names) != T:
         names = [f"task {j + 1}" for j in range(T)]
     size = min(4 + 0.6 * T, 16)
@@ -88,7 +88,7 @@ def plot_accuracy_matrix(metrics: dict[str, Any], path: str | os.PathLike) -> Pa
     ax.set_yticks(range(T), names)
     ax.set_xlabel("evaluated on task")
     ax.set_ylabel("after learning task")
-    ax.set_title(_title(metrics))
+    ax.set_title(run_title(metrics))
     return _save(fig, path)
 
 
@@ -96,7 +96,7 @@ def plot_accuracy_curve(metrics: dict[str, Any], path: str | os.PathLike) -> Pat
     """Average and whole accuracy after each task (x = number of tasks learned), in percent,
     shaded by ± one std across seeds when there are several. Returns the PNG path."""
     fig, ax = _figure(6.4, 4.2)
-    std = metrics.get("std") if _n_seeds(metrics) > 1 else None
+    std = metrics.get("std") if n_seeds(metrics) > 1 else None
     for key, label, color, style in [
         ("average_accuracy_per_step", "average accuracy", "C0", dict(marker="o")),
         ("whole_accuracy_per_step", "whole accuracy", "C1", dict(marker="s", linestyle="--")),
@@ -108,7 +108,7 @@ def plot_accuracy_curve(metrics: dict[str, Any], path: str | os.PathLike) -> Pat
         ax.plot(x, y, color=color, label=f"{label} (final {y[-1]:.1f}%)", **style)
         if std:
             _band(ax, x, y, std.get(key), color)
-    T = _n_tasks(metrics)
+    T = n_tasks(metrics)
     ax.set_xticks(range(1, T + 1) if T <= 20 else np.linspace(1, T, 10, dtype=int))
     ax.set_xlabel("tasks learned")
     ax.set_ylabel("accuracy on seen tasks (%)")
@@ -116,7 +116,7 @@ def plot_accuracy_curve(metrics: dict[str, Any], path: str | os.PathLike) -> Pat
     ax.set_ylim(max(low, 0), min(high, 100.5))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
-    ax.set_title(_title(metrics))
+    ax.set_title(run_title(metrics))
     return _save(fig, path)
 
 
@@ -132,9 +132,9 @@ def plot_comparison(runs: Runs, path: str | os.PathLike) -> Path:
             continue
         x = np.arange(1, len(y) + 1)
         left.plot(x, y, marker="o", color=f"C{k % 10}", label=name)
-        if _n_seeds(m) > 1:
-            _band(left, x, y, _std(m, "average_accuracy_per_step"), f"C{k % 10}")
-    T = max(_n_tasks(m) for _, m in runs)
+        if n_seeds(m) > 1:
+            _band(left, x, y, seed_std(m, "average_accuracy_per_step"), f"C{k % 10}")
+    T = max(n_tasks(m) for _, m in runs)
     left.set_xticks(range(1, T + 1) if T <= 20 else np.linspace(1, T, 10, dtype=int))
     left.set_xlabel("tasks learned")
     left.set_ylabel("average accuracy (%)")
@@ -146,8 +146,8 @@ def plot_comparison(runs: Runs, path: str | os.PathLike) -> Path:
     width = 0.38
     for offset, key, label in [(-width / 2, "average_accuracy", "average"),
                                (width / 2, "whole_accuracy", "whole")]:
-        means = [100 * _or(_number(m.get(key)), np.nan) for _, m in runs]
-        errs = [100 * _or(_number(_std(m, key)), 0.0) if _n_seeds(m) > 1 else 0.0
+        means = [100 * _or(as_number(m.get(key)), np.nan) for _, m in runs]
+        errs = [100 * _or(as_number(seed_std(m, key)), 0.0) if n_seeds(m) > 1 else 0.0
                 for _, m in runs]
         bars = right.bar(x + offset, means, width, yerr=errs, capsize=3, label=label)
         right.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)

@@ -72,20 +72,18 @@ def load_run(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-# --------------------------------------------------------------------------- small helpers
-
-
-def _number(x: Any) -> float | None:
+# -- readers of a metrics dict (public: the plots read runs the same way) --------------------------------
+def as_number(x: Any) -> float | None:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return None
     return float(x)
 
 
-def _n_seeds(metrics: dict[str, Any]) -> int:
+def n_seeds(metrics: dict[str, Any]) -> int:
     return int(metrics.get("n_seeds", 1) or 1)
 
 
-def _std(metrics: dict[str, Any], key: str) -> Any:
+def seed_std(metrics: dict[str, Any], key: str) -> Any:
     std = metrics.get("std")
     return std.get(key) if isinstance(std, dict) else None
 
@@ -99,14 +97,14 @@ def _mean_std(mean: float | None, std: float | None, n_seeds: int, fmt: str) -> 
     return text
 
 
-def _matrix(metrics: dict[str, Any]) -> np.ndarray | None:
+def mean_matrix(metrics: dict[str, Any]) -> np.ndarray | None:
     rows = metrics.get("accuracy_matrix")
     if not rows:
         return None
     return np.array([[np.nan if v is None else float(v) for v in row] for row in rows])
 
 
-def _n_tasks(metrics: dict[str, Any]) -> int:
+def n_tasks(metrics: dict[str, Any]) -> int:
     for key in ("average_accuracy_per_step", "train_seconds", "accuracy_matrix"):
         if isinstance(metrics.get(key), list) and metrics[key]:
             return len(metrics[key])
@@ -118,21 +116,21 @@ def _run_info(metrics: dict[str, Any]) -> dict[str, Any]:
     return run if isinstance(run, dict) else {}
 
 
-def _task_names(metrics: dict[str, Any]) -> list[str]:
-    T = _n_tasks(metrics)
+def task_names(metrics: dict[str, Any]) -> list[str]:
+    T = n_tasks(metrics)
     tasks = _run_info(metrics).get("tasks")
     if isinstance(tasks, list) and len(tasks) == T:
         return [str(t) for t in tasks]
     return [f"task {j + 1}" for j in range(T)]
 
 
-def _title(metrics: dict[str, Any]) -> str:
+def run_title(metrics: dict[str, Any]) -> str:
     run = _run_info(metrics)
     head = " + ".join(str(run[k]) for k in ("learner", "pet") if run.get(k)) or "run"
     if run.get("model"):
         head += f" on {run['model']}"
     tail = [str(run["benchmark"])] if run.get("benchmark") else []
-    n = _n_seeds(metrics)
+    n = n_seeds(metrics)
     tail.append(f"mean of {n} seeds" if n > 1 else "1 seed")
     return head + "\n" + ", ".join(tail)
 
@@ -141,23 +139,23 @@ def _per_seed_seconds(metrics: dict[str, Any], reduce) -> list[float]:
     """``reduce`` of each seed's ``train_seconds`` list (for the std across seeds)."""
     values = []
     for seed in metrics.get("per_seed") or []:
-        secs = [s for s in (seed.get("train_seconds") or []) if _number(s) is not None]
+        secs = [s for s in (seed.get("train_seconds") or []) if as_number(s) is not None]
         if secs:
             values.append(float(reduce(secs)))
     return values
 
 
 def _seconds_cell(metrics: dict[str, Any], reduce) -> str:
-    secs = [s for s in (metrics.get("train_seconds") or []) if _number(s) is not None]
+    secs = [s for s in (metrics.get("train_seconds") or []) if as_number(s) is not None]
     if not secs:
         return MISSING
     per_seed = _per_seed_seconds(metrics, reduce)
     std = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else None
-    return _mean_std(float(reduce(secs)), std, _n_seeds(metrics), ".2f")
+    return _mean_std(float(reduce(secs)), std, n_seeds(metrics), ".2f")
 
 
 def _ratio_cell(ratio: Any) -> str:
-    r = _number(ratio)
+    r = as_number(ratio)
     if r is None or r <= 0:
         return MISSING
     text = f"{r * 100:.4f}%"
@@ -167,7 +165,7 @@ def _ratio_cell(ratio: Any) -> str:
 
 
 def _int_cell(value: Any) -> str:
-    v = _number(value)
+    v = as_number(value)
     return MISSING if v is None else f"{round(v):,}"
 
 
@@ -252,12 +250,12 @@ def _metrics_rows(runs: Runs) -> list[list[str]]:
     for label, key in PERCENT_ROWS:
         cells = []
         for _, m in runs:
-            mean, std = _number(m.get(key)), _number(_std(m, key))
+            mean, std = as_number(m.get(key)), as_number(seed_std(m, key))
             cells.append(
                 _mean_std(
                     None if mean is None else 100 * mean,
                     None if std is None else 100 * std,
-                    _n_seeds(m),
+                    n_seeds(m),
                     ".2f",
                 )
             )
@@ -282,21 +280,21 @@ def _metrics_rows(runs: Runs) -> list[list[str]]:
         [
             "peak RSS (MB)",
             *(
-                _mean_std(_number(m.get("peak_rss_mb")), _number(_std(m, "peak_rss_mb")),
-                          _n_seeds(m), ".1f")
+                _mean_std(as_number(m.get("peak_rss_mb")), as_number(seed_std(m, "peak_rss_mb")),
+                          n_seeds(m), ".1f")
                 for _, m in runs
             ),
         ]
     )
     rows.append(
-        ["seeds", *(f"{_n_seeds(m)} ({', '.join(str(s) for s in m.get('seeds') or [])})" for _, m in runs)]
+        ["seeds", *(f"{n_seeds(m)} ({', '.join(str(s) for s in m.get('seeds') or [])})" for _, m in runs)]
     )
     return rows
 
 
 def _perplexity_cell(m: dict) -> str:
-    base, after = _number(m.get("base_reference_perplexity")), m.get("reference_perplexity") or []
-    last = _number(after[-1]) if after else None
+    base, after = as_number(m.get("base_reference_perplexity")), m.get("reference_perplexity") or []
+    last = as_number(after[-1]) if after else None
     return "-" if base is None or last is None else f"{base:.2f} -> {last:.2f}"
 
 
@@ -326,17 +324,17 @@ def metrics_table(runs: Runs) -> str:
 
 
 def _seconds_rows(runs: Runs) -> list[list[str]]:
-    T = max((_n_tasks(m) for _, m in runs), default=0)
-    names = [_task_names(m) for _, m in runs]
+    T = max((n_tasks(m) for _, m in runs), default=0)
+    names = [task_names(m) for _, m in runs]
     rows = []
     for j in range(T):
         labels = {n[j] for n in names if j < len(n)}
         row = [labels.pop() if len(labels) == 1 else f"task {j + 1}"]
         for _, m in runs:
-            secs, std = m.get("train_seconds") or [], _std(m, "train_seconds") or []
-            mean = _number(secs[j]) if j < len(secs) else None
-            sd = _number(std[j]) if j < len(std) else None
-            row.append(_mean_std(mean, sd, _n_seeds(m), ".2f"))
+            secs, std = m.get("train_seconds") or [], seed_std(m, "train_seconds") or []
+            mean = as_number(secs[j]) if j < len(secs) else None
+            sd = as_number(std[j]) if j < len(std) else None
+            row.append(_mean_std(mean, sd, n_seeds(m), ".2f"))
         rows.append(row)
     rows.append(["total", *(_seconds_cell(m, np.sum) for _, m in runs)])
     return rows
@@ -348,10 +346,10 @@ def per_task_seconds_table(runs: Runs) -> str:
 
 
 def _matrix_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    a = _matrix(metrics)
+    a = mean_matrix(metrics)
     if a is None:
         return ["after \\ on"], []
-    names = _task_names(metrics)
+    names = task_names(metrics)
     if len(names) != a.shape[1]:
         names = [f"task {j + 1}" for j in range(a.shape[1])]
     rows = [
@@ -376,16 +374,16 @@ def summary_markdown(metrics: dict[str, Any]) -> str:
     the training seconds per task."""
     run = _run_info(metrics)
     name = str(run.get("learner") or "run")
-    tasks = _task_names(metrics)
-    lines = [f"# {_title(metrics).splitlines()[0]}", ""]
+    tasks = task_names(metrics)
+    lines = [f"# {run_title(metrics).splitlines()[0]}", ""]
     for label, key in [("learner", "learner"), ("PET method", "pet"), ("model", "model"),
                        ("benchmark", "benchmark"), ("setting", "setting")]:
         lines.append(f"- **{label}**: {run.get(key) or MISSING}")
     lines.append(f"- **tasks** ({len(tasks)}): {', '.join(tasks) or MISSING}")
     seeds = ", ".join(str(s) for s in metrics.get("seeds") or []) or MISSING
-    lines.append(f"- **seeds** ({_n_seeds(metrics)}): {seeds}")
+    lines.append(f"- **seeds** ({n_seeds(metrics)}): {seeds}")
     lines += ["", "## Metrics", ""]
-    if _n_seeds(metrics) > 1:
+    if n_seeds(metrics) > 1:
         lines += ["Mean ± sample standard deviation across seeds.", ""]
     lines.append(_markdown_table(["metric", name], _metrics_rows([(name, metrics)])))
     lines += ["## Accuracy matrix (%)", "",
