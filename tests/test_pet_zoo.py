@@ -417,3 +417,25 @@ def test_prefix_tuning_starts_from_real_tokens_keys_and_values(backbone_batch):
 def test_prefix_tuning_init_option_is_checked():
     with pytest.raises(ConfigError, match="real_tokens"):
         get_pet("prefix_tuning", {"init": "zeros"})
+
+
+@pytest.mark.parametrize("method, kind", [("sparse_ft", "indices"), ("hft", "dense")])
+def test_an_update_is_saved_as_coo_or_as_the_matrix_whichever_is_smaller(backbone_batch, method, kind, tmp_path):
+    """SpIEL's 1% update costs its non-zeros (int32 index + value); HFT's whole matrices cost
+    their plain size, not the 3x of COO."""
+    from safetensors.torch import load_file
+
+    bb, _, _ = backbone_batch
+    pet = get_pet(method, {})
+    model = pet.attach(_fresh(bb), "m")
+    with torch.no_grad():
+        for p in pet.parameters(model, "m"):
+            p.add_(torch.randn_like(p) * 0.05)
+    pet.save(model, "m", tmp_path)
+    saved = load_file(str(tmp_path / "pet_model.safetensors"))
+    kinds = {k.rsplit("::", 1)[1] for k in saved}
+    assert kind in kinds and ("dense" in kinds) == (kind == "dense")
+    stored = sum(t.numel() * t.element_size() for t in saved.values())
+    touched = sum(int((s.parts["m"].weight() != 0).sum()) for s in model.sites.values() if "m" in s.parts)
+    entries = sum(s.parts["m"].weight().numel() for s in model.sites.values() if "m" in s.parts)
+    assert stored <= min(8 * touched, 4 * entries)  # never more than the cheaper of the two layouts

@@ -1,6 +1,7 @@
 """Dense updates of chosen weights, the machinery of sparse fine-tuning, HFT and LISA: a
 zero-initialised full-size update per targeted linear layer, saved sparsely (only the non-zero
-entries, as COO indices + values), so a module that touched few weights is small on disk."""
+entries, as COO indices (int32) + values), so a module that touched few weights is small on disk;
+a matrix whose update is denser than that pays for is saved as the plain matrix."""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ class DeltaPart(nn.Module):
 
 class DeltaPET(InjectedPET):
     """Shared machinery: a dense update per targeted linear layer; saved sparsely (only the
-    non-zero entries, as COO indices + values), so a module that touched few weights is small."""
+    non-zero entries, as COO indices + values), so a module that touched few weights is small, or
+    as the plain matrix where that is smaller (an update that touched most of its entries)."""
 
     def site_pattern(self, model):
         return self.options["target_modules"]
@@ -67,8 +69,13 @@ class DeltaPET(InjectedPET):
             site = model.sites[key.split(".parts.")[0].removeprefix("base_model.")]
             flat = site.parts[name].weight().detach().cpu().reshape(-1)
             idx = flat.nonzero().flatten()
-            tensors[f"{key}::indices"] = idx.to(torch.int64)
-            tensors[f"{key}::values"] = flat[idx].contiguous()
+            index_dtype = torch.int32 if flat.numel() < 2 ** 31 else torch.int64
+            coo_bytes = idx.numel() * (index_dtype.itemsize + flat.element_size())
+            if coo_bytes < flat.numel() * flat.element_size():
+                tensors[f"{key}::indices"] = idx.to(index_dtype)
+                tensors[f"{key}::values"] = flat[idx].contiguous()
+            else:  # denser than COO pays for (CoFiTune's whole matrices): the matrix itself
+                tensors[f"{key}::dense"] = flat.contiguous()
             shapes[key] = list(p.shape)
         save_file(tensors, str(Path(folder) / WEIGHTS_FILE))
         (Path(folder) / CONFIG_FILE).write_text(json.dumps(
@@ -80,11 +87,16 @@ class DeltaPET(InjectedPET):
         with torch.no_grad():
             for n, p in self.tensors(model, name).items():
                 key = n.replace(f".{name}.", ".")
-                if f"{key}::indices" not in saved:
+                if f"{key}::dense" in saved:
+                    flat = saved[f"{key}::dense"].to(p.device, p.dtype)
+                    p.copy_(flat.view(p.shape))
+                    idx = flat.nonzero().flatten()
+                elif f"{key}::indices" in saved:
+                    p.zero_()
+                    idx = saved[f"{key}::indices"].to(p.device, torch.int64)
+                    p.view(-1)[idx] = saved[f"{key}::values"].to(p.device, p.dtype)
+                else:
                     raise ModelError(f"{folder}: no saved tensor for '{key}' (options or layers differ)")
-                p.zero_()
-                idx = saved[f"{key}::indices"].to(p.device)
-                p.view(-1)[idx] = saved[f"{key}::values"].to(p.device, p.dtype)
                 part = model.sites[key.split(".parts.")[0].removeprefix("base_model.")].parts[name]
                 if part.mask is not None:  # the stored entries are the active ones
                     part.mask.zero_()
