@@ -179,7 +179,7 @@ def run_config(args) -> dict:
 def generation_score(learner, cfg, stream, rows_per_task: int) -> float:
     """Mean over tasks of each task's primary metric on its first ``rows_per_task`` test rows."""
     from conpet import text_metrics
-    from conpet.runner import generate_rows, task_metric
+    from conpet.evaluation import generate_rows, task_metric
 
     scores = []
     for j, task in enumerate(stream.tasks):

@@ -16,7 +16,7 @@ LAYERS = [
     ["conpet.search"],
     ["conpet.runner", "conpet.predict"],
     ["conpet.plots"],
-    ["conpet.build", "conpet.report", "conpet.checkpoint"],
+    ["conpet.build", "conpet.report", "conpet.checkpoint", "conpet.evaluation"],
     ["conpet.learners"],
     ["conpet.generation"],
     ["conpet.engine", "conpet.adapters"],

@@ -289,7 +289,8 @@ def test_dynamic_routes_each_prompt_to_one_generating_expert(tiny_decoder, gen_d
     from conpet.generation import perplexity
     from conpet.learners.dynamic import expert_name
     from conpet.predict import predict
-    from conpet.runner import reference_chunks, run
+    from conpet.evaluation import reference_chunks
+    from conpet.runner import run
 
     cfg = _cfg(tiny_decoder, gen_data, tmp_path / "run", learner="dynamic")
     cfg.learner_options = {"steps_per_task": 6}
