@@ -159,6 +159,7 @@ def prepare(cfg: RunConfig, stream: Stream | None = None, check_rows: int = 8, c
     setting = pet_cls.confine_top_layers(cfg.train.top_layers, backbone.model.config.num_hidden_layers,
                                          cfg.pet.options)
     top_layers = None if cfg.backbone.fsdp else resolve_top_layers(setting, backbone.model, pet_cls.input_level)
+    distributed.forget_sharding()
     if cfg.backbone.fsdp:
         if shard:  # fully_shard moves each unit's shard to the device, one layer at a time
             backbone.shard_bytes = distributed.shard_backbone(backbone.model, find_layers(backbone.model)[2],

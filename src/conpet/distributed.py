@@ -89,6 +89,12 @@ def shard_backbone(model: torch.nn.Module, layers: Sequence[torch.nn.Module], de
     return sum(t.numel() * t.element_size() for t in local), total
 
 
+def forget_sharding() -> None:
+    """A backbone prepared without ``backbone.fsdp`` (the next run in this process) is not sharded."""
+    global _SHARDED
+    _SHARDED = False
+
+
 def sharded() -> bool:
     """Whether this process's backbone is sharded (every forward pass is then a collective)."""
     return _SHARDED and active()
