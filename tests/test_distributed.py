@@ -249,7 +249,7 @@ def test_kill_one_rank_then_resume_gives_the_uninterrupted_run(no_dropout_encode
 
 
 # -- FSDP: the frozen backbone sharded over 2 processes ----------------------------------------------
-@pytest.mark.parametrize("learner", ["emr*", "lwf*", "ewc*", "l2*", "joint"])
+@pytest.mark.parametrize("learner", ["emr*", "lwf*", "ewc*", "l2*", "joint", "dynamic"])
 def test_fsdp_shards_the_backbone_and_gives_the_run_of_one_process(no_dropout_encoder, typing_data, tmp_path,
                                                                   learner):
     data, tasks = typing_data
@@ -272,7 +272,8 @@ def test_fsdp_shards_the_backbone_and_gives_the_run_of_one_process(no_dropout_en
     assert main(["verify", str(two)]) == 0
 
 
-def test_fsdp_decodes_a_generative_stream_in_step(lively_decoder, tmp_path):
+@pytest.mark.parametrize("learner", ["sequential", "dynamic"])
+def test_fsdp_decodes_a_generative_stream_in_step(lively_decoder, tmp_path, learner):
     """Greedy decoding stops together on every rank (each step is a collective), and answers as
     one process does. ``lr 1e-12`` keeps both runs on the same weights: the lively decoder turns the
     last-bit differences of 2-process training into other tokens."""
@@ -280,7 +281,7 @@ def test_fsdp_decodes_a_generative_stream_in_step(lively_decoder, tmp_path):
 
     data = write_generative_data(tmp_path / "gen")
     one, two = tmp_path / "one", tmp_path / "two"
-    args = ["run", "--model", str(lively_decoder), "--data", str(data), "--learner", "sequential", "--epochs", "1",
+    args = ["run", "--model", str(lively_decoder), "--data", str(data), "--learner", learner, "--epochs", "1",
             "--lr", "1e-12",
             "--batch-size", "8", "--precision", "fp32", "--threads", "1", "--no-progress",
             "--set", "pet.options.lora_dropout=0", "--set", "train.eval_batch_size=3", "--out"]
@@ -312,7 +313,8 @@ def test_deal_pairs_every_forward_pass_when_the_backbone_is_sharded(monkeypatch)
 @pytest.mark.parametrize("flags, message", [
     (["--pet", "ia3"], "pet.method 'ia3' has not been tried on a sharded backbone"),
     (["--set", "train.top_layers=1"], "train.top_layers 1 caches the lower layers per process"),
-    (["--learner", "dynamic"], "learner 'dynamic' is not tried on a sharded backbone; these are: emr, emr*, ewc, ewc*"),
+    (["--learner", "lae"], "learner 'lae' is not tried on a sharded backbone; these are: dynamic, emr, emr*, ewc"),
+    (["--learner", "dynamic[top_k=2]"], "backbone.fsdp: top_k 2 fills old experts' logits"),
 ])
 def test_fsdp_refuses_what_it_has_not_been_tried_with(tiny_encoder, typing_data, tmp_path, capsys, flags, message):
     data, tasks = typing_data

@@ -64,6 +64,7 @@ class DynamicConPET(Learner):
     """One PET module per task + a learned PET module selector (Dynamic ConPET, Song et al. 2023)."""
 
     generative = True
+    shards_backbone = True  # with top_k 1: every step and prediction is one routed pass on every process
     options = {
         "top_k": Option(1, int, minimum=1, help="experts each input runs through"),
         **REPLAY_OPTIONS,
@@ -75,6 +76,10 @@ class DynamicConPET(Learner):
     @classmethod
     def validate(cls, cfg, opts) -> None:
         split_batch(cfg.train.batch_size, opts["new_ratio"])
+        if cfg.backbone.fsdp and opts["top_k"] != 1:
+            raise ConfigError(f"backbone.fsdp: top_k {opts['top_k']} fills old experts' logits for the rows each process "
+                              f"misses, a different number of forward passes per process; a sharded backbone needs "
+                              f"top_k=1")
 
     @classmethod
     def validate_domain_incremental(cls, cfg, opts) -> None:
