@@ -187,11 +187,15 @@ def _finish(proc: subprocess.Popen, timeout: float = 240) -> int:
     return proc.returncode
 
 
-def test_two_processes_give_the_metrics_of_one(no_dropout_encoder, typing_data, tmp_path):
+@pytest.mark.parametrize("learner", ["emr*", "crl*"])
+def test_two_processes_give_the_metrics_of_one(no_dropout_encoder, typing_data, tmp_path, learner):
+    """crl*: its memory bank is sampled for the whole batch's labels and written with every
+    process's rows (it once saw only each process's share: losses 2.8% apart)."""
     data, tasks = typing_data
     one, two = tmp_path / "one", tmp_path / "two"
-    assert main(_run_args(no_dropout_encoder, data, tasks, one)) == 0
-    _finish(_torchrun(_run_args(no_dropout_encoder, data, tasks, two)))
+    args = [a if a != "emr*" else learner for a in _run_args(no_dropout_encoder, data, tasks, one)]
+    assert main(args) == 0
+    _finish(_torchrun([*args[:-1], str(two)]))
     a, b = _seed_metrics(one), _seed_metrics(two)
     assert b["processes"] == 2
     assert b["train_samples"] == a["train_samples"]  # the same global batches
@@ -249,7 +253,8 @@ def test_kill_one_rank_then_resume_gives_the_uninterrupted_run(no_dropout_encode
 
 
 # -- FSDP: the frozen backbone sharded over 2 processes ----------------------------------------------
-@pytest.mark.parametrize("learner", ["emr*", "lwf*", "ewc*", "l2*", "joint", "dynamic"])
+@pytest.mark.parametrize("learner", ["emr*", "lwf*", "ewc*", "l2*", "joint", "dynamic", "o-lora", "inflora", "lae", "fpf",
+                                     "k-fpf", "i-lora", "merge[rank=4]"])
 def test_fsdp_shards_the_backbone_and_gives_the_run_of_one_process(no_dropout_encoder, typing_data, tmp_path,
                                                                   learner):
     data, tasks = typing_data
@@ -265,14 +270,18 @@ def test_fsdp_shards_the_backbone_and_gives_the_run_of_one_process(no_dropout_en
     from safetensors.torch import load_file
 
     saved = sorted(two.glob("seed-0/adapters/*/adapter_model.safetensors"))
-    assert len(saved) == 2
-    for f in saved:  # plain LoRA tensors, the ones one process trains
+    assert len(saved) >= 2
+    if learner == "inflora":  # its A is the top singular vectors of an input covariance with near-equal
+        return  # eigenvalues on this tiny model: two processes' summation order rotates them (docs/reliability.md)
+    for f in saved:  # plain LoRA tensors; the update B A each one process trains (merge's refit is an SVD)
         mine, ref = load_file(str(f)), load_file(str(one / f.relative_to(two)))
-        assert all(torch.allclose(mine[k], ref[k], atol=1e-5) for k in ref)
+        for key in (k for k in ref if "lora_A" in k):
+            b = key.replace("lora_A", "lora_B")
+            assert torch.allclose(mine[b] @ mine[key], ref[b] @ ref[key], atol=1e-5), key
     assert main(["verify", str(two)]) == 0
 
 
-@pytest.mark.parametrize("learner", ["sequential", "dynamic"])
+@pytest.mark.parametrize("learner", ["sequential", "dynamic", "zscl"])
 def test_fsdp_decodes_a_generative_stream_in_step(lively_decoder, tmp_path, learner):
     """Greedy decoding stops together on every rank (each step is a collective), and answers as
     one process does. ``lr 1e-12`` keeps both runs on the same weights: the lively decoder turns the
@@ -313,7 +322,7 @@ def test_deal_pairs_every_forward_pass_when_the_backbone_is_sharded(monkeypatch)
 @pytest.mark.parametrize("flags, message", [
     (["--pet", "ia3"], "pet.method 'ia3' has not been tried on a sharded backbone"),
     (["--set", "train.top_layers=1"], "train.top_layers 1 caches the lower layers per process"),
-    (["--learner", "lae"], "learner 'lae' is not tried on a sharded backbone; these are: dynamic, emr, emr*, ewc"),
+    (["--learner", "model-surgery"], "learner 'model-surgery' is not tried on a sharded backbone; these are: dynamic,"),
     (["--learner", "dynamic[top_k=2]"], "backbone.fsdp: top_k 2 fills old experts' logits"),
 ])
 def test_fsdp_refuses_what_it_has_not_been_tried_with(tiny_encoder, typing_data, tmp_path, capsys, flags, message):

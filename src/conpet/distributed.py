@@ -22,6 +22,7 @@ What a rank does (docs/gpus.md):
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
 from typing import Any, Callable, Sequence
@@ -117,6 +118,26 @@ def all_true(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
+
+
+_PLACEHOLDER = False
+
+
+@contextlib.contextmanager
+def placeholder_pass():
+    """Marks the forward pass a process with no row of a step runs only to join the gradient
+    all-reduce (its loss is multiplied by 0): a learner that gathers rows across processes
+    (:func:`in_placeholder_pass`) must not count the placeholder's row."""
+    global _PLACEHOLDER
+    _PLACEHOLDER = True
+    try:
+        yield
+    finally:
+        _PLACEHOLDER = False
+
+
+def in_placeholder_pass() -> bool:
+    return _PLACEHOLDER
 
 
 def shard(indices: Sequence[int], parts: int, index: int) -> list[int]:

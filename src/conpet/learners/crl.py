@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from conpet import distributed
 from conpet.learners.base import Context, OneModuleLearner, register_learner, train_module, update_memory
 from conpet.learners.options import REPLAY_OPTIONS, Option
 from conpet.replay import ExemplarMemory, replay_schedule, split_batch
@@ -169,18 +170,31 @@ class CRL(OneModuleLearner):
             z = self.projection(self.raw_features(rows))
         self.bank.fill(rows, z, self.ctx.targets(rows))
 
+    def _whole_batch(self, indices: list[int], z: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """The rows and (detached) z of the whole global batch: under several processes every
+        process's share, gathered in rank order, so that each process samples the bank for the
+        batch's labels and writes every row into it, as one process does (the bank and the random
+        draws then stay the same on every process)."""
+        if not distributed.active():
+            return indices, z.detach()
+        mine = (list(indices), z.detach().cpu()) if not distributed.in_placeholder_pass() else ([], z[:0].detach().cpu())
+        parts = distributed.gather_objects(mine)
+        return [i for rows, _ in parts for i in rows], torch.cat([part for _, part in parts]).to(z.device)
+
     def contrastive_loss(self, indices: list[int]) -> torch.Tensor:
         z = self.projection(self.ctx.features(self.model, indices))
         labels = self.ctx.targets(indices)
-        bank_z, bank_labels = self.bank.sample(self.opts["sample_k"], labels, self.ctx.rng)
+        rows, batch_z = self._whole_batch(indices, z)
+        bank_z, bank_labels = self.bank.sample(self.opts["sample_k"], self.ctx.targets(rows), self.ctx.rng)
         loss = supcon_loss(z, labels, bank_z, bank_labels, self.opts["temperature"])
-        self.bank.update(indices, z)
+        self.bank.update(rows, batch_z)
         return loss
 
     def distilled_loss(self, indices: list[int]) -> torch.Tensor:
         z = self.projection(self.ctx.features(self.model, indices))
         labels = self.ctx.targets(indices)
-        bank_z, bank_labels = self.bank.sample(self.opts["sample_k"], labels, self.ctx.rng)
+        rows, batch_z = self._whole_batch(indices, z)
+        bank_z, bank_labels = self.bank.sample(self.opts["sample_k"], self.ctx.targets(rows), self.ctx.rng)
         loss = supcon_loss(z, labels, bank_z, bank_labels, self.opts["temperature"])
         n_old = self.old_prototypes.shape[0]
         old = labels < n_old
@@ -189,8 +203,12 @@ class CRL(OneModuleLearner):
             centroids = self.bank.centroids(n_old)
             prediction = F.log_softmax(kl_t * z[old] @ centroids.T, dim=-1)
             target = F.softmax(kl_t * self.old_prototypes[labels[old]] @ self.old_prototypes.T, dim=-1)
-            loss = loss + F.kl_div(prediction, target, reduction="batchmean")
-        self.bank.update(indices, z)
+            # the mean over the whole batch's old rows (one process: this batch's); the loop weights this
+            # share's loss by len(indices) / len(rows), which the last factor undoes for this term
+            n_old_rows = int((self.ctx.targets(rows) < n_old).sum())
+            kl = F.kl_div(prediction, target, reduction="sum")
+            loss = loss + kl / n_old_rows * len(rows) / len(indices)
+        self.bank.update(rows, batch_z)
         return loss
 
     @torch.no_grad()

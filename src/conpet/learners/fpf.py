@@ -40,6 +40,7 @@ class FPF(OneModuleLearner):
     """FPF: sequential PET training, then only the forgetting-prone parts fine-tuned on a buffer (Zhao et al. 2023)."""
 
     paper = "Zhao et al. 2023, Does Continual Learning Equally Forget All Parameters? (ICML)"
+    shards_backbone = True
     generative = True
     options = {"memory_per_class": Option(16, int, minimum=1, help="buffer rows per class (k-means exemplars)"),
                "fpf_layers": Option(2, int, minimum=1, help="top PET layers in the forgetting-prone set"),

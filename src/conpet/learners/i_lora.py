@@ -90,6 +90,7 @@ class ILoRA(OneModuleLearner):
     """I-LoRA: a fast LoRA trained with replay and a consistency loss towards its EMA (Ren et al. 2024)."""
 
     paper = "Ren et al. 2024, Analyzing and Reducing Catastrophic Forgetting in Parameter Efficient Tuning"
+    shards_backbone = True
     generative = True
     options = {"buffer_size": Option(500, int, minimum=1, help="reservoir buffer size (training rows)"),
                "reg_weight": Option(1.0, float, minimum=0.0, help="weight of the hidden-state consistency loss"),

@@ -50,6 +50,7 @@ class LAE(OneModuleLearner):
     """LAE: an online PET module, its EMA offline copy and their max-softmax ensemble (Gao et al. 2023)."""
 
     paper = "Gao et al. 2023, A Unified Continual Learning Framework with General Parameter-Efficient Tuning"
+    shards_backbone = True
     generative = True
     options = {"ema_decay": Option(0.9999, float, minimum=0.0, help="EMA decay of the offline module"),
                "freeze_epochs": Option(None, int, minimum=0, nullable=True,

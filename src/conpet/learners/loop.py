@@ -169,7 +169,7 @@ def fit(
                 (scaler.scale(loss) if scaler is not None else loss).backward()
             total += loss.item()
         if ddp is not None and not parts:  # a rank with no row this step still joins the all-reduce
-            with compute.autocast():
+            with compute.autocast(), dist.placeholder_pass():
                 (step_fn(indices[:1]) * 0.0).backward()
         if scaler is not None:
             scaler.unscale_(optimizer)

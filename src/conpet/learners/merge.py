@@ -48,6 +48,7 @@ class MergeLearner(OneModuleLearner):
 
     module_name = "default"
     generative = True
+    shards_backbone = True
     options = {"method": Option("ties", str, help="merge rule (any name in conpet.merging)"),
                "rank": Option(None, int, minimum=1, nullable=True, help="rank of the merged LoRA (default: r)"),
                "merge_options": Option({}, dict, help="the merge rule's options, e.g. {density: 0.2}")}

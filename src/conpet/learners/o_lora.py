@@ -57,6 +57,7 @@ class OLoRA(OneModuleLearner):
     """O-LoRA: a fresh LoRA per task, orthogonal to the earlier tasks' frozen LoRAs (Wang et al. 2023)."""
 
     paper = "Wang et al. 2023, Orthogonal Subspace Learning for Language Model Continual Learning"
+    shards_backbone = True
     generative = True
     module_name = HISTORY
     options = {"lambda_orth": Option(0.5, float, minimum=0.0, help="weight of the orthogonality penalty"),

@@ -169,6 +169,7 @@ class ZSCL(OneModuleLearner):
     """ZSCL: KD from the frozen base on reference text, L2 to the task start, weight ensemble (Zheng et al. 2023)."""
 
     paper = "Zheng et al. 2023, Preventing Zero-Shot Transfer Degradation in Continual Learning of Vision-Language Models"
+    shards_backbone = True
     generative = True
     needs_lm_head = True
     """:func:`conpet.build.prepare` loads the LM head on classification streams too (an encoder is refused)."""
