@@ -135,10 +135,10 @@ def prepare(cfg: RunConfig, stream: Stream | None = None, check_rows: int = 8, c
         torch.set_num_threads(cfg.train.threads)
     compute = compute_of(cfg)
     distributed.setup(compute.device)
-    shard = cfg.backbone.fsdp and distributed.active()
     if backbone is None:  # a backbone to shard is read into CPU memory: only its shards go to the device
-        backbone = load_backbone(cfg.model, torch.device("cpu") if shard else compute.device, cfg.backbone.quantize,
-                                 compute.dtype)
+        to_shard = cfg.backbone.fsdp and distributed.active()
+        backbone = load_backbone(cfg.model, torch.device("cpu") if to_shard else compute.device,
+                                 cfg.backbone.quantize, compute.dtype)
     if compute.precision != "fp32" and cast_frozen and not cfg.backbone.quantize:
         cast_frozen_linears(backbone.model, compute.dtype)
     if cfg.train.gradient_checkpointing:
@@ -158,22 +158,29 @@ def prepare(cfg: RunConfig, stream: Stream | None = None, check_rows: int = 8, c
     pet_cls = get_pet_class(cfg.pet.method)
     setting = pet_cls.confine_top_layers(cfg.train.top_layers, backbone.model.config.num_hidden_layers,
                                          cfg.pet.options)
-    top_layers = None if cfg.backbone.fsdp else resolve_top_layers(setting, backbone.model, pet_cls.input_level)
-    distributed.forget_sharding()
-    if cfg.backbone.fsdp:
-        if shard:  # fully_shard moves each unit's shard to the device, one layer at a time
-            backbone.shard_bytes = distributed.shard_backbone(backbone.model, find_layers(backbone.model)[2],
-                                                              compute.device)
-            if backbone.lm_head is not None:
-                backbone.lm_head = backbone.lm_head.to(compute.device)
-        else:
-            warn("backbone.fsdp: one process, so the whole backbone is loaded here (sharding it needs a "
-                 "launcher: torchrun --nproc_per_node N -m conpet run ...)")
+    top_layers = resolve_top_layers(setting, backbone.model, pet_cls.input_level, sharded=cfg.backbone.fsdp)
+    shard_backbone(cfg, backbone, compute)
     engine = FeatureEngine(backbone, encoded, top_layers, compute, cfg.train.eval_batch_size, cfg.train.cache_mb)
     rows = stream.tasks[0].train[:check_rows] if stream.tasks and stream.tasks[0].train else \
         list(range(min(check_rows, len(stream.rows))))
     engine.check(backbone.model, rows)
     return Prepared(stream, engine)
+
+
+def shard_backbone(cfg: RunConfig, backbone: Backbone, compute: Compute) -> None:
+    """``backbone.fsdp`` under a launcher: shard the (CPU-loaded) frozen weights over the processes,
+    each unit's shard moved to the device by ``fully_shard``, one layer at a time; the tied LM head
+    (a plain copy) follows. One process: nothing to shard, said once."""
+    distributed.forget_sharding()
+    if not cfg.backbone.fsdp:
+        return
+    if not distributed.active():
+        warn("backbone.fsdp: one process, so the whole backbone is loaded here (sharding it needs a "
+             "launcher: torchrun --nproc_per_node N -m conpet run ...)")
+        return
+    backbone.shard_bytes = distributed.shard_backbone(backbone.model, find_layers(backbone.model)[2], compute.device)
+    if backbone.lm_head is not None:
+        backbone.lm_head = backbone.lm_head.to(compute.device)
 
 
 def build_pet(cfg: RunConfig, engine: FeatureEngine, precision: str | None = None) -> PETMethod:

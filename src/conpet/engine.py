@@ -75,10 +75,15 @@ AUTO_TOP_LAYERS = 4
 """``train.top_layers: auto`` confines PET to this many top layers of backbones deeper than 8."""
 
 
-def resolve_top_layers(setting: int | str | None, model: nn.Module, input_level: bool) -> int | None:
+def resolve_top_layers(setting: int | str | None, model: nn.Module, input_level: bool,
+                       sharded: bool = False) -> int | None:
     """The one decision on ``train.top_layers``: ``auto`` -> 4 of a backbone deeper than 8 layers,
     else every layer (``None``); a method working at the input (``input_level``) needs every
-    layer, so ``auto`` gives it ``None`` and an explicit number is an error."""
+    layer, so ``auto`` gives it ``None`` and an explicit number is an error. A ``sharded``
+    backbone (``backbone.fsdp``) runs whole: the lower-layer cache is per process (an explicit
+    number was refused by :func:`conpet.build.check_fsdp`)."""
+    if sharded:
+        return None
     if input_level:
         if isinstance(setting, int):
             raise ConfigError(f"train.top_layers: the PET method works at the input embeddings, so every layer "
