@@ -159,7 +159,7 @@ def prepare(cfg: RunConfig, stream: Stream | None = None, check_rows: int = 8, c
     setting = pet_cls.confine_top_layers(cfg.train.top_layers, backbone.model.config.num_hidden_layers,
                                          cfg.pet.options)
     top_layers = resolve_top_layers(setting, backbone.model, pet_cls.input_level, sharded=cfg.backbone.fsdp)
-    shard_backbone(cfg, backbone, compute)
+    apply_fsdp(cfg, backbone, compute)
     engine = FeatureEngine(backbone, encoded, top_layers, compute, cfg.train.eval_batch_size, cfg.train.cache_mb)
     rows = stream.tasks[0].train[:check_rows] if stream.tasks and stream.tasks[0].train else \
         list(range(min(check_rows, len(stream.rows))))
@@ -167,7 +167,7 @@ def prepare(cfg: RunConfig, stream: Stream | None = None, check_rows: int = 8, c
     return Prepared(stream, engine)
 
 
-def shard_backbone(cfg: RunConfig, backbone: Backbone, compute: Compute) -> None:
+def apply_fsdp(cfg: RunConfig, backbone: Backbone, compute: Compute) -> None:
     """``backbone.fsdp`` under a launcher: shard the (CPU-loaded) frozen weights over the processes,
     each unit's shard moved to the device by ``fully_shard``, one layer at a time; the tied LM head
     (a plain copy) follows. One process: nothing to shard, said once."""
