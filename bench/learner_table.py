@@ -51,7 +51,8 @@ def summary(m: dict) -> dict:
 
 def parse(argv: list[str] | None = None, defaults: dict | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--learners", default="sequential,joint,emr*,o-lora,inflora,lae,crl*,fpf,i-lora,osf,zscl,cofitune")
+    ap.add_argument("--learners", default="sequential,joint,emr*,o-lora,inflora,lae,crl*,fpf,k-fpf,i-lora,osf,zscl,cofitune,"
+                                          "model-surgery")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--benchmark", default="wordnet-relations")
