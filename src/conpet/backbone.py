@@ -195,10 +195,12 @@ def _quantization_config(quantize: str, compute_dtype: torch.dtype):
 
 
 def load_backbone(spec: str, device: torch.device | str = "cpu", quantize: str | None = None,
-                  compute_dtype: torch.dtype = torch.bfloat16) -> Backbone:
+                  compute_dtype: torch.dtype = torch.bfloat16, weights: bool = True) -> Backbone:
     """Load a frozen backbone from a model spec (see module docstring) onto ``device``; with
     ``quantize`` (``nf4``/``int8``, CUDA) its weights are stored by bitsandbytes and the model is
-    made ready for k-bit training by peft (norms in fp32, inputs that carry gradients)."""
+    made ready for k-bit training by peft (norms in fp32, inputs that carry gradients).
+    ``weights=False``: the model is built on the meta device from its config, no weight read (the
+    processes other than rank 0 of a sharded backbone receive their shards from rank 0)."""
     folder = resolve_model(spec)
     device = torch.device(device)
     _quiet_transformers()
@@ -212,15 +214,19 @@ def load_backbone(spec: str, device: torch.device | str = "cpu", quantize: str |
         # Safe loading: safetensors weights only, and never code shipped with the model.
         config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-        model = AutoModel.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True,
-                                          trust_remote_code=False, **extra)
+        if weights:
+            model = AutoModel.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True,
+                                              trust_remote_code=False, **extra)
+        else:
+            with torch.device("meta"):
+                model = AutoModel.from_config(config, dtype=torch.float32, trust_remote_code=False)
     except Exception as e:
         raise ModelError(f"model '{spec}': cannot load {folder}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if quantize:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    else:
+    elif weights:
         model.to(device)
     model.eval()
     if hasattr(model.config, "use_cache"):
@@ -279,8 +285,11 @@ def load_lm_head(backbone: Backbone) -> nn.Linear:
     emb = model.get_input_embeddings()
     vocab, hidden = emb.weight.shape
     if getattr(model.config, "tie_word_embeddings", False):
-        head = nn.Linear(hidden, vocab, bias=False, device=emb.weight.device)
-        head.weight = emb.weight
+        head = nn.Linear(hidden, vocab, bias=False, device="meta")
+        weight = emb.weight
+        if hasattr(weight, "full_tensor"):  # sharded (backbone.fsdp): every process all-gathers a full copy
+            weight = nn.Parameter(weight.full_tensor(), requires_grad=False)
+        head.weight = weight
         head.requires_grad_(False)
         return head
     from safetensors import safe_open
@@ -297,7 +306,8 @@ def load_lm_head(backbone: Backbone) -> nn.Linear:
     if "weight" not in tensors:
         raise ModelError(f"model '{backbone.name}': no output projection ({', '.join(LM_HEAD_NAMES)}.weight) in "
                          f"{backbone.path} and the embeddings are not tied")
-    head = nn.Linear(hidden, vocab, bias="bias" in tensors, device=emb.weight.device, dtype=emb.weight.dtype)
+    local = emb.weight.to_local() if hasattr(emb.weight, "to_local") else emb.weight
+    head = nn.Linear(hidden, vocab, bias="bias" in tensors, device=local.device, dtype=local.dtype)
     with torch.no_grad():
         head.weight.copy_(tensors["weight"])
         if "bias" in tensors:

@@ -135,10 +135,10 @@ def prepare(cfg: RunConfig, stream: Stream | None = None, check_rows: int = 8, c
         torch.set_num_threads(cfg.train.threads)
     compute = compute_of(cfg)
     distributed.setup(compute.device)
-    if backbone is None:  # a backbone to shard is read into CPU memory: only its shards go to the device
+    if backbone is None:  # a backbone to shard is read by rank 0 only, into CPU memory (apply_fsdp)
         to_shard = cfg.backbone.fsdp and distributed.active()
         backbone = load_backbone(cfg.model, torch.device("cpu") if to_shard else compute.device,
-                                 cfg.backbone.quantize, compute.dtype)
+                                 cfg.backbone.quantize, compute.dtype, weights=not to_shard or distributed.is_main())
     if compute.precision != "fp32" and cast_frozen and not cfg.backbone.quantize:
         cast_frozen_linears(backbone.model, compute.dtype)
     if cfg.train.gradient_checkpointing:
@@ -147,10 +147,6 @@ def prepare(cfg: RunConfig, stream: Stream | None = None, check_rows: int = 8, c
     if needs_lm_head and not backbone.is_decoder:
         raise ConfigError(f"learner '{cfg.learner}' distils the backbone's next-token distributions; model "
                           f"'{cfg.model}' is an encoder without an LM head: use a decoder (causal LM) such as smollm2")
-    if stream.generative or needs_lm_head:
-        backbone.lm_head = backbone.lm_head or load_lm_head(backbone)  # an encoder is an error here
-        if compute.precision != "fp32" and cast_frozen and not cfg.backbone.quantize:
-            backbone.lm_head = cast_lm_head(backbone.lm_head, compute.dtype)
     if stream.generative:
         encoded = encode_generation(stream.rows, backbone.tokenizer, cfg.train.max_length, cfg.data.chat_template)
     else:
@@ -160,6 +156,10 @@ def prepare(cfg: RunConfig, stream: Stream | None = None, check_rows: int = 8, c
                                          cfg.pet.options)
     top_layers = resolve_top_layers(setting, backbone.model, pet_cls.input_level, sharded=cfg.backbone.fsdp)
     apply_fsdp(cfg, backbone, compute)
+    if stream.generative or needs_lm_head:  # after sharding: a tied head is gathered from the shards
+        backbone.lm_head = backbone.lm_head or load_lm_head(backbone)  # an encoder is an error here
+        if compute.precision != "fp32" and cast_frozen and not cfg.backbone.quantize:
+            backbone.lm_head = cast_lm_head(backbone.lm_head, compute.dtype)
     engine = FeatureEngine(backbone, encoded, top_layers, compute, cfg.train.eval_batch_size, cfg.train.cache_mb)
     rows = stream.tasks[0].train[:check_rows] if stream.tasks and stream.tasks[0].train else \
         list(range(min(check_rows, len(stream.rows))))
@@ -168,9 +168,10 @@ def prepare(cfg: RunConfig, stream: Stream | None = None, check_rows: int = 8, c
 
 
 def apply_fsdp(cfg: RunConfig, backbone: Backbone, compute: Compute) -> None:
-    """``backbone.fsdp`` under a launcher: shard the (CPU-loaded) frozen weights over the processes,
-    each unit's shard moved to the device by ``fully_shard``, one layer at a time; the tied LM head
-    (a plain copy) follows. One process: nothing to shard, said once."""
+    """``backbone.fsdp`` under a launcher: shard the frozen weights over the processes. Rank 0 holds
+    the checkpoint in CPU memory, the others a meta-device skeleton; each process receives its
+    shards from rank 0 (:func:`conpet.distributed.shard_backbone`). One process: nothing to shard,
+    said once."""
     distributed.forget_sharding()
     if not cfg.backbone.fsdp:
         return
@@ -179,8 +180,6 @@ def apply_fsdp(cfg: RunConfig, backbone: Backbone, compute: Compute) -> None:
              "launcher: torchrun --nproc_per_node N -m conpet run ...)")
         return
     backbone.shard_bytes = distributed.shard_backbone(backbone.model, find_layers(backbone.model)[2], compute.device)
-    if backbone.lm_head is not None:
-        backbone.lm_head = backbone.lm_head.to(compute.device)
 
 
 def build_pet(cfg: RunConfig, engine: FeatureEngine, precision: str | None = None) -> PETMethod:

@@ -69,15 +69,21 @@ _SHARDED = False
 
 def shard_backbone(model: torch.nn.Module, layers: Sequence[torch.nn.Module], device: torch.device) -> tuple[int, int]:
     """Shard ``model``'s (frozen) weights over every rank with torch's ``fully_shard`` (FSDP2): one
-    unit per transformer layer, the rest (embeddings, final norm) as the root unit. PET modules
-    attached later live outside the shards: replicated, their gradients averaged by DDP as without
-    FSDP. Returns (bytes of backbone weights this rank holds, bytes of the whole backbone)."""
+    unit per transformer layer, the rest (embeddings, final norm) as the root unit. Rank 0 holds the
+    weights (in CPU memory), the other ranks a meta-device skeleton of the same model: each rank's
+    shards are broadcast from rank 0 (``set_model_state_dict(..., broadcast_from_rank0=True)``), so a
+    node reads the checkpoint once, not once per process. PET modules attached later live outside
+    the shards: replicated, their gradients averaged by DDP as without FSDP. Returns (bytes of
+    backbone weights this rank holds, bytes of the whole backbone)."""
     global _SHARDED
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
     total = sum(p.numel() * p.element_size() for p in model.parameters())
+    full = model.state_dict() if is_main() else {}
+    buffers = broadcast_object({n: b.cpu() for n, b in model.named_buffers()} if is_main() else None)
     mesh = init_device_mesh(device.type, (world_size(),))
     # explicit True, also for the root (whose default keeps its weights gathered after forward):
     # a rank-0-only write (peft's save reads the state dict, which reshards) would otherwise leave
@@ -85,6 +91,13 @@ def shard_backbone(model: torch.nn.Module, layers: Sequence[torch.nn.Module], de
     for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=True)
     fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    if not is_main():
+        model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():  # non-persistent buffers (rotary frequencies) are not in a state dict
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name].to(buffer.device, buffer.dtype))
+    del full
     _SHARDED = True
     local = (p.to_local() if isinstance(p, DTensor) else p for p in model.parameters())
     return sum(t.numel() * t.element_size() for t in local), total

@@ -209,6 +209,7 @@ def run_seed(cfg: RunConfig, prepared: Prepared, seed: int, out: Path, progress:
     })
     if distributed.active():
         result["processes"] = distributed.world_size()
+        result["peak_rss_mb_per_process"] = distributed.gather_objects(peak_rss_mb())
     if engine.backbone.shard_bytes is not None:
         result["backbone_bytes_per_process"], result["backbone_bytes"] = engine.backbone.shard_bytes
     distributed.on_main(atomic_write_json, sdir / "metrics.json", result)
