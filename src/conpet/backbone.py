@@ -353,13 +353,18 @@ def last_hidden(out) -> torch.Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
+def token_states(hidden: torch.Tensor, length: int) -> torch.Tensor:
+    """The states of the input's own ``length`` tokens, [batch, length, hidden] (position k is token
+    k): a prompt method (prompt tuning, P-tuning, DePT) prepends its virtual tokens to the sequence,
+    so they are the last ``length`` positions."""
+    return hidden[:, hidden.shape[1] - length:]
+
+
 def cloze_features(model: nn.Module, batch: dict[str, torch.Tensor], **forward_kwargs) -> torch.Tensor:
     """Hidden state of the last layer at each row's cloze position: [batch, hidden].
 
     ``forward_kwargs`` go to the model (e.g. peft's per-row ``adapter_names``). Positions that a
     prompt method prepends (the output is longer than the input) shift the cloze position."""
     hidden = last_hidden(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **forward_kwargs))
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    # a prompt method (prompt tuning, P-tuning, DePT) prepends its virtual tokens to the sequence
-    shift = hidden.shape[1] - batch["input_ids"].shape[1]
-    return hidden[rows, batch["cloze_pos"] + shift]
+    hidden = token_states(hidden, batch["input_ids"].shape[1])
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), batch["cloze_pos"]]

@@ -21,7 +21,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from conpet.backbone import Backbone, cloze_features, last_hidden
+from conpet.backbone import Backbone, cloze_features, last_hidden, token_states
 from conpet.device import Compute, as_compute, shrink_on_oom
 from conpet.errors import ConfigError
 from conpet.families import family_of
@@ -167,7 +167,7 @@ class FeatureEngine:
             batch = self.batch(indices)
             hidden = last_hidden(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                        **forward_kwargs))
-            return hidden[:, hidden.shape[1] - batch["input_ids"].shape[1]:]
+            return token_states(hidden, batch["input_ids"].shape[1])
         self._ensure(indices)
         seqs = [self.cache[i] for i in indices]
         width = max(s.shape[0] for s in seqs)

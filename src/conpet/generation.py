@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conpet import distributed
-from conpet.backbone import last_hidden
+from conpet.backbone import last_hidden, token_states
 from conpet.device import Compute
 from conpet.engine import FeatureEngine
 
@@ -144,9 +144,8 @@ def _generate_without_cache(model: nn.Module, lm_head: nn.Module, prompts: list[
     with compute.autocast():
         for _ in range(max_new_tokens):
             ids, mask = right_padded(seqs, pad_id, compute.device)
-            hidden = last_hidden(model(input_ids=ids, attention_mask=mask, **forward_kwargs))
-            shift = hidden.shape[1] - ids.shape[1]  # virtual tokens a prompt method put first
-            last = torch.tensor([shift + len(s) - 1 for s in seqs], device=hidden.device)
+            hidden = token_states(last_hidden(model(input_ids=ids, attention_mask=mask, **forward_kwargs)), ids.shape[1])
+            last = torch.tensor([len(s) - 1 for s in seqs], device=hidden.device)
             token = _next_tokens(lm_head(hidden[torch.arange(n, device=hidden.device), last]).float(), ensemble)
             for r, tok in enumerate(token.tolist()):
                 if done[r]:
@@ -186,8 +185,7 @@ def perplexity(model: nn.Module, lm_head: nn.Module, chunks: Sequence[Sequence[i
             continue
         ids, mask = right_padded(batch, 0, device)
         with compute.autocast():
-            hidden = last_hidden(model(input_ids=ids, attention_mask=mask))
-            hidden = hidden[:, hidden.shape[1] - ids.shape[1]:]  # a prompt method's virtual tokens come first
+            hidden = token_states(last_hidden(model(input_ids=ids, attention_mask=mask)), ids.shape[1])
             logits = lm_head(hidden[:, :-1]).float()
         nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
         keep = mask[:, 1:].bool()

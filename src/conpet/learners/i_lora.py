@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from conpet import distributed as dist
+from conpet.backbone import token_states
 from conpet.engine import find_layers
 from conpet.errors import ConfigError
 from conpet.generation import target_positions
@@ -220,8 +221,7 @@ class ILoRA(OneModuleLearner):
         if len(captured) != ran:
             raise RuntimeError(f"i-lora: {len(captured)} layer outputs seen, {ran} layers expected (a PET method "
                                "that replaces whole layers hides their hidden states)")
-        width = final.shape[1]  # a prompt method's virtual tokens are dropped, as the engine does
-        return [h[:, h.shape[1] - width:] for h in captured[:-1]] + [final]
+        return [token_states(h, final.shape[1]) for h in captured[:-1]] + [final]
 
     @torch.no_grad()
     def ema_step(self, step: int) -> None:

@@ -75,7 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conpet.backbone import last_hidden
+from conpet.backbone import last_hidden, token_states
 from conpet.data.load import reference_text
 from conpet.errors import ConfigError
 from conpet.generation import right_padded, target_tokens, token_logits
@@ -294,8 +294,7 @@ class ZSCL(OneModuleLearner):
         ids, mask = right_padded(chunks, 0, ctx.device)
 
         def logits(model: nn.Module) -> torch.Tensor:
-            hidden = last_hidden(model(input_ids=ids, attention_mask=mask))
-            hidden = hidden[:, hidden.shape[1] - ids.shape[1]:]  # a prompt method's virtual tokens come first
+            hidden = token_states(last_hidden(model(input_ids=ids, attention_mask=mask)), ids.shape[1])
             return ctx.lm_head(hidden[:, :-1][mask[:, 1:].bool()])
 
         with torch.no_grad(), backbone_alone(self.model) as bare:
