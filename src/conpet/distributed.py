@@ -125,8 +125,9 @@ def deal(batches: Sequence[Sequence[int]]) -> list[tuple[list[int], bool]]:
 
 
 def all_true(flag: bool, device: torch.device) -> bool:
-    """Whether ``flag`` holds on every rank (a loop that runs forward passes stops together)."""
-    if not active():
+    """Whether a loop of forward passes may stop: with a sharded backbone, where every forward pass
+    is a collective, when ``flag`` holds on every rank (they stop together); else this rank's ``flag``."""
+    if not sharded():
         return flag
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)

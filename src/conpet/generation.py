@@ -124,7 +124,7 @@ def greedy_generate(model: nn.Module, lm_head: nn.Module, prompts: Sequence[Sequ
             for r in (~done & ~finished).nonzero().flatten().tolist():
                 out[r].append(int(token[r]))
             done |= finished
-            if distributed.all_true(bool(done.all()), device) if distributed.sharded() else bool(done.all()):
+            if distributed.all_true(bool(done.all()), device):
                 break
             step_ids = torch.where(done, torch.full_like(token, pad_id), token)[:, None]
             step_pos = step_pos[:, -1:] + 1
@@ -155,7 +155,7 @@ def _generate_without_cache(model: nn.Module, lm_head: nn.Module, prompts: list[
                 else:
                     out[r].append(tok)
                     seqs[r].append(tok)
-            if distributed.all_true(all(done), compute.device) if distributed.sharded() else all(done):
+            if distributed.all_true(all(done), compute.device):
                 break
     return out[: n // ensemble]
 

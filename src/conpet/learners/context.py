@@ -73,13 +73,15 @@ class Context:
         """The backbone's frozen output projection (generative streams; loaded once by ``prepare``)."""
         return self.backbone.lm_head
 
-    def generate(self, model: torch.nn.Module, indices: list[int], **forward_kwargs) -> list[str]:
-        """Greedy answers (text) to the prompts of rows ``indices`` through ``model``'s active module."""
+    def generate(self, model: torch.nn.Module, indices: list[int], ensemble: int = 1,
+                 **forward_kwargs) -> list[str]:
+        """Greedy answers (text) to the prompts of rows ``indices`` through ``model``'s active module
+        (``ensemble``, ``forward_kwargs``: see :func:`conpet.generation.greedy_generate`)."""
         tok = self.backbone.tokenizer
         prompts = [self.encoded.prompt(i) for i in indices]
         tokens = greedy_generate(model, self.lm_head, prompts, self.backbone.pad_id, [end_token_id(tok)],
-                                 self.cfg.data.max_new_tokens, self.compute, kv_cache=not self.pet.input_level,
-                                 **forward_kwargs)
+                                 self.cfg.data.max_new_tokens, self.compute, ensemble=ensemble,
+                                 kv_cache=not self.pet.input_level, **forward_kwargs)
         return [tok.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
     def new_head(self) -> GrowingHead:

@@ -33,8 +33,6 @@ import torch
 import torch.nn.functional as F
 
 from conpet.errors import ConfigError
-from conpet.generation import greedy_generate
-from conpet.inputs import end_token_id
 from conpet.learners.base import Context, OneModuleLearner, new_task_loss, register_learner, train_module
 from conpet.learners.options import Option
 from conpet.pet import PET_METHODS, get_pet_class
@@ -134,15 +132,10 @@ class LAE(OneModuleLearner):
         """Greedy answers; each step's token is the argmax of max(p_online, p_offline)."""
         if not self.has_offline:
             return super().generate(indices)
-        ctx = self.ctx
-        tok = ctx.backbone.tokenizer
-        prompts = [ctx.encoded.prompt(i) for i in indices]
         names = [self.module_name] * len(indices) + [OFFLINE] * len(indices)
-        tokens = greedy_generate(self.model, ctx.lm_head, prompts, ctx.backbone.pad_id, [end_token_id(tok)],
-                                 ctx.cfg.data.max_new_tokens, ctx.compute, ensemble=2, kv_cache=not ctx.pet.input_level,
-                                 adapter_names=names)
-        ctx.pet.activate(self.model, self.module_name)
-        return [tok.decode(t, skip_special_tokens=True).strip() for t in tokens]
+        answers = self.ctx.generate(self.model, indices, ensemble=2, adapter_names=names)
+        self.ctx.pet.activate(self.model, self.module_name)
+        return answers
 
     # -- saving ----------------------------------------------------------------------------------------
     def save(self, t: int, folder: Path) -> None:
