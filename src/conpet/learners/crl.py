@@ -182,21 +182,20 @@ class CRL(OneModuleLearner):
         return [i for rows, _ in parts for i in rows], torch.cat([part for _, part in parts]).to(z.device)
 
     def contrastive_loss(self, indices: list[int]) -> torch.Tensor:
-        z = self.projection(self.ctx.features(self.model, indices))
-        labels = self.ctx.targets(indices)
-        rows, batch_z = self._whole_batch(indices, z)
-        bank_z, bank_labels = self.bank.sample(self.opts["sample_k"], self.ctx.targets(rows), self.ctx.rng)
-        loss = supcon_loss(z, labels, bank_z, bank_labels, self.opts["temperature"])
-        self.bank.update(rows, batch_z)
-        return loss
+        """Stage 1: the supervised contrastive loss against the bank."""
+        return self._bank_loss(indices, distil=False)
 
     def distilled_loss(self, indices: list[int]) -> torch.Tensor:
+        """Stage 2: the contrastive loss plus the KL to the previous task's prototypes (old classes)."""
+        return self._bank_loss(indices, distil=True)
+
+    def _bank_loss(self, indices: list[int], distil: bool) -> torch.Tensor:
         z = self.projection(self.ctx.features(self.model, indices))
         labels = self.ctx.targets(indices)
         rows, batch_z = self._whole_batch(indices, z)
         bank_z, bank_labels = self.bank.sample(self.opts["sample_k"], self.ctx.targets(rows), self.ctx.rng)
         loss = supcon_loss(z, labels, bank_z, bank_labels, self.opts["temperature"])
-        n_old = self.old_prototypes.shape[0]
+        n_old = self.old_prototypes.shape[0] if distil else 0
         old = labels < n_old
         if bool(old.any()):
             kl_t = self.opts["kl_temperature"]

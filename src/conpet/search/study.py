@@ -233,8 +233,8 @@ def summarize(study: optuna.Study, space: Space, out: Path) -> SearchResult:
     front = pareto_front(points, space.objectives)
     counts = {s.name.lower(): sum(t.state == s for t in study.get_trials(deepcopy=False)) for s in TrialState}
     # the budgets: the accuracy-vs-parameters front (each of its points is the best within its own size)
-    budgets = sorted({points[i]["params"] for i in pareto_front(points, ("accuracy", "params"))})
-    best = best_per_budget(points, budgets)
+    size_front = pareto_front(points, ("accuracy", "params"))
+    best = best_per_budget(points, sorted({points[i]["params"] for i in size_front}))
     configs = out / "best"
     configs.mkdir(parents=True, exist_ok=True)
     exported = {}
@@ -251,7 +251,7 @@ def summarize(study: optuna.Study, space: Space, out: Path) -> SearchResult:
     atomic_write_json(out / "search.json", summary)
     atomic_write_text(out / "search.md", search_table(summary))
     if points:
-        pareto_plot(points, front, out / "pareto.png")
+        pareto_plot(points, front, size_front, out / "pareto.png")
     return SearchResult(out, points, front)
 
 
@@ -283,7 +283,7 @@ def search_table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pareto_plot(points: list[dict], front: list[int], path: Path) -> None:
+def pareto_plot(points: list[dict], front: list[int], size_front: list[int], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -298,7 +298,7 @@ def pareto_plot(points: list[dict], front: list[int], path: Path) -> None:
         ax.scatter([p["params"] for p in mine], [p["accuracy"] for p in mine], color=colours[m], label=m, alpha=0.8)
     ax.scatter([points[i]["params"] for i in front], [points[i]["accuracy"] for i in front], s=90,
                facecolors="none", edgecolors="black", lw=1, label="Pareto front (all objectives)")
-    line = sorted((points[i]["params"], points[i]["accuracy"]) for i in pareto_front(points, ("accuracy", "params")))
+    line = sorted((points[i]["params"], points[i]["accuracy"]) for i in size_front)
     ax.step([x for x, _ in line], [y for _, y in line], where="post", color="black", lw=1,
             label="best accuracy per parameter budget")
     ax.set_xscale("log")
