@@ -26,7 +26,7 @@ LAYERS = [
     ["conpet.data"],
     ["conpet.runs"],
     ["conpet.config"],
-    ["conpet.device", "conpet.distributed", "conpet.families"],
+    ["conpet.device", "conpet.distributed", "conpet.families", "conpet.sparsify"],
     ["conpet.errors"],
 ]
 """Top to bottom: a module may import modules of lower layers (and, inside its own package, its

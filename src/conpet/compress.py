@@ -52,6 +52,7 @@ from torch import Tensor
 
 from conpet.errors import ConfigError, ModelError
 from conpet.runs import atomic_write_bytes, check_safe_folder
+from conpet.sparsify import keep_count, ranks_by_magnitude
 
 __all__ = [
     "COMPEFT_PAPER",
@@ -182,8 +183,8 @@ def compress_tensor(
     std = float(flat.std()) if n > 1 else 0.0
     scale = float(alpha) * std
 
-    k = 0 if n == 0 or density <= 0 else min(n, max(1, int(math.floor(density * n + 0.5))))
-    order = torch.argsort(flat.abs(), stable=True)
+    k = keep_count(density, n)
+    order = ranks_by_magnitude(flat)
     kept = order[n - k :] if k else order[:0]
     kept = kept[flat[kept] != 0]
     indices = np.sort(kept.numpy())

@@ -24,7 +24,6 @@ Averaging LoRA factors separately is *not* averaging updates:
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -32,6 +31,14 @@ import torch
 from torch import Tensor
 
 from conpet.errors import ConfigError
+from conpet.sparsify import (
+    breadcrumbs_mask,
+    dare_drop,
+    global_magnitude_threshold,
+    seeded_generator,
+    top_magnitude_mask,
+    work_dtype,
+)
 
 __all__ = [
     "MergeMethod",
@@ -152,11 +159,6 @@ MAGNITUDE_PRUNE_PAPER = (
 )
 
 
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _check_deltas(deltas: Sequence[Tensor], where: str = "merge") -> None:
     if isinstance(deltas, Tensor) or not isinstance(deltas, Sequence) or len(deltas) == 0:
         raise ConfigError(f"{where}: expected a non-empty list of per-task tensors")
@@ -173,7 +175,7 @@ def _check_deltas(deltas: Sequence[Tensor], where: str = "merge") -> None:
 
 def _stack(deltas: Sequence[Tensor]) -> Tensor:
     """``[tasks, *shape]`` in the working dtype."""
-    work = _work_dtype(deltas[0].dtype)
+    work = work_dtype(deltas[0].dtype)
     return torch.stack([d.detach().to(work) for d in deltas])
 
 
@@ -183,32 +185,6 @@ def _check_fraction(name: str, value: float, method: str, *, upper_open: bool = 
     if not ok:
         bound = "[0, 1)" if upper_open else "[0, 1]"
         raise ConfigError(f"merge method {method!r}: {name} must be in {bound}, got {value!r}")
-
-
-def _half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))
-
-
-def keep_count(density: float, n: int) -> int:
-    """How many of ``n`` entries a ``density`` keeps: ``round(density * n)``, at least 1 if > 0."""
-    if n == 0 or density <= 0:
-        return 0
-    return min(n, max(1, _half_up(density * n)))
-
-
-def _ranks_by_magnitude(t: Tensor) -> Tensor:
-    """Flat indices of ``t`` from smallest to largest ``|t|`` (stable: ties keep index order)."""
-    return torch.argsort(t.reshape(-1).abs(), stable=True)
-
-
-def top_magnitude_mask(t: Tensor, density: float) -> Tensor:
-    """Boolean mask of exactly :func:`keep_count` ``(density, t.numel())`` largest ``|t|``."""
-    n = t.numel()
-    k = keep_count(density, n)
-    mask = torch.zeros(n, dtype=torch.bool, device=t.device)
-    if k:
-        mask[_ranks_by_magnitude(t)[n - k :]] = True
-    return mask.reshape(t.shape)
 
 
 def _trim(stacked: Tensor, density: float, thresholds: Sequence[float] | None) -> Tensor:
@@ -330,26 +306,6 @@ def ties(
     return (scaling * merged).to(deltas[0].dtype)
 
 
-def _seeded_generator(seed: int | None) -> torch.Generator:
-    generator = torch.Generator()
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(int(seed))
-    return generator
-
-
-def dare_drop(delta: Tensor, drop_rate: float, generator: torch.Generator) -> Tensor:
-    """One DARE draw: zero each entry with probability ``drop_rate``, rescale the rest by
-    ``1 / (1 - drop_rate)`` (so the expectation equals ``delta``)."""
-    work = _work_dtype(delta.dtype)
-    if drop_rate == 0:
-        return delta.detach().to(work)
-    u = torch.rand(delta.shape, generator=generator, device=generator.device)
-    keep = (u >= drop_rate).to(delta.device)
-    return delta.detach().to(work) * keep / (1.0 - drop_rate)
-
-
 @register_merge_method("dare", paper=DARE_PAPER)
 def dare(
     deltas: Sequence[Tensor],
@@ -375,25 +331,10 @@ def dare(
     _check_deltas(deltas, "dare")
     _check_fraction("drop_rate", drop_rate, "dare", upper_open=True)
     if generator is None:
-        generator = _seeded_generator(seed)
+        generator = seeded_generator(seed)
     stacked = torch.stack([dare_drop(d, drop_rate, generator) for d in deltas])
     merged = _combine(stacked, combine, "dare", _COMBINES)
     return (scaling * merged).to(deltas[0].dtype)
-
-
-def breadcrumbs_mask(t: Tensor, drop_top: float, drop_bottom: float) -> Tensor:
-    """Boolean mask keeping the entries of ``t`` that are neither among the ``drop_top``
-    fraction of largest ``|t|`` (outliers) nor among the ``drop_bottom`` fraction of smallest.
-
-    Counts are ``round(fraction * numel)``; magnitude ties are broken by index order.
-    """
-    n = t.numel()
-    n_top = min(n, _half_up(drop_top * n))
-    n_bottom = min(n - n_top, _half_up(drop_bottom * n))
-    ranks = _ranks_by_magnitude(t)
-    mask = torch.zeros(n, dtype=torch.bool, device=t.device)
-    mask[ranks[n_bottom : n - n_top]] = True
-    return mask.reshape(t.shape)
 
 
 @register_merge_method("breadcrumbs", paper=BREADCRUMBS_PAPER)
@@ -477,16 +418,6 @@ def _check_same_keys(deltas_per_task: Sequence[Mapping[str, Tensor]]) -> list[st
     return keys
 
 
-def global_magnitude_threshold(state: Mapping[str, Tensor], density: float) -> float:
-    """The ``|tau|`` at or above which the ``density`` largest entries of the whole flattened
-    update lie (TIES trims over the full task vector, not per tensor)."""
-    flat = torch.cat([t.detach().reshape(-1).abs().to(torch.float64) for t in state.values()])
-    k = keep_count(density, flat.numel())
-    if k == 0:
-        return math.inf
-    return float(torch.topk(flat, k).values.min())
-
-
 def merge_state(
     deltas_per_task: Sequence[Mapping[str, Tensor]],
     method: str | MergeMethod,
@@ -526,7 +457,7 @@ def merge_state(
         ]
 
     if m.name == "dare" and options.get("generator") is None:
-        options["generator"] = _seeded_generator(options.pop("seed", m.defaults["seed"]))
+        options["generator"] = seeded_generator(options.pop("seed", m.defaults["seed"]))
 
     return {key: m.fn([state[key] for state in deltas_per_task], **options) for key in keys}
 
