@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from learner_table import main  # noqa: E402
 
 DEFAULTS = {"learners": "sequential,joint,emr*,lwf*,dynamic", "benchmark": "freedict-translation",
-            "max_new_tokens": 10, "out": Path("runs/generative-table"),
+            "max_new_tokens": 10, "top_layers": "4", "out": Path("runs/generative-table"),
             "record": Path("bench/results/generative-freedict-smollm2.json")}
 
 if __name__ == "__main__":

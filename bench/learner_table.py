@@ -2,7 +2,7 @@
 
     python bench/learner_table.py --benchmark wordnet-relations \
         [--learners 'sequential,emr*,o-lora,inflora,lae,crl*,fpf,i-lora,osf,zscl,cofitune'] [--seeds 3]
-        [--model smollm2] [--epochs 2] [--max-train-per-class N] [--threads 0]
+        [--model smollm2] [--epochs 2] [--max-train-per-class N] [--top-layers auto] [--threads 0]
         [--out runs/learner-table] [--record bench/results/learners-<benchmark>-<model>.json] [--report]
 
 Each (learner, seed) is one ``conpet run`` (one seed, the default fast path) in
@@ -13,7 +13,8 @@ filled over several sessions (seed-major: every learner gets seed 0 before any g
 Columns: average accuracy after the stream (on a generative stream the primary metric, exact
 match beside it, the reference-text perplexity after the last task), forgetting, BWT, training
 seconds per task (``torch_threads`` in the record says how many threads ran it), tunable
-parameters. Means ± sample std over the recorded seeds.
+parameters. Means ± sample std over the recorded seeds. A table keeps one ``train.top_layers``
+(in its record's setup; each row also records the number its run resolved ``auto`` to).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from conpet.build import prepare
 from conpet.config import from_dict, spec_dir_name
 from conpet.runner import resume, run
+from conpet.runs import load_run_config
 
 OWN_PET = {"cofitune": "cofitune"}
 """Learners that train a PET method of their own."""
@@ -49,6 +51,12 @@ def summary(m: dict) -> dict:
     return row
 
 
+def top_layers_arg(value: str) -> str:
+    if value.isdigit() and int(value) >= 1 or value in ("auto", "null"):
+        return value
+    raise argparse.ArgumentTypeError(f"a number >= 1, auto or null, not {value!r}")
+
+
 def parse(argv: list[str] | None = None, defaults: dict | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--learners", default="sequential,joint,emr*,o-lora,inflora,lae,crl*,fpf,k-fpf,i-lora,osf,zscl,cofitune,"
@@ -59,6 +67,8 @@ def parse(argv: list[str] | None = None, defaults: dict | None = None) -> argpar
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--max-train-per-class", type=int, default=None)
     ap.add_argument("--max-new-tokens", type=int, default=None, help="generative streams: longest answer")
+    ap.add_argument("--top-layers", default="auto", type=top_layers_arg,
+                    help="train.top_layers of every run (a number, auto or null); a table keeps one setting")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("runs/learner-table"))
     ap.add_argument("--record", type=Path, default=None,
@@ -72,7 +82,7 @@ def parse(argv: list[str] | None = None, defaults: dict | None = None) -> argpar
 
 def main(argv: list[str] | None = None, defaults: dict | None = None) -> int:
     args = parse(argv, defaults)
-    setup = {"model": args.model, "benchmark": args.benchmark, "epochs": args.epochs}
+    setup = {"model": args.model, "benchmark": args.benchmark, "epochs": args.epochs, "top_layers": args.top_layers}
     if args.max_new_tokens is not None:
         setup["max_new_tokens"] = args.max_new_tokens
     if args.max_train_per_class is not None:
@@ -87,7 +97,9 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> int:
     data = {"benchmark": args.benchmark, "max_train_per_class": args.max_train_per_class}
     if args.max_new_tokens is not None:
         data["max_new_tokens"] = args.max_new_tokens
-    base = {"model": args.model, "data": data, "train": {"epochs": args.epochs, "threads": args.threads}}
+    top_layers = int(args.top_layers) if args.top_layers.isdigit() else None if args.top_layers == "null" else "auto"
+    base = {"model": args.model, "data": data,
+            "train": {"epochs": args.epochs, "threads": args.threads, "top_layers": top_layers}}
     prepared: dict[str, object] = {}
     t0 = time.perf_counter()
     for seed in range(args.seeds):
@@ -104,6 +116,7 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> int:
                     prepared[pet] = prepared.get(pet) or prepare(cfg)
                     run(cfg, progress=False, prepared=prepared[pet])
             row = {"learner": learner, "seed": seed, **summary(json.loads((out / "metrics.json").read_text())),
+                   "top_layers": load_run_config(out / "config.yaml").train.top_layers,
                    "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
             record["runs"].append(row)
             args.record.parent.mkdir(parents=True, exist_ok=True)

@@ -5,13 +5,15 @@ import pytest
 import torch
 
 from conpet.backbone import cloze_features, load_backbone
-from conpet.config import DataConfig, from_dict
+from conpet.config import DataConfig, from_dict, load_config
 from conpet.data import load_stream
-from conpet.engine import FeatureEngine
+from conpet.engine import AUTO_TOP_LAYERS, FeatureEngine
 from conpet.errors import ConfigError
 from conpet.inputs import collate, encode_rows
 from conpet.pet import get_pet
-from conpet.runner import run
+from conpet.build import prepare
+from conpet.runner import evaluate_run, resume, run
+from conpet.runs import load_run_config
 
 
 @pytest.fixture
@@ -105,3 +107,60 @@ def test_rows_first_cached_in_train_mode_carry_no_dropout(tiny_encoder, typing_d
     model.eval()
     engine._ensure(rows)
     assert all(torch.equal(a, engine.cache[i]) for a, i in zip(trained, rows))
+
+
+@pytest.fixture(scope="module")
+def deep_decoder(tmp_path_factory):
+    """A tiny decoder deeper than what ``auto`` confines, before and since the rule changed."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import MINILM_FILES, minilm_dir
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("models") / "deep-llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2 * AUTO_TOP_LAYERS + 2,
+                                 num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+                                 max_position_embeddings=256, pad_token_id=0, tie_word_embeddings=True)
+                     ).save_pretrained(folder)
+    for name in MINILM_FILES:
+        shutil.copy(minilm_dir() / name, folder / name)
+    return folder
+
+
+def test_a_run_saves_the_number_auto_chose_and_an_old_auto_keeps_its_old_meaning(deep_decoder, typing_data, tmp_path):
+    """``auto`` is a rule that may change between versions (4 layers before 2026-12-05), so a new
+    run saves the number it resolved to; a run directory saved with the word ``auto`` was made
+    under the old rule and must resume and evaluate on the layers it trained (4), not on what
+    ``auto`` means today."""
+    data, tasks = typing_data
+    base = {"model": str(deep_decoder), "data": {"file": str(data), "tasks": str(tasks)},
+            "train": {"epochs": 1, "batch_size": 8, "precision": "fp32"}}
+    run(from_dict({**base, "out": str(tmp_path / "new")}), progress=False)
+    assert load_config(str(tmp_path / "new" / "config.yaml")).train.top_layers == AUTO_TOP_LAYERS
+
+    old = tmp_path / "old"
+    explicit = {**base, "out": str(old), "train": {**base["train"], "top_layers": 4}}
+    finished = run(from_dict(explicit), progress=False)
+    text = (old / "config.yaml").read_text()
+    assert "top_layers: 4\n" in text
+    (old / "config.yaml").write_text(text.replace("top_layers: 4\n", "top_layers: auto\n"))  # as saved before
+    assert prepare(load_run_config(old / "config.yaml")).engine.top_layers == 4
+    assert list(evaluate_run(old)["per_task"].values()) == finished["accuracy_matrix"][-1]
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_task(seed, t, accs):
+        if t == 0:
+            raise Stop
+
+    stopped = tmp_path / "stopped"
+    with pytest.raises(Stop):
+        run(from_dict({**explicit, "out": str(stopped)}), progress=False, on_task=stop_after_first_task)
+    text = (stopped / "config.yaml").read_text()
+    (stopped / "config.yaml").write_text(text.replace("top_layers: 4\n", "top_layers: auto\n"))
+    resumed = resume(stopped, progress=False)
+    for key in ("accuracy_matrix", "train_loss", "tunable_params"):
+        assert resumed[key] == finished[key], key

@@ -30,6 +30,13 @@ from conpet.device import PRECISIONS
 from conpet.errors import ConfigError, read_user_text
 
 
+AUTO_BEFORE_2026_12_05 = "auto-4"
+"""What ``train.top_layers: auto`` meant in a run directory written before 2026-12-05: the top 4
+layers of a backbone deeper than 8. Such a run saved the word ``auto``; :func:`conpet.runs.load_run_config`
+reads it as this value, so the run resumes, evaluates and predicts on the layers it was trained on.
+Runs made since save the number ``auto`` resolved to (:func:`conpet.runner.run`)."""
+
+
 @dataclass
 class DataConfig:
     benchmark: str | None = "wordnet-typing"
@@ -117,7 +124,8 @@ class TrainConfig:
     once per row (cached, reused by every epoch, replay batch and evaluation). ``auto`` (default):
     L = 4 for backbones with more than 8 layers (SmolLM2: 4 of 30), every layer otherwise (MiniLM);
     ``null`` = PET in every layer, no cache. With a confined LoRA and no ``target_modules`` given,
-    LoRA goes on every linear layer of those L layers (docs/speed.md)."""
+    LoRA goes on every linear layer of those L layers (docs/speed.md). A run directory saves the
+    number ``auto`` chose, so that it resumes and predicts on the same layers in a later version."""
     cache_mb: float = 4096.0
     """Memory bound of the lower-layer cache (MB); the oldest rows are evicted beyond it."""
     length_bucketing: bool = True
@@ -245,8 +253,8 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
         (cfg.train.lr > 0, "train.lr", "must be > 0"),
         (cfg.train.head_lr > 0, "train.head_lr", "must be > 0"),
         (cfg.train.max_length >= 16, "train.max_length", "must be >= 16"),
-        (cfg.train.top_layers in (None, "auto") or (isinstance(cfg.train.top_layers, int)
-                                                    and cfg.train.top_layers >= 1),
+        (cfg.train.top_layers in (None, "auto", AUTO_BEFORE_2026_12_05)
+         or (isinstance(cfg.train.top_layers, int) and cfg.train.top_layers >= 1),
          "train.top_layers", "must be an integer >= 1, auto or null"),
         (cfg.train.cache_mb > 0, "train.cache_mb", "must be > 0"),
         (cfg.train.checkpoint_seconds >= 0, "train.checkpoint_seconds", "must be >= 0"),

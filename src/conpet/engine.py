@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from conpet.backbone import Backbone, cloze_features, last_hidden, token_states
+from conpet.config import AUTO_BEFORE_2026_12_05
 from conpet.device import Compute, as_compute, shrink_on_oom
 from conpet.errors import ConfigError
 from conpet.families import family_of
@@ -89,9 +90,10 @@ def resolve_top_layers(setting: int | str | None, model: nn.Module, input_level:
             raise ConfigError(f"train.top_layers: the PET method works at the input embeddings, so every layer "
                               f"must see it; it needs train.top_layers: null (or auto), not {setting}")
         return None
-    if setting == "auto":
+    if setting in ("auto", AUTO_BEFORE_2026_12_05):
+        top = AUTO_TOP_LAYERS if setting == "auto" else 4
         n = getattr(model.config, "num_hidden_layers", None)
-        return AUTO_TOP_LAYERS if n is not None and n > 2 * AUTO_TOP_LAYERS else None
+        return top if n is not None and n > 2 * top else None
     return setting
 
 

@@ -29,7 +29,7 @@ from conpet import distributed
 from conpet import metrics as M
 from conpet.build import Prepared, build_learner, check, compute_of, keeps_torch_threads, prepare
 from conpet.checkpoint import Checkpointer
-from conpet.config import RunConfig, default_out, load_config, parse_learner_spec, spec_dir_name
+from conpet.config import RunConfig, default_out, parse_learner_spec, spec_dir_name
 from conpet.data.stream import Stream, reorder_tasks
 from conpet.errors import ConpetError
 from conpet.evaluation import evaluate, evaluate_generation, reference_chunks, task_metric
@@ -37,7 +37,7 @@ from conpet.learners import Learner
 from conpet.generation import perplexity
 from conpet.plots import write_run_report
 from conpet.runs import (adapter_dir, atomic_directory, atomic_write_json, atomic_write_text, finished_run,
-                         hash_files, read_json, recover_interrupted, seed_dir, write_manifest)
+                         hash_files, load_run_config, read_json, recover_interrupted, seed_dir, write_manifest)
 
 __all__ = ["run", "run_many", "run_orders", "resume", "evaluate_run", "prepare", "Prepared"]
 
@@ -236,6 +236,7 @@ def run(cfg: RunConfig, progress: bool | None = None, prepared: Prepared | None 
     progress = default_progress() if progress is None else progress
     check(cfg)
     prepared = prepared or prepare(cfg)
+    save_resolved_top_layers(cfg, prepared)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     cfg.out = str(out)
     distributed.on_main(start_run_dir, cfg, out, prepared.stream)
@@ -275,6 +276,7 @@ def run_orders(cfg: RunConfig, progress: bool | None = None, prepared: Prepared 
     and mean ± std over orders (and over every order x seed run) of :data:`ORDER_KEYS`."""
     check(cfg)
     prepared = prepared or prepare(dataclasses.replace(cfg, orders=1))
+    save_resolved_top_layers(cfg, prepared)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     cfg.out = str(out)
     distributed.on_main(check_out_dir, out)
@@ -288,7 +290,7 @@ def run_orders(cfg: RunConfig, progress: bool | None = None, prepared: Prepared 
                                   data=dataclasses.replace(cfg.data, task_order=order))
         folder = Path(one.out)
         if (folder / "metrics.json").is_file() or any(folder.glob("seed-*/state.json")):
-            saved = load_config(str(folder / "config.yaml"))
+            saved = load_run_config(folder / "config.yaml")
             saved.train.device = one.train.device  # a run may continue on another device
             if saved.to_dict() != one.to_dict():
                 raise ConpetError(f"{folder}: holds a run of another configuration; choose another --out")
@@ -325,6 +327,14 @@ def orders_summary(per_order: list[dict]) -> dict:
             "over_runs": {k: spread([v for r in rows for v in r["runs"][k]]) for k in summary_keys}}
 
 
+def save_resolved_top_layers(cfg: RunConfig, prepared: Prepared) -> None:
+    """A new run saves the number of top layers ``train.top_layers: auto`` chose (``null``: every
+    layer), not the word: what ``auto`` means may change between versions, and the run must
+    resume and predict on the layers it trained."""
+    if cfg.train.top_layers == "auto":
+        cfg.train.top_layers = prepared.engine.top_layers
+
+
 def start_run_dir(cfg: RunConfig, out: Path, stream: Stream) -> None:
     """Check that ``out`` can take a new run, then write its ``config.yaml`` and ``stream.json``."""
     check_out_dir(out)
@@ -348,7 +358,7 @@ def resume(run_dir: str | Path, progress: bool | None = None, device: str | None
     ``device`` overrides the run's ``train.device`` (a run checkpointed on a GPU resumes on a CPU)."""
     out = Path(run_dir)
     if (out / ORDERS_CONFIG).is_file():  # a folder of task orders: continue every order
-        cfg = load_config(str(out / ORDERS_CONFIG))
+        cfg = load_run_config(out / ORDERS_CONFIG)
         cfg.out = str(out)
         if device is not None:
             cfg.train.device = device
@@ -356,7 +366,7 @@ def resume(run_dir: str | Path, progress: bool | None = None, device: str | None
     if not (out / "config.yaml").is_file():
         raise ConpetError(f"{out}: not a conpet run directory (no config.yaml)")
     progress = default_progress() if progress is None else progress
-    cfg = load_config(str(out / "config.yaml"))
+    cfg = load_run_config(out / "config.yaml")
     cfg.out = str(out)
     if device is not None:
         cfg.train.device = device

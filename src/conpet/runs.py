@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from conpet.config import RunConfig, load_config
+from conpet.config import AUTO_BEFORE_2026_12_05, RunConfig, load_config
 from conpet.errors import ConpetError, ModelError
 
 
@@ -118,6 +118,17 @@ def adapter_dir(run_dir: str | os.PathLike, seed: int, task: str) -> Path:
     return seed_dir(run_dir, seed) / "adapters" / task
 
 
+def load_run_config(path: str | os.PathLike) -> RunConfig:
+    """The configuration a run directory saved (``config.yaml``, or a task-orders folder's
+    ``orders-config.yaml``), read as the run was made: a saved ``train.top_layers: auto`` comes
+    from a run written before 2026-12-05 (since then the resolved number is saved) and means what
+    ``auto`` meant then (:data:`conpet.config.AUTO_BEFORE_2026_12_05`)."""
+    cfg = load_config(str(path))
+    if cfg.train.top_layers == "auto":
+        cfg.train.top_layers = AUTO_BEFORE_2026_12_05
+    return cfg
+
+
 def finished_run(run_dir: str | os.PathLike, seed: int | None) -> tuple[RunConfig, int, list[str], Path]:
     """``(config, seed, task names, seed folder)`` of a run whose last task has finished; a clear
     error otherwise (shared by evaluate, predict, merge, compress and export)."""
@@ -125,7 +136,7 @@ def finished_run(run_dir: str | os.PathLike, seed: int | None) -> tuple[RunConfi
     for name in ("config.yaml", "stream.json"):
         if not (run_dir / name).is_file():
             raise ConpetError(f"{run_dir}: not a conpet run directory (no {name})")
-    cfg = load_config(str(run_dir / "config.yaml"))
+    cfg = load_run_config(run_dir / "config.yaml")
     seed = cfg.seed if seed is None else seed
     tasks = [t["name"] for t in read_json(run_dir / "stream.json")["tasks"]]
     if not adapter_dir(run_dir, seed, tasks[-1]).is_dir():
