@@ -88,9 +88,7 @@ class DeltaPET(InjectedPET):
             for n, p in self.tensors(model, name).items():
                 key = n.replace(f".{name}.", ".")
                 if f"{key}::dense" in saved:
-                    flat = saved[f"{key}::dense"].to(p.device, p.dtype)
-                    p.copy_(flat.view(p.shape))
-                    idx = flat.nonzero().flatten()
+                    p.copy_(saved[f"{key}::dense"].to(p.device, p.dtype).view(p.shape))
                 elif f"{key}::indices" in saved:
                     p.zero_()
                     idx = saved[f"{key}::indices"].to(p.device, torch.int64)
@@ -98,6 +96,5 @@ class DeltaPET(InjectedPET):
                 else:
                     raise ModelError(f"{folder}: no saved tensor for '{key}' (options or layers differ)")
                 part = model.sites[key.split(".parts.")[0].removeprefix("base_model.")].parts[name]
-                if part.mask is not None:  # the stored entries are the active ones
-                    part.mask.zero_()
-                    part.mask.view(-1)[idx] = True
+                if part.mask is not None:  # the stored (non-zero) entries are the active ones
+                    part.mask.copy_((p != 0).view(part.mask.shape))
