@@ -1,7 +1,8 @@
 """A results table: learners x seeds on one stream, recorded as it runs, resumable across sessions.
 
     python bench/learner_table.py --benchmark wordnet-relations \
-        [--learners 'sequential,emr*,o-lora,inflora,lae,crl*,fpf,i-lora,osf,zscl,cofitune'] [--seeds 3]
+        [--learners 'sequential,joint,emr*,o-lora,inflora,lae,crl,crl*,fpf,k-fpf,i-lora,osf,zscl,cofitune,model-surgery']
+        [--seeds 3]
         [--model smollm2] [--epochs 2] [--max-train-per-class N] [--top-layers auto] [--threads 0]
         [--out runs/learner-table] [--record bench/results/learners-<benchmark>-<model>.json] [--report]
 
@@ -59,7 +60,7 @@ def top_layers_arg(value: str) -> str:
 
 def parse(argv: list[str] | None = None, defaults: dict | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--learners", default="sequential,joint,emr*,o-lora,inflora,lae,crl*,fpf,k-fpf,i-lora,osf,zscl,cofitune,"
+    ap.add_argument("--learners", default="sequential,joint,emr*,o-lora,inflora,lae,crl,crl*,fpf,k-fpf,i-lora,osf,zscl,cofitune,"
                                           "model-surgery")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--model", default="smollm2")

@@ -7,7 +7,7 @@ import torch
 from conpet.backbone import cloze_features, load_backbone
 from conpet.config import DataConfig, from_dict, load_config
 from conpet.data import load_stream
-from conpet.engine import AUTO_TOP_LAYERS, FeatureEngine
+from conpet.engine import FeatureEngine, auto_top_layers
 from conpet.errors import ConfigError
 from conpet.inputs import collate, encode_rows
 from conpet.pet import get_pet
@@ -111,7 +111,7 @@ def test_rows_first_cached_in_train_mode_carry_no_dropout(tiny_encoder, typing_d
 
 @pytest.fixture(scope="module")
 def deep_decoder(tmp_path_factory):
-    """A tiny decoder deeper than what ``auto`` confines, before and since the rule changed."""
+    """A 20-layer tiny decoder: ``auto`` confines PET to its top 8 layers, the rule before 2026-12-05 to 4."""
     import shutil
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -120,7 +120,7 @@ def deep_decoder(tmp_path_factory):
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("models") / "deep-llama"
-    LlamaForCausalLM(LlamaConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2 * AUTO_TOP_LAYERS + 2,
+    LlamaForCausalLM(LlamaConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=20,
                                  num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
                                  max_position_embeddings=256, pad_token_id=0, tie_word_embeddings=True)
                      ).save_pretrained(folder)
@@ -138,7 +138,8 @@ def test_a_run_saves_the_number_auto_chose_and_an_old_auto_keeps_its_old_meaning
     base = {"model": str(deep_decoder), "data": {"file": str(data), "tasks": str(tasks)},
             "train": {"epochs": 1, "batch_size": 8, "precision": "fp32"}}
     run(from_dict({**base, "out": str(tmp_path / "new")}), progress=False)
-    assert load_config(str(tmp_path / "new" / "config.yaml")).train.top_layers == AUTO_TOP_LAYERS
+    assert auto_top_layers(20) == 8 and auto_top_layers(20, before_2026_12_05=True) == 4
+    assert load_config(str(tmp_path / "new" / "config.yaml")).train.top_layers == 8
 
     old = tmp_path / "old"
     explicit = {**base, "out": str(old), "train": {**base["train"], "top_layers": 4}}

@@ -122,7 +122,8 @@ class TrainConfig:
     top_layers: int | str | None = "auto"
     """Confine PET modules to the top L transformer layers and compute the frozen lower layers
     once per row (cached, reused by every epoch, replay batch and evaluation). ``auto`` (default):
-    L = 4 for backbones with more than 8 layers (SmolLM2: 4 of 30), every layer otherwise (MiniLM);
+    the top 40% of the layers (rounded) of a backbone with more than 8 (SmolLM2: 12 of 30; chosen
+    by dev accuracy over four streams, docs/speed.md; 4 before 2026-12-05), every layer otherwise (MiniLM);
     ``null`` = PET in every layer, no cache. With a confined LoRA and no ``target_modules`` given,
     LoRA goes on every linear layer of those L layers (docs/speed.md). A run directory saves the
     number ``auto`` chose, so that it resumes and predicts on the same layers in a later version."""
