@@ -129,7 +129,8 @@ def deep_decoder(tmp_path_factory):
     return folder
 
 
-def test_a_run_saves_the_number_auto_chose_and_an_old_auto_keeps_its_old_meaning(deep_decoder, typing_data, tmp_path):
+def test_a_run_saves_the_number_auto_chose_and_an_old_auto_keeps_its_old_meaning(deep_decoder, typing_data, tmp_path,
+                                                                                  capsys):
     """``auto`` is a rule that may change between versions (4 layers before 2026-12-05), so a new
     run saves the number it resolved to; a run directory saved with the word ``auto`` was made
     under the old rule and must resume and evaluate on the layers it trained (4), not on what
@@ -138,6 +139,7 @@ def test_a_run_saves_the_number_auto_chose_and_an_old_auto_keeps_its_old_meaning
     base = {"model": str(deep_decoder), "data": {"file": str(data), "tasks": str(tasks)},
             "train": {"epochs": 1, "batch_size": 8, "precision": "fp32"}}
     run(from_dict({**base, "out": str(tmp_path / "new")}), progress=False)
+    assert "PET in the top 8 of 20 layers, the 12 below computed once per row" in capsys.readouterr().err
     assert auto_top_layers(20) == 8 and auto_top_layers(20, before_2026_12_05=True) == 4
     assert load_config(str(tmp_path / "new" / "config.yaml")).train.top_layers == 8
 

@@ -135,6 +135,13 @@ class FeatureEngine:
     def precision(self) -> str:
         return self.compute.precision
 
+    def placement(self) -> str:
+        """Where the PET modules sit, in words (a run says it once at its start)."""
+        if self.top_layers is None:
+            return "PET in every layer"
+        return (f"PET in the top {self.top_layers} of {self.n_layers} layers, the {self.n_layers - self.top_layers} "
+                "below computed once per row")
+
     @property
     def hidden_dtype(self) -> torch.dtype:
         """The dtype the upper layers get their input in: the backbone's own (that of its input
