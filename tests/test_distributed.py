@@ -183,7 +183,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 240) -> int:
     except subprocess.TimeoutExpired:
         proc.kill()
         raise
-    assert proc.returncode == 0, err[-2000:]
+    assert proc.returncode == 0, err[-8000:]  # the launcher's summary is ~2000; the ranks' own errors come before
     return proc.returncode
 
 
