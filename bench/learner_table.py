@@ -52,10 +52,18 @@ def summary(m: dict) -> dict:
     return row
 
 
-def top_layers_arg(value: str) -> str:
-    if value.isdigit() and int(value) >= 1 or value in ("auto", "null"):
-        return value
-    raise argparse.ArgumentTypeError(f"a number >= 1, auto or null, not {value!r}")
+def top_layers_setting(text: str) -> int | str | None:
+    """``--top-layers`` text as the ``train.top_layers`` value it stands for (the record keeps the text)."""
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    if text in ("auto", "null"):
+        return None if text == "null" else text
+    raise argparse.ArgumentTypeError(f"a number >= 1, auto or null, not {text!r}")
+
+
+def top_layers_arg(text: str) -> str:
+    top_layers_setting(text)
+    return text
 
 
 def parse(argv: list[str] | None = None, defaults: dict | None = None) -> argparse.Namespace:
@@ -98,9 +106,8 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> int:
     data = {"benchmark": args.benchmark, "max_train_per_class": args.max_train_per_class}
     if args.max_new_tokens is not None:
         data["max_new_tokens"] = args.max_new_tokens
-    top_layers = int(args.top_layers) if args.top_layers.isdigit() else None if args.top_layers == "null" else "auto"
     base = {"model": args.model, "data": data,
-            "train": {"epochs": args.epochs, "threads": args.threads, "top_layers": top_layers}}
+            "train": {"epochs": args.epochs, "threads": args.threads, "top_layers": top_layers_setting(args.top_layers)}}
     prepared: dict[str, object] = {}
     t0 = time.perf_counter()
     for seed in range(args.seeds):

@@ -331,3 +331,27 @@ def test_fsdp_refuses_what_it_has_not_been_tried_with(tiny_encoder, typing_data,
                  "--set", "backbone.fsdp=true", *flags, "--out", str(tmp_path / "x")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_close_frees_the_process_group_a_sharded_backbones_mesh_holds(tmp_path, monkeypatch):
+    """gloo joins its worker threads only when the group is freed; a device mesh (kept alive after
+    the run by torch's DTensor caches) holds the group. Left to the interpreter's exit, a worker
+    could release a tensor after Python began finalizing: a rank died with SIGABRT, ~1 FSDP run in 15."""
+    import weakref
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from conpet import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        monkeypatch.setattr(distributed, "_MESHES", [mesh])
+        group = weakref.ref(dist.group.WORLD)
+        distributed.close()
+        assert not dist.is_initialized() and group() is None
+        assert mesh is not None  # still referenced, as the caches reference it
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

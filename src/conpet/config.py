@@ -37,6 +37,11 @@ reads it as this value, so the run resumes, evaluates and predicts on the layers
 Runs made since save the number ``auto`` resolved to (:func:`conpet.runner.run`)."""
 
 
+def is_auto_top_layers(setting: object) -> bool:
+    """Whether ``train.top_layers`` leaves the number to the backbone's depth (``auto``, either rule)."""
+    return setting in ("auto", AUTO_BEFORE_2026_12_05)
+
+
 @dataclass
 class DataConfig:
     benchmark: str | None = "wordnet-typing"
@@ -254,7 +259,7 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
         (cfg.train.lr > 0, "train.lr", "must be > 0"),
         (cfg.train.head_lr > 0, "train.head_lr", "must be > 0"),
         (cfg.train.max_length >= 16, "train.max_length", "must be >= 16"),
-        (cfg.train.top_layers in (None, "auto", AUTO_BEFORE_2026_12_05)
+        (cfg.train.top_layers is None or is_auto_top_layers(cfg.train.top_layers)
          or (isinstance(cfg.train.top_layers, int) and cfg.train.top_layers >= 1),
          "train.top_layers", "must be an integer >= 1, auto or null"),
         (cfg.train.cache_mb > 0, "train.cache_mb", "must be > 0"),

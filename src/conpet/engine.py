@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from conpet.backbone import Backbone, cloze_features, last_hidden, token_states
-from conpet.config import AUTO_BEFORE_2026_12_05
+from conpet.config import AUTO_BEFORE_2026_12_05, is_auto_top_layers
 from conpet.device import Compute, as_compute, shrink_on_oom
 from conpet.errors import ConfigError
 from conpet.families import family_of
@@ -100,7 +100,7 @@ def resolve_top_layers(setting: int | str | None, model: nn.Module, input_level:
             raise ConfigError(f"train.top_layers: the PET method works at the input embeddings, so every layer "
                               f"must see it; it needs train.top_layers: null (or auto), not {setting}")
         return None
-    if setting in ("auto", AUTO_BEFORE_2026_12_05):
+    if is_auto_top_layers(setting):
         return auto_top_layers(getattr(model.config, "num_hidden_layers", None),
                                before_2026_12_05=setting == AUTO_BEFORE_2026_12_05)
     return setting
