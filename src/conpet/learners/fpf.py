@@ -14,8 +14,9 @@ with every other parameter frozen.
 
 Deviations, named: the paper ranks modules by a sensitivity score measured on ResNets (BN layers,
 the final FC, the last block); its formula, iteration counts and k-FPF schedule are not verified
-here, so the set and ``fpf_steps`` (100) are conpet's choices, options to change. ``k-fpf`` (FPF
-k times at fixed intervals regardless of task boundaries) is not built yet.
+here, so the set and ``fpf_steps`` (100) are conpet's choices, options to change. ``k-fpf``
+(:class:`KFPF`, below) runs the phase k times at fixed intervals of training steps, regardless of
+task boundaries.
 
 Cost per task: the task's own steps plus ``fpf_steps`` buffer steps (constant in the number of
 tasks); storage: the PET module, the head, the memory's row ids.
