@@ -193,6 +193,26 @@ def test_bad_learner_options(options, pet, message, tiny_encoder, typing_data):
         get_learner("osf").check_options(cfg)
 
 
+def test_osf_trains_at_its_own_full_fine_tuning_rate_unless_told(tiny_decoder, typing_data):
+    """OSF's parameters are slices of the weights: their default rate is 3e-5, not the run's LoRA rate
+    (0.01 here); ``pet.options.lr`` sets it (``null``: train.lr), and the learner's per-task OSF keeps it."""
+    from conpet.build import build_learner, prepare
+
+    data, tasks = typing_data
+    for options, expected in (({}, 3e-5), ({"lr": 2e-4}, 2e-4), ({"lr": None}, 0.01)):
+        cfg = _cfg(tiny_decoder, data, tasks, pet={"method": "osf", "options": options})
+        learner = build_learner(cfg, prepare(cfg), seed=0)
+        for t in (0, 1):
+            pet = learner.pet_for(t)
+            model = pet.attach(learner.ctx.backbone.model, learner.module_name)
+            groups = pet.param_groups(model, learner.module_name, cfg.train.lr)
+            assert [g["lr"] for g in groups] == [expected] and groups[0]["params"], (options, t)
+            learner.ctx.backbone.model = model.unload()
+        learner.close()
+    with pytest.raises(ConfigError, match="lr"):
+        get_pet("osf", {"lr": -1.0})
+
+
 @pytest.mark.parametrize("options,message", [
     ({"effective_rank": 0}, "must be >= 1"),
     ({"effective_rank": 1.0}, "fraction must be in"),

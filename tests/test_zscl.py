@@ -214,6 +214,38 @@ def test_an_encoder_is_refused_before_anything_is_written(tiny_encoder, typing_d
     assert not (out / "config.yaml").exists()
 
 
+def test_a_preparation_made_for_a_learner_without_the_lm_head_gets_it_when_zscl_reuses_it(
+        tiny_decoder, typing_data, short_reference, tmp_path):
+    """``conpet run --learner sequential,zscl`` and the benchmarks prepare the backbone once for the
+    first learner (no LM head) and reuse it: zscl loads the head then, in the frozen linears' dtype."""
+    from conpet.build import build_learner, prepare
+
+    data, tasks = typing_data
+    common = {"model": str(tiny_decoder), "data": {"file": str(data), "tasks": str(tasks),
+                                                   "reference_text": str(short_reference)},
+              "train": {"epochs": 1, "batch_size": 4, "precision": "bf16", "top_layers": None}}
+    prepared = prepare(from_dict({**common, "learner": "sequential"}))
+    assert prepared.engine.backbone.lm_head is None
+    learner = build_learner(from_dict({**common, "learner": "zscl"}), prepared, seed=0)
+    head = prepared.engine.backbone.lm_head
+    assert learner.ctx.lm_head is head and head.weight.dtype == torch.bfloat16
+    learner.close()
+    assert main(["run", "--model", str(tiny_decoder), "--data", str(data), "--tasks", str(tasks), "--learner",
+                 "sequential,zscl", "--out", str(tmp_path / "both"), "--epochs", "1", "--no-progress",
+                 "--set", "train.top_layers=null", "--set", f"data.reference_text={short_reference}"]) == 0
+    assert (tmp_path / "both" / "zscl" / "seed-0" / "metrics.json").is_file()
+
+
+def test_an_encoder_is_refused_up_front_when_zscl_comes_after_another_learner(tiny_encoder, typing_data, tmp_path,
+                                                                             capsys):
+    data, tasks = typing_data
+    out = tmp_path / "x"
+    assert main(["run", "--model", str(tiny_encoder), "--data", str(data), "--tasks", str(tasks), "--learner",
+                 "sequential,zscl", "--out", str(out), "--no-progress"]) == 2
+    assert "learner 'zscl' distils" in capsys.readouterr().err
+    assert not any(out.rglob("*"))  # nothing written (sequential did not run first)
+
+
 def test_kill_inside_a_task_then_resume_gives_the_same_run(tiny_decoder, typing_data, short_reference, tmp_path):
     """kill -9 inside the second task (at an in-task checkpoint: WE snapshots, anchor and step
     saved mid-task), then ``--resume``: the same metrics and adapters as an uninterrupted run."""

@@ -148,7 +148,11 @@ class Backbone:
     hidden_size: int
     fingerprint: str
     lm_head: nn.Module | None = None
-    """The frozen output projection (:func:`load_lm_head`), loaded by ``prepare`` for generative streams."""
+    """The frozen output projection (:func:`load_lm_head`), loaded by ``prepare`` for generative streams
+    and for learners that read next-token distributions (:func:`conpet.build.attach_lm_head`)."""
+    frozen_dtype: torch.dtype | None = None
+    """The dtype the frozen linear weights are stored in by :func:`cast_frozen_linears` (None: as loaded);
+    the LM head is stored in the same one."""
     shard_bytes: tuple[int, int] | None = None
     """(bytes of backbone weights this process holds, bytes of the whole backbone) once
     ``backbone.fsdp`` has sharded it over a launcher's processes (:func:`conpet.distributed.shard_backbone`)."""

@@ -121,14 +121,16 @@ def check_stream(cfg: RunConfig, stream: Stream) -> None:
 
 
 def prepare(cfg: RunConfig, stream: Stream | None = None, check_rows: int = 8, cast_frozen: bool = True,
-            backbone: Backbone | None = None) -> Prepared:
+            backbone: Backbone | None = None, also_for: tuple[str, ...] = ()) -> Prepared:
     """Load and validate the data (first: bad data fails fast) unless ``stream`` is given (predict
     builds it from a run's ``stream.json`` and the rows to predict), then the backbone; tokenize
     once; build the feature engine and check its split forward pass on ``check_rows`` rows.
 
     Under bf16/fp16 the frozen linear weights are stored in that dtype (``cast_frozen``; a baseline
     that keeps fp32 weights under autocast, as HF Trainer does, turns it off). ``backbone`` (e.g.
-    :func:`conpet.backbone.backbone_from_model`) replaces loading ``cfg.model``."""
+    :func:`conpet.backbone.backbone_from_model`) replaces loading ``cfg.model``. ``also_for``
+    names further learners that will reuse the preparation (:func:`conpet.runner.run_many`): the
+    LM head is loaded, or the encoder refused, when any of them reads next-token distributions."""
     stream = load_stream(cfg.data) if stream is None else stream
     check_stream(cfg, stream)
     if cfg.train.threads:  # entry points that call this are @keeps_torch_threads
@@ -141,12 +143,12 @@ def prepare(cfg: RunConfig, stream: Stream | None = None, check_rows: int = 8, c
                                  cfg.backbone.quantize, compute.dtype, weights=not to_shard or distributed.is_main())
     if compute.precision != "fp32" and cast_frozen and not cfg.backbone.quantize:
         cast_frozen_linears(backbone.model, compute.dtype)
+        backbone.frozen_dtype = compute.dtype
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(backbone.model)
-    needs_lm_head = get_learner(cfg.learner).needs_lm_head
-    if needs_lm_head and not backbone.is_decoder:
-        raise ConfigError(f"learner '{cfg.learner}' distils the backbone's next-token distributions; model "
-                          f"'{cfg.model}' is an encoder without an LM head: use a decoder (causal LM) such as smollm2")
+    readers = [name for name in (cfg.learner, *also_for) if get_learner(name).needs_lm_head]
+    if readers:
+        check_lm_head(readers[0], backbone)
     if stream.generative:
         encoded = encode_generation(stream.rows, backbone.tokenizer, cfg.train.max_length, cfg.data.chat_template)
     else:
@@ -156,15 +158,29 @@ def prepare(cfg: RunConfig, stream: Stream | None = None, check_rows: int = 8, c
                                          cfg.pet.options)
     top_layers = resolve_top_layers(setting, backbone.model, pet_cls.input_level, sharded=cfg.backbone.fsdp)
     apply_fsdp(cfg, backbone, compute)
-    if stream.generative or needs_lm_head:  # after sharding: a tied head is gathered from the shards
-        backbone.lm_head = backbone.lm_head or load_lm_head(backbone)  # an encoder is an error here
-        if compute.precision != "fp32" and cast_frozen and not cfg.backbone.quantize:
-            backbone.lm_head = cast_lm_head(backbone.lm_head, compute.dtype)
+    if stream.generative or readers:  # after sharding: a tied head is gathered from the shards
+        attach_lm_head(backbone)  # an encoder is an error here
     engine = FeatureEngine(backbone, encoded, top_layers, compute, cfg.train.eval_batch_size, cfg.train.cache_mb)
     rows = stream.tasks[0].train[:check_rows] if stream.tasks and stream.tasks[0].train else \
         list(range(min(check_rows, len(stream.rows))))
     engine.check(backbone.model, rows)
     return Prepared(stream, engine)
+
+
+def check_lm_head(learner: str, backbone: Backbone) -> None:
+    """A learner that distils next-token distributions needs a decoder's LM head."""
+    if not backbone.is_decoder:
+        raise ConfigError(f"learner '{learner}' distils the backbone's next-token distributions; model "
+                          f"'{backbone.name}' is an encoder without an LM head: use a decoder (causal LM) such as "
+                          f"smollm2")
+
+
+def attach_lm_head(backbone: Backbone) -> None:
+    """Load the backbone's frozen LM head once (:func:`conpet.backbone.load_lm_head`), stored in the
+    dtype of the frozen linears (:func:`conpet.backbone.cast_lm_head`); a no-op when it is there."""
+    if backbone.lm_head is None:
+        head = load_lm_head(backbone)
+        backbone.lm_head = cast_lm_head(head, backbone.frozen_dtype) if backbone.frozen_dtype else head
 
 
 def apply_fsdp(cfg: RunConfig, backbone: Backbone, compute: Compute) -> None:
@@ -194,6 +210,9 @@ def build_learner(cfg: RunConfig, prepared: Prepared, seed: int, progress: bool 
     (``pet_precision``: see :func:`build_pet`; benchmarks only)."""
     stream, engine = prepared
     learner_cls = get_learner(cfg.learner)
+    if learner_cls.needs_lm_head:  # a preparation made for another learner may lack it
+        check_lm_head(cfg.learner, engine.backbone)
+        attach_lm_head(engine.backbone)
     ctx = Context(cfg=cfg, stream=stream, engine=engine, pet=build_pet(cfg, engine, pet_precision), seed=seed,
                   options=learner_cls.check_options(cfg), progress=progress, checkpointer=checkpointer)
     return learner_cls(ctx)

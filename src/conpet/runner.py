@@ -437,7 +437,7 @@ def run_many(cfg: RunConfig, learners: list[str], out: str | Path | None = None,
         check(one)  # every learner's options before anything is loaded or written
         configs.append((spec, one))
     check_out_dir(out)
-    prepared = prepare(cfg)
+    prepared = prepare(cfg, also_for=tuple(one.learner for _, one in configs))
     return {spec: run(one, progress=progress, prepared=prepared) for spec, one in configs}
 
 

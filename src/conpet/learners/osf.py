@@ -96,7 +96,7 @@ class OSFLearner(OneModuleLearner):
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
         given = ctx.pet
-        self.pet_options = dict(given.options) if given.name == "osf" else {}
+        self.pet_options = {**given.options, "lr": given.lr} if given.name == "osf" else {}
         self.scope, self.pet_precision = given.scope, given.precision
         n = len(ctx.stream.tasks)
         start = self.opts["preserve_start"]

@@ -13,7 +13,12 @@ Options are peft ``OSFConfig`` fields: ``effective_rank`` (the *preserved* rank:
 or a fraction in (0, 1) of ``min(m, n)`` per matrix; default peft's ``min(m, n) // 2``),
 ``target_modules`` (names, or ``all-linear``; default peft's per-architecture list, q/k/v/o/
 gate/up/down for Llama-like models, else every linear layer) and ``rank_pattern`` (regex ->
-rank, as ``effective_rank``). OSF sits on the linear layers *inside the transformer blocks*
+rank, as ``effective_rank``); conpet's ``lr`` is the learning rate of the OSF parameters,
+default 3e-5 (``null``: ``train.lr``). OSF trains full-rank subspaces of the weights, so it
+wants a full fine-tuning rate, not LoRA's 1e-3 (peft's example: 5e-6 on Llama-3.1-8B). The
+default was chosen on the *dev* split of SmolLM2 on ``wordnet-typing`` tasks 1-3 (accuracy after
+task 1 / task 3: 1e-3 27.6 / 8.3, the model broken; 1e-4 86.2 / 22.9; 3e-5 93.1 / 22.4; 1e-5
+79.3 / 22.4). OSF sits on the linear layers *inside the transformer blocks*
 (the names become a regex over the scoped layers: peft's OSF has no ``layers_to_transform``).
 
 Trainable per target: ``(m + n + 1) (min(m, n) - k)`` for a preserved rank ``k`` (U, S and V of
@@ -51,6 +56,7 @@ class OSF(PeftBacked):
 
     paper = "Nayak et al. 2025, Sculpting Subspaces: Constrained Full Fine-Tuning in LLMs for Continual Learning"
     routes_per_row = False  # peft's OSF layer runs the first active adapter for every row
+    default_lr = 3e-5
     supports_kbit = False  # peft dispatches OSF to nn.Linear only
 
     def config_class(self):

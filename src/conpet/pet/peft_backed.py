@@ -23,7 +23,7 @@ from torch import nn
 
 from conpet.compress import decompress_lora_folder, is_compressed
 from conpet.errors import ConfigError
-from conpet.pet.base import Calibration, PETMethod, check_known, in_module
+from conpet.pet.base import Calibration, LayerScope, PETMethod, check_known, check_positive_number, in_module
 from conpet.runs import check_safe_folder
 
 SCOPE_KEYS = ("layers_to_transform", "layers_pattern")
@@ -76,6 +76,20 @@ class PeftBacked(PETMethod):
     second trainable AdaLoRA module; :meth:`parameters` turns training on either way)."""
     fixed_fields: dict[str, Any] = {}
     """Config fields the method sets itself, not options (the prompt family's ``task_type``)."""
+    default_lr: float | None = None
+    """A method that trains at its own learning rate sets this; it then takes the option ``lr``
+    (``null``: the run's ``train.lr``), which is conpet's, not peft's."""
+
+    def __init__(self, options: dict[str, Any] | None = None, *, scope: LayerScope | None = None,
+                 precision: str = "fp32") -> None:
+        options = dict(options or {})
+        if self.default_lr is not None:
+            self.lr = check_positive_number("lr", options.pop("lr", self.default_lr), nullable=True)
+        super().__init__(options, scope=scope, precision=precision)
+
+    def param_groups(self, model: nn.Module, name: str, lr: float) -> list[dict]:
+        own = getattr(self, "lr", None)
+        return [{"params": self.parameters(model, name), "lr": float(own or lr)}]
 
     def config_class(self) -> type:  # pragma: no cover - abstract
         raise NotImplementedError

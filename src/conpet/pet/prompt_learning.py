@@ -17,7 +17,6 @@ from typing import Any
 
 from torch import nn
 
-from conpet.pet.base import LayerScope, check_positive_number
 from conpet.pet.peft_backed import PeftBacked
 
 
@@ -28,15 +27,6 @@ class PromptLearning(PeftBacked):
     defaults: dict[str, Any] = {"num_virtual_tokens": 20}
     fixed_fields = {"task_type": "FEATURE_EXTRACTION"}
     default_lr: float = 3e-2
-
-    def __init__(self, options: dict[str, Any] | None = None, *, scope: LayerScope | None = None,
-                 precision: str = "fp32") -> None:
-        options = dict(options or {})
-        self.lr = check_positive_number("lr", options.pop("lr", self.default_lr), nullable=True)
-        super().__init__(options, scope=scope, precision=precision)
-
-    def param_groups(self, model: nn.Module, name: str, lr: float) -> list[dict]:
-        return [{"params": self.parameters(model, name), "lr": float(self.lr or lr)}]
 
     def detach(self, model: nn.Module) -> nn.Module:
         return model.get_base_model()  # peft leaves the backbone's own modules untouched here
