@@ -12,7 +12,9 @@ trains its own) and reused. A finished pair is written to the ``--record`` JSON 
 once and never rerun, and a run directory stopped in the middle is resumed, so the table can be
 filled over several sessions (seed-major: every learner gets seed 0 before any gets seed 1).
 Columns: average accuracy after the stream (on a generative stream the primary metric, exact
-match beside it, the reference-text perplexity after the last task), forgetting, BWT, training
+match beside it, the reference-text perplexity after the last task), forgetting, BWT, on
+classification streams the learning accuracy (a task's accuracy right after it was learned,
+averaged over the tasks), training
 seconds per task (``torch_threads`` in the record says how many threads ran it), tunable
 parameters. Means ± sample std over the recorded seeds. A table keeps one ``train.top_layers``
 (in its record's setup; each row also records the number its run resolved ``auto`` to).
@@ -137,6 +139,12 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> int:
     return 0
 
 
+def learning_accuracy(matrix: list[list[float]]) -> float:
+    """Mean over tasks of a task's accuracy right after it was learned (the matrix's diagonal):
+    how well the learner learns, beside how well it keeps."""
+    return float(np.mean([matrix[j][j] for j in range(len(matrix))]))
+
+
 def print_table(record: dict, learners: list[str]) -> None:
     def cell(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
         values = [scale * v for v in values]
@@ -156,8 +164,8 @@ def print_table(record: dict, learners: list[str]) -> None:
         print("|---|---|---|---|---|---|---|---|")
     else:
         print(head)
-        print("| learner | seeds | avg accuracy % | forgetting % | BWT % | s / task | tunable params |")
-        print("|---|---|---|---|---|---|---|")
+        print("| learner | seeds | avg accuracy % | forgetting % | BWT % | learning acc % | s / task | tunable params |")
+        print("|---|---|---|---|---|---|---|---|")
     for learner in learners:
         mine = [r for r in runs if r["learner"] == learner]
         if not mine:
@@ -169,7 +177,8 @@ def print_table(record: dict, learners: list[str]) -> None:
                   f"{cell(col('seconds_per_task'), 1.0, 1)} |")
         else:
             print(f"| {learner} | {len(mine)} | {cell(col('average_accuracy'))} | {cell(col('forgetting'))} | "
-                  f"{cell(col('bwt'))} | {cell(col('seconds_per_task'), 1.0, 1)} | {mine[0]['tunable_params']:,} |")
+                  f"{cell(col('bwt'))} | {cell([learning_accuracy(r['accuracy_matrix']) for r in mine])} | "
+                  f"{cell(col('seconds_per_task'), 1.0, 1)} | {mine[0]['tunable_params']:,} |")
 
 
 if __name__ == "__main__":
