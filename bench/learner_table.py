@@ -33,6 +33,7 @@ import torch
 
 from conpet.build import prepare
 from conpet.config import from_dict, spec_dir_name
+from conpet.metrics import learning_accuracy
 from conpet.runner import resume, run
 from conpet.runs import load_run_config
 
@@ -137,12 +138,6 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> int:
     print_table(record, learners)
     print(f"\ntotal {time.perf_counter() - t0:.0f}s")
     return 0
-
-
-def learning_accuracy(matrix: list[list[float]]) -> float:
-    """Mean over tasks of a task's accuracy right after it was learned (the matrix's diagonal):
-    how well the learner learns, beside how well it keeps."""
-    return float(np.mean([matrix[j][j] for j in range(len(matrix))]))
 
 
 def print_table(record: dict, learners: list[str]) -> None:

@@ -14,6 +14,7 @@ from conpet.metrics import (
     average_accuracy_over_steps,
     backward_transfer,
     forgetting,
+    learning_accuracy,
     summarize,
     whole_accuracy,
     whole_accuracy_over_steps,
@@ -63,6 +64,11 @@ def test_forgetting_is_the_drop_from_the_best_earlier_accuracy():
 def test_backward_transfer_compares_with_just_after_learning():
     # task0: 0.8 - 0.9 = -0.1 ; task1: 0.5 - 0.8 = -0.3
     assert backward_transfer(A3) == pytest.approx((-0.1 - 0.3) / 2)
+
+
+def test_learning_accuracy_is_the_mean_of_the_diagonal():
+    # just after learning: task0 0.9, task1 0.8, task2 0.9 (later rows do not count)
+    assert learning_accuracy(A3) == pytest.approx((0.9 + 0.8 + 0.9) / 3)
 
 
 def test_forgetting_and_bwt_differ_when_a_task_improved_then_dropped():

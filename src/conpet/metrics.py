@@ -177,6 +177,13 @@ def backward_transfer(A: Matrix) -> float:
     return float(np.mean([a[T - 1, j] - a[j, j] for j in range(T - 1)]))
 
 
+def learning_accuracy(A: Matrix) -> float:
+    """Mean over tasks of a task's accuracy right after it was learned, ``(1 / T) * sum_j A[j][j]``:
+    how well a learner learns each new task, beside how well it keeps the old ones (forgetting)."""
+    a = accuracy_matrix(A)
+    return float(np.mean(np.diagonal(a)))
+
+
 def summarize(A: Matrix, test_counts: Sequence[Any]) -> dict[str, Any]:
     """All metrics of one accuracy matrix, as a JSON-ready dict.
 
