@@ -83,13 +83,13 @@ class PeftBacked(PETMethod):
     def __init__(self, options: dict[str, Any] | None = None, *, scope: LayerScope | None = None,
                  precision: str = "fp32") -> None:
         options = dict(options or {})
-        if self.default_lr is not None:
-            self.lr = check_positive_number("lr", options.pop("lr", self.default_lr), nullable=True)
+        self.lr = None if self.default_lr is None else \
+            check_positive_number("lr", options.pop("lr", self.default_lr), nullable=True)
+        """The method's own learning rate (None: the run's ``train.lr``)."""
         super().__init__(options, scope=scope, precision=precision)
 
     def param_groups(self, model: nn.Module, name: str, lr: float) -> list[dict]:
-        own = getattr(self, "lr", None)
-        return [{"params": self.parameters(model, name), "lr": float(own or lr)}]
+        return [{"params": self.parameters(model, name), "lr": float(self.lr or lr)}]
 
     def config_class(self) -> type:  # pragma: no cover - abstract
         raise NotImplementedError
