@@ -16,7 +16,8 @@ match beside it, the reference-text perplexity after the last task), forgetting,
 classification streams the learning accuracy (a task's accuracy right after it was learned,
 averaged over the tasks), training
 seconds per task (``torch_threads`` in the record says how many threads ran it), tunable
-parameters. Means ± sample std over the recorded seeds. A table keeps one ``train.top_layers``
+parameters. Means ± sample std over the recorded seeds (``--report --seeds N``: over seeds below N only,
+for a same-seed comparison while a table is still filling). A table keeps one ``train.top_layers``
 (in its record's setup; each row also records the number its run resolved ``auto`` to).
 """
 
@@ -103,8 +104,8 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> int:
     if any(record.get(k) != v for k, v in setup.items()):
         raise SystemExit(f"{args.record}: records another setup; pass --record with a new file")
     learners = args.learners.split(",")
-    if args.report:
-        print_table(record, learners)
+    if args.report:  # the rows of seeds 0 .. --seeds - 1 (--seeds 1: a same-seed comparison while a table fills)
+        print_table({**record, "runs": [r for r in record["runs"] if r["seed"] < args.seeds]}, learners)
         return 0
     data = {"benchmark": args.benchmark, "max_train_per_class": args.max_train_per_class}
     if args.max_new_tokens is not None:
