@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> int:
     if any(record.get(k) != v for k, v in setup.items()):
         raise SystemExit(f"{args.record}: records another setup; pass --record with a new file")
     learners = args.learners.split(",")
-    if args.report:  # the rows of seeds 0 .. --seeds - 1 (--seeds 1: a same-seed comparison while a table fills)
+    if args.report:
         print_table({**record, "runs": [r for r in record["runs"] if r["seed"] < args.seeds]}, learners)
         return 0
     data = {"benchmark": args.benchmark, "max_train_per_class": args.max_train_per_class}
