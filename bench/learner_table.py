@@ -18,7 +18,8 @@ averaged over the tasks), training
 seconds per task (``torch_threads`` in the record says how many threads ran it), tunable
 parameters. Means ± sample std over the recorded seeds (``--report --seeds N``: over seeds below N only,
 for a same-seed comparison while a table is still filling). A table keeps one ``train.top_layers``
-(in its record's setup; each row also records the number its run resolved ``auto`` to).
+(in its record's setup; each row also records the number its run resolved ``auto`` to), but for
+the learners of ``OWN_PET``, which run with ``auto``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from conpet.runner import resume, run
 from conpet.runs import load_run_config
 
 OWN_PET = {"cofitune": "cofitune"}
-"""Learners that train a PET method of their own."""
+"""Learners that train a PET method of their own, at its own layers: they run with
+``train.top_layers: auto`` (the cache stops below those layers), whatever the table's setting."""
 
 
 def summary(m: dict) -> dict:
@@ -124,7 +126,9 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> int:
                     resume(out, progress=False)
                 else:
                     pet = OWN_PET.get(learner.split("[")[0], "lora")
-                    cfg = from_dict({**base, "learner": learner, "seed": seed, "out": str(out), "pet": {"method": pet}})
+                    train = {**base["train"], "top_layers": "auto"} if pet != "lora" else base["train"]
+                    cfg = from_dict({**base, "train": train, "learner": learner, "seed": seed, "out": str(out),
+                                     "pet": {"method": pet}})
                     prepared[pet] = prepared.get(pet) or prepare(cfg)
                     run(cfg, progress=False, prepared=prepared[pet])
             row = {"learner": learner, "seed": seed, **summary(json.loads((out / "metrics.json").read_text())),

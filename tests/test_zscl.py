@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from conpet.backbone import last_hidden
 from conpet.cli import main
 from conpet.config import from_dict
-from conpet.generation import right_padded
+from conpet.inputs import right_padded
 from conpet.heads import task_targets
 
 
@@ -29,13 +29,13 @@ def short_reference(tmp_path):
     return path
 
 
-def _learner(model, data, tasks, pet=None, reference=None, **options):
+def _learner(model, data, tasks, pet=None, reference=None, top_layers=None, **options):
     from conpet.build import build_learner, prepare
 
     cfg = from_dict({"model": str(model), "learner": "zscl",
                      "data": {"file": str(data), "tasks": str(tasks), "reference_text": reference and str(reference)},
                      "learner_options": options, "pet": pet or {"method": "lora", "options": {"r": 2, "lora_alpha": 4}},
-                     "train": {"epochs": 2, "batch_size": 4, "lr": 0.05, "precision": "fp32", "top_layers": None}})
+                     "train": {"epochs": 2, "batch_size": 4, "lr": 0.05, "precision": "fp32", "top_layers": top_layers}})
     prepared = prepare(cfg)
     return build_learner(cfg, prepared, seed=0)
 
@@ -52,23 +52,24 @@ def _delta(lora) -> dict[str, torch.Tensor]:
 
 def test_kd_is_the_token_kl_to_the_bare_backbone_and_zero_before_any_update(tiny_decoder, typing_data):
     learner = _learner(tiny_decoder, *typing_data, l2=0.5)
-    chunks = learner.reference_batch(0, 0)
-    assert len(chunks) == 4 and learner.reference_batch(0, 0) == chunks != learner.reference_batch(0, 1)
+    numbers = learner.reference_batch(0, 0)
+    assert len(numbers) == 4 and learner.reference_batch(0, 0) == numbers != learner.reference_batch(0, 1)
+    chunks = [learner.reference_chunks()[i] for i in numbers]
     ids, mask = right_padded(chunks, 0, "cpu")
     keep = mask[:, 1:].bool()
     with torch.no_grad():  # the zero-shot model, before any module is attached
         base = learner.ctx.lm_head(last_hidden(learner.ctx.backbone.model(input_ids=ids, attention_mask=mask))[:, :-1][keep])
     learner.begin_task(0)
-    assert float(learner.kd_loss(chunks)) == pytest.approx(0.0, abs=1e-7)  # LoRA starts at B = 0
+    assert float(learner.kd_loss(numbers)) == pytest.approx(0.0, abs=1e-7)  # LoRA starts at B = 0
     with torch.no_grad():
         for p in learner.pet_parameters():
             p.add_(0.3 * torch.randn_like(p))
-    teacher, student = learner.reference_logits(chunks)
+    teacher, student = learner.reference_logits(numbers)
     assert torch.allclose(teacher, base, atol=1e-6) and not torch.allclose(student, base, atol=1e-3)
     pt = torch.softmax(base.double() / 2, dim=-1)
     ps = torch.softmax(student.detach().double() / 2, dim=-1)
     by_hand = 4 * float((pt * (pt.log() - ps.log())).sum(-1).mean())
-    kd = learner.kd_loss(chunks)
+    kd = learner.kd_loss(numbers)
     assert float(kd) == pytest.approx(by_hand, rel=1e-4) and by_hand > 1e-4
     assert kd.requires_grad  # the student side trains
     # the whole loss: label-smoothed CE over the task's classes + KD + l2 * sum (theta - theta_start)^2
@@ -84,6 +85,33 @@ def test_kd_is_the_token_kl_to_the_bare_backbone_and_zero_before_any_update(tiny
     total = float(ce) + float(learner.kd_loss(learner.reference_batch(0, 0))) + 0.5 * l2
     assert float(learner.loss(rows)) == pytest.approx(total, rel=1e-5)
     learner.close()
+
+
+def test_under_top_layers_the_reference_text_runs_the_frozen_layers_once_per_chunk(tiny_decoder, typing_data):
+    pet = {"method": "lora", "options": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}}
+    full, split = _learner(tiny_decoder, *typing_data, pet), _learner(tiny_decoder, *typing_data, pet, top_layers=1)
+    assert split.ctx.engine.split and full.ctx.engine.split is None
+    for learner in (full, split):
+        learner.begin_task(0)
+    torch.manual_seed(1)
+    with torch.no_grad():  # a trained-looking top-layer module, the same in both (below it: B = 0 in full)
+        named = dict(full.model.named_parameters())
+        changed = 0
+        for name, p in split.model.named_parameters():
+            if p.requires_grad and "lora" in name:
+                p.add_(0.3 * torch.randn_like(p))
+                named[name].copy_(p)
+                changed += 1
+    assert changed
+    numbers = split.reference_batch(0, 0)
+    for a, b in zip(full.reference_logits(numbers), split.reference_logits(numbers)):
+        assert torch.allclose(a, b, atol=1e-4)
+    engine = split.ctx.engine
+    misses = engine.misses
+    split.reference_logits(numbers)  # the chunks' lower layers are cached: no new miss
+    assert engine.misses == misses and all(("zscl-reference", i) in engine.cache for i in numbers)
+    full.close()
+    split.close()
 
 
 def test_top_k_kd_is_the_kl_over_the_teachers_top_tokens_renormalised():

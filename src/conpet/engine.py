@@ -7,7 +7,8 @@ cache on the run's device and reused by every epoch, replay batch, selector and 
 then runs only the top L layers forward and backward.
 
 The cache belongs to one engine, which belongs to one backbone, one tokenization and one split
-point, and is keyed by row index; another backbone or split means another engine with an empty
+point, and is keyed by row index (token lists that are not rows, such as reference text, by
+tuples that name them); another backbone or split means another engine with an empty
 cache. At construction the split path is checked against the plain forward pass on a few rows, so an
 architecture whose layers cannot be driven this way fails loudly instead of silently.
 
@@ -17,6 +18,7 @@ Without ``top_layers`` the engine is a plain full forward pass.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -26,7 +28,7 @@ from conpet.config import AUTO_BEFORE_2026_12_05, is_auto_top_layers
 from conpet.device import Compute, as_compute, shrink_on_oom
 from conpet.errors import ConfigError
 from conpet.families import family_of
-from conpet.inputs import Encoded, collate, sorted_batches
+from conpet.inputs import Encoded, collate, right_padded, sorted_batches
 from conpet.pet.base import LayerScope
 
 
@@ -187,7 +189,30 @@ class FeatureEngine:
                                        **forward_kwargs))
             return token_states(hidden, batch["input_ids"].shape[1])
         self._ensure(indices)
-        seqs = [self.cache[i] for i in indices]
+        return self._upper_of(model, [self.cache[i] for i in indices], **forward_kwargs)
+
+    def sequence_states(self, model: nn.Module, seqs: Sequence[Sequence[int]], keys: Sequence[tuple],
+                        **forward_kwargs) -> torch.Tensor:
+        """:meth:`states` of token lists that are not rows of the stream (the reference text a
+        learner distils on), right-padded; their lower layers are computed once and cached under
+        ``keys``, one hashable tuple per sequence naming it for the run (an int key is a row)."""
+        if self.split is None or self.split == 0:
+            ids, mask = right_padded(seqs, self.backbone.pad_id, self.device)
+            hidden = last_hidden(model(input_ids=ids, attention_mask=mask, **forward_kwargs))
+            return token_states(hidden, ids.shape[1])
+        missing = {k: s for k, s in zip(keys, seqs) if k not in self.cache}
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        todo = list(missing)
+        for start in range(0, len(todo), self.batch_size):
+            part = todo[start:start + self.batch_size]
+            ids, mask = right_padded([missing[k] for k in part], self.backbone.pad_id, self.device)
+            self._store(part, self._lower({"input_ids": ids, "attention_mask": mask}), [len(missing[k]) for k in part])
+        self._keep(keys)
+        return self._upper_of(model, [self.cache[k] for k in keys], **forward_kwargs)
+
+    def _upper_of(self, model: nn.Module, seqs: list[torch.Tensor], **forward_kwargs) -> torch.Tensor:
+        """The top layers on cached lower states (one [tokens, hidden] tensor per sequence), right-padded."""
         width = max(s.shape[0] for s in seqs)
         device = self.device
         hidden = torch.zeros(len(seqs), width, seqs[0].shape[1], device=device, dtype=self.hidden_dtype)
@@ -261,17 +286,25 @@ class FeatureEngine:
         lengths = self.encoded.lengths(missing)
         for rows in sorted_batches(missing, lengths, self.batch_size):
             shrink_on_oom(self._cache_rows, rows, join=lambda parts: None, on_shrink=self.compute.empty_cache)
-        for i in indices:
-            self.cache.move_to_end(i)
-        while self.cache_bytes > self.max_cache_bytes and len(self.cache) > len(indices):
+        self._keep(indices)
+
+    def _keep(self, keys) -> None:
+        """Mark ``keys`` most recently used, then evict the least recently used entries past the
+        memory bound (never one of ``keys``)."""
+        for k in keys:
+            self.cache.move_to_end(k)
+        while self.cache_bytes > self.max_cache_bytes and len(self.cache) > len(keys):
             _, t = self.cache.popitem(last=False)
             self.cache_bytes -= t.numel() * t.element_size()
 
     def _cache_rows(self, rows: list[int]) -> None:
-        h = self._lower(self.batch(rows))
-        for r, i in enumerate(rows):
-            t = h[r, : len(self.encoded.ids[i])].to(self.cache_dtype).clone()
-            self.cache[i] = t
+        self._store(rows, self._lower(self.batch(rows)), [len(self.encoded.ids[i]) for i in rows])
+
+    def _store(self, keys, hidden: torch.Tensor, lengths: list[int]) -> None:
+        """Cache ``hidden[r, :lengths[r]]`` (a batch's lower-layer output) under ``keys[r]``."""
+        for r, k in enumerate(keys):
+            t = hidden[r, : lengths[r]].to(self.cache_dtype).clone()
+            self.cache[k] = t
             self.cache_bytes += t.numel() * t.element_size()
 
     def calibration(self, indices: list[int]):

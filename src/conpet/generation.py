@@ -26,6 +26,7 @@ from conpet import distributed
 from conpet.backbone import last_hidden, token_states
 from conpet.device import Compute
 from conpet.engine import FeatureEngine
+from conpet.inputs import right_padded
 
 
 def target_positions(engine: FeatureEngine, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,17 +159,6 @@ def _generate_without_cache(model: nn.Module, lm_head: nn.Module, prompts: list[
             if distributed.all_true(all(done), compute.device):
                 break
     return out[: n // ensemble]
-
-
-def right_padded(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists as a right-padded batch: ``input_ids`` and ``attention_mask`` [len(seqs), longest]."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)] = torch.tensor(list(s), device=device)
-        mask[r, : len(s)] = 1
-    return ids, mask
 
 
 @torch.no_grad()

@@ -130,15 +130,21 @@ def encode_generation(rows: list[Row], tokenizer, max_length: int, chat_template
     return Encoded(ids=ids, cloze_pos=pos, target_start=starts)
 
 
+def right_padded(seqs, pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as a batch right-padded to its own longest: ``input_ids`` and ``attention_mask``
+    [len(seqs), longest] (on ``device``)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[r, : len(s)] = 1
+    return (ids, mask) if device is None else (ids.to(device), mask.to(device))
+
+
 def collate(encoded: Encoded, indices, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch to its own longest row (dynamic padding)."""
-    seqs = [encoded.ids[i] for i in indices]
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        input_ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
-        attention[r, : len(s)] = 1
+    input_ids, attention = right_padded([encoded.ids[i] for i in indices], pad_id)
     pos = torch.tensor([encoded.cloze_pos[i] for i in indices], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention, "cloze_pos": pos}
 

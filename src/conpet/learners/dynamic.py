@@ -43,8 +43,9 @@ import torch.nn.functional as F
 
 from conpet.backbone import last_hidden
 from conpet.errors import ConfigError
-from conpet.generation import lm_loss, perplexity, right_padded
+from conpet.generation import lm_loss, perplexity
 from conpet.heads import GrowingHead, task_targets
+from conpet.inputs import right_padded
 from conpet.learners.base import (Context, Learner, dev_scorer, head_tensors, load_expert_heads, load_head,
                                   load_module_tensors, module_features, module_tensors, register_learner, train_module,
                                   update_memory, write_module_meta)

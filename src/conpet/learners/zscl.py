@@ -32,9 +32,12 @@ One PET module is trained task after task; every step's loss is, as the official
   Frobenius error of that truncation is reported per task (``we_truncation_error``). For every
   other PET method the parameters are averaged, which is the paper's own averaging of weights.
 
-Cost per step: one extra no-grad forward (teacher) and one forward/backward (student) of the
-whole backbone on the reference batch (the frozen lower-layer cache does not cover reference
-text), plus a pass over the PET parameters for L2; the WE keeps one snapshot per ``we_interval``
+Cost per step: one extra no-grad forward (teacher) and one forward/backward (student) on the
+reference batch, with logits over the whole vocabulary at every reference token; under
+``train.top_layers`` both run only the top layers, the frozen ones below running once per
+reference chunk and run (the engine's cache, :meth:`conpet.engine.FeatureEngine.sequence_states`:
+teacher and student see the same lower layers, which carry no PET); plus a pass over the PET
+parameters for L2; the WE keeps one snapshot per ``we_interval``
 steps within a task (LoRA: ``r`` rows of each factor per snapshot, recompressed exactly once they
 reach a layer's full rank). Storage: one module + the head, constant in the number of tasks.
 
@@ -75,10 +78,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conpet.backbone import last_hidden, token_states
 from conpet.data.load import reference_text
 from conpet.errors import ConfigError
-from conpet.generation import right_padded, target_tokens, token_logits
+from conpet.generation import target_tokens, token_logits
 from conpet.heads import task_targets
 from conpet.inputs import text_chunks
 from conpet.learners.base import Context, OneModuleLearner, register_learner, train_module
@@ -274,28 +276,33 @@ class ZSCL(OneModuleLearner):
                                       ctx.cfg.train.max_length)
         return self.chunks
 
-    def reference_batch(self, t: int, step: int) -> list[list[int]]:
-        """The reference chunks of step ``step`` of task ``t``: a draw without replacement, a
+    def reference_batch(self, t: int, step: int) -> list[int]:
+        """The reference chunk numbers of step ``step`` of task ``t``: a draw without replacement, a
         function of (seed, task, step) alone (a resumed fit draws the same)."""
         chunks = self.reference_chunks()
         size = min(len(chunks), self.opts["ref_batch_size"] or self.ctx.cfg.train.batch_size)
-        rows = np.random.default_rng([self.ctx.seed, t, step]).choice(len(chunks), size=size, replace=False)
-        return [chunks[i] for i in sorted(rows)]
+        return sorted(int(i) for i in np.random.default_rng([self.ctx.seed, t, step]).choice(len(chunks), size=size,
+                                                                                             replace=False))
 
-    def kd_loss(self, chunks: list[list[int]]) -> torch.Tensor:
-        """``tau^2 KL(p_base || p_module)`` at every next-token position of ``chunks``."""
-        teacher, student = self.reference_logits(chunks)
+    def kd_loss(self, numbers: list[int]) -> torch.Tensor:
+        """``tau^2 KL(p_base || p_module)`` at every next-token position of reference chunks ``numbers``."""
+        teacher, student = self.reference_logits(numbers)
         return token_kd(teacher, student, self.opts["temperature"], self.opts["kd_top_k"])
 
-    def reference_logits(self, chunks: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference_logits(self, numbers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token logits [tokens, vocabulary] of the bare backbone (no gradient) and of the
-        backbone with the module, at every predicted position of ``chunks``."""
+        backbone with the module, at every predicted position of reference chunks ``numbers``;
+        the frozen layers below the PET (``train.top_layers``) run once per chunk and run."""
         ctx = self.ctx
-        ids, mask = right_padded(chunks, 0, ctx.device)
+        chunks = self.reference_chunks()
+        seqs, keys = [chunks[i] for i in numbers], [("zscl-reference", i) for i in numbers]
+        lengths = torch.tensor([len(s) for s in seqs], device=ctx.device)
+        width = int(lengths.max())
+        follows = (torch.arange(1, width, device=ctx.device)[None] < lengths[:, None])  # position k predicts k + 1
 
         def logits(model: nn.Module) -> torch.Tensor:
-            hidden = token_states(last_hidden(model(input_ids=ids, attention_mask=mask)), ids.shape[1])
-            return ctx.lm_head(hidden[:, :-1][mask[:, 1:].bool()])
+            hidden = ctx.engine.sequence_states(model, seqs, keys)
+            return ctx.lm_head(hidden[:, : width - 1][follows])
 
         with torch.no_grad(), backbone_alone(self.model) as bare:
             teacher = logits(bare)
