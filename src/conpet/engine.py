@@ -185,9 +185,7 @@ class FeatureEngine:
         a language-model loss reads at every target position. The lower layers come from the cache."""
         if self.split is None or self.split == 0:
             batch = self.batch(indices)
-            hidden = last_hidden(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                       **forward_kwargs))
-            return token_states(hidden, batch["input_ids"].shape[1])
+            return self._full_states(model, batch["input_ids"], batch["attention_mask"], **forward_kwargs)
         self._ensure(indices)
         return self._upper_of(model, [self.cache[i] for i in indices], **forward_kwargs)
 
@@ -197,9 +195,7 @@ class FeatureEngine:
         learner distils on), right-padded; their lower layers are computed once and cached under
         ``keys``, one hashable tuple per sequence naming it for the run (an int key is a row)."""
         if self.split is None or self.split == 0:
-            ids, mask = right_padded(seqs, self.backbone.pad_id, self.device)
-            hidden = last_hidden(model(input_ids=ids, attention_mask=mask, **forward_kwargs))
-            return token_states(hidden, ids.shape[1])
+            return self._full_states(model, *right_padded(seqs, self.backbone.pad_id, self.device), **forward_kwargs)
         missing = {k: s for k, s in zip(keys, seqs) if k not in self.cache}
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
@@ -210,6 +206,11 @@ class FeatureEngine:
             self._store(part, self._lower({"input_ids": ids, "attention_mask": mask}), [len(missing[k]) for k in part])
         self._keep(keys)
         return self._upper_of(model, [self.cache[k] for k in keys], **forward_kwargs)
+
+    def _full_states(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, **forward_kwargs) -> torch.Tensor:
+        """Last-layer states [batch, width, hidden] of a padded batch through the whole model
+        (position k is token k, also under a prompt method that prepends virtual tokens)."""
+        return token_states(last_hidden(model(input_ids=ids, attention_mask=mask, **forward_kwargs)), ids.shape[1])
 
     def _upper_of(self, model: nn.Module, seqs: list[torch.Tensor], **forward_kwargs) -> torch.Tensor:
         """The top layers on cached lower states (one [tokens, hidden] tensor per sequence), right-padded."""

@@ -281,8 +281,8 @@ class ZSCL(OneModuleLearner):
         function of (seed, task, step) alone (a resumed fit draws the same)."""
         chunks = self.reference_chunks()
         size = min(len(chunks), self.opts["ref_batch_size"] or self.ctx.cfg.train.batch_size)
-        return sorted(int(i) for i in np.random.default_rng([self.ctx.seed, t, step]).choice(len(chunks), size=size,
-                                                                                             replace=False))
+        rng = np.random.default_rng([self.ctx.seed, t, step])
+        return sorted(int(i) for i in rng.choice(len(chunks), size=size, replace=False))
 
     def kd_loss(self, numbers: list[int]) -> torch.Tensor:
         """``tau^2 KL(p_base || p_module)`` at every next-token position of reference chunks ``numbers``."""
