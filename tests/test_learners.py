@@ -70,6 +70,23 @@ def test_seeds_are_aggregated_and_reproducible(tiny_encoder, typing_data, tmp_pa
     assert again["accuracy_matrix"] == m2["per_seed"][0]["accuracy_matrix"]
 
 
+def test_a_seed_finished_before_a_metric_existed_gains_it_on_resume(tiny_encoder, typing_data, tmp_path):
+    import shutil
+
+    from conpet.runner import resume
+
+    data, tasks = typing_data
+    out = tmp_path / "run"
+    first = run(_cfg(tiny_encoder, data, tasks, out, seeds=2), progress=False)
+    old = json.loads((out / "seed-0" / "metrics.json").read_text())
+    del old["learning_accuracy"]  # as written by a release without it
+    (out / "seed-0" / "metrics.json").write_text(json.dumps(old))
+    shutil.rmtree(out / "seed-1")
+    again = resume(out, progress=False)
+    assert again["per_seed"][0]["learning_accuracy"] == first["per_seed"][0]["learning_accuracy"]
+    assert again["learning_accuracy"] == pytest.approx(first["learning_accuracy"])
+
+
 def test_task_incremental_is_never_worse_than_class_incremental(tiny_encoder, typing_data, tmp_path):
     data, tasks = typing_data
     ci = run(_cfg(tiny_encoder, data, tasks, tmp_path / "ci"), progress=False)

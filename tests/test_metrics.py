@@ -96,9 +96,10 @@ def test_summarize_has_every_metric():
     s = summarize(A3, COUNTS3)
     assert set(s) == {
         "average_accuracy", "whole_accuracy", "average_accuracy_over_steps",
-        "whole_accuracy_over_steps", "forgetting", "bwt",
+        "whole_accuracy_over_steps", "forgetting", "bwt", "learning_accuracy",
         "average_accuracy_per_step", "whole_accuracy_per_step",
     }
+    assert s["learning_accuracy"] == pytest.approx((0.9 + 0.8 + 0.9) / 3)
     assert s["average_accuracy_per_step"] == pytest.approx([0.9, 0.75, 2.2 / 3])
     assert s["whole_accuracy_per_step"] == pytest.approx([0.9, 310 / 400, 320 / 500])
     assert s["forgetting"] == pytest.approx(0.2)

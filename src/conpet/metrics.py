@@ -189,7 +189,8 @@ def summarize(A: Matrix, test_counts: Sequence[Any]) -> dict[str, Any]:
 
     Keys: ``average_accuracy``, ``whole_accuracy`` (after the last task),
     ``average_accuracy_over_steps``, ``whole_accuracy_over_steps``, ``forgetting``, ``bwt``,
-    and ``average_accuracy_per_step`` / ``whole_accuracy_per_step`` (lists, one value per task).
+    ``learning_accuracy`` (each task right after it was learned), and
+    ``average_accuracy_per_step`` / ``whole_accuracy_per_step`` (lists, one value per task).
     """
     a = accuracy_matrix(A)
     T = len(a)
@@ -203,6 +204,7 @@ def summarize(A: Matrix, test_counts: Sequence[Any]) -> dict[str, Any]:
         "whole_accuracy_over_steps": float(np.mean(wa)),
         "forgetting": forgetting(a),
         "bwt": backward_transfer(a),
+        "learning_accuracy": learning_accuracy(a),
         "average_accuracy_per_step": aa,
         "whole_accuracy_per_step": wa,
     }

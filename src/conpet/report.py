@@ -43,6 +43,7 @@ PERCENT_ROWS = [
     ("whole acc over steps (%)", "whole_accuracy_over_steps"),
     ("forgetting (%)", "forgetting"),
     ("BWT (%)", "bwt"),
+    ("learning accuracy (%)", "learning_accuracy"),
 ]
 
 

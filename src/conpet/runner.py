@@ -390,8 +390,9 @@ def _run_seeds(cfg: RunConfig, prepared: Prepared, out: Path, progress: bool, re
     for k in range(cfg.seeds):
         seed = cfg.seed + k
         finished = seed_dir(out, seed) / "metrics.json"
-        if resume and finished.is_file():
-            per_seed.append(read_json(finished))
+        if resume and finished.is_file():  # metrics added since it was written come from its matrix
+            kept = read_json(finished)
+            per_seed.append({**M.summarize(kept["accuracy_matrix"], kept["test_counts"]), **kept})
         else:
             per_seed.append(run_seed(cfg, prepared, seed, out, progress, resume=resume, on_task=on_task))
     metrics = M.aggregate_seeds(per_seed)
