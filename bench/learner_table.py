@@ -157,9 +157,14 @@ def print_table(record: dict, learners: list[str]) -> None:
     generative = any("reference_perplexity" in r for r in runs)
     head = f"\n{record['benchmark']} on {record['model']}, {record['epochs']} epochs per task"
     if generative:
-        base = runs[0]["base_reference_perplexity"]
+        by_value: dict[str, set] = {}  # the base model's figure moved in bf16 as the evaluation code changed
+        for r in runs:
+            if r["learner"] in learners:
+                by_value.setdefault(f"{r['base_reference_perplexity']:.2f}", set()).add(r.get("date", "?"))
+        base = ", ".join(f"{v} (rows of {', '.join(sorted(dates))})" for v, dates in sorted(by_value.items())) \
+            if len(by_value) > 1 else next(iter(by_value), "-")
         print(head + f", greedy answers up to {record.get('max_new_tokens')} tokens; reference perplexity of the "
-                     f"base model: {base:.2f}")
+                     f"base model: {base}")
         print("| learner | seeds | avg score % | final exact match % | forgetting % | BWT % | reference ppl | s / task |")
         print("|---|---|---|---|---|---|---|---|")
     else:
