@@ -114,6 +114,31 @@ def test_under_top_layers_the_reference_text_runs_the_frozen_layers_once_per_chu
     split.close()
 
 
+def test_reference_chunks_that_run_the_device_out_of_memory_are_cached_in_halves(tiny_decoder, typing_data):
+    pet = {"method": "lora", "options": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}}
+    split = _learner(tiny_decoder, *typing_data, pet, top_layers=1)
+    split.begin_task(0)
+    numbers = split.reference_batch(0, 0)
+    expected = split.reference_logits(numbers)
+    engine = split.ctx.engine
+    for i in numbers:
+        del engine.cache[("zscl-reference", i)]
+    lower, sizes = engine._lower, []
+
+    def small_device(batch):
+        sizes.append(len(batch["input_ids"]))
+        if len(batch["input_ids"]) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return lower(batch)
+
+    engine._lower = small_device
+    again = split.reference_logits(numbers)
+    assert len(numbers) > 1 and sizes[0] == len(numbers) and sizes.count(1) == len(numbers)
+    for a, b in zip(expected, again):
+        assert torch.allclose(a, b, atol=1e-5)
+    split.close()
+
+
 def test_top_k_kd_is_the_kl_over_the_teachers_top_tokens_renormalised():
     from conpet.learners.zscl import token_kd
 

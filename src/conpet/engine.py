@@ -199,11 +199,14 @@ class FeatureEngine:
         missing = {k: s for k, s in zip(keys, seqs) if k not in self.cache}
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
-        todo = list(missing)
-        for start in range(0, len(todo), self.batch_size):
-            part = todo[start:start + self.batch_size]
+        def cache_part(part: list) -> None:
             ids, mask = right_padded([missing[k] for k in part], self.backbone.pad_id, self.device)
             self._store(part, self._lower({"input_ids": ids, "attention_mask": mask}), [len(missing[k]) for k in part])
+
+        todo = list(missing)
+        for start in range(0, len(todo), self.batch_size):
+            shrink_on_oom(cache_part, todo[start:start + self.batch_size], join=lambda parts: None,
+                          on_shrink=self.compute.empty_cache)
         self._keep(keys)
         return self._upper_of(model, [self.cache[k] for k in keys], **forward_kwargs)
 
