@@ -233,3 +233,27 @@ def test_a_default_start_above_the_schedules_end_is_an_error(tiny_encoder, typin
     cfg = _cfg(tiny_encoder, *typing_data, preserve_start=0.7)  # (n - 1) / n = 0.5 with two tasks
     with pytest.raises(ConfigError, match="give preserve_end too"):
         build_learner(cfg, prepare(cfg), seed=0)
+
+
+def test_the_subspace_probe_measures_what_the_next_task_preserves():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("osf_subspace", Path(__file__).parents[1] / "bench" / "osf_subspace.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(12, 12))
+    v, _ = torch.linalg.qr(torch.randn(8, 8))
+    w = u[:, :8] @ torch.diag(torch.arange(8, 0, -1).float()) @ v.T  # singular values 8 .. 1
+    top = u[:, :3] @ torch.randn(3, 3) @ v[:, :3].T  # inside the top-3 spans on both sides
+    low = u[:, 3:8] @ torch.randn(5, 5) @ v[:, 3:].T  # in the low spans
+    mixed = u[:, :3] @ torch.randn(3, 5) @ v[:, 3:].T  # top on the left only: not preserved
+    assert probe.preserved_share(w, top, 3) == pytest.approx(1.0, abs=1e-5)
+    assert probe.preserved_share(w, low, 3) == pytest.approx(0.0, abs=1e-5)
+    assert probe.preserved_share(w, mixed, 3) == pytest.approx(0.0, abs=1e-5)
+    both = probe.preserved_share(w, top + low, 3)
+    assert both == pytest.approx(float(top.norm() ** 2 / (top + low).norm() ** 2), rel=1e-4)
+    assert probe.span_overlap(w, w, 3) == pytest.approx(1.0, abs=1e-5)
+    swapped = u[:, 3:6] @ torch.diag(torch.tensor([20.0, 19.0, 18.0])) @ v[:, 3:6].T + w
+    assert probe.span_overlap(w, swapped, 3) < 0.01  # a new top span orthogonal to the old one

@@ -1,0 +1,95 @@
+"""Where OSF's task updates lie: how much of each task's update falls in the subspace that the next
+task preserves, from a finished ``osf`` run (no training; seconds on a CPU).
+
+    python bench/osf_subspace.py RUN_SEED_DIR [--json FILE]
+
+``RUN_SEED_DIR`` is a seed folder of an ``osf`` run (``.../seed-0``, holding ``adapters/``). Each
+task's folder holds ``osf_update.safetensors``, the accumulated ``W_t - W_0`` of every targeted
+weight, and ``conpet.json`` the preserved fractions of the schedule. For task t's own update
+``d = (W_t - W_0) - (W_{t-1} - W_0)`` and the next task's preserved rank ``k = int(f min(m, n))``
+of the merged weights ``W_t = U S V^T`` (as peft decomposes them), it prints the share of
+``||d||^2`` inside the preserved spans, ``||U_k U_k^T d V_k V_k^T||^2 / ||d||^2``, beside the
+share a random matrix would have there (``(k / m)(k / n)``), and how far the preserved left
+singular spans moved from the base model's (``||U_k(W_0)^T U_k(W_t)||^2 / k``: 1 = not at all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from conpet.backbone import load_backbone
+
+
+def top_spans(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top ``k`` left singular vectors (columns) and right singular vectors (rows) of ``w``."""
+    u, _, vh = torch.linalg.svd(w, full_matrices=False)
+    return u[:, :k], vh[:k]
+
+
+def preserved_share(w: torch.Tensor, d: torch.Tensor, k: int) -> float:
+    """Share of ``||d||^2`` inside the top-``k`` singular spans of ``w`` (both sides):
+    ``||U_k U_k^T d V_k V_k^T||^2 / ||d||^2``."""
+    u, vh = top_spans(w, k)
+    return float((u @ (u.T @ d @ vh.T) @ vh).norm() ** 2 / d.norm() ** 2)
+
+
+def span_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
+    """``||U_k(a)^T U_k(b)||^2 / k``: 1 when the top-``k`` left singular spans coincide, about
+    ``k / m`` for unrelated ones."""
+    return float((top_spans(a, k)[0].T @ top_spans(b, k)[0]).norm() ** 2 / k)
+
+
+def analyse(seed_dir: Path) -> list[dict]:
+    folders = sorted((p for p in (seed_dir / "adapters").iterdir() if (p / "osf_update.safetensors").is_file()),
+                     key=lambda p: json.loads((p / "conpet.json").read_text())["task_index"])
+    if len(folders) < 2:
+        raise SystemExit(f"osf_subspace: {seed_dir}/adapters: needs the updates of at least two tasks")
+    meta = json.loads((folders[-1] / "conpet.json").read_text())
+    if meta.get("learner") != "osf":
+        raise SystemExit(f"osf_subspace: {folders[-1]}: not an osf run (learner {meta.get('learner')!r})")
+    fractions = meta["osf_preserved"]
+    base = dict(load_backbone(meta["model"]).model.named_parameters())
+    updates = [load_file(str(p / "osf_update.safetensors")) for p in folders]
+    rows = []
+    for t in range(len(folders) - 1):
+        f = fractions[t + 1]
+        inside = total = random_share = moved = 0.0
+        for name, acc in updates[t].items():
+            w0 = base[name].detach().float()
+            own = acc - (updates[t - 1][name] if t else 0)
+            k = max(1, int(f * min(w0.shape)))
+            energy = float(own.norm() ** 2)  # each weight counts by its update's energy
+            inside += preserved_share(w0 + acc, own, k) * energy
+            total += energy
+            random_share += k * k / (w0.shape[0] * w0.shape[1]) * energy
+            moved += span_overlap(w0, w0 + acc, k) * energy
+        rows.append({"task": folders[t].name, "next_task_preserves": f, "share_in_preserved": inside / total,
+                     "random_share": random_share / total, "preserved_span_overlap_with_base": moved / total})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("seed_dir", type=Path)
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = analyse(args.seed_dir)
+    print("| task | next task preserves | share of its update there | a random matrix's | preserved spans vs base |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['task']} | {r['next_task_preserves']:.2f} | {r['share_in_preserved']:.3f} | "
+              f"{r['random_share']:.3f} | {r['preserved_span_overlap_with_base']:.4f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"seed_dir": str(args.seed_dir), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
