@@ -439,3 +439,18 @@ def test_an_update_is_saved_as_coo_or_as_the_matrix_whichever_is_smaller(backbon
     touched = sum(int((s.parts["m"].weight() != 0).sum()) for s in model.sites.values() if "m" in s.parts)
     entries = sum(s.parts["m"].weight().numel() for s in model.sites.values() if "m" in s.parts)
     assert stored <= min(8 * touched, 4 * entries)  # never more than the cheaper of the two layouts
+
+
+def test_wrapping_with_peft_does_not_pass_on_its_transformers_deprecation_warning(backbone_batch, tmp_path):
+    import warnings
+
+    bb, _, _ = backbone_batch
+    pet = get_pet("lora", {"r": 2})
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model = pet.attach(_fresh(bb), "m")
+        pet.save(model, "m", tmp_path)
+        get_pet("lora", {"r": 2}).attach_from(_fresh(bb), tmp_path, "m")
+        _ = _fresh(bb).is_gradient_checkpointing  # the user's own call still warns
+    deprecations = [w for w in seen if "is_gradient_checkpointing" in str(w.message)]
+    assert len(deprecations) == 1  # the user's own; wrapping added none

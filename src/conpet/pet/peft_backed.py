@@ -16,6 +16,7 @@ import dataclasses
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -63,6 +64,16 @@ def readable_folder(folder: Path) -> Iterator[Path]:
     check_safe_folder(folder)
     yield folder
 
+
+
+@contextlib.contextmanager
+def peft_deprecations_hidden() -> Iterator[None]:
+    """Hide the FutureWarning transformers 5 raises when peft reads the deprecated
+    ``is_gradient_checkpointing`` while wrapping a model: peft's call, not the user's, and
+    printed once per module (the CLI hides all FutureWarnings; a library user saw this one)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 class PeftBacked(PETMethod):
     """One peft adapter per module name. Subclasses give :meth:`config_class` and, where the
@@ -135,7 +146,8 @@ class PeftBacked(PETMethod):
         from peft import get_peft_model
 
         try:
-            wrapped = get_peft_model(model, self.peft_config(model), adapter_name=name)
+            with peft_deprecations_hidden():
+                wrapped = get_peft_model(model, self.peft_config(model), adapter_name=name)
         except ValueError as e:
             raise ConfigError(f"pet.options for '{self.name}': {e}") from None
         self._skip_input_casts(wrapped)
@@ -161,7 +173,8 @@ class PeftBacked(PETMethod):
         from peft import PeftModel
 
         with readable_folder(folder) as plain:
-            wrapped = PeftModel.from_pretrained(model, str(plain), adapter_name=name, is_trainable=False)
+            with peft_deprecations_hidden():
+                wrapped = PeftModel.from_pretrained(model, str(plain), adapter_name=name, is_trainable=False)
         self._skip_input_casts(wrapped)
         self.activate(wrapped, name)
         return wrapped
