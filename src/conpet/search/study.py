@@ -39,7 +39,7 @@ from typing import Any
 
 import optuna
 import yaml
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
 from conpet.config import from_dict, set_dotted
@@ -171,12 +171,28 @@ def search(space_path: str | Path, out: str | Path, tune_on: str | None = None, 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     if len(study.get_trials(deepcopy=False, states=finished)) < space.trials:  # joining a finished study runs none
-        study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(space.trials, states=finished)],
-                       gc_after_trial=True)
+        study.optimize(objective, callbacks=[StopAtBudget(space.trials)], gc_after_trial=True)
     result = summarize(study, space, out)
     if eval_values is not None and result.front:
         result.phase2 = phase_two(result, space, eval_on, eval_seeds, out, progress)
     return result
+
+
+class StopAtBudget:
+    """Stop this worker once the study's finished trials (complete or pruned) and the trials other
+    workers are running reach ``trials``. Optuna's ``MaxTrialsCallback`` counts finished trials
+    only, so every worker that finishes a trial while the others run the last ones starts one
+    more: with W workers a study ended up to W - 1 trials over its budget. A dead worker's trial
+    stops counting once its heartbeat is stale (it is failed here, and retried by a later worker)."""
+
+    def __init__(self, trials: int) -> None:
+        self.trials = trials
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        fail_stale_trials(study)
+        busy = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+        if len(busy) >= self.trials:
+            study.stop()
 
 
 class Objective:
