@@ -183,7 +183,7 @@ def test_a_worker_counts_the_trials_others_are_running_towards_the_budget(tmp_pa
     dead = optuna.create_study(study_name="d", storage=storage)
     gone = dead.ask()
     storage.record_heartbeat(gone._trial_id)
-    time.sleep(2.5)  # past the grace period (2 heartbeats): that worker is dead
+    time.sleep(4)  # past the grace period (2 heartbeats; SQLite keeps whole seconds): that worker is dead
     ran = []
     dead.optimize(lambda t: ran.append(t.number) or 0.0, callbacks=[StopAtBudget(3)])
     assert len(ran) == 3 and dead.trials[gone.number].state == optuna.trial.TrialState.FAIL

@@ -189,7 +189,9 @@ class StopAtBudget:
         self.trials = trials
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        fail_stale_trials(study)
+        with warnings.catch_warnings():  # marked experimental in Optuna 4-5, as heartbeats are
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            fail_stale_trials(study)
         busy = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
         if len(busy) >= self.trials:
             study.stop()
