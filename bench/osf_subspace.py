@@ -32,17 +32,17 @@ def top_spans(w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return u[:, :k], vh[:k]
 
 
-def preserved_share(w: torch.Tensor, d: torch.Tensor, k: int) -> float:
-    """Share of ``||d||^2`` inside the top-``k`` singular spans of ``w`` (both sides):
+def preserved_share(spans: tuple[torch.Tensor, torch.Tensor], d: torch.Tensor) -> float:
+    """Share of ``||d||^2`` inside the singular spans ``(U_k, V_k^T)`` of a weight (both sides):
     ``||U_k U_k^T d V_k V_k^T||^2 / ||d||^2``."""
-    u, vh = top_spans(w, k)
+    u, vh = spans
     return float((u @ (u.T @ d @ vh.T) @ vh).norm() ** 2 / d.norm() ** 2)
 
 
-def span_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
-    """``||U_k(a)^T U_k(b)||^2 / k``: 1 when the top-``k`` left singular spans coincide, about
-    ``k / m`` for unrelated ones."""
-    return float((top_spans(a, k)[0].T @ top_spans(b, k)[0]).norm() ** 2 / k)
+def span_overlap(u_a: torch.Tensor, u_b: torch.Tensor) -> float:
+    """``||U_a^T U_b||^2 / k`` for two ``k``-column orthonormal bases: 1 when the spans coincide,
+    about ``k / m`` for unrelated ones."""
+    return float((u_a.T @ u_b).norm() ** 2 / u_a.shape[1])
 
 
 def analyse(seed_dir: Path) -> list[dict]:
@@ -56,6 +56,7 @@ def analyse(seed_dir: Path) -> list[dict]:
     fractions = meta["osf_preserved"]
     base = dict(load_backbone(meta["model"]).model.named_parameters())
     updates = [load_file(str(p / "osf_update.safetensors")) for p in folders]
+    base_left: dict[str, torch.Tensor] = {}  # every left singular vector of W_0, one SVD per weight
     rows = []
     for t in range(len(folders) - 1):
         f = fractions[t + 1]
@@ -65,10 +66,13 @@ def analyse(seed_dir: Path) -> list[dict]:
             own = acc - (updates[t - 1][name] if t else 0)
             k = max(1, int(f * min(w0.shape)))
             energy = float(own.norm() ** 2)  # each weight counts by its update's energy
-            inside += preserved_share(w0 + acc, own, k) * energy
+            spans = top_spans(w0 + acc, k)  # what the next task preserves
+            if name not in base_left:
+                base_left[name] = torch.linalg.svd(w0, full_matrices=False)[0]
+            inside += preserved_share(spans, own) * energy
             total += energy
             random_share += k * k / (w0.shape[0] * w0.shape[1]) * energy
-            moved += span_overlap(w0, w0 + acc, k) * energy
+            moved += span_overlap(base_left[name][:, :k], spans[0]) * energy
         rows.append({"task": folders[t].name, "next_task_preserves": f, "share_in_preserved": inside / total,
                      "random_share": random_share / total, "preserved_span_overlap_with_base": moved / total})
     return rows

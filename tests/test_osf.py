@@ -249,11 +249,12 @@ def test_the_subspace_probe_measures_what_the_next_task_preserves():
     top = u[:, :3] @ torch.randn(3, 3) @ v[:, :3].T  # inside the top-3 spans on both sides
     low = u[:, 3:8] @ torch.randn(5, 5) @ v[:, 3:].T  # in the low spans
     mixed = u[:, :3] @ torch.randn(3, 5) @ v[:, 3:].T  # top on the left only: not preserved
-    assert probe.preserved_share(w, top, 3) == pytest.approx(1.0, abs=1e-5)
-    assert probe.preserved_share(w, low, 3) == pytest.approx(0.0, abs=1e-5)
-    assert probe.preserved_share(w, mixed, 3) == pytest.approx(0.0, abs=1e-5)
-    both = probe.preserved_share(w, top + low, 3)
+    spans = probe.top_spans(w, 3)
+    assert probe.preserved_share(spans, top) == pytest.approx(1.0, abs=1e-5)
+    assert probe.preserved_share(spans, low) == pytest.approx(0.0, abs=1e-5)
+    assert probe.preserved_share(spans, mixed) == pytest.approx(0.0, abs=1e-5)
+    both = probe.preserved_share(spans, top + low)
     assert both == pytest.approx(float(top.norm() ** 2 / (top + low).norm() ** 2), rel=1e-4)
-    assert probe.span_overlap(w, w, 3) == pytest.approx(1.0, abs=1e-5)
+    assert probe.span_overlap(spans[0], probe.top_spans(w, 3)[0]) == pytest.approx(1.0, abs=1e-5)
     swapped = u[:, 3:6] @ torch.diag(torch.tensor([20.0, 19.0, 18.0])) @ v[:, 3:6].T + w
-    assert probe.span_overlap(w, swapped, 3) < 0.01  # a new top span orthogonal to the old one
+    assert probe.span_overlap(spans[0], probe.top_spans(swapped, 3)[0]) < 0.01  # a new top span orthogonal to the old one

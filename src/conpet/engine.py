@@ -199,6 +199,7 @@ class FeatureEngine:
         missing = {k: s for k, s in zip(keys, seqs) if k not in self.cache}
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
+
         def cache_part(part: list) -> None:
             ids, mask = right_padded([missing[k] for k in part], self.backbone.pad_id, self.device)
             self._store(part, self._lower({"input_ids": ids, "attention_mask": mask}), [len(missing[k]) for k in part])

@@ -65,7 +65,6 @@ def readable_folder(folder: Path) -> Iterator[Path]:
     yield folder
 
 
-
 @contextlib.contextmanager
 def peft_deprecations_hidden() -> Iterator[None]:
     """Hide the FutureWarning transformers 5 raises when peft reads the deprecated
@@ -74,6 +73,7 @@ def peft_deprecations_hidden() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
         yield
+
 
 class PeftBacked(PETMethod):
     """One peft adapter per module name. Subclasses give :meth:`config_class` and, where the

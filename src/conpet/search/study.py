@@ -26,6 +26,7 @@ stream: the figure a user can expect, not the tuned one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -35,7 +36,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import optuna
 import yaml
@@ -100,10 +101,18 @@ def _with(values: dict, dotted: dict[str, Any]) -> dict:
     return values
 
 
+@contextlib.contextmanager
+def heartbeat_api() -> Iterator[None]:
+    """Optuna 4-5 mark the heartbeat API (storage heartbeats, ``fail_stale_trials``) experimental
+    and warn at every use; conpet relies on it knowingly."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
 def open_storage(url: str, heartbeat: int) -> RDBStorage:
     try:
-        with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 4-5
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with heartbeat_api():
             return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
     except Exception as e:  # SQLAlchemy raises many kinds for a bad URL or an unreachable server
@@ -189,8 +198,7 @@ class StopAtBudget:
         self.trials = trials
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        with warnings.catch_warnings():  # marked experimental in Optuna 4-5, as heartbeats are
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with heartbeat_api():
             fail_stale_trials(study)
         busy = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
         if len(busy) >= self.trials:
