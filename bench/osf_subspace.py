@@ -68,7 +68,7 @@ def analyse(seed_dir: Path) -> list[dict]:
             energy = float(own.norm() ** 2)  # each weight counts by its update's energy
             spans = top_spans(w0 + acc, k)  # what the next task preserves
             if name not in base_left:
-                base_left[name] = torch.linalg.svd(w0, full_matrices=False)[0]
+                base_left[name] = top_spans(w0, min(w0.shape))[0]
             inside += preserved_share(spans, own) * energy
             total += energy
             random_share += k * k / (w0.shape[0] * w0.shape[1]) * energy
