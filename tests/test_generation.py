@@ -183,6 +183,38 @@ def test_greedy_decoding_matches_hf_generate_with_and_without_the_adapter(lively
     learner.close()
 
 
+def test_decoding_through_an_injected_module_passes_the_cache_under_the_backbones_own_name(lively_decoder,
+                                                                                           gen_data, tmp_path):
+    """transformers 5 renamed ``past_key_values`` to ``cache`` and warns on the old name (removed in
+    5.40): conpet's own injected modules (here a bottleneck adapter) pass the new name, as the
+    peft-backed ones do, and their KV-cached tokens equal the full-recompute ones."""
+    import warnings
+
+    from conpet.build import build_learner, prepare
+    from conpet.generation import greedy_generate
+
+    cfg = from_dict({"model": str(lively_decoder), "learner": "sequential", "pet": {"method": "adapter"},
+                     "out": str(tmp_path / "run"), "data": {"file": str(gen_data)},
+                     "train": {"epochs": 1, "batch_size": 8, "precision": "fp32", "top_layers": None}})
+    prepared = prepare(cfg)
+    ctx = build_learner(cfg, prepared, seed=0).ctx
+    prompts = [ctx.encoded.prompt(i) for i in prepared.stream.tasks[0].test[:4]]
+    eos = ctx.backbone.tokenizer.sep_token_id
+    base = greedy_generate(ctx.backbone.model, ctx.lm_head, prompts, ctx.backbone.pad_id, [eos], 6, ctx.compute)
+    model = ctx.pet.attach(ctx.backbone.model, "m")
+    ctx.pet.activate(model, "m")
+    torch.manual_seed(0)
+    for p in ctx.pet.tensors(model, "m").values():  # an adapter starts as the identity: make it act
+        torch.nn.init.normal_(p, std=0.5)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        cached = greedy_generate(model, ctx.lm_head, prompts, ctx.backbone.pad_id, [eos], 6, ctx.compute)
+    assert not [w for w in seen if "past_key_values" in str(w.message)]
+    full = greedy_generate(model, ctx.lm_head, prompts, ctx.backbone.pad_id, [eos], 6, ctx.compute, kv_cache=False)
+    assert cached == full
+    assert base != cached  # the module acts on the tokens compared
+
+
 # -- every generative learner, end to end --------------------------------------------------------------
 @pytest.mark.parametrize("learner", ["sequential", "joint", "emr*", "ewc*", "l2*", "emr", "lwf", "lwf*", "dynamic", "o-lora", "lae", "fpf", "inflora",
                                      "merge"])

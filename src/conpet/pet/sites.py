@@ -82,6 +82,11 @@ class InjectedModel(nn.Module):
     def config(self):
         return self.base_model.config
 
+    def get_base_model(self) -> nn.Module:
+        """The backbone under the sites (as peft's): its ``forward`` signature names the arguments
+        it takes (``cache`` or ``past_key_values``, :mod:`conpet.generation`)."""
+        return self.base_model
+
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         self.routes = adapter_names
         try:
