@@ -197,7 +197,8 @@ def test_decoding_through_an_injected_module_passes_the_cache_under_the_backbone
                      "out": str(tmp_path / "run"), "data": {"file": str(gen_data)},
                      "train": {"epochs": 1, "batch_size": 8, "precision": "fp32", "top_layers": None}})
     prepared = prepare(cfg)
-    ctx = build_learner(cfg, prepared, seed=0).ctx
+    learner = build_learner(cfg, prepared, seed=0)
+    ctx = learner.ctx
     prompts = [ctx.encoded.prompt(i) for i in prepared.stream.tasks[0].test[:4]]
     eos = ctx.backbone.tokenizer.sep_token_id
     base = greedy_generate(ctx.backbone.model, ctx.lm_head, prompts, ctx.backbone.pad_id, [eos], 6, ctx.compute)
@@ -213,6 +214,7 @@ def test_decoding_through_an_injected_module_passes_the_cache_under_the_backbone
     full = greedy_generate(model, ctx.lm_head, prompts, ctx.backbone.pad_id, [eos], 6, ctx.compute, kv_cache=False)
     assert cached == full
     assert base != cached  # the module acts on the tokens compared
+    learner.close()
 
 
 # -- every generative learner, end to end --------------------------------------------------------------
