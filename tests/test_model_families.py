@@ -221,3 +221,35 @@ def test_a_decoder_saved_as_its_base_model_is_read_as_a_decoder(family, tiny_mod
     config["architectures"] = [FAMILIES[family][2]]
     (folder / "config.json").write_text(json.dumps(config))
     assert load_backbone(str(folder)).is_decoder
+
+
+def test_the_cache_keyword_is_read_from_the_forward_signature_through_wrappers():
+    """transformers 5 renames ``past_key_values`` to ``cache``: conpet passes the name the
+    backbone's own forward takes, looking through a wrapper (peft's, conpet's injected model)."""
+    from torch import nn
+
+    from conpet.families import cache_argument
+
+    class Renamed(nn.Module):
+        def forward(self, input_ids, cache=None, past_key_values=None):
+            return input_ids
+
+    class Older(nn.Module):
+        def forward(self, input_ids, past_key_values=None):
+            return input_ids
+
+    class Wrapper(nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def get_base_model(self):
+            return self.base
+
+        def forward(self, *args, **kwargs):
+            return self.base(*args, **kwargs)
+
+    assert cache_argument(Renamed()) == "cache"
+    assert cache_argument(Older()) == "past_key_values"
+    assert cache_argument(Wrapper(Renamed())) == "cache"
+    assert cache_argument(Wrapper(Older())) == "past_key_values"

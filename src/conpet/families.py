@@ -19,11 +19,13 @@ phi3           peft has no default LoRA targets for its fused ``qkv_proj``: conp
 =============  ==================================================================================
 
 conpet's own PET methods find their sites by the module names of a transformer block; those
-names live here too (:data:`LINEAR_TARGETS`, :data:`FFN_LAYOUTS`, :func:`is_llama_like`).
+names live here too (:data:`LINEAR_TARGETS`, :data:`FFN_LAYOUTS`, :func:`is_llama_like`), and so
+does the keyword a model's forward pass takes its key/value cache under (:func:`cache_argument`).
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 
@@ -107,3 +109,11 @@ def is_llama_like(module_paths) -> bool:
     """Whether a model's blocks are Llama-like (a gated ``mlp`` with ``down_proj``), from its
     ``named_modules()`` paths."""
     return any(path.endswith("mlp.down_proj") for path in module_paths)
+
+
+def cache_argument(model) -> str:
+    """The keyword ``model``'s forward pass takes its key/value cache under: transformers 5 renames
+    ``past_key_values`` to ``cache`` (the old name goes in 5.40). A peft or conpet wrapper is looked
+    through (``get_base_model``)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"

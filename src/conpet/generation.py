@@ -14,7 +14,6 @@ and perplexity on a reference text.
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Sequence
 
@@ -26,6 +25,7 @@ from conpet import distributed
 from conpet.backbone import last_hidden, token_states
 from conpet.device import Compute
 from conpet.engine import FeatureEngine
+from conpet.families import cache_argument
 from conpet.inputs import right_padded
 
 
@@ -62,12 +62,6 @@ def token_logits(engine: FeatureEngine, model: nn.Module, lm_head: nn.Module, in
     states = engine.states(model, list(indices), **forward_kwargs)
     rows, pos, _ = target_positions(engine, indices)
     return lm_head(states[rows, pos]).float()
-
-
-def _cache_argument(model: nn.Module) -> str:
-    """transformers 5 renames ``past_key_values`` to ``cache`` (the old name goes in 5.40)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def _next_tokens(logits: torch.Tensor, ensemble: int) -> torch.Tensor:
@@ -110,7 +104,7 @@ def greedy_generate(model: nn.Module, lm_head: nn.Module, prompts: Sequence[Sequ
         ids[r, width - len(p):] = torch.tensor(list(p), dtype=torch.long, device=device)
         mask[r, width - len(p):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache_key = _cache_argument(model)
+    cache_key = cache_argument(model)
     cache = DynamicCache()
     eos = torch.tensor(sorted(set(eos_ids)), device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)

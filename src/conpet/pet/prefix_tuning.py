@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -11,6 +10,7 @@ from torch import nn
 
 from conpet.device import autocast
 from conpet.errors import ConfigError
+from conpet.families import cache_argument
 from conpet.pet.base import Calibration, LayerScope, register_pet
 from conpet.pet.prompt_learning import PromptLearning
 
@@ -76,9 +76,7 @@ class PrefixTuning(PromptLearning):
         ids = torch.tensor((tokens * n)[:n], device=device).unsqueeze(0)
         cache = DynamicCache()
         with torch.no_grad(), autocast(self.precision, device):
-            # transformers 5 renames past_key_values to cache (the old name goes in 5.40)
-            key = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-            base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **{key: cache})
+            base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **{cache_argument(base): cache})
         layers = [(layer.keys, layer.values) for layer in cache.layers if getattr(layer, "keys", None) is not None]
         if len(layers) != config.num_layers:
             raise ConfigError(f"pet 'prefix_tuning': the backbone filled {len(layers)} of {config.num_layers} "
