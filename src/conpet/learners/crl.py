@@ -121,6 +121,7 @@ class CRL(OneModuleLearner):
 
     paper = "Zhao et al. 2022, Consistent Representation Learning for Continual Relation Extraction"
     dynamic: ClassVar[bool] = False
+    shards_backbone = True  # the bank's rows are gathered from every process (_whole_batch)
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
