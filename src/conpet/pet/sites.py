@@ -84,7 +84,7 @@ class InjectedModel(nn.Module):
 
     def get_base_model(self) -> nn.Module:
         """The backbone under the sites (as peft's): its ``forward`` signature names the arguments
-        it takes (``cache`` or ``past_key_values``, :mod:`conpet.generation`)."""
+        it takes (``cache`` or ``past_key_values``, :func:`conpet.families.cache_argument`)."""
         return self.base_model
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
