@@ -122,10 +122,10 @@ def test_quantize_and_unavailable_devices_are_clear_errors(tiny_encoder, typing_
 
 
 # -- memory savers give the same training --------------------------------------------------------
-def _cfg(model, data, tasks, out, **train):
+def _cfg(model, data, tasks, out, learner="emr*", **train):
     from conpet.config import from_dict
 
-    return from_dict({"model": str(model), "learner": "emr*", "out": str(out),
+    return from_dict({"model": str(model), "learner": learner, "out": str(out),
                       "data": {"file": str(data), "tasks": str(tasks)},
                       "pet": {"options": {"lora_dropout": 0.0}},
                       "train": {"epochs": 2, "batch_size": 8, "precision": "fp32", **train}})
@@ -159,6 +159,20 @@ def test_grad_accum_and_gradient_checkpointing_train_the_same(no_dropout_encoder
         assert other["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
 
 
+def test_crl_in_micro_batches_trains_as_in_one_batch(no_dropout_encoder, typing_data, tmp_path):
+    """CRL samples its bank once per optimizer step for the whole batch's labels, and writes every row
+    of the batch into it after the step, however ``train.grad_accum`` cuts the batch (each micro-batch
+    once sampled and wrote its own rows: later micro-batches then met earlier ones' rows in the bank)."""
+    from conpet.runner import run
+
+    data, tasks = typing_data
+    runs = [run(_cfg(no_dropout_encoder, data, tasks, tmp_path / f"accum-{k}", learner="crl", top_layers=None,
+                     grad_accum=k), progress=False) for k in (1, 3)]
+    a, b = (m["per_seed"][0] if "per_seed" in m else m for m in runs)
+    assert b["accuracy_matrix"] == a["accuracy_matrix"]
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+
+
 # -- two processes over gloo --------------------------------------------------------------------------
 def _torchrun(args: list[str], nproc: int = 2, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "CONPET_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
@@ -190,12 +204,14 @@ def _finish(proc: subprocess.Popen, timeout: float = 240) -> int:
 @pytest.mark.parametrize("learner", ["emr*", "crl*"])
 def test_two_processes_give_the_metrics_of_one(no_dropout_encoder, typing_data, tmp_path, learner):
     """crl*: its memory bank is sampled for the whole batch's labels and written with every
-    process's rows (it once saw only each process's share: losses 2.8% apart)."""
+    process's rows (it once saw only each process's share: losses 2.8% apart); its two processes
+    also cut their shares into 2 micro-batches (the bank is still sampled and written once per step)."""
     data, tasks = typing_data
     one, two = tmp_path / "one", tmp_path / "two"
     args = [a if a != "emr*" else learner for a in _run_args(no_dropout_encoder, data, tasks, one)]
     assert main(args) == 0
-    _finish(_torchrun([*args[:-1], str(two)]))
+    accum = ["--grad-accum", "2"] if learner == "crl*" else []
+    _finish(_torchrun([*args[:-1], str(two), *accum]))
     a, b = _seed_metrics(one), _seed_metrics(two)
     assert b["processes"] == 2
     assert b["train_samples"] == a["train_samples"]  # the same global batches

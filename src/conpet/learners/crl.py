@@ -12,7 +12,9 @@ Raincleared-Song/ConPET, folder ``CRL/``) - ConPET's third former method.
   ``-1/|P_i| sum_{j in P_i} log(exp(z_i . z_j / tau) / sum_k exp(z_i . z_k / tau))``, tau 0.1,
   averaged over the rows that have a positive. The bank is subsampled to ``sample_k`` entries
   (then one entry of every batch label the sample missed is added; the official code redraws
-  until every label is present).
+  until every label is present). One sample per optimizer step, for the whole batch's labels,
+  and the batch's z written after the step: the same draws and writes under ``train.grad_accum``
+  and several processes as when one process computes the whole batch.
 - **Per task.** Stage 1: the bank holds the new task's rows; ``epochs`` passes over them with the
   contrastive loss. Exemplars of the new classes by k-means on h (``memory_per_class``). From the
   second task on, stage 2: the bank holds every exemplar; the contrastive loss plus a **KL
@@ -43,6 +45,7 @@ from torch import nn
 
 from conpet import distributed
 from conpet.learners.base import Context, OneModuleLearner, register_learner, train_module, update_memory
+from conpet.learners.loop import step_batch
 from conpet.learners.options import REPLAY_OPTIONS, Option
 from conpet.replay import ExemplarMemory, replay_schedule, split_batch
 from conpet.runs import adapter_dir
@@ -121,7 +124,7 @@ class CRL(OneModuleLearner):
 
     paper = "Zhao et al. 2022, Consistent Representation Learning for Continual Relation Extraction"
     dynamic: ClassVar[bool] = False
-    shards_backbone = True  # the bank's rows are gathered from every process (_whole_batch)
+    shards_backbone = True  # the bank's rows are gathered from every process (_write_bank)
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
@@ -131,6 +134,10 @@ class CRL(OneModuleLearner):
         self.prototypes: torch.Tensor | None = None
         """[seen classes, hidden]: the mean h of each class's exemplars (prediction)."""
         self.old_prototypes: torch.Tensor | None = None
+        self._step: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
+        """The running optimizer step's global rows and the bank rows sampled for their labels."""
+        self._written: list[tuple[list[int], torch.Tensor]] = []
+        """This process's rows of the running step and their (detached) z, for the bank after the step."""
 
     @classmethod
     def validate(cls, cfg, opts) -> None:
@@ -164,23 +171,32 @@ class CRL(OneModuleLearner):
 
     def _train(self, loss, batches, desc: str, t: int):
         return train_module(self.ctx, self.model, self.module_name, loss, batches, desc, t,
-                            list(self.projection.parameters()))
+                            list(self.projection.parameters()), after_step=[self._write_bank])
 
     def _fill_bank(self, rows: list[int]) -> None:
         with torch.no_grad():
             z = self.projection(self.raw_features(rows))
         self.bank.fill(rows, z, self.ctx.targets(rows))
 
-    def _whole_batch(self, indices: list[int], z: torch.Tensor) -> tuple[list[int], torch.Tensor]:
-        """The rows and (detached) z of the whole global batch: under several processes every
-        process's share, gathered in rank order, so that each process samples the bank for the
-        batch's labels and writes every row into it, as one process does (the bank and the random
-        draws then stay the same on every process)."""
-        if not distributed.active():
-            return indices, z.detach()
-        mine = (list(indices), z.detach().cpu()) if not distributed.in_placeholder_pass() else ([], z[:0].detach().cpu())
-        parts = distributed.gather_objects(mine)
-        return [i for rows, _ in parts for i in rows], torch.cat([part for _, part in parts]).to(z.device)
+    def _step_bank(self, indices: list[int]) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """The running step's global batch and the bank rows sampled for its labels, drawn at the
+        step's first loss call: one draw per optimizer step on every process, however the batch is
+        cut into shares and micro-batches, as one process computing the whole batch draws."""
+        if self._step is None:
+            rows = step_batch() or list(indices)
+            bank_z, bank_labels = self.bank.sample(self.opts["sample_k"], self.ctx.targets(rows), self.ctx.rng)
+            self._step = (rows, bank_z, bank_labels)
+        return self._step
+
+    def _write_bank(self, step: int) -> None:
+        """After each optimizer step: every row of the step's batch goes into the bank with its z,
+        gathered from every process in rank order (the batch's order: shares are contiguous)."""
+        mine, self._written, self._step = self._written, [], None
+        if distributed.active():
+            parts = distributed.gather_objects([(rows, z.cpu()) for rows, z in mine])
+            mine = [(rows, z.to(self.ctx.device)) for part in parts for rows, z in part]
+        if mine:
+            self.bank.update([i for rows, _ in mine for i in rows], torch.cat([z for _, z in mine]))
 
     def contrastive_loss(self, indices: list[int]) -> torch.Tensor:
         """Stage 1: the supervised contrastive loss against the bank."""
@@ -193,8 +209,7 @@ class CRL(OneModuleLearner):
     def _bank_loss(self, indices: list[int], distil: bool) -> torch.Tensor:
         z = self.projection(self.ctx.features(self.model, indices))
         labels = self.ctx.targets(indices)
-        rows, batch_z = self._whole_batch(indices, z)
-        bank_z, bank_labels = self.bank.sample(self.opts["sample_k"], self.ctx.targets(rows), self.ctx.rng)
+        rows, bank_z, bank_labels = self._step_bank(indices)
         loss = supcon_loss(z, labels, bank_z, bank_labels, self.opts["temperature"])
         n_old = self.old_prototypes.shape[0] if distil else 0
         old = labels < n_old
@@ -203,12 +218,13 @@ class CRL(OneModuleLearner):
             centroids = self.bank.centroids(n_old)
             prediction = F.log_softmax(kl_t * z[old] @ centroids.T, dim=-1)
             target = F.softmax(kl_t * self.old_prototypes[labels[old]] @ self.old_prototypes.T, dim=-1)
-            # the mean over the whole batch's old rows (one process: this batch's); the loop weights this
-            # share's loss by len(indices) / len(rows), which the last factor undoes for this term
+            # the mean over the whole batch's old rows; the loop weights this micro-batch's or share's
+            # loss by len(indices) / len(rows) (per process), which the last factor undoes for this term
             n_old_rows = int((self.ctx.targets(rows) < n_old).sum())
             kl = F.kl_div(prediction, target, reduction="sum")
             loss = loss + kl / n_old_rows * len(rows) / len(indices)
-        self.bank.update(rows, batch_z)
+        if not distributed.in_placeholder_pass():
+            self._written.append((list(indices), z.detach()))
         return loss
 
     @torch.no_grad()

@@ -10,7 +10,8 @@ Each batch is one **global** batch. Under ``torchrun`` / ``accelerate launch`` e
 takes its contiguous share of it (:func:`conpet.distributed.shard`); with ``train.grad_accum = k``
 that share is cut again into k micro-batches. Each micro-batch loss is weighted by its share of
 the global batch, so the gradients that ``DistributedDataParallel`` averages over processes are
-those of the global batch's mean loss, whatever the number of processes and micro-batches.
+those of the global batch's mean loss, whatever the number of processes and micro-batches. A loss
+that needs the whole global batch beside its micro-batch (CRL's memory bank) reads :func:`step_batch`.
 """
 
 from __future__ import annotations
@@ -88,6 +89,16 @@ class _Trainable(torch.nn.Module):
         return self.loss_fn(indices)
 
 
+_STEP_BATCH: list[int] | None = None
+
+
+def step_batch() -> list[int] | None:
+    """The global batch of the optimizer step :func:`fit` is running (every process's rows, in
+    order), or None outside a step. For a loss that must see the whole batch beside its
+    micro-batch or share (CRL samples its bank once per step for the whole batch's labels)."""
+    return _STEP_BATCH
+
+
 def micro_batches(indices: list[int], grad_accum: int, rank: int = 0, world: int = 1) -> list[tuple[list[int], float]]:
     """This process's micro-batches of a global batch and the weight of each one's mean loss
     (``len(micro) * world / len(indices)``: summed over micro-batches and averaged over processes,
@@ -153,11 +164,13 @@ def fit(
         consider(0)
     bar = tqdm(batches, desc=desc, unit="step", leave=False, disable=not (progress and dist.is_main()),
                dynamic_ncols=True)
+    global _STEP_BATCH
     for step, indices in enumerate(bar):
         if first < 0 or step < first:  # done before the checkpoint this run resumes from
             stats.steps += 1
             stats.samples += len(indices)
             continue
+        _STEP_BATCH = indices
         optimizer.zero_grad(set_to_none=True)
         parts = micro_batches(indices, accum, rank, world)
         total = 0.0
@@ -180,6 +193,7 @@ def fit(
             scaler.update()
         else:
             optimizer.step()
+        _STEP_BATCH = None
         for hook in after_step:
             hook(step)
         stats.losses.append(dist.mean_over_ranks(total, compute.device))
