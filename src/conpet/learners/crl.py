@@ -183,7 +183,9 @@ class CRL(OneModuleLearner):
         step's first loss call: one draw per optimizer step on every process, however the batch is
         cut into shares and micro-batches, as one process computing the whole batch draws."""
         if self._step is None:
-            rows = step_batch() or list(indices)
+            rows = step_batch()
+            if rows is None:  # the cache would outlive the call: no after-step hook clears it
+                raise RuntimeError("CRL's losses run inside conpet.learners.loop.fit's optimizer steps")
             bank_z, bank_labels = self.bank.sample(self.opts["sample_k"], self.ctx.targets(rows), self.ctx.rng)
             self._step = (rows, bank_z, bank_labels)
         return self._step
