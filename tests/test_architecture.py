@@ -147,3 +147,73 @@ def test_the_cli_lists_every_pet_method_and_the_docs_document_each(capsys):
     assert listed == set(PET_METHODS)
     docs = (SRC.parents[1] / "docs" / "pets.md").read_text(encoding="utf-8")
     assert all(f"`{name}`" in docs for name in PET_METHODS), [n for n in PET_METHODS if f"`{n}`" not in docs]
+
+
+TENSOR_FACTORIES = {"eye", "zeros", "ones", "arange", "full", "tensor", "randn", "rand", "randint", "randperm",
+                    "empty", "linspace", "as_tensor", "normal"}
+CPU_BY_DESIGN = {
+    "adapters.py:merge_lora": "merges saved LoRA factors, which are CPU tensors read from safetensors",
+    "checkpoint.py:optimizer_state": "checkpoints are written from CPU copies",
+    "compress.py:decompress": "ComPEFT decodes stored (CPU) tensors",
+    "heads.py:grow": "new rows drawn on the CPU generator for device-independent seeds, then moved",
+    "inputs.py:right_padded": "batches are built on the CPU and moved once (its device argument)",
+    "inputs.py:collate": "batches are built on the CPU and moved once by the engine",
+    "learners/crl.py:__init__": "an empty bank placeholder, replaced by fill() with device tensors",
+    "learners/crl.py:state": "row ids for the checkpoint, which is written from CPU copies",
+    "learners/dynamic.py:state": "cache keys for the checkpoint, which is written from CPU copies",
+    "learners/ea_emr.py:__init__": "copy_ into a parameter already on the device (copy_ crosses devices)",
+    "learners/model_surgery.py:align": "noise drawn on the CPU generator (same samples on every device), moved",
+    "pet/bitfit.py:__init__": "module construction: sites.py moves each part to its layer's device",
+    "pet/compacter.py:__init__": "module construction: sites.py moves each part to its layer's device",
+    "pet/compacter.py:build_shared": "module construction: sites.py moves the shared part to the device",
+    "pet/delta.py:__init__": "module construction: sites.py moves each part to its layer's device",
+    "pet/dept.py:__init__": "module construction: add_adapter moves the part to the embeddings' device",
+    "pet/dept.py:add_adapter": "prompt rows drawn on the CPU (the same module on every device), index moved",
+    "pet/hft.py:gen_perm": "a Python list of layer choices, once per task",
+    "pet/lisa.py:_draw": "a Python set of layer choices, once per draw",
+    "pet/mola.py:_kaiming_a": "module construction: sites.py moves each part to its layer's device",
+    "pet/mola.py:__init__": "module construction: sites.py moves each part to its layer's device",
+    "pet/mos.py:build_shared": "module construction: sites.py moves the shared pools to the device",
+    "pet/mos.py:indices": "shard indices drawn once per site on the CPU generator, moved where used",
+}
+"""Tensor factories without ``device=`` that are right where they are, and why. Anything else
+creates a CPU tensor that meets device tensors on a GPU (AdaLoRA's orthogonality penalty did)."""
+
+
+def cpu_tensor_factories() -> list[str]:
+    """``file:function: torch.<factory>`` for every factory call in ``src/conpet`` that takes no
+    ``device=`` and is not moved at once (``torch.zeros(...).to(x)``) or listed in CPU_BY_DESIGN."""
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        moved = {id(n.func.value) for n in ast.walk(tree) if isinstance(n, ast.Call)
+                 and isinstance(n.func, ast.Attribute) and n.func.attr == "to"}
+
+        def visit(node: ast.AST, function: str) -> None:
+            for child in ast.iter_child_nodes(node):
+                name = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
+                f = getattr(child, "func", None)
+                if (isinstance(child, ast.Call) and isinstance(f, ast.Attribute) and f.attr in TENSOR_FACTORIES
+                        and isinstance(f.value, ast.Name) and f.value.id == "torch"
+                        and not any(k.arg == "device" for k in child.keywords) and id(child) not in moved
+                        and f"{rel}:{name}" not in CPU_BY_DESIGN):
+                    found.append(f"{rel}:{child.lineno} in {name}: torch.{f.attr} without device=")
+                visit(child, name)
+
+        visit(tree, "<module>")
+    return found
+
+
+def test_tensor_factories_name_their_device():
+    found = cpu_tensor_factories()
+    assert not found, ("give these device= (or add them to CPU_BY_DESIGN with the reason):\n" + "\n".join(found))
+
+
+def test_the_cpu_by_design_list_has_no_stale_entry():
+    functions = set()
+    for path in SRC.rglob("*.py"):
+        rel = path.relative_to(SRC).as_posix()
+        functions |= {f"{rel}:{n.name}" for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                      if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    assert set(CPU_BY_DESIGN) <= functions, set(CPU_BY_DESIGN) - functions

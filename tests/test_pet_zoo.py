@@ -268,6 +268,16 @@ def test_adalora_prunes_towards_its_target_rank_and_adds_the_orthogonality_penal
     assert 0 < kept <= len(e) * 1 + 1, f"about target_r=1 of init_r=4 ranks kept per matrix, got {kept} of {4 * len(e)}"
 
 
+def test_adalora_penalty_is_computed_on_the_modules_device(backbone_batch):
+    """The orthogonality penalty builds its identity on P's and Q's device (a CPU identity against
+    CUDA tensors raised on every AdaLoRA step). The meta device stands in for a GPU here."""
+    bb, _, _ = backbone_batch
+    pet = get_pet("adalora", {"init_r": 4, "target_r": 2})
+    model = pet.attach(_fresh(bb), "m").to("meta")
+    penalty = pet.extra_loss(model, "m")
+    assert penalty.device.type == "meta" and penalty.shape == ()
+
+
 def test_corda_starts_from_the_context_decomposition_without_changing_the_backbone(backbone_batch):
     """At initialisation: the output is the backbone's (dW = 0), the backbone's weights are
     untouched, and the trainable half equals the top-r components of W C (C the covariance of

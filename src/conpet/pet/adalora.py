@@ -101,5 +101,6 @@ class AdaLoRA(PeftBacked):
         for n, p in model.named_parameters():
             if ("lora_A" in n or "lora_B" in n) and in_module(n, name) and p.requires_grad:
                 cov = p @ p.T if "lora_A" in n else p.T @ p
-                terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype), "fro"))
+                eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+                terms.append(torch.linalg.matrix_norm(cov - eye, "fro"))
         return weight * torch.stack(terms).mean() if terms else None
