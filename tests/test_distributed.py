@@ -78,6 +78,21 @@ def test_precision_auto_per_device(monkeypatch):
     assert Compute(torch.device("cpu"), "bf16").grad_scaler() is None
 
 
+@pytest.mark.parametrize("capability, bf16", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_gpu_bf16_is_native_bf16_of_the_runs_own_gpu(monkeypatch, capability, bf16):
+    """A V100 (7.0) or T4 (7.5) emulates bf16, which torch.cuda.is_bf16_supported() counts by
+    default: such a GPU must get fp16 + GradScaler. The capability asked is the run's device's."""
+    import conpet.device as D
+
+    asked = []
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # counts emulation
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or capability)
+    assert D.gpu_supports_bf16(torch.device("cuda", 1)) is bf16
+    assert asked == [torch.device("cuda", 1)]
+    assert resolve_precision("auto", torch.device("cuda", 1)) == ("bf16" if bf16 else "fp16")
+
+
 def test_no_autocast_or_device_choice_outside_the_device_module():
     offenders = []
     for path in SRC.rglob("*.py"):

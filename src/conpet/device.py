@@ -84,9 +84,16 @@ def resolve_device(setting: str = "auto", available: Sequence[str] | None = None
 
 
 def gpu_supports_bf16(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    return False
+    """True when the run's own GPU computes bf16 natively (CUDA compute capability 8.0 or newer:
+    A100, H100...; on ROCm, what torch reports without emulation). ``torch.cuda.is_bf16_supported()``
+    with its default counts emulation, so a V100 or T4 would get slow emulated bf16 instead of fp16
+    with gradient scaling, and it asks about the current device rather than the run's."""
+    if device.type != "cuda":
+        return False
+    if getattr(torch.version, "hip", None):
+        with torch.cuda.device(device):
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
