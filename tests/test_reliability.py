@@ -283,3 +283,52 @@ def test_a_run_leaves_the_process_thread_count_as_it_found_it(tmp_path, monkeypa
     torch.set_num_threads(before)
     assert seen == [1], "train.threads holds while the run trains"
     assert after == 2
+
+
+def test_fp16_resume_restores_the_gradient_scaler(tmp_path):
+    """An fp16 fit resumed from an in-task checkpoint ends as the uninterrupted fit: the gradient
+    scaler's backed-off scale is saved with the optimizer. Without it the resumed scaler starts at
+    65536 again, overflows, and skips steps the uninterrupted fit took."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from conpet.checkpoint import Checkpointer
+    from conpet.config import TrainConfig
+    from conpet.device import Compute
+    from conpet.learners.loop import fit
+
+    x = torch.randn(12, 8, generator=torch.Generator().manual_seed(0)) * 300  # fp16 gradients overflow at 2^16
+    batches = [[k % 12, (k + 1) % 12] for k in range(14)]
+    compute = Compute(torch.device("cpu"), "fp16")
+    train = TrainConfig(lr=1e-2, grad_clip=1.0)
+
+    class Learner:
+        def __init__(self):
+            self.w = torch.nn.Parameter(torch.full((8, 8), 0.1))
+
+        def state(self):
+            return {"w": self.w.detach()}, {}
+
+        def load_state(self, tensors, meta):
+            with torch.no_grad():
+                self.w.copy_(tensors["w"])
+
+    def run(steps: int, checkpointer=None) -> tuple[torch.Tensor, list[float]]:
+        learner = Learner()
+        if checkpointer is not None:
+            ctx = SimpleNamespace(torch_gen=torch.Generator(), rng=np.random.default_rng(0), device=torch.device("cpu"))
+            checkpointer.bind(learner, ctx)
+            checkpointer.start_task(0)
+        stats = fit(lambda rows: (x[rows] @ learner.w).pow(2).mean(), [{"params": [learner.w], "lr": train.lr}],
+                    batches[:steps], train, compute, progress=False, checkpointer=checkpointer)
+        return learner.w.detach().clone(), stats.losses
+
+    whole, _ = run(len(batches))
+    run(5, Checkpointer(tmp_path, every_seconds=0.0))  # "killed" after step 4: its in-task checkpoint stays
+    resumed = Checkpointer(tmp_path, every_seconds=3600.0)
+    resumed.find_in_task(0)
+    assert resumed.resume_at == (0, 0, 4)
+    again, _ = run(len(batches), resumed)
+    assert torch.equal(again, whole)

@@ -183,8 +183,9 @@ class Checkpointer:
                 self.resume_at = (t, meta["fit"], meta["step"])
 
     # -- inside fit --
-    def begin_fit(self, optimizer: torch.optim.Optimizer, stats) -> int:
-        """Called by ``fit`` before its first step; returns the first step to run."""
+    def begin_fit(self, optimizer: torch.optim.Optimizer, stats, scaler=None) -> int:
+        """Called by ``fit`` before its first step; returns the first step to run. An fp16 fit's
+        gradient scaler gets its saved scale and growth tracker back, so resume stays exact."""
         k = self.fit_index
         self.fit_index += 1
         if self.resume_at is None or self.resume_at[0] != self.task:
@@ -196,6 +197,8 @@ class Checkpointer:
         tensors, meta = read_checkpoint(self.root / "in-task", self.ctx.device)
         self.learner.load_state(unprefixed("learner/", tensors), meta["learner"])
         load_optimizer_state(optimizer, tensors, meta["optimizer"])
+        if scaler is not None and meta.get("scaler"):
+            scaler.load_state_dict(meta["scaler"])
         restore_rng(self.ctx, tensors, meta["rng"])
         stats.losses.extend(meta["losses"])
         if meta.get("best") is not None:
@@ -203,7 +206,7 @@ class Checkpointer:
                               [tensors[f"best/{i}"].clone() for i in range(meta["best"]["n"])])
         return step + 1
 
-    def after_step(self, step: int, optimizer: torch.optim.Optimizer, stats) -> None:
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer, stats, scaler=None) -> None:
         # rank 0's clock decides, so that every process takes part in the same checkpoints
         if not distributed.agree(time.monotonic() - self.last_save >= self.every_seconds, self.ctx.device):
             return
@@ -215,6 +218,7 @@ class Checkpointer:
         write_checkpoint(self.root / "in-task", {**prefixed("learner/", tensors), **opt_t, **rng_t, **best_t}, {
             "kind": "in-task", "task": self.task, "fit": self.fit_index - 1, "step": step,
             "learner": meta, "optimizer": opt_meta, "rng": rng_meta, "losses": stats.losses,
+            "scaler": scaler.state_dict() if scaler is not None else None,
             "best": None if best is None else {"score": best.score, "step": best.step, "n": len(best.tensors)},
         })
         self.last_save = time.monotonic()

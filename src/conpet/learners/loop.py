@@ -152,7 +152,7 @@ def fit(
         step_fn = ddp
     stats = FitStats()
     start = time.perf_counter()
-    first = checkpointer.begin_fit(optimizer, stats) if checkpointer is not None else 0
+    first = checkpointer.begin_fit(optimizer, stats, scaler) if checkpointer is not None else 0
     ends = {round(len(batches) * k / max(1, epochs)) for k in range(1, max(1, epochs) + 1)}
 
     def consider(step: int) -> None:
@@ -204,7 +204,7 @@ def fit(
         if step % 5 == 0:
             bar.set_postfix(loss=f"{stats.final_loss:.3f}")
         if checkpointer is not None:
-            checkpointer.after_step(step, optimizer, stats)
+            checkpointer.after_step(step, optimizer, stats, scaler)
     bar.close()
     if stats.best is not None and first >= 0:
         with torch.no_grad():
