@@ -7,10 +7,15 @@
 # 2. training throughput on random-weight Llama 3.2 1B and Llama 3.1 8B models (all layers vs fast path).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The Python whose torch is a CUDA build: not .venv's (setup.sh installs the CPU build there).
+PY="${PYTHON:-python3}"
+"$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null || {
+    echo "gpu.sh: error: $PY has no CUDA torch ($("$PY" -c 'import torch; print("torch", torch.__version__)' 2>&1 | tail -1)); set PYTHON to a Python with a CUDA build of torch" >&2
+    exit 2
+}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${1:-bench/results}"
 mkdir -p "$OUT"
-PY="${PYTHON:-.venv/bin/python}"
-[ -x "$PY" ] || PY=python
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu-name.txt"
 "$PY" bench/speed.py --device cuda --epochs 3 --top-layers 12 --fast-pet-options '{"target_modules": "all-linear"}' --json "$OUT/speed-gpu-smollm2.json" | tee "$OUT/speed-gpu-smollm2.txt"
 "$PY" bench/synthetic_throughput.py --device cuda --sizes llama-1b,llama-8b --steps 20 \
