@@ -98,6 +98,26 @@ def test_task_file_forms(tmp_path):
     assert read_task_file(tmp_path / "b.yaml") == [("first", ["x", "y"]), ("second", ["z"])]
     with pytest.raises(DataError, match="c.json: task 'task-02' is empty"):
         read_task_file(tmp_path / "c.json")
+    # a flat list of names: one label (or one generative task) per task
+    (tmp_path / "d.json").write_text('["acronyms", "jargon", ["x", "y"]]')
+    assert read_task_file(tmp_path / "d.json") == [("task-01", ["acronyms"]), ("task-02", ["jargon"]),
+                                                   ("task-03", ["x", "y"])]
+    (tmp_path / "e.yaml").write_text("- [x, {y: 1}]\n")
+    with pytest.raises(DataError, match="e.yaml: task 'task-01' must be a label or a list of labels"):
+        read_task_file(tmp_path / "e.yaml")
+
+
+def test_a_generative_stream_in_the_order_of_a_flat_task_name_list(tmp_path, capsys):
+    """``[t1, t2]`` is documented for generative task files (data/load.py): it is read, in its order."""
+    from conpet.config import DataConfig
+    from conpet.data.load import load_stream
+
+    rows = [{"prompt": f"{t} {i}?", "target": f"{t}{i}", "task": t} for t in ("acronyms", "jargon") for i in range(6)]
+    data = tmp_path / "gen.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "tasks.json").write_text('["jargon", "acronyms"]')
+    stream = load_stream(DataConfig(file=str(data), tasks=str(tmp_path / "tasks.json")))
+    assert [t.name for t in stream.tasks] == ["jargon", "acronyms"] and stream.kind == "generate"
 
 
 def test_automatic_split_is_seeded_and_balanced(tmp_path):

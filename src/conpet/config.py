@@ -49,7 +49,8 @@ class DataConfig:
     file: str | None = None
     """Your own JSONL or CSV rows (``text``, ``label``, optional ``split``, ``entity``, ``head``, ``tail``)."""
     tasks: str | None = None
-    """Task file: a JSON/YAML list of label groups (or a mapping task name -> labels)."""
+    """Task file: a JSON/YAML list of label groups, a mapping task name -> labels, or a flat list
+    of names (one label, or one generative task, per task)."""
     n_tasks: int | None = None
     """Without a task file: split the labels into this many tasks at random (seeded)."""
     template: str = "auto"

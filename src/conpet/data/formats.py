@@ -331,7 +331,9 @@ def read_rows(path: str | Path, require_label: bool = True) -> list[Row]:
 
 
 def read_task_file(path: str | Path) -> list[tuple[str, list[str]]]:
-    """Read a task file: a list of label groups, or a mapping task name -> labels."""
+    """Read a task file: a list of label groups (``[[a, b], [c]]``), a mapping task name ->
+    labels, or a flat list of names (``[t1, t2]``: one label, or one generative task, per task).
+    A single name where a group is expected is that one-name group."""
     path = Path(path)
     text = read_user_text(path, "task file", DataError, encoding="utf-8-sig")
     try:
@@ -351,8 +353,10 @@ def read_task_file(path: str | Path) -> list[tuple[str, list[str]]]:
         raise DataError(f"{path}: no tasks")
     out = []
     for name, labels in groups:
+        if isinstance(labels, (str, int)) and not isinstance(labels, bool):
+            labels = [labels]
         if not isinstance(labels, list) or not all(isinstance(x, (str, int)) for x in labels):
-            raise DataError(f"{path}: task '{name}' must be a list of labels")
+            raise DataError(f"{path}: task '{name}' must be a label or a list of labels")
         if not labels:
             raise DataError(f"{path}: task '{name}' is empty (no labels)")
         out.append((name, [str(x).strip() for x in labels]))
