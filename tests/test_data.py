@@ -168,8 +168,24 @@ def test_a_label_with_training_rows_but_no_test_rows_is_named_in_a_warning():
             for label, splits in [("a", ["train", "dev", "test"]), ("b", ["train", "train", "dev"]),
                                   ("c", ["train", "test"])]
             for w, split in zip("xyz", splits)]
-    with pytest.warns(ConpetWarning, match="label 'b' has training rows but no test rows"):
+    with pytest.warns(ConpetWarning, match="label 'b' of the tasks of task file has 2 training row"):
         build_stream("s", rows, [("t1", ["a", "b"]), ("t2", ["c"])], "text")
+
+
+def test_the_cli_names_the_file_line_and_label_that_has_no_test_rows(tmp_path, capsys):
+    """A label whose rows are all training rows (two rows: too few for the automatic split to
+    give it a test row) is one warning line naming the data file, the row's line and the label."""
+    from conpet.cli import main
+
+    rows = [{"text": f"a {w} thing", "label": label} for label in ("cat", "dog") for w in "abcdefgh"]
+    rows += [{"text": "a rare thing", "label": "rare"}, {"text": "another rare thing", "label": "rare"}]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "t.json").write_text('[["cat", "rare"], ["dog"]]')
+    main(["run", "--data", str(data), "--tasks", str(tmp_path / "t.json"), "--model", "/nonexistent-model",
+          "--out", str(tmp_path / "out"), "--no-progress"])
+    warning = [line for line in capsys.readouterr().err.splitlines() if "no test rows" in line]
+    assert len(warning) == 1 and warning[0].startswith(f"conpet: warning: {data}:17: label 'rare'"), warning
 
 
 # -- Parquet files and folders saved by Hugging Face datasets ------------------------------------------

@@ -431,12 +431,26 @@ def build_task_stream(name: str, rows: list[Row], task_names: list[str], kind: s
     _index_rows(rows, tasks, lambda r: position[r.task], lambda r: (r.task, r.label), max_train_per_class)
     for task in tasks:
         _require_train_and_test(task, task_source)
-        tested = {rows[i].label for i in task.test}
-        untested = [label for label in task.labels if label not in tested]
-        if untested:
-            warn(f"{task_source}: task '{task.name}' label '{untested[0]}' has training rows but no test rows "
-                 f"in that task: its accuracy there is never measured")
+        _warn_untested(rows, task.train, task.test, f"task '{task.name}' ({task_source})")
     return Stream(name=name, kind=kind, rows=rows, tasks=tasks)
+
+
+def _warn_untested(rows: list[Row], train: list[int], test: list[int], where: str) -> None:
+    """One warning naming the data file, line and label of the first label that has training
+    rows but no test rows among ``train``/``test``: its accuracy could never be measured."""
+    tested = {rows[i].label for i in test}
+    first: dict[str, int] = {}
+    for i in train:
+        if rows[i].label not in tested:
+            first.setdefault(rows[i].label, i)
+    if not first:
+        return
+    label, i = next(iter(first.items()))
+    count = sum(rows[k].label == label for k in train)
+    more = f" ({len(first) - 1} more label(s) alike)" if len(first) > 1 else ""
+    warn(f"{rows[i].where or 'the data'}: label '{label}' of {where} has {count} training row(s) but no test rows: its "
+         f"accuracy is never measured{more} (give it rows with split: test, or at least 3 rows for the "
+         f"automatic 70/10/20 split)")
 
 
 def build_stream(name: str, rows: list[Row], groups: list[tuple[str, list[str]]], kind: str,
@@ -465,13 +479,8 @@ def build_stream(name: str, rows: list[Row], groups: list[tuple[str, list[str]]]
         if empty:
             raise DataError(f"{task_source}: task '{task.name}' label '{empty[0]}' has no rows in the data")
         _require_train_and_test(task, task_source)
-    in_test = {rows[i].label for task in tasks for i in task.test}
-    in_train = {rows[i].label for task in tasks for i in task.train}
-    untested = [label for task in tasks for label in task.labels if label in in_train and label not in in_test]
-    if untested:
-        more = f" (and {len(untested) - 1} more)" if len(untested) > 1 else ""
-        warn(f"{task_source}: label '{untested[0]}'{more} has training rows but no test rows: its accuracy is "
-             f"never measured (give it rows with split: test)")
+    _warn_untested(rows, [i for task in tasks for i in task.train], [i for task in tasks for i in task.test],
+                   f"the tasks of {task_source}")
     return Stream(name=name, kind=kind, rows=rows, tasks=tasks)
 
 
