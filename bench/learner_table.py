@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from record import provenance, write_record
+
 from conpet.build import prepare
 from conpet.config import from_dict, spec_dir_name
 from conpet.metrics import learning_accuracy
@@ -133,12 +135,10 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> int:
                     run(cfg, progress=False, prepared=prepared[pet])
             row = {"learner": learner, "seed": seed, **summary(json.loads((out / "metrics.json").read_text())),
                    "top_layers": load_run_config(out / "config.yaml").train.top_layers,
-                   "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+                   "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+                   "provenance": provenance()}
             record["runs"].append(row)
-            args.record.parent.mkdir(parents=True, exist_ok=True)
-            tmp = args.record.with_suffix(".tmp")
-            tmp.write_text(json.dumps(record, indent=2) + "\n")
-            tmp.replace(args.record)
+            write_record(args.record, record)
             print(json.dumps({k: v for k, v in row.items() if k != "accuracy_matrix"}), flush=True)
     print_table(record, learners)
     print(f"\ntotal {time.perf_counter() - t0:.0f}s")

@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['task']} | {r['next_task_preserves']:.2f} | {r['share_in_preserved']:.3f} | "
               f"{r['random_share']:.3f} | {r['preserved_span_overlap_with_base']:.4f} |")
     if args.json:
-        args.json.write_text(json.dumps({"seed_dir": str(args.seed_dir), "rows": rows}, indent=1))
+        from record import write_record
+
+        write_record(args.json, {"seed_dir": str(args.seed_dir), "rows": rows})
     return 0
 
 

@@ -110,8 +110,9 @@ def main() -> None:
     per_row = [[s / max(1, n) for s, n in zip(r["train_seconds"], r["train_samples"])] for r in results.values()]
     print("T/2   " + "  ".join(f"{row[-1] / row[1]:24.2f}" for row in per_row))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+        from record import write_record
+
+        write_record(args.json, {"args": vars(args), "results": results})
 
 
 if __name__ == "__main__":

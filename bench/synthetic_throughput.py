@@ -128,8 +128,9 @@ def main() -> int:
         full, fast = (next(r for r in results if r["size"] == size and r["top_layers"] == t) for t in (None, 4))
         print(f"{size}: fast path x{fast['tokens_per_s'] / full['tokens_per_s']:.2f} tokens/s against all layers")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+        from record import write_record
+
+        write_record(args.json, {"args": vars(args), "results": results}, device=args.device)
     return 0
 
 

@@ -29,6 +29,8 @@ import numpy as np
 
 import torch
 
+from record import provenance
+
 from conpet.config import from_dict
 from conpet.runner import resume, run
 
@@ -52,10 +54,10 @@ def read_record(path: Path, setup: dict) -> dict:
 
 
 def write_record(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
+    """The record with the provenance of this invocation on top; each row keeps its own."""
+    from record import write_record as write
+
+    write(path, record)
 
 
 def main() -> int:
@@ -98,7 +100,8 @@ def main() -> int:
             dev, test = last_row_mean(per_seed, "dev_accuracy"), [100 * s["average_accuracy"] for s in per_seed]
             seconds = [float(np.mean(s["train_seconds"])) for s in per_seed]
             rows.append({"stream": stream, "layers": layers, "dev": dev, "test": test, "seconds_per_task": seconds,
-                         "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")})
+                         "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+                         "provenance": provenance()})
             record["rows"].append(rows[-1])
             write_record(record_path, record)
             print(json.dumps(rows[-1]), flush=True)
