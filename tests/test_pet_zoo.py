@@ -463,4 +463,9 @@ def test_wrapping_with_peft_does_not_pass_on_its_transformers_deprecation_warnin
         get_pet("lora", {"r": 2}).attach_from(_fresh(bb), tmp_path, "m")
         _ = _fresh(bb).is_gradient_checkpointing  # the user's own call still warns
     deprecations = [w for w in seen if "is_gradient_checkpointing" in str(w.message)]
-    assert len(deprecations) == 1  # the user's own; wrapping added none
+    # transformers deprecates the name from the release that adds is_activation_checkpointing (5.2x);
+    # before it (5.17 and older) nothing warns, and wrapping must still add no warning
+    from transformers import PreTrainedModel
+
+    deprecated = hasattr(PreTrainedModel, "is_activation_checkpointing")
+    assert len(deprecations) == int(deprecated)  # the user's own; wrapping added none

@@ -237,3 +237,16 @@ def test_two_phase_tunes_on_one_half_and_reports_the_other(tmp_path, tiny_encode
         assert (cfg.data.task_slice, cfg.data.eval_split) == ("1:2", "test")
         assert 0 <= row["accuracy"] <= 100
     assert "Phase 2 on" in (out / "search.md").read_text()
+
+
+def test_conpet_runs_without_optuna_and_search_says_what_it_needs(monkeypatch, tmp_path):
+    """Only `conpet search` needs Optuna (a GPU image may lack it): the CLI imports without it and
+    a search is a clear ConfigError, not an ImportError at start-up."""
+    out = subprocess.run([sys.executable, "-c", "import sys; sys.modules['optuna'] = None\n"
+                          "import conpet.cli; print('imported')"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "imported" in out.stdout, out.stderr[-2000:]
+    import conpet.search.study as study
+
+    monkeypatch.setattr(study, "optuna", None)
+    with pytest.raises(ConfigError, match="conpet search needs Optuna"):
+        search(tmp_path / "space.yaml", tmp_path / "out")

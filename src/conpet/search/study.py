@@ -38,10 +38,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import optuna
 import yaml
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
-from optuna.trial import TrialState
+
+try:  # only `conpet search` needs Optuna: every other command runs without it
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+    from optuna.trial import TrialState
+except ModuleNotFoundError:
+    optuna = None
 
 from conpet.config import from_dict, set_dotted
 from conpet.data.load import load_stream
@@ -141,6 +145,8 @@ def search(space_path: str | Path, out: str | Path, tune_on: str | None = None, 
            eval_seeds: int = 3, progress: bool = False) -> SearchResult:
     """Run (or join) a search and write its outputs under ``out`` (see the module docstring).
     Every input is checked before anything is written."""
+    if optuna is None:
+        raise ConfigError("conpet search needs Optuna: pip install 'optuna>=4.9'")
     space = load_space(space_path)
     if trials is not None:
         if trials < 1:
