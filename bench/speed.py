@@ -10,7 +10,13 @@ the same machine, in one invocation:
   8192^3 on a GPU), the reference for "achieved GFLOP/s";
 - ``trainer``: HF Trainer + peft as a careful user configures it: bf16 autocast where the CPU
   supports it, dynamic padding, ``train_sampling_strategy="group_by_length"``, no LM head (the
-  same cloze classifier), the same AdamW groups, no checkpoints or logging;
+  same cloze classifier), the same AdamW groups, no checkpoints or logging; the frozen weights
+  stay fp32 (``from_pretrained``'s default);
+- ``trainer-bf16``: the same, with the base model loaded in bf16 (``dtype=torch.bfloat16``, every
+  frozen weight: linears, embeddings, norms), as a careful peft user does when the device has
+  bf16; peft keeps its LoRA weights in fp32. Left out on a device without native bf16, where
+  that user keeps fp32 weights (``--emulated-bf16`` runs it there too). Ratios are quoted
+  against the faster trainer arm;
 - ``conpet``: conpet's loop with the same LoRA in every layer, step for step (same batches size,
   epochs, optimizer);
 - ``conpet-fast``: conpet's fast path (LoRA in the top L layers, lower layers computed once per
@@ -20,7 +26,9 @@ Each reports wall seconds of training, samples/s, real (non-pad) tokens/s, achie
 (model FLOPs actually needed, counted per real token: forward 2 x layer params + attention, and
 backward to the inputs of every layer at or above the lowest PET layer, i.e. another 2 x), its
 ratio to the two measured peaks, peak RSS (and peak device memory on a GPU), and test accuracy
-after training. Ratios are conpet / trainer. ``--device cuda`` runs all of it on a GPU (precision
+after training. Ratios are conpet / trainer, each computed one way and labelled so: speed and
+epoch time as ratios of the means over seeds, peak RSS (and device memory) as the ratio of the
+means over seeds, against each trainer arm, the faster one (higher mean samples/s) marked. ``--device cuda`` runs all of it on a GPU (precision
 ``auto``: bf16 where the GPU has it, else fp16 with gradient scaling, for both arms).
 
 On a generative benchmark (``--benchmark freedict-translation``) every arm trains the LM loss on
@@ -57,6 +65,13 @@ def synchronize(device: str) -> None:
 
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def native_bf16(device: str) -> bool:
+    """Whether the device computes bf16 natively (what ``train.precision: auto`` asks)."""
+    from conpet.device import resolve_precision
+
+    return resolve_precision("auto", device) == "bf16"
 
 
 def measure_peaks(device: str = "cpu") -> dict:
@@ -122,13 +137,20 @@ def run_config(args) -> dict:
     train_cfg.top_layers = top
     train_cfg.max_length = 128
     cfg = RunConfig(model=args.model, train=train_cfg, pet=PETConfig("lora", pet_options))
-    # the trainer baseline keeps fp32 weights under autocast, as HF Trainer does; conpet's arms
-    # store the frozen weights in bf16 and skip peft's input casts (what conpet's runner does)
-    prepared = prepare(cfg, first_tasks(args), cast_frozen=args.one != "trainer")
+    trainer = args.one.startswith("trainer")
+    # the trainer arms keep peft's defaults: "trainer" fp32 weights under autocast, as
+    # from_pretrained loads them; "trainer-bf16" the whole base model in bf16, as
+    # from_pretrained(dtype=torch.bfloat16) loads it. conpet's arms store the frozen linear
+    # weights in bf16 and skip peft's input casts (what conpet's runner does)
+    prepared = prepare(cfg, first_tasks(args), cast_frozen=not trainer)
     stream, engine = prepared
     bb, enc = engine.backbone, engine.encoded
-    # the trainer's PET module keeps peft's input casts: a plain peft model
-    learner = build_learner(cfg, prepared, seed=args.seed, pet_precision="fp32" if args.one == "trainer" else None)
+    if args.one == "trainer-bf16":
+        bb.model.to(torch.bfloat16)
+        if getattr(bb, "lm_head", None) is not None:
+            bb.lm_head.to(torch.bfloat16)
+    # the trainers' PET module keeps peft's input casts: a plain peft model
+    learner = build_learner(cfg, prepared, seed=args.seed, pet_precision="fp32" if trainer else None)
     ctx = learner.ctx
     train = [i for t in stream.tasks for i in t.train]
     test = [i for t in stream.tasks for i in t.test]
@@ -143,7 +165,7 @@ def run_config(args) -> dict:
     cuda = args.device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    if args.one == "trainer":
+    if trainer:
         seconds = (train_causal_lm_with_hf_trainer if stream.generative else train_with_hf_trainer)(
             learner, ctx, train, args)
     else:
@@ -172,7 +194,10 @@ def run_config(args) -> dict:
         "cache_seconds": cache_seconds, "epoch_seconds": (seconds - cache_seconds) / args.epochs,
         "samples": len(train) * args.epochs, "samples_per_s": len(train) * args.epochs / seconds,
         "tokens_per_s": tokens / seconds, "gflops": flops / seconds / 1e9, "accuracy": accuracy,
-        "peak_rss_mb": peak_rss_mb(), "peak_device_mb": peak_device_mb, "device": args.device, "top_layers": top, "tunable_params": learner.tunable_params()["pet_params"],
+        "peak_rss_mb": peak_rss_mb(), "peak_device_mb": peak_device_mb, "device": args.device, "top_layers": top,
+        "tunable_params": learner.tunable_params()["pet_params"],
+        "frozen_dtypes": sorted({str(p.dtype) for p in bb.model.parameters() if not p.requires_grad}),
+        "pet_dtypes": sorted({str(p.dtype) for p in learner.pet_parameters()}),
     }
 
 
@@ -314,9 +339,12 @@ def main() -> None:
     p.add_argument("--eval-rows", type=int, default=100, help="generative benchmarks: test rows per task scored")
     p.add_argument("--fast-pet-options", default="{}", help="JSON LoRA options of the fast path only")
     p.add_argument("--fast-lr", type=float, default=None, help="PET learning rate of the fast path only")
-    p.add_argument("--configs", default="peak,trainer,conpet,conpet-fast")
+    p.add_argument("--configs", default="peak,trainer,trainer-bf16,conpet,conpet-fast",
+                   help="comma-separated arms: peak, trainer, trainer-bf16, conpet, conpet-fast")
     p.add_argument("--device", default="cpu", help="cpu or cuda (every arm on it)")
     p.add_argument("--seeds", type=int, default=1, help="repeat every training config with seeds 0..N-1")
+    p.add_argument("--emulated-bf16", action="store_true",
+                   help="run trainer-bf16 on a device without native bf16 too (slow: emulated bf16 matmuls)")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help="write all results to this JSON file")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -324,13 +352,18 @@ def main() -> None:
     if args.one:
         print("RESULT " + json.dumps(run_config(args)), flush=True)
         return
+    configs = args.configs.split(",")
+    if "trainer-bf16" in configs and not args.emulated_bf16 and not native_bf16(args.device):
+        configs.remove("trainer-bf16")
+        print("trainer-bf16 left out: this device has no native bf16, so a careful user keeps the fp32 weights "
+              "(the trainer arm); --emulated-bf16 runs it anyway", file=sys.stderr)
     results: dict[str, list[dict]] = {}
     for seed in range(args.seeds):
-        for config in args.configs.split(","):
+        for config in configs:
             if config == "peak" and seed:
                 continue
             passed = {k: v for k, v in vars(args).items()
-                      if k not in ("one", "configs", "json", "seeds", "seed") and v is not None}
+                      if k not in ("one", "configs", "json", "seeds", "seed", "emulated_bf16") and v is not None}
             cmd = [sys.executable, __file__, "--one", config, "--seed", str(seed)]
             for key, value in passed.items():
                 cmd += [f"--{key.replace('_', '-')}", str(value)]
@@ -355,7 +388,8 @@ def _fmt(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
 
 
 def report(results: dict, args) -> None:
-    """Means (± sample std over seeds) per config, then ratios of means against ``trainer``."""
+    """Means (± sample std over seeds) per config (RSS and device MB: means), then ratios of means
+    against each trainer arm."""
     peak = results.get("peak", [{}])[0]
     rows = [c for c in results if c != "peak"]
     print(f"\n{args.model} on {args.benchmark} (first {args.tasks} tasks), {args.epochs} epochs, "
@@ -377,28 +411,56 @@ def report(results: dict, args) -> None:
               f"{_fmt(col(c, 'epoch_seconds')):>11s} {_fmt(col(c, 'samples_per_s'), digits=2):>11s} "
               f"{_mean_std(col(c, 'tokens_per_s'))[0]:9.0f} {gf:8.1f} "
               f"{100 * gf / peak.get('fp32_peak_gflops', float('nan')):7.1f} "
-              f"{100 * gf / peak.get('bf16_peak_gflops', float('nan')):7.1f} {max(col(c, 'peak_rss_mb')):7.0f} "
-              f"{max((x or 0) for x in col(c, 'peak_device_mb')) if results[c][0].get('peak_device_mb') else float('nan'):7.0f} "
+              f"{100 * gf / peak.get('bf16_peak_gflops', float('nan')):7.1f} {_mean_std(col(c, 'peak_rss_mb'))[0]:7.0f} "
+              f"{_mean_std(col(c, 'peak_device_mb'))[0] if results[c][0].get('peak_device_mb') else float('nan'):7.0f} "
               f"{_fmt(col(c, 'accuracy'), 100, 2):>11s}")
-    if "trainer" in results:
-        base = {k: _mean_std(col("trainer", k))[0] for k in ("samples_per_s", "epoch_seconds", "accuracy")}
-        base_rss = max(col("trainer", "peak_rss_mb"))
-        print("\nratios against trainer (conpet / trainer, means over seeds):")
-        for c in rows:
-            if c == "trainer":
-                continue
-            mean = {k: _mean_std(col(c, k))[0] for k in ("samples_per_s", "epoch_seconds", "accuracy")}
-            device_mem = ""
-            if results[c][0].get("peak_device_mb") and results["trainer"][0].get("peak_device_mb"):
-                device_mem = (f"peak device memory x{max(col(c, 'peak_device_mb')) / max(col('trainer', 'peak_device_mb')):.2f}  ")
-            print(f"  {c:12s} speed x{mean['samples_per_s'] / base['samples_per_s']:.2f} (incl. cache build)  "
-                  f"per epoch x{base['epoch_seconds'] / mean['epoch_seconds']:.2f}  "
-                  f"peak RSS x{max(col(c, 'peak_rss_mb')) / base_rss:.2f}  {device_mem}"
-                  f"accuracy {100 * (mean['accuracy'] - base['accuracy']):+.2f} points")
+    ratios = ratios_against_trainers(results)
+    for base, per_config in ratios.items():
+        mark = " (the faster trainer arm: the one to quote)" if base == faster_trainer(results) else ""
+        print(f"\nratios against {base}{mark}; each a ratio of means over seeds:")
+        for c, r in per_config.items():
+            device_mem = f"peak device memory x{r['peak_device_mb']:.2f}  " if r.get("peak_device_mb") else ""
+            print(f"  {c:12s} speed x{r['speed']:.2f} (incl. cache build)  per epoch x{r['per_epoch']:.2f}  "
+                  f"peak RSS x{r['peak_rss_mb']:.2f}  {device_mem}accuracy {r['accuracy_points']:+.2f} points")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+        from record import write_record
+
+        write_record(args.json, {"args": vars(args), "results": results, "faster_trainer": faster_trainer(results),
+                                 "ratios": ratios}, device=args.device)
         print(f"\nresults: {args.json}")
+
+
+TRAINERS = ("trainer", "trainer-bf16")
+
+
+def faster_trainer(results: dict) -> str | None:
+    """The trainer arm with the higher mean samples/s: the baseline every headline ratio uses."""
+    arms = [t for t in TRAINERS if t in results]
+    return max(arms, key=lambda t: _mean_std([r["samples_per_s"] for r in results[t]])[0]) if arms else None
+
+
+def ratios_against_trainers(results: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """{trainer arm: {config: ratios}}, every ratio a ratio of means over seeds: ``speed``
+    (samples/s, cache build included), ``per_epoch`` (epoch seconds, trainer / config),
+    ``peak_rss_mb`` and ``peak_device_mb`` (config / trainer; below 1 = less memory), and
+    ``accuracy_points`` (difference of mean accuracies, in points)."""
+    def mean(c: str, key: str) -> float:
+        return _mean_std([r[key] for r in results[c]])[0]
+
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for base in (t for t in TRAINERS if t in results):
+        out[base] = {}
+        for c in results:
+            if c in ("peak", base):
+                continue
+            r = {"speed": mean(c, "samples_per_s") / mean(base, "samples_per_s"),
+                 "per_epoch": mean(base, "epoch_seconds") / mean(c, "epoch_seconds"),
+                 "peak_rss_mb": mean(c, "peak_rss_mb") / mean(base, "peak_rss_mb"),
+                 "accuracy_points": 100 * (mean(c, "accuracy") - mean(base, "accuracy"))}
+            if results[c][0].get("peak_device_mb") and results[base][0].get("peak_device_mb"):
+                r["peak_device_mb"] = mean(c, "peak_device_mb") / mean(base, "peak_device_mb")
+            out[base][c] = r
+    return out
 
 
 if __name__ == "__main__":
