@@ -83,8 +83,8 @@ def test_resume_inside_a_task_keeps_the_best_state_found_before_the_crash(tiny_e
     calls = {"n": 0}
     original = Checkpointer.after_step
 
-    def crash_later(self, step, optimizer, stats):
-        original(self, step, optimizer, stats)
+    def crash_later(self, step, optimizer, stats, scaler=None):
+        original(self, step, optimizer, stats, scaler)
         calls["n"] += 1
         if calls["n"] == 17:  # task 1 has 9 steps; the 8th of task 2 comes after its first scored epoch
             raise RuntimeError("simulated crash")
