@@ -167,3 +167,51 @@ def test_a_run_saves_the_number_auto_chose_and_an_old_auto_keeps_its_old_meaning
     resumed = resume(stopped, progress=False)
     for key in ("accuracy_matrix", "train_loss", "tunable_params"):
         assert resumed[key] == finished[key], key
+
+
+# -- backbone.pooling ------------------------------------------------------------------------------
+def test_pool_reads_the_cloze_slot_the_mean_of_real_tokens_or_the_last_token():
+    from conpet.backbone import pool
+
+    states = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    lengths, cloze = torch.tensor([2, 4]), torch.tensor([1, 0])
+    assert torch.equal(pool(states, lengths, cloze, "cloze"), torch.stack([states[0, 1], states[1, 0]]))
+    assert torch.equal(pool(states, lengths, cloze, "last"), torch.stack([states[0, 1], states[1, 3]]))
+    assert torch.allclose(pool(states, lengths, cloze, "mean"),
+                          torch.stack([states[0, :2].mean(0), states[1].mean(0)]))  # padding left out
+    halves = pool(states.bfloat16(), lengths, cloze, "mean")
+    assert halves.dtype == torch.bfloat16
+
+
+def test_pooling_settings_resolve_once(tiny_encoder, tiny_decoder):
+    from conpet.backbone import resolve_pooling
+
+    assert resolve_pooling("auto", load_backbone(str(tiny_encoder))) == "cloze"
+    assert resolve_pooling("auto", load_backbone(str(tiny_decoder))) == "cloze"
+    assert resolve_pooling("last", load_backbone(str(tiny_decoder))) == "last"
+    with pytest.raises(ConfigError, match="backbone.pooling: must be one of auto, cloze, mean, last"):
+        resolve_pooling("max", load_backbone(str(tiny_decoder)))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_pooled_features_of_the_split_pass_equal_the_full_pass(setup, tiny_encoder, pooling):
+    stream, bb, enc, split_engine = setup(tiny_encoder, top_layers=1)
+    full_engine = FeatureEngine(bb, enc, None, "fp32", pooling=pooling)
+    split_engine.pooling = pooling
+    pet = get_pet("lora", {"init_lora_weights": False}, scope=split_engine.scope)
+    model = pet.attach(bb.model, "default").eval()
+    rows = [0, 3, 17, 30, 41]
+    with torch.no_grad():
+        full, split = full_engine.features(model, rows), split_engine.features(model, rows)
+        cloze = cloze_features(model, collate(enc, rows, bb.pad_id))
+    assert torch.allclose(full, split, atol=1e-5)
+    assert not torch.allclose(full, cloze, atol=1e-3)  # it reads something other than the slot
+
+
+def test_pooling_other_than_the_prompts_last_token_is_refused_on_a_generative_stream(tmp_path, capsys):
+    from conpet.cli import main
+    from test_generation import write_generative_data
+
+    gen_data, out = write_generative_data(tmp_path / "data"), tmp_path / "out"
+    assert main(["run", "--data", str(gen_data), "--pooling", "mean", "--out", str(out), "--no-progress"]) == 2
+    assert "backbone.pooling: 'mean' pools classification rows" in capsys.readouterr().err and not out.exists()

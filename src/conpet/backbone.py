@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from conpet.config import POOLINGS
 from conpet.errors import ConfigError, ModelError
 from conpet.families import is_decoder
 from conpet.runs import atomic_directory
@@ -362,6 +363,30 @@ def token_states(hidden: torch.Tensor, length: int) -> torch.Tensor:
     k): a prompt method (prompt tuning, P-tuning, DePT) prepends its virtual tokens to the sequence,
     so they are the last ``length`` positions."""
     return hidden[:, hidden.shape[1] - length:]
+
+
+def resolve_pooling(setting: str, backbone: "Backbone") -> str:
+    """The one decision on ``backbone.pooling``: ``auto`` -> the cloze slot, for every backbone
+    until the dev comparison with mean pooling on sentence-transformers models is complete
+    (``bench/setting_sweep.py --key backbone.pooling``)."""
+    if setting not in POOLINGS:
+        raise ConfigError(f"backbone.pooling: must be one of {', '.join(POOLINGS)}, got '{setting}'")
+    return "cloze" if setting == "auto" else setting
+
+
+def pool(states: torch.Tensor, lengths: torch.Tensor, cloze_pos: torch.Tensor, how: str) -> torch.Tensor:
+    """One vector per row from right-padded last-layer states [batch, tokens, hidden]: the state at
+    the row's cloze slot, the mean over its ``lengths`` real tokens (in fp32), or its last token."""
+    rows = torch.arange(states.shape[0], device=states.device)
+    if how == "cloze":
+        return states[rows, cloze_pos]
+    if how == "last":
+        return states[rows, lengths - 1]
+    if how == "mean":
+        mask = (torch.arange(states.shape[1], device=states.device)[None] < lengths[:, None]).unsqueeze(-1)
+        summed = (states.float() * mask).sum(dim=1)
+        return (summed / lengths[:, None].to(summed.dtype)).to(states.dtype)
+    raise ValueError(f"unknown pooling '{how}'")
 
 
 def cloze_features(model: nn.Module, batch: dict[str, torch.Tensor], **forward_kwargs) -> torch.Tensor:

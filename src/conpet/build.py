@@ -21,7 +21,7 @@ import torch
 
 from conpet import distributed
 from conpet.backbone import (Backbone, cast_frozen_linears, cast_lm_head, check_quantize,
-                             enable_gradient_checkpointing, load_backbone, load_lm_head)
+                             enable_gradient_checkpointing, load_backbone, load_lm_head, resolve_pooling)
 from conpet.config import RunConfig
 from conpet.data import load_stream
 from conpet.data.stream import Stream
@@ -112,6 +112,9 @@ def check_stream(cfg: RunConfig, stream: Stream) -> None:
         raise ConfigError(f"learner: '{cfg.learner}' does not train generative (prompt -> target) streams yet; "
                           f"these do: {', '.join(able)}")
     learner.validate_generative(cfg, learner.check_options(cfg))
+    if cfg.backbone.pooling not in ("auto", "cloze"):
+        raise ConfigError(f"backbone.pooling: '{cfg.backbone.pooling}' pools classification rows; a generative "
+                          "stream reads the prompt's last token (leave backbone.pooling at auto)")
     if cfg.train.select_on_dev:
         raise ConfigError("train.select_on_dev: not available for generative streams yet (it scores dev "
                           "accuracy of a classification head)")
@@ -160,7 +163,8 @@ def prepare(cfg: RunConfig, stream: Stream | None = None, check_rows: int = 8, c
     apply_fsdp(cfg, backbone, compute)
     if stream.generative or readers:  # after sharding: a tied head is gathered from the shards
         attach_lm_head(backbone)  # an encoder is an error here
-    engine = FeatureEngine(backbone, encoded, top_layers, compute, cfg.train.eval_batch_size, cfg.train.cache_mb)
+    engine = FeatureEngine(backbone, encoded, top_layers, compute, cfg.train.eval_batch_size, cfg.train.cache_mb,
+                           pooling="cloze" if stream.generative else resolve_pooling(cfg.backbone.pooling, backbone))
     rows = stream.tasks[0].train[:check_rows] if stream.tasks and stream.tasks[0].train else \
         list(range(min(check_rows, len(stream.rows))))
     engine.check(backbone.model, rows)

@@ -57,6 +57,8 @@ RUN_FLAGS = [
      "bf16, fp16 or fp32"),
     ("--grad-accum", "train.grad_accum", int, "micro-batches per optimizer step (same global batch)"),
     ("--quantize", "backbone.quantize", str, "nf4 or int8: a quantized frozen backbone (QLoRA; CUDA)"),
+    ("--pooling", "backbone.pooling", str, "auto, cloze, mean or last: how a classification row becomes one "
+     "feature vector (auto: the cloze slot)"),
     ("--threads", "train.threads", int, "torch threads (default: all cores)"),
     ("--seeds", "seeds", int, "number of seeds; reports mean ± std (default: 1)"),
     ("--orders", "orders", int, "task orders: the stream's own + N-1 seeded permutations, each in "

@@ -152,6 +152,14 @@ class BackboneConfig:
     """Store the frozen backbone quantized: ``nf4`` (4-bit NormalFloat, QLoRA) or ``int8``
     (LLM.int8()), through bitsandbytes and peft's k-bit preparation; CUDA only, peft-backed PET
     methods only. ``null`` (default): full-precision weights."""
+    pooling: str = "auto"
+    """How a classification row becomes one feature vector for the heads and the selector:
+    ``cloze`` (the hidden state at the template's cloze slot: the [MASK] of an encoder, the
+    prompt's last token of a decoder), ``mean`` (the mean over the row's tokens), ``last`` (the
+    row's last token), or ``auto`` (today ``cloze`` for every backbone; whether a
+    sentence-transformers model such as all-MiniLM-L6-v2, trained for mean pooling, should get
+    ``mean`` is being measured on dev rows). Generative streams always read the prompt's last
+    token."""
     fsdp: bool = False
     """Shard the frozen backbone's weights over the processes of a launcher (``torchrun``,
     ``accelerate launch``) with torch's ``fully_shard`` (FSDP2), one unit per transformer layer, for a
@@ -189,6 +197,8 @@ class RunConfig:
 
 SETTINGS = ("class-incremental", "task-incremental")
 QUANTIZE = (None, "nf4", "int8")
+POOLINGS = ("auto", "cloze", "mean", "last")
+"""``backbone.pooling``: how a classification row's states become one feature vector."""
 GENERATION_METRICS = ("auto", "exact_match", "f1", "rouge_l", "chrf")
 TEMPLATES = ("auto", "typing", "relation", "text", "generate")
 
@@ -270,6 +280,7 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
         (cfg.train.grad_accum <= cfg.train.batch_size, "train.grad_accum", "must be <= train.batch_size "
          "(each micro-batch needs a row)"),
         (cfg.backbone.quantize in QUANTIZE, "backbone.quantize", "must be nf4, int8 or null"),
+        (cfg.backbone.pooling in POOLINGS, "backbone.pooling", f"must be one of {', '.join(POOLINGS)}"),
         (cfg.data.setting in SETTINGS, "data.setting", f"must be one of {', '.join(SETTINGS)}"),
         (cfg.data.eval_split in ("test", "dev"), "data.eval_split", "must be test or dev"),
         (cfg.data.task_slice is None or _is_slice(cfg.data.task_slice), "data.task_slice",

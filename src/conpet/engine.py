@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from conpet.backbone import Backbone, cloze_features, last_hidden, token_states
+from conpet.backbone import Backbone, cloze_features, last_hidden, pool, token_states
 from conpet.config import AUTO_BEFORE_2026_12_05, is_auto_top_layers
 from conpet.device import Compute, as_compute, shrink_on_oom
 from conpet.errors import ConfigError
@@ -111,8 +111,10 @@ def resolve_top_layers(setting: int | str | None, model: nn.Module, input_level:
 class FeatureEngine:
     def __init__(self, backbone: Backbone, encoded: Encoded, top_layers: int | None = None,
                  compute: Compute | str = "fp32", batch_size: int = 64, max_cache_mb: float = 4096.0,
-                 cache_dtype: torch.dtype | None = None) -> None:
+                 cache_dtype: torch.dtype | None = None, pooling: str = "cloze") -> None:
         self.backbone = backbone
+        self.pooling = pooling
+        """How :meth:`features` reads a row: ``cloze``, ``mean`` or ``last`` (:func:`conpet.backbone.pool`)."""
         self.encoded = encoded
         self.compute = as_compute(compute)
         self.batch_size = batch_size
@@ -169,15 +171,21 @@ class FeatureEngine:
 
     # -- the forward passes ----------------------------------------------------------------------
     def features(self, model: nn.Module, indices: list[int], **forward_kwargs) -> torch.Tensor:
-        """Cloze features [batch, hidden] of rows ``indices`` through ``model`` (PET included).
+        """Features [batch, hidden] of rows ``indices`` through ``model`` (PET included), pooled
+        as :attr:`pooling` says.
 
         ``forward_kwargs`` go to the model, e.g. peft's ``adapter_names`` to route each row
         through its own module in one batch."""
-        if self.split is None or self.split == 0:
+        if self.pooling == "cloze" and (self.split is None or self.split == 0):
             return cloze_features(model, self.batch(indices), **forward_kwargs)
-        states = self.states(model, indices, **forward_kwargs)
-        pos = torch.tensor([self.encoded.cloze_pos[i] for i in indices], device=self.device)
-        return states[torch.arange(len(indices), device=self.device), pos]
+        return self.pool(self.states(model, indices, **forward_kwargs), indices)
+
+    def pool(self, states: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        """Rows ``indices``' right-padded last-layer states [batch, tokens, hidden] -> one feature
+        vector each, as :attr:`pooling` says."""
+        lengths = torch.tensor([len(self.encoded.ids[i]) for i in indices], device=states.device)
+        cloze = torch.tensor([self.encoded.cloze_pos[i] for i in indices], device=states.device)
+        return pool(states, lengths, cloze, self.pooling)
 
     def states(self, model: nn.Module, indices: list[int], **forward_kwargs) -> torch.Tensor:
         """Last-layer hidden states [batch, longest row, hidden] of rows ``indices`` (right-padded;

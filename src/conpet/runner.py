@@ -384,7 +384,8 @@ def resume(run_dir: str | Path, progress: bool | None = None, device: str | None
 def _run_seeds(cfg: RunConfig, prepared: Prepared, out: Path, progress: bool, resume: bool,
                on_task: OnTask | None = None) -> dict:
     if distributed.is_main():
-        print(f"{out}: {cfg.learner} + {cfg.pet.method} on {cfg.model}, {prepared.engine.placement()}, "
+        pooled = "" if prepared.engine.pooling == "cloze" else f", {prepared.engine.pooling}-pooled features"
+        print(f"{out}: {cfg.learner} + {cfg.pet.method} on {cfg.model}, {prepared.engine.placement()}{pooled}, "
               f"{prepared.engine.precision}", file=sys.stderr)
     per_seed = []
     for k in range(cfg.seeds):

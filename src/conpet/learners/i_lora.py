@@ -198,9 +198,7 @@ class ILoRA(OneModuleLearner):
         if ctx.generative:
             r, p, nxt = target_positions(ctx.engine, rows)
             return F.cross_entropy(ctx.lm_head(states[r, p]).float(), nxt)
-        pos = torch.tensor([ctx.encoded.cloze_pos[i] for i in rows], device=ctx.device)
-        logits = self.head(states[torch.arange(len(rows), device=ctx.device), pos])
-        return F.cross_entropy(logits, ctx.targets(rows))
+        return F.cross_entropy(self.head(ctx.engine.pool(states, rows)), ctx.targets(rows))
 
     def hidden_states(self, rows: list[int]) -> list[torch.Tensor]:
         """HF's ``hidden_states`` of ``rows`` through the active module that can differ between
