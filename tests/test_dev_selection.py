@@ -23,14 +23,14 @@ def test_fit_keeps_the_best_scored_epoch_and_ties_go_to_the_earlier():
     seen = []
 
     def score():
-        seen.append(float(p))
+        seen.append(p.detach().item())
         return next(scores)
 
     train = TrainConfig(epochs=3, grad_clip=0.0, weight_decay=0.0)
     stats = fit(lambda idx: -p.sum(), [{"params": [p], "lr": 0.1}], [[0]] * 6, train, "fp32", progress=False,
                 dev_score=score, epochs=3)
     assert len(seen) == 4 and stats.best.step == 2
-    assert float(p) == pytest.approx(seen[1]), "the state after epoch 1 is restored"
+    assert p.detach().item() == pytest.approx(seen[1]), "the state after epoch 1 is restored"
 
 
 def _cfg(model, typing_data, out, learner, **train):
