@@ -193,6 +193,28 @@ def test_pooling_settings_resolve_once(tiny_encoder, tiny_decoder):
         resolve_pooling("max", load_backbone(str(tiny_decoder)))
 
 
+def test_auto_pooling_reads_a_sentence_transformers_model_by_its_trained_pooling(tiny_encoder, tmp_path):
+    import json
+    import shutil
+
+    from conpet.backbone import resolve_pooling, trained_pooling
+
+    for mode, expected in [("mean_tokens", "mean"), ("cls_token", "cloze")]:
+        folder = tmp_path / mode
+        shutil.copytree(tiny_encoder, folder)
+        (folder / "modules.json").write_text(json.dumps([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+        (folder / "1_Pooling").mkdir()
+        flags = {f"pooling_mode_{m}": m == mode for m in ("mean_tokens", "cls_token", "max_tokens")}
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, **flags}))
+        assert trained_pooling(folder) == mode.rsplit("_", 1)[0]
+        assert resolve_pooling("auto", load_backbone(str(folder))) == expected
+        assert resolve_pooling("cloze", load_backbone(str(folder))) == "cloze"
+    (tmp_path / "mean_tokens" / "1_Pooling" / "config.json").write_text("{not json")
+    assert trained_pooling(tmp_path / "mean_tokens") is None  # unreadable: the cloze slot, no crash
+
+
 @pytest.mark.parametrize("pooling", ["mean", "last"])
 def test_pooled_features_of_the_split_pass_equal_the_full_pass(setup, tiny_encoder, pooling):
     stream, bb, enc, split_engine = setup(tiny_encoder, top_layers=1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -365,13 +366,30 @@ def token_states(hidden: torch.Tensor, length: int) -> torch.Tensor:
     return hidden[:, hidden.shape[1] - length:]
 
 
+def trained_pooling(path: str | Path) -> str | None:
+    """The pooling a sentence-transformers model folder was trained for (``mean``, ``cls``,
+    ``lasttoken``...), from its ``modules.json`` and Pooling module's ``config.json``; ``None`` for
+    any other model."""
+    try:
+        modules = json.loads((Path(path) / "modules.json").read_text())
+        pooling = next(m for m in modules if str(m.get("type", "")).endswith("models.Pooling"))
+        config = json.loads((Path(path) / pooling.get("path", "") / "config.json").read_text())
+    except (OSError, ValueError, StopIteration, AttributeError, TypeError):
+        return None
+    modes = [k.removeprefix("pooling_mode_").removesuffix("_tokens").removesuffix("_token")
+             for k, v in config.items() if k.startswith("pooling_mode_") and v is True]
+    return modes[0] if len(modes) == 1 else None
+
+
 def resolve_pooling(setting: str, backbone: "Backbone") -> str:
-    """The one decision on ``backbone.pooling``: ``auto`` -> the cloze slot, for every backbone
-    until the dev comparison with mean pooling on sentence-transformers models is complete
-    (``bench/setting_sweep.py --key backbone.pooling``)."""
+    """The one decision on ``backbone.pooling``. ``auto``: ``mean`` for a sentence-transformers
+    model trained for mean pooling (all-MiniLM-L6-v2), the cloze slot for every other backbone
+    (chosen on dev rows, 3 seeds: bench/results/sweep-backbone-pooling-minilm-dev.json)."""
     if setting not in POOLINGS:
         raise ConfigError(f"backbone.pooling: must be one of {', '.join(POOLINGS)}, got '{setting}'")
-    return "cloze" if setting == "auto" else setting
+    if setting != "auto":
+        return setting
+    return "mean" if trained_pooling(backbone.path) == "mean" else "cloze"
 
 
 def pool(states: torch.Tensor, lengths: torch.Tensor, cloze_pos: torch.Tensor, how: str) -> torch.Tensor:

@@ -156,10 +156,10 @@ class BackboneConfig:
     """How a classification row becomes one feature vector for the heads and the selector:
     ``cloze`` (the hidden state at the template's cloze slot: the [MASK] of an encoder, the
     prompt's last token of a decoder), ``mean`` (the mean over the row's tokens), ``last`` (the
-    row's last token), or ``auto`` (today ``cloze`` for every backbone; whether a
-    sentence-transformers model such as all-MiniLM-L6-v2, trained for mean pooling, should get
-    ``mean`` is being measured on dev rows). Generative streams always read the prompt's last
-    token."""
+    row's last token), or ``auto``: ``mean`` for a sentence-transformers model trained for mean
+    pooling (all-MiniLM-L6-v2), ``cloze`` for every other backbone (chosen on dev rows,
+    docs/learners.md). A run saves what ``auto`` chose. Generative streams always read the
+    prompt's last token."""
     fsdp: bool = False
     """Shard the frozen backbone's weights over the processes of a launcher (``torchrun``,
     ``accelerate launch``) with torch's ``fully_shard`` (FSDP2), one unit per transformer layer, for a

@@ -236,7 +236,7 @@ def run(cfg: RunConfig, progress: bool | None = None, prepared: Prepared | None 
     progress = default_progress() if progress is None else progress
     check(cfg)
     prepared = prepared or prepare(cfg)
-    save_resolved_top_layers(cfg, prepared)
+    save_resolved_settings(cfg, prepared)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     cfg.out = str(out)
     distributed.on_main(start_run_dir, cfg, out, prepared.stream)
@@ -276,7 +276,7 @@ def run_orders(cfg: RunConfig, progress: bool | None = None, prepared: Prepared 
     and mean ± std over orders (and over every order x seed run) of :data:`ORDER_KEYS`."""
     check(cfg)
     prepared = prepared or prepare(dataclasses.replace(cfg, orders=1))
-    save_resolved_top_layers(cfg, prepared)
+    save_resolved_settings(cfg, prepared)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     cfg.out = str(out)
     distributed.on_main(check_out_dir, out)
@@ -327,12 +327,14 @@ def orders_summary(per_order: list[dict]) -> dict:
             "over_runs": {k: spread([v for r in rows for v in r["runs"][k]]) for k in summary_keys}}
 
 
-def save_resolved_top_layers(cfg: RunConfig, prepared: Prepared) -> None:
-    """A new run saves the number of top layers ``train.top_layers: auto`` chose (``null``: every
-    layer), not the word: what ``auto`` means may change between versions, and the run must
-    resume and predict on the layers it trained."""
+def save_resolved_settings(cfg: RunConfig, prepared: Prepared) -> None:
+    """A new run saves what ``auto`` chose, not the word: the number of top layers of
+    ``train.top_layers`` (``null``: every layer) and the pooling of ``backbone.pooling``. What
+    ``auto`` means may change between versions, and the run must resume and predict as it trained."""
     if cfg.train.top_layers == "auto":
         cfg.train.top_layers = prepared.engine.top_layers
+    if cfg.backbone.pooling == "auto":
+        cfg.backbone.pooling = prepared.engine.pooling
 
 
 def start_run_dir(cfg: RunConfig, out: Path, stream: Stream) -> None:
