@@ -3,7 +3,7 @@
 # SmolLM2-135M, 3 seeds, every learner on the same data in one process (backbone and lower-layer
 # cache shared). Usage: bash bench/conpet_suite.sh [wordnet-relations wordnet-typing ...]
 #
-# Settings (the same for every learner; see docs/results.md): LoRA r=8 on every linear layer of
+# Settings (the same for every learner; see bench/notes/2026-11-25--12-06-results.md): LoRA r=8 on every linear layer of
 # the top 4 of 30 layers (train.top_layers=4, the fast path of docs/speed.md), 2 epochs per task,
 # at most PER_CLASS training rows per class (default 32; the typing reference used 16 to fit the
 # session); test sets complete. Method hyper-parameters are the documented defaults (the official

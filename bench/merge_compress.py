@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from record import write_record
+
 from conpet.adapters import compress_run, merge_run
 from conpet.config import load_config
 from conpet.merging import MERGE_METHODS
@@ -39,6 +41,7 @@ def main() -> int:
     ap.add_argument("--densities", default="0.05,0.1,0.2")
     ap.add_argument("--methods", default=",".join(MERGE_METHODS))
     ap.add_argument("--out", type=Path, default=Path("runs/merge-compress"))
+    ap.add_argument("--json", type=Path, default=None, help="write the table as a record (bench/record.py)")
     args = ap.parse_args()
     dynamic, joint = args.runs / "dynamic", args.runs / "joint"
     cfg = load_config(str(dynamic / "config.yaml"))
@@ -73,6 +76,11 @@ def main() -> int:
     for label, avg, whole, extra in rows:
         print(f"| {label} | {mean_sd(avg)} | {mean_sd(whole)} | {extra} |")
     print(f"\ntotal {time.perf_counter() - t0:.0f}s")
+    if args.json:
+        write_record(args.json, {"args": {k: str(v) for k, v in vars(args).items()}, "seeds": seeds,
+                                 "rows": [{"modules": label, "average_accuracy": avg, "whole_accuracy": whole,
+                                           "notes": extra} for label, avg, whole, extra in rows],
+                                 "seconds": time.perf_counter() - t0})
     return 0
 
 

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from record import write_record
+
 from conpet.config import RunConfig
 from conpet.pet import get_pet_class
 from conpet.runner import prepare, run
@@ -40,6 +42,7 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--top-layers", type=int, default=4)
     ap.add_argument("--out", type=Path, default=Path("runs/pet-table"))
+    ap.add_argument("--json", type=Path, default=None, help="write the table as a record (bench/record.py)")
     args = ap.parse_args()
     base = RunConfig()
     base.model = args.model
@@ -95,6 +98,9 @@ def main() -> int:
     for line in failed:
         print(f"FAILED {line}")
     print(f"\ntotal {time.perf_counter() - t0:.0f}s")
+    if args.json:
+        write_record(args.json, {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "failed": failed,
+                                 "seconds": time.perf_counter() - t0})
     return 0
 
 

@@ -15,6 +15,9 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
+from pathlib import Path
+
+from record import write_record
 
 warnings.filterwarnings("ignore")
 
@@ -37,6 +40,7 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--top-layers", type=int, default=None)
+    p.add_argument("--json", type=Path, default=None, help="write the rates as a record (bench/record.py)")
     args = p.parse_args()
     sizes = [int(x) for x in args.tasks.split(",")]
 
@@ -90,6 +94,9 @@ def main() -> None:
     print(f"{'model':22s} {'rows/s':>8s} {'x single':>9s}")
     for name, rate in results.items():
         print(f"{name:22s} {rate:8.1f} {rate / ref:9.2f}")
+    if args.json:
+        write_record(args.json, {"args": {k: str(v) for k, v in vars(args).items()}, "precision": precision,
+                                 "rows": len(rows), "rows_per_second": results})
 
 
 if __name__ == "__main__":

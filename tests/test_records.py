@@ -1,11 +1,13 @@
 """Every benchmark record says how it was made (bench/record.py): the exact command, the commit,
 the date, the machine (CPU model, cores, threads) and the torch/transformers/peft versions. A
 record filled over several sessions (rows with their own date) carries that for every row.
-Records made before this rule live in bench/results/archive/, which the docs quote as such."""
+Records made before this rule live in bench/results/archive/; the user docs never quote them
+(dated notes in bench/notes/ may)."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -34,11 +36,19 @@ def test_every_record_says_how_it_was_made(path):
                 assert not missing_fields(row), f"{path.name}: row {k} has no {', '.join(missing_fields(row))}"
 
 
+USER_DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_the_user_docs_quote_no_archived_record():
+    quoting = [doc.name for doc in USER_DOCS if re.search(r"results/archive|\barchived\b", doc.read_text())]
+    assert not quoting, f"these quote an archived record (move the figure to bench/notes/ or re-measure it): {quoting}"
+
+
 def test_the_docs_name_only_records_that_exist():
     import re
 
     named = set()
-    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+    for doc in USER_DOCS + sorted((ROOT / "bench" / "notes").glob("*.md")):
         named |= {(doc.name, m) for m in re.findall(r"bench/results/[\w./-]+\.json", doc.read_text())}
     missing = sorted(f"{doc}: {m}" for doc, m in named if not (ROOT / m).is_file())
     assert not missing, missing
