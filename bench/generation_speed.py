@@ -16,6 +16,10 @@ targets, its B factor drawn at random so that the adapter changes the answers):
   ``model.generate(do_sample=False, num_beams=1)``.
 
 Prints prompts/s and generated tokens/s (median of ``--repeats``), the ratio conpet / HF, the
+memory each arm needs to generate (one more, untimed pass per arm: the rise of the process's
+resident memory above what it held before the pass, and on a GPU the peak of allocated device
+memory above it; both arms share the process, so the models each holds are listed apart: conpet
+answers with the run's one backbone, the HF arm needs a second, causal-LM copy), the
 share of prompts whose answers are token-identical and each arm's exact match (with a random
 adapter: a sanity check of the answers, not a result). In fp32 the two arms compute the same
 model; in bf16 conpet keeps HF Trainer-style mixed precision (fp32 residual stream and norms,
@@ -30,6 +34,9 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+
+from record import write_record
+from rss import Sampler, rss_mb
 
 warnings.filterwarnings("ignore")
 
@@ -55,6 +62,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="auto", help="auto (bf16 where the device has it) or fp32, both arms")
+    p.add_argument("--json", type=Path, default=None, help="write the figures as a record (bench/record.py)")
     args = p.parse_args()
 
     cfg = RunConfig(model=args.model, data=DataConfig(benchmark=args.benchmark),
@@ -85,11 +93,16 @@ def main() -> None:
                                                   args.max_new_tokens, engine.compute)))
         return out
 
+    def model_mb(model) -> float:
+        return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
+
+    before_hf_mb = rss_mb()
     with tempfile.TemporaryDirectory() as tmp:
         ctx.pet.save(learner.model, learner.module_name, Path(tmp))
         causal = AutoModelForCausalLM.from_pretrained(str(ctx.backbone.path), dtype=dtype).to(args.device).eval()
         decoder = PeftModel.from_pretrained(AutoModel.from_pretrained(str(ctx.backbone.path), dtype=dtype), tmp)
         causal.model = decoder.base_model.model.to(args.device).eval()
+    hf_load_mb = rss_mb() - before_hf_mb
 
     @torch.no_grad()
     def hf_arm() -> dict[int, list[int]]:
@@ -116,6 +129,26 @@ def main() -> None:
 
     hf_s, hf_out = timed(hf_arm)
     ours_s, ours_out = timed(conpet_arm)
+
+    def memory(arm) -> dict:
+        """One untimed pass: resident (and device) memory above what the process held before it."""
+        cuda = args.device.startswith("cuda")
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base_dev = torch.cuda.memory_allocated()
+        sampler = Sampler().start()
+        with sampler.phase("generate"):
+            arm()
+        sampler.stop()
+        span = sampler.spans[-1]
+        out = {"rss_rise_mb": span["peak_mb"] - span["entry_mb"], "rss_peak_mb": span["peak_mb"]}
+        if cuda:
+            out["device_rise_mb"] = (torch.cuda.max_memory_allocated() - base_dev) / 2**20
+        return out
+
+    mem = {"hf": memory(hf_arm), "conpet": memory(conpet_arm)}
+    held = {"conpet": model_mb(learner.model), "hf": model_mb(causal)}
     tokens = sum(len(v) for v in ours_out.values())
     hf_tokens = sum(len(v) for v in hf_out.values())
     same = sum(ours_out[i] == hf_out[i] for i in rows) / len(rows)
@@ -131,6 +164,18 @@ def main() -> None:
     print(f"{'conpet':8s} {ours_s:8.2f} {len(rows) / ours_s:10.1f} {tokens / ours_s:9.1f}")
     print(f"\nconpet / hf: prompts/s x{hf_s / ours_s:.2f}; identical answers {100 * same:.1f}% of prompts; "
           f"exact match hf {100 * exact_match(hf_out):.1f}%, conpet {100 * exact_match(ours_out):.1f}%")
+    print("\nmemory (MB): the model each arm holds (weights + buffers), the rise of resident memory while it generates"
+          + (", the rise of allocated device memory" if args.device.startswith("cuda") else ""))
+    for arm in ("hf", "conpet"):
+        device = f", device +{mem[arm]['device_rise_mb']:.0f}" if "device_rise_mb" in mem[arm] else ""
+        print(f"{arm:8s} model {held[arm]:7.0f}  generation RSS +{mem[arm]['rss_rise_mb']:.0f}{device}")
+    print(f"loading the HF arm's causal-LM copy and its adapter raised resident memory by {hf_load_mb:.0f} MB")
+    if args.json:
+        write_record(args.json, {"args": {k: str(v) for k, v in vars(args).items()}, "precision": engine.precision,
+                                 "prompts": len(rows), "seconds": {"hf": hf_s, "conpet": ours_s},
+                                 "tokens": {"hf": hf_tokens, "conpet": tokens}, "identical_answers": same,
+                                 "model_mb": held, "memory": mem, "hf_load_rss_mb": hf_load_mb},
+                     device=args.device)
     learner.close()
 
 

@@ -170,9 +170,25 @@ def perplexity(model: nn.Module, lm_head: nn.Module, chunks: Sequence[Sequence[i
         ids, mask = right_padded(batch, 0, device)
         with compute.autocast():
             hidden = token_states(last_hidden(model(input_ids=ids, attention_mask=mask)), ids.shape[1])
-            logits = lm_head(hidden[:, :-1]).float()
-        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
         keep = mask[:, 1:].bool()
-        total += float(nll[keep].sum())
-        count += int(keep.sum())
+        states, targets = hidden[:, :-1][keep], ids[:, 1:][keep]
+        total += scored_nll(lm_head, states, targets, compute)
+        count += len(targets)
     return math.exp(total / max(1, count))
+
+
+LOGIT_TOKENS = 1024
+"""Most tokens whose vocabulary-wide logits exist at once when scoring text: a batch of 64 chunks
+of 128 tokens would otherwise hold 64 x 127 x 49k fp32 logits (1.6 GB for SmolLM2) plus as much
+again inside the cross-entropy."""
+
+
+def scored_nll(lm_head: nn.Module, states: torch.Tensor, targets: torch.Tensor, compute: Compute) -> float:
+    """Sum of the next-token negative log-likelihoods of ``targets`` [tokens] from their hidden
+    ``states`` [tokens, hidden], the logits made :data:`LOGIT_TOKENS` tokens at a time."""
+    total = 0.0
+    for s in range(0, len(targets), LOGIT_TOKENS):
+        with compute.autocast():
+            logits = lm_head(states[s:s + LOGIT_TOKENS]).float()
+        total += float(F.cross_entropy(logits, targets[s:s + LOGIT_TOKENS], reduction="sum"))
+    return total
