@@ -19,7 +19,7 @@ seconds per task (``torch_threads`` in the record says how many threads ran it),
 parameters. Means ± sample std over the recorded seeds (``--report --seeds N``: over seeds below N only,
 for a same-seed comparison while a table is still filling). A table keeps one ``train.top_layers``
 (in its record's setup; each row also records the number its run resolved ``auto`` to), but for
-the learners of ``OWN_PET``, which run with ``auto``.
+the learners built around a PET method of their own (``requires_pet``: CoFiTune), which run with ``auto``.
 """
 
 from __future__ import annotations
@@ -37,14 +37,10 @@ from record import provenance, write_record
 
 from conpet.build import prepare
 from conpet.config import from_dict, spec_dir_name
+from conpet.learners import get_learner
 from conpet.metrics import learning_accuracy
 from conpet.runner import resume, run
 from conpet.runs import load_run_config
-
-OWN_PET = {"cofitune": "cofitune"}
-"""Learners that train a PET method of their own, at its own layers: they run with
-``train.top_layers: auto`` (the cache stops below those layers), whatever the table's setting."""
-
 
 def summary(m: dict) -> dict:
     """The table's numbers of one finished one-seed run (``metrics.json``)."""
@@ -127,7 +123,7 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> int:
                 if any(out.glob("seed-*/state.json")):
                     resume(out, progress=False)
                 else:
-                    pet = OWN_PET.get(learner.split("[")[0], "lora")
+                    pet = get_learner(learner.split("[")[0]).requires_pet or "lora"
                     train = {**base["train"], "top_layers": "auto"} if pet != "lora" else base["train"]
                     cfg = from_dict({**base, "train": train, "learner": learner, "seed": seed, "out": str(out),
                                      "pet": {"method": pet}})

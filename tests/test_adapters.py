@@ -72,12 +72,13 @@ def test_merge_run_is_dw_merge_and_a_plain_peft_adapter(dynamic_run, tmp_path):
         err = torch.linalg.matrix_norm(got[path] - want[path]) / torch.linalg.matrix_norm(want[path])
         assert float(err) == pytest.approx(expected.errors[path], abs=1e-4)
     assert len(predict(out, ROWS)) == len(ROWS)
+    assert [f.name for f in export_peft(out, tmp_path / "export")] == ["task-02"]  # one module now
 
 
 def test_merge_refuses_a_run_without_per_task_modules(tmp_path, tiny_encoder, typing_data, capsys):
     run = _run(tiny_encoder, typing_data, tmp_path / "seq", "sequential")
     assert main(["merge", str(run), "--out", str(tmp_path / "m")]) == 2
-    assert "merging needs one module per task" in capsys.readouterr().err
+    assert "merging needs one module and one head per task" in capsys.readouterr().err
 
 
 def test_compressed_run_predicts_exactly_as_its_decompressed_update(dynamic_run, tmp_path):
@@ -102,7 +103,7 @@ def test_export_writes_plain_peft_folders_that_peft_loads(dynamic_run, tmp_path,
 
     run, _ = dynamic_run
     folders = export_peft(run, tmp_path / "export")
-    assert [f.name for f in folders] == ["task-01", "task-02", "selector"]
+    assert [f.name for f in folders] == ["task-01", "task-02", "selector"]  # learner.json: one module per task
     model = PeftModel.from_pretrained(AutoModel.from_pretrained(str(tiny_encoder)), str(folders[0]))
     assert any("lora_A" in n for n, _ in model.named_parameters())
 
@@ -115,3 +116,14 @@ def test_evaluate_matches_the_run_metrics(dynamic_run, capsys):
     metrics = json.loads((run / "seed-0" / "metrics.json").read_text())
     out = capsys.readouterr().out
     assert f"average accuracy {100 * metrics['average_accuracy']:.2f}%" in out
+
+
+def test_a_run_records_its_learner_and_export_reads_it(dynamic_run):
+    import json
+
+    from conpet.learners import CAPABILITIES, LEARNERS
+
+    run, _ = dynamic_run
+    recorded = json.loads((run / "learner.json").read_text())
+    assert recorded["name"] == "dynamic" and recorded["paper"] == LEARNERS["dynamic"].paper
+    assert {k: recorded[k] for k in CAPABILITIES} == {k: getattr(LEARNERS["dynamic"], k) for k in CAPABILITIES}

@@ -217,3 +217,26 @@ def test_the_cpu_by_design_list_has_no_stale_entry():
         functions |= {f"{rel}:{n.name}" for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
                       if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
     assert set(CPU_BY_DESIGN) <= functions, set(CPU_BY_DESIGN) - functions
+
+
+def learner_name_comparisons() -> list[str]:
+    """``file:line`` of every comparison of a ``.learner`` attribute (a run's learner name) with a
+    string outside the learners' own files: what a learner can do is read from its declared
+    capabilities (``conpet.learners.CAPABILITIES``), never from its name."""
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        if rel.startswith("learners/"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                if (any(isinstance(s, ast.Attribute) and s.attr == "learner" for s in sides)
+                        and any(isinstance(s, ast.Constant) and isinstance(s.value, str) for s in sides)):
+                    found.append(f"{rel}:{node.lineno}")
+    return found
+
+
+def test_no_code_outside_the_learners_compares_a_learner_name():
+    found = learner_name_comparisons()
+    assert not found, "read a capability (Learner.module_per_task, .routes...) instead: " + ", ".join(found)

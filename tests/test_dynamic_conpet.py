@@ -48,8 +48,8 @@ def test_prediction_fills_only_the_selected_experts_columns(tiny_encoder, typing
     learner.learn(0)
     learner.learn(1)
     rows = learner.ctx.stream.tasks[1].test + learner.ctx.stream.tasks[0].test
-    logits = learner.logits(rows)
-    top, probs = learner.last_selection
+    logits, (top, probs) = learner.logits_and_route(rows)
+    assert torch.equal(learner.logits(rows), logits)
     assert logits.shape == (len(rows), 4) and top.shape == (len(rows), 1)
     for r in range(len(rows)):
         t = int(top[r, 0])

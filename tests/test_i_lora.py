@@ -193,7 +193,7 @@ def test_runs_on_a_generative_stream(tiny_decoder, tmp_path, capsys):
 
 @pytest.mark.parametrize("options,match", [
     ({"buffer_size": 0}, "buffer_size: must be >= 1"),
-    ({"ema_alpha": 1.5}, "ema_alpha: 1.5 is above 1"),
+    ({"ema_alpha": 1.5}, "ema_alpha: must be <= 1.0, got 1.5"),
     ({"reg_weight": -1.0}, "reg_weight: must be >= 0"),
     ({"eval_module": "ema"}, "eval_module: must be one of fast, slow"),
     ({"buffersize": 10}, "did you mean 'buffer_size'"),

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conpet.config import from_dict
+from conpet.config import from_dict, load_config
 from conpet.runner import run
 
 
@@ -68,6 +68,18 @@ def test_seeds_are_aggregated_and_reproducible(tiny_encoder, typing_data, tmp_pa
     assert m2["n_seeds"] == 2 and m2["seeds"] == [0, 1] and "average_accuracy" in m2["std"]
     again = run(_cfg(tiny_encoder, data, tasks, tmp_path / "b", seeds=1), progress=False)
     assert again["accuracy_matrix"] == m2["per_seed"][0]["accuracy_matrix"]
+
+
+def test_run_leaves_its_config_unchanged_and_records_what_it_resolved(tiny_decoder, typing_data, tmp_path):
+    data, tasks = typing_data
+    cfg = _cfg(tiny_decoder, data, tasks, tmp_path / "a", seeds=1)
+    before = cfg.to_dict()
+    first = run(cfg, progress=False)
+    assert cfg.to_dict() == before  # "auto" stays "auto": nothing written back
+    cfg.out = str(tmp_path / "b")  # the same config object, run again
+    assert run(cfg, progress=False)["accuracy_matrix"] == first["accuracy_matrix"]
+    saved = load_config(str(tmp_path / "a" / "config.yaml"))
+    assert saved.backbone.pooling == "cloze" and saved.train.top_layers != "auto"
 
 
 def test_a_seed_finished_before_a_metric_existed_gains_it_on_resume(tiny_encoder, typing_data, tmp_path):

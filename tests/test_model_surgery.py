@@ -123,7 +123,8 @@ def test_retrieval_gives_the_official_per_row_loop_over_all_modules(tiny_encoder
     ctx, pet, model = learner.ctx, learner.ctx.pet, learner.model
     rows = [i for task in prepared.stream.tasks for i in task.test]
     with torch.no_grad():
-        got = learner.logits(rows).exp() * 2
+        logits, route = learner.logits_and_route(rows)
+        got = logits.exp() * 2
         feats = []
         for j in range(3):  # all T modules up front, one at a time (no per-row routing)
             pet.activate(model, module_name(j))
@@ -141,7 +142,8 @@ def test_retrieval_gives_the_official_per_row_loop_over_all_modules(tiny_encoder
                 prev = task
             expected = F.softmax(cur[0], dim=-1) + F.softmax(proto[r] * 3, dim=-1)
             assert torch.allclose(got[r], expected, atol=1e-5), r
-    assert learner.last_selection[0].shape == (len(rows), 1)
+    assert route.tasks.shape == (len(rows), 1) and route.confidence.shape == (len(rows), learner.n_tasks)
+    assert torch.allclose(route.confidence.sum(-1), torch.ones(len(rows)), atol=1e-5)
     learner.close()
 
 
@@ -220,7 +222,7 @@ def test_runs_on_a_generative_stream_retrieving_the_module_that_generates(tiny_d
 
 
 @pytest.mark.parametrize("options,match", [
-    ({"adapter_momentum": 1.5}, "adapter_momentum: 1.5 is above 1"),
+    ({"adapter_momentum": 1.5}, "adapter_momentum: must be <= 1.0, got 1.5"),
     ({"covariance": "multi-centroid"}, "covariance: must be one of full, diagonal"),
     ({"max_refine": 0}, "max_refine: must be >= 1"),
     ({"align_lr": 0.0}, "align_lr: must be > 0"),

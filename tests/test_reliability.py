@@ -24,19 +24,18 @@ from safetensors.torch import load_file
 
 from conpet.cli import main
 from conpet.errors import ModelError
+from conpet.learners import get_learner
 from conpet.runs import recover_interrupted, verify_run
 
 LEARNERS = ["sequential", "ewc*", "lwf", "ea-emr*", "dynamic[top_k=2]", "merge[rank=4]", "o-lora", "lae", "crl*",
             "i-lora", "osf", "cofitune", "zscl", "model-surgery", "inflora"]
-PET_OF = {"cofitune": "cofitune"}
-"""Learners that train a PET method of their own (the others run on the default LoRA)."""
 DECODER_ONLY = {"zscl"}
 """Learners that distil next-token distributions: they need a causal LM."""
 
 
 def _args(model: Path, data: tuple[Path, Path], out: Path, learner: str) -> list[str]:
     return ["run", "--model", str(model), "--data", str(data[0]), "--tasks", str(data[1]), "--learner", learner,
-            "--pet", PET_OF.get(learner, "lora"),
+            "--pet", get_learner(learner.split("[")[0]).requires_pet or "lora",
             "--epochs", "3", "--batch-size", "4", "--no-progress", "--set", "train.checkpoint_seconds=0",
             "--out", str(out)]
 

@@ -28,8 +28,8 @@ from conpet.compress import compress_lora_folder, decompress_lora_folder, is_com
 from conpet.errors import ConfigError, ConpetError, ModelError
 from conpet.heads import GrowingHead, concat_heads
 from conpet.merging import get_merge_method, merge_state
-from conpet.runs import (adapter_dir, atomic_directory, atomic_write_json, atomic_write_text, check_safe_folder,
-                         finished_run)
+from conpet.runs import (LEARNER_FILE, adapter_dir, atomic_directory, atomic_write_json, atomic_write_text,
+                         check_safe_folder, finished_run, run_learner)
 
 LoraFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """module path -> (A [r, in], B [out, r])"""
@@ -167,14 +167,16 @@ def merge_lora(modules: list[tuple[dict, LoraFactors]], method: str, rank: int, 
 # -- whole runs -------------------------------------------------------------------------------------
 def merge_run(run_dir: str | Path, method: str, rank: int, out: str | Path, seed: int | None = None,
               **options) -> dict:
-    """Merge the per-task experts of a ``dynamic`` run into one LoRA module (on dW, then rank
+    """Merge the per-task experts of a run with a module and a head per task and a selector
+    (``dynamic``) into one LoRA module (on dW, then rank
     ``rank`` by SVD) plus the concatenation of their heads; write ``out`` as a run directory
     (learner ``merge``) that ``conpet predict``/``evaluate`` load, and whose module is a plain
     peft adapter. Returns the reconstruction errors."""
     cfg, seed, tasks, sdir = finished_run(Path(run_dir), seed)
-    if cfg.learner != "dynamic":
-        raise ConpetError(f"{run_dir}: merging needs one module per task (a `dynamic` run's experts); "
-                          f"this run's learner is '{cfg.learner}'")
+    learner = run_learner(run_dir)
+    if not (learner["module_per_task"] and learner["routes"] == "selector"):
+        raise ConpetError(f"{run_dir}: merging needs one module and one head per task (the experts of a learner "
+                          f"that routes with a selector, such as `dynamic`); this run's learner is '{cfg.learner}'")
     folders = [adapter_dir(run_dir, seed, task) for task in tasks]
     modules = [read_lora(f) for f in folders]
     heads = [GrowingHead.load(f) for f in folders]
@@ -188,6 +190,9 @@ def merge_run(run_dir: str | Path, method: str, rank: int, out: str | Path, seed
     with atomic_directory(out) as tmp:
         atomic_write_text(tmp / "config.yaml", merged_cfg.to_yaml())
         shutil.copy2(Path(run_dir) / "stream.json", tmp / "stream.json")
+        # the merged run holds one module that answers every input, whatever its source held
+        atomic_write_json(tmp / LEARNER_FILE, {**learner, "name": "merge", "paper": None, "merged_from": learner["name"],
+                                             "module_per_task": False, "routes": None})
         folder = adapter_dir(tmp, seed, tasks[-1])
         folder.mkdir(parents=True)
         template = {k: v for k, v in modules[0][0].items()}
@@ -211,8 +216,9 @@ def compress_run(run_dir: str | Path, density: float, out: str | Path, alpha: fl
         raise ConpetError(f"--density must be in (0, 1], got {density}")
     original = compressed = 0
     with atomic_directory(out) as tmp:
-        for name in ("config.yaml", "stream.json"):
-            shutil.copy2(run_dir / name, tmp / name)
+        for name in ("config.yaml", "stream.json", LEARNER_FILE):
+            if (run_dir / name).is_file():
+                shutil.copy2(run_dir / name, tmp / name)
         for weights in sorted(run_dir.glob("seed-*/adapters/**/adapter_model.safetensors")):
             src = weights.parent
             dst = tmp / src.relative_to(run_dir)
@@ -233,12 +239,13 @@ def compress_run(run_dir: str | Path, density: float, out: str | Path, alpha: fl
 
 def export_peft(run_dir: str | Path, out: str | Path, seed: int | None = None) -> list[Path]:
     """Write the run's final modules as plain peft LoRA folders (decompressed if needed) under
-    ``out``: one folder per module that prediction uses (every expert and the selector of a
-    ``dynamic`` run; the one module of any other learner)."""
+    ``out``: one folder per module that prediction uses (every task's module of a learner with a
+    module per task, and its selector where it routes with one; the one module of any other)."""
     cfg, seed, tasks, sdir = finished_run(Path(run_dir), seed)
-    chosen = [(task, adapter_dir(run_dir, seed, task)) for task in (tasks if cfg.learner == "dynamic" else tasks[-1:])]
+    learner = run_learner(run_dir)
+    chosen = [(task, adapter_dir(run_dir, seed, task)) for task in (tasks if learner["module_per_task"] else tasks[-1:])]
     selector = adapter_dir(run_dir, seed, tasks[-1]) / "selector"
-    if cfg.learner == "dynamic" and selector.is_dir():
+    if learner["routes"] == "selector" and selector.is_dir():
         chosen.append(("selector", selector))
     written = []
     for name, src in chosen:

@@ -70,7 +70,11 @@ def compute_of(cfg: RunConfig) -> Compute:
 def check(cfg: RunConfig) -> None:
     """Check what needs no model (learner and PET options, device, precision, quantization) before
     anything is written or loaded."""
-    get_learner(cfg.learner).check_options(cfg)
+    learner = get_learner(cfg.learner)
+    if learner.requires_pet and cfg.pet.method != learner.requires_pet:
+        raise ConfigError(f"learner '{cfg.learner}' is built around {learner.requires_pet} modules; it needs "
+                          f"pet.method: {learner.requires_pet} (--pet {learner.requires_pet}), not '{cfg.pet.method}'")
+    learner.check_options(cfg)
     pet = get_pet(cfg.pet.method, cfg.pet.options)
     compute = compute_of(cfg)
     if cfg.backbone.quantize:

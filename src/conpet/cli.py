@@ -98,6 +98,7 @@ def cmd_run(args) -> int:
         overrides["learner"] = name
     cfg = load_config(args.config, overrides, args.sets)
     cfg.learner_options.update(options)
+    cfg.out = cfg.out or str(default_out(cfg))
     progress = None if not args.no_progress else False
     metrics = run(cfg, progress=progress)
     if not distributed.is_main():  # one process prints (torchrun, accelerate launch)
@@ -293,7 +294,9 @@ def cmd_list(args) -> int:
         for name, cls in sorted(LEARNERS.items()):
             doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
             paper = cls.paper
-            works = ["generative streams"] * cls.generative + ["backbone.fsdp"] * cls.shards_backbone
+            works = (["generative streams"] * cls.generative + ["backbone.fsdp"] * cls.shards_backbone
+                     + ["a module per task"] * cls.module_per_task + [f"routes by {cls.routes}"] * bool(cls.routes)
+                     + [f"needs --pet {cls.requires_pet}"] * bool(cls.requires_pet))
             print(f"{name:12s} {doc}" + (f"\n{'':12s} paper: {paper}" if paper else "")
                   + (f"\n{'':12s} also: {', '.join(works)}" if works else ""))
     else:

@@ -16,7 +16,6 @@ to a default.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import types
 import typing
@@ -27,7 +26,7 @@ from typing import Any
 import yaml
 
 from conpet.device import PRECISIONS
-from conpet.errors import ConfigError, read_user_text
+from conpet.errors import ConfigError, choices_hint, read_user_text
 
 
 AUTO_BEFORE_2026_12_05 = "auto-4"
@@ -232,8 +231,7 @@ def _build(cls: type, values: dict[str, Any], where: str, prefix: str = "") -> A
     kwargs = {}
     for key, value in values.items():
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+            hint = choices_hint(str(key), names, prefix=prefix, cutoff=0.6, listing="known")
             raise ConfigError(f"{where}: unknown key '{prefix}{key}'{hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
@@ -242,11 +240,8 @@ def _build(cls: type, values: dict[str, Any], where: str, prefix: str = "") -> A
         if tp in (float, float | None):
             if isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
-            elif isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-                try:
-                    value = float(value)
-                except ValueError:
-                    pass
+            else:
+                value = yaml_number(value)
         if not _type_ok(value, tp):
             raise ConfigError(f"{where}: '{prefix}{key}' must be {_type_name(tp)}, got {value!r}")
         kwargs[key] = value
@@ -352,12 +347,17 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+    return key.strip(), yaml_number(value)
+
+
+def yaml_number(value: Any) -> Any:
+    """``value``, or the float a string spells: YAML 1.1 (PyYAML) reads ``1e-4`` as a string."""
+    if isinstance(value, str):
         try:
-            value = float(value)
+            return float(value)
         except ValueError:
             pass
-    return key.strip(), value
+    return value
 
 
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None,

@@ -27,15 +27,22 @@ class ConpetWarning(UserWarning):
     ``conpet: warning: ...``; library users can filter it with :mod:`warnings`)."""
 
 
-def choices_hint(name: str, known) -> str:
-    """What to tell a user who named an unknown ``name``: the closest of ``known`` (``-`` and ``_``
-    count as the same), else all of them."""
+def closest(name: str, known, cutoff: float = 0.75) -> str | None:
+    """The one of ``known`` a misspelt ``name`` most likely meant (``-`` and ``_`` count as the
+    same), or ``None``: the one did-you-mean of conpet's errors."""
     import difflib
 
+    folded = {str(k).replace("-", "_"): k for k in known}
+    close = difflib.get_close_matches(str(name).replace("-", "_"), list(folded), n=1, cutoff=cutoff)
+    return folded[close[0]] if close else None
+
+
+def choices_hint(name: str, known, prefix: str = "", cutoff: float = 0.75, listing: str = "available") -> str:
+    """What to tell a user who named an unknown ``name``: the closest of ``known`` (as
+    ``prefix`` + it), else all of them."""
     known = sorted(known)
-    folded = {k.replace("-", "_"): k for k in known}
-    close = [folded[c] for c in difflib.get_close_matches(name.replace("-", "_"), list(folded), n=1, cutoff=0.75)]
-    return f" (did you mean '{close[0]}'?)" if close else f" (available: {', '.join(known)})"
+    close = closest(name, known, cutoff)
+    return f" (did you mean '{prefix}{close}'?)" if close else f" ({listing}: {', '.join(known) or 'none'})"
 
 
 def warn(message: str) -> None:

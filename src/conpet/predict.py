@@ -51,31 +51,28 @@ def predict(run_dir: str | Path, rows: list[Row], seed: int | None = None, batch
             out = []
             for start in range(0, len(rows), batch_size):
                 indices = list(range(start, min(start + batch_size, len(rows))))
-                answers = learner.generate(indices)
-                selection = getattr(learner, "last_selection", None)
+                answers, route = learner.generate_and_route(indices)
                 for r, (i, answer) in enumerate(zip(indices, answers)):
                     item = {"prompt": rows[i].text, "answer": answer, "tasks": task_names}
-                    if selection is not None:  # Dynamic ConPET: the expert that answered
-                        task = int(selection[0][r, 0])
+                    if route is not None:  # a learner that routes: the module that answered
+                        task = int(route.tasks[r, 0])
                         item["tasks"] = [task_names[task]]
-                        item["selector_confidence"] = [float(selection[1][r, task])]
+                        item["selector_confidence"] = [float(route.confidence[r, task])]
                     out.append(item)
             return out
         out = []
         for start in range(0, len(rows), batch_size):
             indices = list(range(start, min(start + batch_size, len(rows))))
             with engine.compute.autocast():
-                logits = learner.logits(indices).float()
-            probs = torch.softmax(logits, dim=-1).cpu()
-            selection = getattr(learner, "last_selection", None)
+                logits, route = learner.logits_and_route(indices)
+            probs = torch.softmax(logits.float(), dim=-1).cpu()
             for r, i in enumerate(indices):
                 k = int(probs[r].argmax())
                 label = stream.labels[k]
                 item = {"text": rows[i].text, "label": label, "probability": float(probs[r, k])}
-                if selection is not None:
-                    top, sel = selection
-                    item["tasks"] = [task_names[int(t)] for t in top[r]]
-                    item["selector_confidence"] = [float(sel[r, int(t)]) for t in top[r]]
+                if route is not None:
+                    item["tasks"] = [task_names[int(t)] for t in route.tasks[r]]
+                    item["selector_confidence"] = [float(route.confidence[r, int(t)]) for t in route.tasks[r]]
                 else:
                     item["tasks"] = [task_names[t] for t, task in enumerate(stream.tasks) if label in task.labels]
                 item["confidence"] = item.get("selector_confidence", [item["probability"]])[0]

@@ -9,6 +9,7 @@ This is the library entry point behind ``conpet run``::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -33,11 +34,11 @@ from conpet.config import RunConfig, default_out, parse_learner_spec, spec_dir_n
 from conpet.data.stream import Stream, reorder_tasks
 from conpet.errors import ConpetError
 from conpet.evaluation import evaluate, evaluate_generation, reference_chunks, task_metric
-from conpet.learners import Learner
+from conpet.learners import CAPABILITIES, Learner, get_learner
 from conpet.generation import perplexity
 from conpet.plots import write_run_report
-from conpet.runs import (adapter_dir, atomic_directory, atomic_write_json, atomic_write_text, finished_run,
-                         hash_files, load_run_config, read_json, recover_interrupted, seed_dir, write_manifest)
+from conpet.runs import (LEARNER_FILE, adapter_dir, atomic_directory, atomic_write_json, atomic_write_text,
+                         finished_run, hash_files, load_run_config, read_json, recover_interrupted, seed_dir, write_manifest)
 
 __all__ = ["run", "run_many", "run_orders", "resume", "evaluate_run", "prepare", "Prepared"]
 
@@ -230,9 +231,12 @@ def run(cfg: RunConfig, progress: bool | None = None, prepared: Prepared | None 
     """Run ``cfg.seeds`` seeds of the stream; write the run directory; return aggregate metrics.
 
     ``prepared`` (from :func:`conpet.build.prepare`) reuses a loaded backbone and its feature
-    cache, e.g. to compare several learners on the same data and model (see :func:`run_many`)."""
+    cache, e.g. to compare several learners on the same data and model (see :func:`run_many`).
+    ``cfg`` is not changed: what the run resolved (its directory, what ``auto`` chose) is in the
+    run directory's ``config.yaml``."""
     if cfg.orders > 1:
         return run_orders(cfg, progress, prepared)
+    cfg = copy.deepcopy(cfg)
     progress = default_progress() if progress is None else progress
     check(cfg)
     prepared = prepared or prepare(cfg)
@@ -273,7 +277,9 @@ def run_orders(cfg: RunConfig, progress: bool | None = None, prepared: Prepared 
     evaluate and predict work on it as on any run). The backbone is loaded and the rows
     tokenized once. Calling it again on the same ``out`` continues: finished orders are read,
     an interrupted one is resumed. Writes ``out/orders.json``: per order the mean over seeds,
-    and mean ± std over orders (and over every order x seed run) of :data:`ORDER_KEYS`."""
+    and mean ± std over orders (and over every order x seed run) of :data:`ORDER_KEYS`. ``cfg`` is
+    not changed."""
+    cfg = copy.deepcopy(cfg)
     check(cfg)
     prepared = prepared or prepare(dataclasses.replace(cfg, orders=1))
     save_resolved_settings(cfg, prepared)
@@ -345,6 +351,13 @@ def start_run_dir(cfg: RunConfig, out: Path, stream: Stream) -> None:
                           f"or choose another --out")
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
     atomic_write_json(out / "stream.json", stream_description(stream))
+    atomic_write_json(out / LEARNER_FILE, learner_description(cfg.learner))
+
+
+def learner_description(name: str) -> dict:
+    """``learner.json``: the learner's name, paper and declared capabilities."""
+    cls = get_learner(name)
+    return {"name": name, "paper": cls.paper, **{k: getattr(cls, k) for k in CAPABILITIES}}
 
 
 def stream_description(stream: Stream) -> dict:
@@ -380,6 +393,8 @@ def resume(run_dir: str | Path, progress: bool | None = None, device: str | None
     if saved is not None and saved != stream_description(prepared.stream):
         raise ConpetError(f"{out}: the data no longer matches the run's stream.json (tasks or labels changed); "
                           f"cannot resume")
+    if not (out / LEARNER_FILE).is_file():
+        distributed.on_main(atomic_write_json, out / LEARNER_FILE, learner_description(cfg.learner))
     return _run_seeds(cfg, prepared, out, progress, resume=True, on_task=on_task)
 
 

@@ -7,6 +7,7 @@ Folders (a saved adapter) are written into a temporary sibling folder and rename
 Layout of a run directory::
 
     DIR/config.yaml            resolved configuration
+    DIR/learner.json           the learner's paper and capabilities (module per task, routing...)
     DIR/metrics.json           metrics, mean over seeds (+ std and per-seed values)
     DIR/summary.md             readable summary table
     DIR/*.png                  plots
@@ -142,6 +143,20 @@ def finished_run(run_dir: str | os.PathLike, seed: int | None) -> tuple[RunConfi
     if not adapter_dir(run_dir, seed, tasks[-1]).is_dir():
         raise ConpetError(f"{seed_dir(run_dir, seed)}: the run has not finished its last task ({tasks[-1]})")
     return cfg, seed, tasks, seed_dir(run_dir, seed)
+
+
+LEARNER_FILE = "learner.json"
+
+
+def run_learner(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The learner a run was made with, as its ``learner.json`` describes it: ``name``, ``paper``
+    and its capabilities (``module_per_task``, ``routes``, ``generative``...), so that code below
+    the learners (export, merge) reads what a run holds without importing the learner."""
+    path = Path(run_dir) / LEARNER_FILE
+    if not path.is_file():
+        raise ConpetError(f"{run_dir}: no {LEARNER_FILE} (made by an earlier conpet); `conpet run --resume "
+                          f"{run_dir}` writes it")
+    return read_json(path)
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz")

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import yaml
 
 from conpet.data.stream import SPLITS, Row, Stream, Task
-from conpet.errors import DataError, read_user_text, warn
+from conpet.errors import DataError, closest, read_user_text, warn
 
 SPLIT_ALIASES = {"train": "train", "dev": "dev", "valid": "dev", "validation": "dev", "val": "dev", "test": "test"}
 AUTO_SPLIT = (0.7, 0.1, 0.2)
@@ -140,14 +140,12 @@ GENERATIVE_FIELDS = ("prompt", "target", "instruction", "output")
 def _check_fields(record: dict[str, Any], where: str) -> None:
     """A field that looks like a misspelt known field is an error (its data would be lost);
     other extra fields are metadata and are ignored."""
-    import difflib
-
     for name in record:
         if name in KNOWN_FIELDS or not isinstance(name, str):
             continue
-        close = difflib.get_close_matches(name.lower(), KNOWN_FIELDS, n=1, cutoff=0.75)
-        if close and name.lower() != close[0]:
-            raise DataError(f"{where}: unknown field '{name}' (did you mean '{close[0]}'?)")
+        close = closest(name.lower(), KNOWN_FIELDS)
+        if close and name.lower() != close:
+            raise DataError(f"{where}: unknown field '{name}' (did you mean '{close}'?)")
         if name.lower() in KNOWN_FIELDS:
             raise DataError(f"{where}: unknown field '{name}' (field names are lower case: '{name.lower()}')")
 

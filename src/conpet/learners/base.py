@@ -7,13 +7,17 @@ A learner implements:
 - ``logits(indices)``: logits over the classes seen so far, in the stream's label order;
 - ``save(t, folder)``: write its modules after task ``t`` (peft adapter + head);
 - ``tunable_params()`` and ``close()``.
+
+What a learner can do is declared once, as class attributes (its *capabilities*): ``generative``,
+``needs_lm_head``, ``shards_backbone``, ``module_per_task``, ``routes``, ``requires_pet``. Build,
+prediction, export and the tests read them, never a learner's name.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +37,20 @@ from conpet.replay import ExemplarMemory
 from conpet.runs import adapter_dir
 
 LEARNERS: dict[str, type["Learner"]] = {}
+CAPABILITIES = ("generative", "needs_lm_head", "shards_backbone", "module_per_task", "routes", "requires_pet")
+"""The class attributes that declare what a learner can do (``learner.json`` of a run records them)."""
+CONPET_PAPER = "Song et al. 2023, ConPET: Continual Parameter-Efficient Tuning for Large Language Models (arXiv 2309.14763)"
+"""ConPET's paper: Static and Dynamic ConPET, and the lower and upper bounds it measures against."""
+ROUTES = ("selector", "prototype")
+"""How a learner with a module per task can choose the module of a row (:attr:`Learner.routes`)."""
+
+
+class Route(NamedTuple):
+    """Where a routing learner sent each row: ``tasks`` [rows, k], the tasks whose modules answered
+    (best first), and ``confidence`` [rows, tasks seen], the router's probability of every task."""
+
+    tasks: torch.Tensor
+    confidence: torch.Tensor
 
 
 def register_learner(name: str) -> Callable[[type["Learner"]], type["Learner"]]:
@@ -56,6 +74,16 @@ class Learner:
     shards_backbone: ClassVar[bool] = False
     """Whether the learner runs with ``backbone.fsdp`` (a sharded backbone): every forward pass it
     makes must run on every process in the same order (they are collectives), and it is tested so."""
+    module_per_task: ClassVar[bool] = False
+    """Whether the learner keeps one PET module per task, every one of them used at prediction
+    (export writes each), rather than one module that answers every input."""
+    routes: ClassVar[str | None] = None
+    """How a prediction picks the module of each row, for a learner with :attr:`module_per_task`:
+    ``"selector"`` (a learned PET module selector), ``"prototype"`` (retrieval by class prototypes);
+    ``None``: no routing. A routing learner returns its :class:`Route` from
+    :meth:`logits_and_route` and :meth:`generate_and_route`."""
+    requires_pet: ClassVar[str | None] = None
+    """The PET method the learner is built around (``pet.method`` must name it), or ``None``."""
     options: ClassVar[dict[str, Option]] = {}
     """The learner's options (:class:`conpet.learners.options.Option`), declared once."""
 
@@ -88,6 +116,18 @@ class Learner:
 
     def logits(self, indices: list[int]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def logits_and_route(self, indices: list[int]) -> tuple[torch.Tensor, Route | None]:
+        """:meth:`logits` and, for a learner that :attr:`routes`, where each row went."""
+        return self.logits(indices), None
+
+    def generate(self, indices: list[int]) -> list[str]:  # pragma: no cover - abstract
+        """Greedy answers to the prompts of rows ``indices`` (generative streams)."""
+        raise NotImplementedError
+
+    def generate_and_route(self, indices: list[int]) -> tuple[list[str], Route | None]:
+        """:meth:`generate` and, for a learner that :attr:`routes`, the module each prompt went to."""
+        return self.generate(indices), None
 
     def save(self, t: int, folder: Path) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

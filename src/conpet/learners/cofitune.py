@@ -87,6 +87,7 @@ class CoFiTune(OneModuleLearner):
     paper = ("Zhang et al. 2024, Balancing Speciality and Versatility: a Coarse to Fine Framework for Supervised "
              "Fine-tuning Large Language Model")
     generative = True
+    requires_pet = "cofitune"  # the coarse level: full FFN up/down matrices of a layer window
     options = {
         "apply_softmask": Option("input_projection,output_projection", str,
                                  choices=("input_projection,output_projection", "input_projection",
@@ -104,9 +105,6 @@ class CoFiTune(OneModuleLearner):
 
     @classmethod
     def validate(cls, cfg, opts) -> None:
-        if cfg.pet.method != "cofitune":
-            raise ConfigError(f"learner 'cofitune' trains CoFiTune's coarse level (full FFN up/down matrices of a "
-                              f"layer window); it needs pet.method: cofitune (--pet cofitune), not '{cfg.pet.method}'")
         if not 0.0 < opts["importance_dropout"] < 1.0:
             raise ConfigError(f"learner_options.importance_dropout: must be in (0, 1) (without dropout the two passes "
                               f"are identical and the importance is 0), got {opts['importance_dropout']}")

@@ -32,6 +32,7 @@ class EAEMR(EMR):
     """EMR + a linear embedding alignment applied before the head (Wang et al. 2019)."""
 
     name = "ea-emr"
+    paper = "Wang et al. 2019, Sentence Embedding Alignment for Lifelong Relation Extraction (NAACL)"
     generative = False  # the alignment maps features before a classification head
     shards_backbone = False  # not tried with backbone.fsdp
     options = {"align_lr": Option(1e-4, float, minimum=0.0, help="Adam learning rate of the alignment refit"),

@@ -23,6 +23,7 @@ class EMR(Plugin):
     generative = True
 
     name = "emr"
+    paper = "Wang et al. 2019, Sentence Embedding Alignment for Lifelong Relation Extraction (NAACL)"
     shards_backbone = True
 
     def needs_memory(self) -> bool:

@@ -35,6 +35,7 @@ class EWC(Plugin):
     generative = True
 
     name = "ewc"
+    paper = "Kirkpatrick et al. 2017, Overcoming catastrophic forgetting in neural networks (PNAS)"
     shards_backbone = True
     options = {"ewc_lambda": Option(1.0, float, minimum=0.0, help="weight of the EWC penalty"),
                "fisher_samples": Option(256, int, minimum=1, help="training rows of a task the Fisher is estimated on")}

@@ -95,14 +95,9 @@ class ILoRA(OneModuleLearner):
     generative = True
     options = {"buffer_size": Option(500, int, minimum=1, help="reservoir buffer size (training rows)"),
                "reg_weight": Option(1.0, float, minimum=0.0, help="weight of the hidden-state consistency loss"),
-               "ema_alpha": Option(0.25, float, minimum=0.0,
+               "ema_alpha": Option(0.25, float, minimum=0.0, maximum=1.0,
                                    help="cap of the slow module's EMA weight alpha = min(1 - 1/(step+1), ema_alpha)"),
                "eval_module": Option("fast", str, choices=("fast", "slow"), help="the module that answers")}
-
-    @classmethod
-    def validate(cls, cfg, opts) -> None:
-        if opts["ema_alpha"] > 1.0:
-            raise ConfigError(f"learner_options.ema_alpha: {opts['ema_alpha']} is above 1")
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)

@@ -7,13 +7,14 @@ point of comparison for learners whose cost does not.
 
 from __future__ import annotations
 
-from conpet.learners.base import OneModuleLearner, register_learner
+from conpet.learners.base import CONPET_PAPER, OneModuleLearner, register_learner
 
 
 @register_learner("joint")
 class Joint(OneModuleLearner):
     """A fresh PET module trained on all tasks seen so far at every step (the upper bound)."""
 
+    paper = f"{CONPET_PAPER} (its multi-task upper bound)"
     generative = True
     shards_backbone = True
 

@@ -23,6 +23,7 @@ class L2(Plugin):
     generative = True
 
     name = "l2"
+    paper = "Smith et al. 2023, A Closer Look at Rehearsal-Free Continual Learning (CVPR workshops)"
     shards_backbone = True
     options = {"l2_lambda": Option(1.0, float, minimum=0.0, help="weight of the L2 penalty")}
 

@@ -50,15 +50,10 @@ class LAE(OneModuleLearner):
     paper = "Gao et al. 2023, A Unified Continual Learning Framework with General Parameter-Efficient Tuning"
     shards_backbone = True
     generative = True
-    options = {"ema_decay": Option(0.9999, float, minimum=0.0, help="EMA decay of the offline module"),
+    options = {"ema_decay": Option(0.9999, float, minimum=0.0, maximum=1.0, help="EMA decay of the offline module"),
                "freeze_epochs": Option(None, int, minimum=0, nullable=True,
                                        help="epochs per task (from the second) with the PET frozen; "
                                             "default: 60% of train.epochs, rounded")}
-
-    @classmethod
-    def validate(cls, cfg, opts) -> None:
-        if opts["ema_decay"] > 1.0:
-            raise ConfigError(f"learner_options.ema_decay: {opts['ema_decay']} is above 1")
 
     @classmethod
     def validate_generative(cls, cfg, opts) -> None:

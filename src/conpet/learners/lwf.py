@@ -33,6 +33,7 @@ class LwF(Plugin):
     """Distillation of the previous model's old-class logits (Li & Hoiem 2017)."""
 
     name = "lwf"
+    paper = "Li & Hoiem 2017, Learning without Forgetting (TPAMI)"
     shards_backbone = True
     generative = True
     options = {"lwf_lambda": Option(1.0, float, minimum=0.0, help="weight of the distillation term"),

@@ -47,6 +47,8 @@ class MergeLearner(OneModuleLearner):
     """One LoRA per task, all merged on dW into one module after every task."""
 
     module_name = "default"
+    paper = ("Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models (NeurIPS), the default "
+             "rule; the others as peft's add_weighted_adapter defines them")
     generative = True
     shards_backbone = True
     options = {"method": Option("ties", str, help="merge rule (any name in conpet.merging)"),

@@ -7,11 +7,11 @@ The options every replaying learner shares are declared once, in :data:`REPLAY_O
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Any
 
-from conpet.errors import ConfigError
+from conpet.config import yaml_number
+from conpet.errors import ConfigError, choices_hint
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,7 @@ class Option:
     kind: type
     """``int``, ``float``, ``bool``, ``str`` or ``dict``."""
     minimum: float | None = None
+    maximum: float | None = None
     choices: tuple | None = None
     nullable: bool = False
     help: str = ""
@@ -30,11 +31,8 @@ class Option:
             if self.nullable:
                 return None
             raise ConfigError(f"{where}: must be set (got null)")
-        if self.kind is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
+        if self.kind is float:
+            value = yaml_number(value)
         if self.kind is int:
             ok = isinstance(value, int) and not isinstance(value, bool)
         elif self.kind is float:
@@ -49,6 +47,8 @@ class Option:
             raise ConfigError(f"{where}: must be one of {', '.join(map(str, self.choices))}, got {value!r}")
         if self.minimum is not None and value < self.minimum:
             raise ConfigError(f"{where}: must be >= {self.minimum}, got {value!r}")
+        if self.maximum is not None and value > self.maximum:
+            raise ConfigError(f"{where}: must be <= {self.maximum}, got {value!r}")
         return value
 
 
@@ -58,9 +58,7 @@ def check_options(learner: str, declared: dict[str, Option], given: dict[str, An
     names = sorted(declared)
     for key in given:
         if key not in declared:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else \
-                f" (known: {', '.join(names)})" if names else " (it takes no options)"
+            hint = choices_hint(str(key), names, cutoff=0.6, listing="known") if names else " (it takes no options)"
             raise ConfigError(f"learner_options: unknown option '{key}' for learner '{learner}'{hint}")
     return {key: opt.convert(key, given[key]) if key in given else opt.default for key, opt in declared.items()}
 

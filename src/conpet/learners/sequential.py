@@ -6,13 +6,14 @@ task's rows, so earlier tasks are forgotten as far as the backbone's plasticity 
 
 from __future__ import annotations
 
-from conpet.learners.base import OneModuleLearner, register_learner
+from conpet.learners.base import CONPET_PAPER, OneModuleLearner, register_learner
 
 
 @register_learner("sequential")
 class Sequential(OneModuleLearner):
     """One PET module trained task after task, no replay (ConPET's PET-only lower bound)."""
 
+    paper = f"{CONPET_PAPER} (its PET-only lower bound)"
     generative = True
     shards_backbone = True
 

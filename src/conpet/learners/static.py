@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from conpet.learners.base import Context, OneModuleLearner, register_learner, update_memory
+from conpet.learners.base import CONPET_PAPER, Context, OneModuleLearner, register_learner, update_memory
 from conpet.learners.options import REPLAY_OPTIONS, Option
 from conpet.replay import ExemplarMemory, replay_schedule, split_batch
 
@@ -33,6 +33,8 @@ class Plugin:
     """A former continual-learning method as hooks on the training loop."""
 
     name: ClassVar[str] = "?"
+    paper: ClassVar[str] = ""
+    """The former method's paper (its ``*`` learner adds ConPET's dynamic replay)."""
     options: ClassVar[dict[str, Option]] = {}
     """The method's own options (:class:`conpet.learners.options.Option`)."""
     generative: ClassVar[bool] = False
@@ -122,6 +124,8 @@ class StaticConPET(OneModuleLearner):
             plugin.after_task(t)
 
 
+
+
 def register_method(plugin_cls: type[Plugin]) -> type[Plugin]:
     """Register ``<name>`` (original schedule) and ``<name>*`` (dynamic replay) learners."""
     doc = (plugin_cls.__doc__ or "").strip().splitlines()[0]
@@ -129,6 +133,7 @@ def register_method(plugin_cls: type[Plugin]) -> type[Plugin]:
         name = plugin_cls.name + ("*" if dynamic else "")
         cls = type(f"StaticConPET_{plugin_cls.__name__}{'Star' if dynamic else ''}", (StaticConPET,),
                    {"plugin_cls": plugin_cls, "dynamic": dynamic, "generative": plugin_cls.generative,
+                    "paper": plugin_cls.paper + (f"; on the dynamic replay of {CONPET_PAPER}" if dynamic else ""),
                     "shards_backbone": plugin_cls.shards_backbone,
                     "options": {**REPLAY_OPTIONS, **plugin_cls.options},
                     "__doc__": f"{doc} ({'dynamic replay' if dynamic else 'original schedule'})",

@@ -20,7 +20,6 @@ Methods register with ``@register_pet("name")``; one file per method in this fol
 from __future__ import annotations
 
 import contextlib
-import difflib
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from typing import Any, Callable, ClassVar, Iterator
 import torch
 from torch import nn
 
-from conpet.errors import ConfigError
+from conpet.errors import ConfigError, choices_hint
 
 Calibration = Callable[[nn.Module, int], None]
 """``calibration(model, max_rows)`` runs ``model`` (no gradient) on up to ``max_rows`` training
@@ -88,8 +87,7 @@ def check_known(method: str, options: dict[str, Any], known) -> None:
     known = sorted(known)
     for key in options:
         if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known) or 'none'})"
+            hint = choices_hint(str(key), known, cutoff=0.6, listing="known")
             raise ConfigError(f"pet.options: unknown option '{key}' for '{method}'{hint}")
 
 
