@@ -19,7 +19,6 @@ what its tensors need; the per-phase rise is what a bound on that phase would ch
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -53,8 +52,6 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/memory-profile"))
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
-    args.json = args.json or Path(f"bench/results/memory-{args.model}-{args.benchmark}-"
-                                  f"{args.learner.replace('*', '-star')}.json")
 
     sampler = Sampler().start()
     with sampler.phase("import"):
@@ -62,18 +59,16 @@ def main() -> None:
 
         import conpet.build as build
         import conpet.runner as runner
-        import yaml
-
-        from conpet.config import from_dict, set_dotted
+        from conpet.config import from_dict, parse_override, set_dotted, spec_dir_name
         from conpet.engine import FeatureEngine
 
+    args.json = args.json or Path(f"bench/results/memory-{args.model}-{args.benchmark}-{spec_dir_name(args.learner)}.json")
     values = {"model": args.model, "learner": args.learner, "out": str(args.out),
                      "data": {"benchmark": args.benchmark, "max_train_per_class": args.max_train_per_class,
                               "task_slice": f"0:{args.tasks}"},
                      "train": {"epochs": args.epochs, "checkpoint_seconds": 1e9}}
     for item in args.set:
-        key, _, value = item.partition("=")
-        set_dotted(values, key, yaml.safe_load(value))
+        set_dotted(values, *parse_override(item))
     cfg = from_dict(values)
     shutil.rmtree(args.out, ignore_errors=True)
 
