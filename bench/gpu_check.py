@@ -521,12 +521,12 @@ def speed_arm(arm: str, backbone, stream, size: str, args) -> dict:
             synchronize(device)
             cache_seconds = time.perf_counter() - start
             if warm:
-                learner.train_on(rows, "warmup", 0, batches=warm)
+                learner.train(learner.fit_on(0, warm, desc="warmup"))
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             synchronize(device)
             start = time.perf_counter()
-            learner.train_on(rows, "timed", 0, batches=timed)
+            learner.train(learner.fit_on(0, timed, desc="timed"))
             synchronize(device)
             seconds = time.perf_counter() - start
         tokens = int(sum(len(engine.encoded.ids[i]) for i in timed_rows))

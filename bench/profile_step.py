@@ -57,11 +57,11 @@ def main() -> None:
     learner.new_module()
     learner.head.grow(stream.seen_labels(1), ctx.torch_gen)
     batches = ctx.epoch_batches(train, epochs=3)[: args.steps + 5]
-    learner.train_on(train, "warm-up", 0, batches=batches[:5])
+    learner.train(learner.fit_on(0, batches[:5], desc="warm-up"))
     tokens = sum(len(enc.ids[i]) for b in batches[5:] for i in b)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as prof:
         start = time.perf_counter()
-        learner.train_on(train, "profiled", 0, batches=batches[5:])
+        learner.train(learner.fit_on(0, batches[5:], desc="profiled"))
         wall = time.perf_counter() - start
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) / 1e6

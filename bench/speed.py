@@ -175,7 +175,7 @@ def run_config(args) -> dict:
         engine.warm(train)
         synchronize(args.device)
         cache_seconds = time.perf_counter() - start
-        learner.train_on(train, f"bench-{args.seed}", 0)
+        learner.train(learner.fit_on(0, learner.ctx.epoch_batches(train), desc=f"bench-{args.seed}"))
         synchronize(args.device)
         seconds = time.perf_counter() - start
     peak_device_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else None

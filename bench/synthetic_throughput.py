@@ -81,12 +81,12 @@ def time_arm(size: str, top_layers: int | None, args) -> dict:
     engine.warm([i for b in batches for i in b])
     synchronize(compute.device)
     cache_seconds = time.perf_counter() - start
-    learner.train_on(rows, "warmup", 0, batches=batches[: args.warmup])
+    learner.train(learner.fit_on(0, batches[: args.warmup], desc="warmup"))
     if compute.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     synchronize(compute.device)
     start = time.perf_counter()
-    learner.train_on(rows, "timed", 0, batches=batches[args.warmup:])
+    learner.train(learner.fit_on(0, batches[args.warmup:], desc="timed"))
     synchronize(compute.device)
     seconds = time.perf_counter() - start
     tokens = sum(len(engine.encoded.ids[i]) for b in batches[args.warmup:] for i in b)

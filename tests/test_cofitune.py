@@ -184,7 +184,7 @@ def test_classification_and_generative_runs_end_to_end(tiny_encoder, tiny_decode
                  "--out", str(out)]) == 0
     metrics = json.loads((out / "seed-0" / "metrics.json").read_text())
     assert len(metrics["accuracy_matrix"]) == 2
-    assert (out / "seed-0" / "adapters" / "task-02" / "cofitune_importance.safetensors").is_file()
+    assert (out / "seed-0" / "adapters" / "task-02" / "method.safetensors").is_file()
     assert main(["predict", str(out), "We talked about the wolf.", "--entity", "wolf", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert main(["verify", str(out)]) == 0

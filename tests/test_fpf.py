@@ -22,14 +22,14 @@ def test_only_the_forgetting_prone_parts_change_in_the_fpf_phase(tiny_decoder, t
     prepared = prepare(cfg)
     learner = build_learner(cfg, prepared, seed=0)
     learner.learn(0)
-    learner.train_task(1)
-    from conpet.learners.base import update_memory
-
-    update_memory(learner.ctx, learner.memory, 1, learner.raw_features)
+    learner.begin_task(1)
+    fits = learner.fits(1)
+    learner.train(next(fits))  # the task's own training, then the memory's update
+    phase = next(fits)
     pet = {n: p.detach().clone() for n, p in learner.model.named_parameters() if "lora_" in n}
     layers = sorted({int(re.search(r"\.layers\.(\d+)\.", n).group(1)) for n in pet})
     head = learner.head.weight.detach().clone()
-    learner.forgetting_prone_finetune(1)
+    learner.train(phase)
     after = {n: p.detach() for n, p in learner.model.named_parameters() if "lora_" in n}
     changed = {n for n in pet if not torch.equal(pet[n], after[n])}
     top = f".layers.{layers[-1]}."
@@ -62,8 +62,8 @@ def test_k_fpf_triggers_k_phases_over_the_stream_regardless_of_task_boundaries(t
     assert total == 12
     assert learner.triggers_in(0, planned[0]) == [4] and learner.triggers_in(1, planned[1]) == [2, 6]
     phases = []
-    original = learner.forgetting_prone_finetune
-    learner.forgetting_prone_finetune = lambda t, buffer=None: (phases.append((t, list(buffer))), original(t, buffer))[1]
+    original = learner.fpf_fit
+    learner.fpf_fit = lambda t, buffer: (phases.append((t, list(buffer))), original(t, buffer))[1]
     for t in range(2):
         learner.learn(t)
     assert [t for t, _ in phases] == [0, 1, 1]  # one inside task 1, two in task 2 (one at its end)

@@ -50,15 +50,15 @@ def test_slow_module_is_the_ema_of_the_fast_one_with_the_alpha_schedule(tiny_enc
     data, tasks = typing_data
     learner, prepared = _learner(tiny_encoder, data, tasks, epochs=2, ema_alpha=0.9)
     fast = learner.module_name
-    snapshots, start, ema = [], {}, learner.ema_step
+    snapshots, start, ema = [], {}, learner.after_step
 
-    def record(step):  # the fast module after each optimizer step, then the real EMA update
+    def record(fit, step):  # the fast module after each optimizer step, then the real EMA update
         if not start:
             start.update(_module(learner, SLOW))  # the slow module as created (a fresh module)
         snapshots.append(_module(learner, fast))
-        ema(step)
+        ema(fit, step)
 
-    learner.ema_step = record
+    learner.after_step = record
     _learn(learner, prepared, 0, 1)
     expected = {k: v.clone() for k, v in start.items()}
     alphas = []

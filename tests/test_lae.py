@@ -31,13 +31,13 @@ def test_offline_is_the_ema_of_online_and_the_warm_up_freezes_the_pet(tiny_encod
     learner, _ = _learner(tiny_encoder, data, tasks, ema_decay=0.9, freeze_epochs=2)
     learner.learn(0)
     online = learner.module_name
-    snapshots, ema = [], learner.ema_step
+    snapshots, ema = [], learner.after_step
 
-    def record(step):  # the online module after each optimizer step, then the real EMA update
+    def record(fit, step):  # the online module after each optimizer step, then the real EMA update
         snapshots.append(_module(learner, online))
-        ema(step)
+        ema(fit, step)
 
-    learner.ema_step = record
+    learner.after_step = record
     start = _module(learner, online)
     head_before = learner.head.weight.detach().clone()
     learner.learn(1)
@@ -91,7 +91,6 @@ def test_ensemble_decoding_of_two_equal_modules_is_plain_decoding(lively_decoder
     rows = prepared.stream.tasks[0].test[:4]
     plain = learner.generate(rows)
     learner.ctx.pet.copy(learner.model, learner.module_name, OFFLINE)
-    learner.has_offline = True
     assert learner.generate(rows) == plain and len(set(plain)) > 1
     learner.close()
 

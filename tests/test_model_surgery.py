@@ -51,19 +51,19 @@ def test_merge_is_the_official_formula_once_per_step_and_stored_modules_never_ch
     old = [_module(learner, module_name(j)) for j in range(2)]
     mean = {k: (old[0][k] + old[1][k]) / 2 for k in old[0]}
     new = module_name(2)
-    starts, pairs, merge, loss = [], [], learner.merge_step, learner.loss
+    starts, pairs, merge, loss = [], [], learner.after_step, learner.loss
 
     def first_loss(*args):  # the new module before its first step: a copy of the previous one
         if not starts:
             starts.append(_module(learner, new))
         return loss(*args)
 
-    def record(step):  # the module right after the optimizer step, then after the real merge
+    def record(fit, step):  # the module right after the optimizer step, then after the real merge
         before = _module(learner, new)
-        merge(step)
+        merge(fit, step)
         pairs.append((before, _module(learner, new)))
 
-    learner.loss, learner.merge_step = first_loss, record
+    learner.loss, learner.after_step = first_loss, record
     learner.learn(2)
     assert _same(starts[0], old[1])
     assert len(pairs) == len(prepared.stream.tasks[2].train) // 4 * 2  # one merge per optimizer step

@@ -7,7 +7,7 @@ from conpet.build import build_learner, prepare
 from conpet.config import from_dict
 from conpet.errors import ConfigError
 from conpet.learners import LEARNERS
-from conpet.learners.base import update_memory
+from conpet.learners.training import update_memory
 from conpet.runner import run
 
 METHODS = ["emr", "ea-emr", "ewc", "lwf", "l2"]
@@ -146,7 +146,7 @@ def test_ea_emr_alignment_is_applied_at_prediction_and_refit_on_memory(tiny_enco
     stored = dict(plugin.stored)
     assert len(stored) == len(learner.memory)
     learner.head.grow(["tool", "place"])
-    learner.train_on(learner.ctx.stream.tasks[1].train, "t2", 1)  # the features of old rows drift
+    learner.train(learner.fit_on(1, learner.ctx.epoch_batches(learner.ctx.stream.tasks[1].train)))  # the features of old rows drift
     mem = sorted(stored)
 
     def drift() -> float:

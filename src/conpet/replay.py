@@ -173,6 +173,9 @@ def select_exemplars(features: np.ndarray, m: int, seed: int = 0) -> list[int]:
 class ExemplarMemory:
     """A bounded memory: at most ``per_class`` training rows of every class seen so far."""
 
+    state_attrs = ("rows_by_class",)
+    """Its resume state (:mod:`conpet.learners.state`)."""
+
     def __init__(self, per_class: int) -> None:
         if per_class < 1:
             raise ConfigError("learner_options.memory_per_class: must be >= 1")

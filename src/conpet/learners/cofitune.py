@@ -49,24 +49,22 @@ task's training rows (``importance_rows`` bounds it). Stored: three vectors per 
 
 from __future__ import annotations
 
+import contextlib
 import re
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from conpet.errors import ConfigError
 from conpet.generation import token_logits
 from conpet.inputs import sorted_batches
-from conpet.learners.base import OneModuleLearner, register_learner
+from conpet.learners.base import register_learner
+from conpet.learners.one_module import OneModuleLearner
 from conpet.learners.options import Option
 from conpet.pet.base import seeded_generator
 from conpet.pet.cofitune import ffn_names
 from conpet.pet.sites import block_paths
-from conpet.runs import adapter_dir
 
-IMPORTANCE_FILE = "cofitune_importance.safetensors"
 KL_WEIGHT = 0.1
 """The reference's ``T`` on the self-KL (a scale the per-layer normalisation removes)."""
 PARTS = {"input_projection": "up", "output_projection": "down"}
@@ -109,6 +107,9 @@ class CoFiTune(OneModuleLearner):
             raise ConfigError(f"learner_options.importance_dropout: must be in (0, 1) (without dropout the two passes "
                               f"are identical and the importance is 0), got {opts['importance_dropout']}")
 
+    state_attrs = ("importance", "importance_tasks")
+    saved_attrs = ("importance",)
+
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         self.importance: dict[str, torch.Tensor] | None = None
@@ -117,18 +118,22 @@ class CoFiTune(OneModuleLearner):
         self.importance_tasks: list[int] = []
 
     # -- learning --------------------------------------------------------------------------------------
-    def learn(self, t: int) -> None:
-        task = self.begin_task(t)
-        masking = self.opts["apply_softmask"] != "none"
-        if masking and self.opts["importance_timing"] == "before":
+    def before_task(self, t: int) -> None:
+        if self.opts["apply_softmask"] != "none" and self.opts["importance_timing"] == "before":
             self.accumulate_importance(t)
-        handles = self.mask_gradients() if masking else []
+
+    @contextlib.contextmanager
+    def during_fits(self, t: int):
+        """The soft mask on the window's gradients while the task trains."""
+        handles = self.mask_gradients() if self.opts["apply_softmask"] != "none" else []
         try:
-            self.train_on(task.train, f"{task.name} cofitune", t)
+            yield
         finally:
             for h in handles:
                 h.remove()
-        if masking and self.opts["importance_timing"] == "after":
+
+    def after_task(self, t: int) -> None:
+        if self.opts["apply_softmask"] != "none" and self.opts["importance_timing"] == "after":
             self.accumulate_importance(t)
 
     def sites(self) -> dict[str, dict[int, torch.nn.Module]]:
@@ -229,28 +234,3 @@ class CoFiTune(OneModuleLearner):
         if self.ctx.generative:
             return token_logits(self.ctx.engine, self.model, self.ctx.lm_head, indices)
         return self.logits(indices)
-
-    # -- saving ----------------------------------------------------------------------------------------
-    def save(self, t: int, folder: Path) -> None:
-        super().save(t, folder)
-        if self.importance is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.importance.items()},
-                      str(folder / IMPORTANCE_FILE))
-
-    def restore(self, run_dir: Path, seed: int) -> None:
-        super().restore(run_dir, seed)
-        path = adapter_dir(run_dir, seed, self.ctx.stream.tasks[-1].name) / IMPORTANCE_FILE
-        self.importance = load_file(str(path), device=str(self.ctx.device)) if path.is_file() else None
-
-    def state(self):
-        tensors, meta = super().state()
-        if self.importance is not None:
-            tensors.update({f"importance/{k}": v for k, v in self.importance.items()})
-        meta["importance_tasks"] = list(self.importance_tasks)
-        return tensors, meta
-
-    def load_state(self, tensors, meta) -> None:
-        super().load_state(tensors, meta)
-        found = {k.split("/", 1)[1]: v.clone() for k, v in tensors.items() if k.startswith("importance/")}
-        self.importance = found or None
-        self.importance_tasks = list(meta["importance_tasks"])

@@ -34,21 +34,21 @@ a prototype classifier has nothing to say about generated text.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from conpet import distributed
-from conpet.learners.base import Context, OneModuleLearner, register_learner, train_module, update_memory
+from conpet.learners.base import register_learner
+from conpet.learners.context import Context
+from conpet.learners.one_module import OneModuleLearner
+from conpet.learners.training import update_memory
 from conpet.learners.loop import step_batch
 from conpet.learners.options import REPLAY_OPTIONS, Option
 from conpet.replay import ExemplarMemory, replay_schedule, split_batch
-from conpet.runs import adapter_dir
 
 
 class Projection(nn.Module):
@@ -77,17 +77,20 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, bank_z: torch.Tensor, ban
 class MomentBank:
     """z of every row of a stage's data, refreshed with each batch's z (CRL's ``Moment``)."""
 
+    state_attrs = ("rows", "z", "labels")
+
     def __init__(self) -> None:
-        self.position: dict[int, int] = {}
+        self.rows: list[int] = []
         self.z = torch.zeros(0)
         self.labels = torch.zeros(0, dtype=torch.long)
 
     def fill(self, rows: list[int], z: torch.Tensor, labels: torch.Tensor) -> None:
-        self.position = {i: k for k, i in enumerate(rows)}
+        self.rows = list(rows)
         self.z, self.labels = z.detach().clone(), labels.clone()
 
     def update(self, rows: list[int], z: torch.Tensor) -> None:
-        keep = [(r, self.position[i]) for r, i in enumerate(rows) if i in self.position]
+        position = {i: k for k, i in enumerate(self.rows)}
+        keep = [(r, position[i]) for r, i in enumerate(rows) if i in position]
         if keep:  # out of place: this step's loss still reads the old bank in its backward pass
             batch, slots = zip(*keep)
             fresh = self.z.clone()
@@ -125,6 +128,8 @@ class CRL(OneModuleLearner):
     paper = "Zhao et al. 2022, Consistent Representation Learning for Continual Relation Extraction"
     dynamic: ClassVar[bool] = False
     shards_backbone = True  # the bank's rows are gathered from every process (_write_bank)
+    state_attrs = ("memory", "projection", "prototypes", "old_prototypes", "bank")
+    saved_attrs = ("projection", "prototypes")
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
@@ -145,13 +150,15 @@ class CRL(OneModuleLearner):
             split_batch(cfg.train.batch_size, opts["new_ratio"])
 
     # -- learning ------------------------------------------------------------------------------------
-    def learn(self, t: int) -> None:
-        ctx = self.ctx
-        stream = ctx.stream
-        task = self.begin_task(t)  # the head's columns only keep the seen labels (its weights are unused)
-        self._fill_bank(list(task.train))
-        self.last_fit = self._train(self.contrastive_loss, ctx.epoch_batches(task.train), f"{task.name} crl", t)
-        stage_one = self.last_fit
+    def before_task(self, t: int) -> None:
+        self._fill_bank(list(self.ctx.stream.tasks[t].train))
+
+    def fits(self, t: int):
+        """Stage 1 on the task's rows, the new classes' exemplars, then (from the second task) stage 2."""
+        ctx, stream, task = self.ctx, self.ctx.stream, self.ctx.stream.tasks[t]
+        projection = list(self.projection.parameters())  # the projection replaces the head (its columns unused)
+        yield self.fit_on(t, ctx.epoch_batches(task.train), loss=self.contrastive_loss, params=projection,
+                          dev_score=None)
         update_memory(ctx, self.memory, t, self.raw_features)
         if t > 0:
             self.old_prototypes = F.normalize(self.prototypes.float(), dim=-1)
@@ -165,13 +172,17 @@ class CRL(OneModuleLearner):
             else:
                 batches = ctx.epoch_batches(exemplars)
                 self._fill_bank(exemplars)
-            self.last_fit = stage_one + self._train(self.distilled_loss, batches, f"{task.name} crl memory", t)
-            update_memory(ctx, self.memory, t, self.raw_features)
+            yield self.fit_on(t, batches, desc=f"{task.name} crl memory", loss=self.distilled_loss, params=projection,
+                              dev_score=None)
+
+    def after_task(self, t: int) -> None:
+        """The new classes' exemplars chosen again after stage 2, and every seen class's prototype."""
+        if t > 0:
+            update_memory(self.ctx, self.memory, t, self.raw_features)
         self._compute_prototypes(t)
 
-    def _train(self, loss, batches, desc: str, t: int):
-        return train_module(self.ctx, self.model, self.module_name, loss, batches, desc, t,
-                            list(self.projection.parameters()), after_step=[self._write_bank])
+    def after_step(self, fit, step: int) -> None:
+        self._write_bank(step)
 
     def _fill_bank(self, rows: list[int]) -> None:
         with torch.no_grad():
@@ -248,44 +259,6 @@ class CRL(OneModuleLearner):
         """Minus the squared Euclidean distance of h to every seen class's prototype."""
         h = self.ctx.features(self.model, indices).float()
         return -torch.cdist(h, self.prototypes.float()) ** 2
-
-    # -- saving and resuming ---------------------------------------------------------------------------
-    def save(self, t: int, folder: Path) -> None:
-        super().save(t, folder)
-        save_file({"prototypes": self.prototypes.detach().cpu().contiguous(),
-                   **{f"projection.{k}": v.detach().cpu().contiguous()
-                      for k, v in self.projection.state_dict().items()}}, str(folder / "crl.safetensors"))
-
-    def restore(self, run_dir: Path, seed: int) -> None:
-        super().restore(run_dir, seed)
-        saved = load_file(str(adapter_dir(run_dir, seed, self.ctx.stream.tasks[-1].name) / "crl.safetensors"))
-        self._load_tensors(saved)
-
-    def _load_tensors(self, saved: dict[str, torch.Tensor]) -> None:
-        device = self.ctx.device
-        self.projection.load_state_dict({k[len("projection."):]: v for k, v in saved.items()
-                                         if k.startswith("projection.")})
-        self.prototypes = saved["prototypes"].to(device) if "prototypes" in saved else None
-        self.old_prototypes = saved["old_prototypes"].to(device) if "old_prototypes" in saved else None
-        if "bank_z" in saved:
-            rows = saved["bank_rows"].tolist()
-            self.bank.fill(rows, saved["bank_z"].to(device), saved["bank_labels"].to(device))
-
-    def state(self):
-        tensors, meta = super().state()
-        extra = {f"projection.{k}": v for k, v in self.projection.state_dict().items()}
-        for name in ("prototypes", "old_prototypes"):
-            if getattr(self, name) is not None:
-                extra[name] = getattr(self, name)
-        if self.bank.position:
-            extra["bank_rows"] = torch.tensor(list(self.bank.position), dtype=torch.long)
-            extra["bank_z"], extra["bank_labels"] = self.bank.z, self.bank.labels
-        tensors.update({f"crl/{k}": v for k, v in extra.items()})
-        return tensors, meta
-
-    def load_state(self, tensors, meta) -> None:
-        super().load_state({k: v for k, v in tensors.items() if not k.startswith("crl/")}, meta)
-        self._load_tensors({k[4:]: v for k, v in tensors.items() if k.startswith("crl/")})
 
     def tunable_params(self) -> dict[str, int]:
         out = super().tunable_params()

@@ -46,9 +46,10 @@ from conpet.errors import ConfigError
 from conpet.generation import lm_loss, perplexity
 from conpet.heads import GrowingHead, task_targets
 from conpet.inputs import right_padded
-from conpet.learners.base import (CONPET_PAPER, Context, Learner, Route, dev_scorer, head_tensors, load_expert_heads,
-                                  load_head, load_module_tensors, module_features, module_tensors, register_learner,
-                                  train_module, update_memory, write_module_meta)
+from conpet.learners.base import CONPET_PAPER, Learner, Route, register_learner
+from conpet.learners.context import Context
+from conpet.learners.state import head_tensors, load_expert_heads, load_head, load_module_tensors, module_tensors, write_module_meta
+from conpet.learners.training import Fit, dev_scorer, module_features, train, update_memory
 from conpet.learners.options import REPLAY_OPTIONS, Option
 from conpet.learners.routing import load_task_modules, routed_features, routed_generate
 from conpet.learners.selector import SELECTOR, ModuleSelector
@@ -173,12 +174,13 @@ class DynamicConPET(Learner):
                 feats = self.ctx.features(self.model, indices)
                 return F.cross_entropy(head(feats), self._local_targets(t, indices))
 
-            self.last_fit = train_module(self.ctx, self.model, name, expert_loss, self.ctx.epoch_batches(task.train),
-                                         f"{task.name} expert", t, list(head.parameters()), dev_score=score)
+            self.last_fit = train(self.ctx, self.model, Fit(t, f"{task.name} expert", self.ctx.epoch_batches(task.train),
+                                                            expert_loss, name, list(head.parameters()),
+                                                            dev_score=score), self)
         else:
-            self.last_fit = train_module(self.ctx, self.model, name, lambda idx: self._calibrated_loss(idx, t, k),
-                                         replay, f"{task.name} expert (k={k})", t, list(head.parameters()),
-                                         dev_score=score)
+            self.last_fit = train(self.ctx, self.model, Fit(t, f"{task.name} expert (k={k})", replay,
+                                                            lambda idx: self._calibrated_loss(idx, t, k), name,
+                                                            list(head.parameters()), dev_score=score), self)
         self.expert_fit = self.last_fit
         if selector_fit is not None:  # the task's training is both fits
             self.last_fit = selector_fit + self.last_fit

@@ -31,8 +31,10 @@ import numpy as np
 import torch
 
 from conpet.engine import find_layers
-from conpet.learners.base import OneModuleLearner, register_learner, train_module, update_memory
+from conpet.learners.base import register_learner
+from conpet.learners.one_module import OneModuleLearner
 from conpet.learners.options import Option
+from conpet.learners.training import Fit, update_memory
 from conpet.replay import ExemplarMemory
 
 
@@ -47,22 +49,20 @@ class FPF(OneModuleLearner):
                "fpf_layers": Option(2, int, minimum=1, help="top PET layers in the forgetting-prone set"),
                "fpf_steps": Option(100, int, minimum=1, help="buffer steps of each FPF phase")}
 
+    state_attrs = ("memory",)
+
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         self.memory = ExemplarMemory(self.opts["memory_per_class"])
 
-    def learn(self, t: int) -> None:
-        self.train_task(t)
-        task_fit = self.last_fit
+    def fits(self, t: int):
+        """``sequential``'s training on the task's rows, the memory's update, then (from the second
+        task) the FPF phase."""
+        task = self.ctx.stream.tasks[t]
+        yield self.fit_on(t, self.ctx.epoch_batches(task.train), desc=f"{task.name} train")
         update_memory(self.ctx, self.memory, t, self.raw_features)
         if t > 0:
-            self.forgetting_prone_finetune(t)
-            self.last_fit = task_fit + self.last_fit
-
-    def train_task(self, t: int) -> None:
-        """``sequential``'s training on task t's rows."""
-        task = self.begin_task(t)
-        self.train_on(task.train, f"{task.name} train", t)
+            yield self.fpf_fit(t, self.memory.rows(self.ctx.stream.memory_keys_through(t)))
 
     def forgetting_prone(self) -> list[torch.nn.Parameter]:
         """The PET parameters of the top ``fpf_layers`` layers PET modules touch."""
@@ -74,23 +74,16 @@ class FPF(OneModuleLearner):
         top = set(indices[-self.opts["fpf_layers"]:])
         return [p for n, p in named if (m := pattern.search(n)) and int(m.group(1)) in top]
 
-    def forgetting_prone_finetune(self, t: int, buffer: list[int] | None = None):
-        """``fpf_steps`` steps on the buffer (default: the memory of tasks 0..t) training only the
-        head and the forgetting-prone PET parameters."""
+    def fpf_fit(self, t: int, buffer: list[int]) -> Fit:
+        """``fpf_steps`` steps on batches drawn from ``buffer``, training only the head and the
+        forgetting-prone PET parameters."""
         ctx = self.ctx
-        stream = ctx.stream
-        if buffer is None:
-            buffer = self.memory.rows(stream.memory_keys_through(t))
         buffer = np.asarray(buffer)
         size = ctx.cfg.train.batch_size
         batches = [sorted(ctx.rng.choice(buffer, size=min(size, len(buffer)), replace=False).tolist())
                    for _ in range(self.opts["fpf_steps"])]
-        prone = self.forgetting_prone()
-        self.last_fit = train_module(ctx, self.model, self.module_name, self.loss, batches,
-                                     f"{stream.tasks[t].name} fpf", t, list(self.head.parameters()),
-                                     extra_groups=[{"params": prone, "lr": ctx.cfg.train.lr}], pet_frozen=True,
-                                     epochs=1)
-        return self.last_fit
+        return self.fit_on(t, batches, desc=f"{ctx.stream.tasks[t].name} fpf", train_module=False, epochs=1,
+                           groups=[{"params": self.forgetting_prone(), "lr": ctx.cfg.train.lr}], dev_score=None)
 
 
 @register_learner("k-fpf")
@@ -111,23 +104,23 @@ class KFPF(FPF):
         points = [round(total * (q + 1) / self.opts["k"]) for q in range(self.opts["k"])]
         return sorted({p - start for p in points if start < p <= start + n_steps})
 
-    def learn(self, t: int) -> None:
+    def fits(self, t: int):
+        """The task's epochs cut at the FPF triggers that fall inside them, each followed by an FPF phase."""
         ctx = self.ctx
-        task = self.begin_task(t)
-        batches = ctx.epoch_batches(task.train)
+        batches = ctx.epoch_batches(ctx.stream.tasks[t].train)
         triggers = self.triggers_in(t, len(batches))
-        fits, done = [], 0
+        done = 0
         for cut in sorted({*triggers, len(batches)}):
             if cut > done:
-                fits.append(train_module(ctx, self.model, self.module_name, self.loss, batches[done:cut],
-                                         f"{task.name} train", t, list(self.head.parameters()), epochs=1))
+                yield self.fit_on(t, batches[done:cut], epochs=1, dev_score=None)
             if cut in triggers:
                 buffer = self.buffer(t, [i for batch in batches[:cut] for i in batch])
                 if buffer:
-                    fits.append(self.forgetting_prone_finetune(t, buffer))
+                    yield self.fpf_fit(t, buffer)
             done = cut
-        self.last_fit = sum(fits[1:], fits[0])
-        update_memory(ctx, self.memory, t, self.raw_features)
+
+    def after_task(self, t: int) -> None:
+        update_memory(self.ctx, self.memory, t, self.raw_features)
 
     def buffer(self, t: int, seen: list[int]) -> list[int]:
         """The earlier tasks' exemplars + up to ``memory_per_class`` random seen rows per class of task t."""

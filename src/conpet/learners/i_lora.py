@@ -57,8 +57,6 @@ Deviations, named:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
@@ -67,10 +65,12 @@ from conpet.backbone import token_states
 from conpet.engine import find_layers
 from conpet.errors import ConfigError
 from conpet.generation import target_positions
-from conpet.learners.base import Context, OneModuleLearner, dev_scorer, register_learner, train_module
+from conpet.learners.base import register_learner
+from conpet.learners.context import Context
+from conpet.learners.one_module import OneModuleLearner
+from conpet.learners.training import dev_scorer
 from conpet.learners.options import Option
 from conpet.pet.base import module_pairs
-from conpet.runs import adapter_dir
 
 SLOW = "i-lora-slow"
 """The slow (interpolated) module."""
@@ -98,6 +98,8 @@ class ILoRA(OneModuleLearner):
                "ema_alpha": Option(0.25, float, minimum=0.0, maximum=1.0,
                                    help="cap of the slow module's EMA weight alpha = min(1 - 1/(step+1), ema_alpha)"),
                "eval_module": Option("fast", str, choices=("fast", "slow"), help="the module that answers")}
+    saved_modules = (SLOW,)
+    state_attrs = ("buffer", "seen", "global_step")
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
@@ -135,9 +137,7 @@ class ILoRA(OneModuleLearner):
         self.fit_start = self.global_step
         score = dev_scorer(ctx, self.model, list(range(t + 1)), lambda rows: self.logits_of(self.module_name, rows),
                            ctx.targets)
-        self.last_fit = train_module(ctx, self.model, self.module_name, self.loss, self.batches,
-                                     f"{task.name} i-lora", t, list(self.head.parameters()), dev_score=score,
-                                     after_step=[self.ema_step])
+        self.last_fit = self.train(self.fit_on(t, self.batches, dev_score=score))
 
     def plan(self, batches: list[list[int]], replay: bool) -> list[list[int]]:
         """Feed each batch's rows to the reservoir (official ``reservoir``: row number n >= size
@@ -217,7 +217,7 @@ class ILoRA(OneModuleLearner):
         return [token_states(h, final.shape[1]) for h in captured[:-1]] + [final]
 
     @torch.no_grad()
-    def ema_step(self, step: int) -> None:
+    def after_step(self, fit, step: int) -> None:
         """``theta_s <- alpha theta_s + (1 - alpha) theta_f``, ``alpha = min(1 - 1/(n + 1),
         ema_alpha)`` after optimizer step n (1-based, over the stream), pair by pair."""
         self.global_step += 1
@@ -249,29 +249,3 @@ class ILoRA(OneModuleLearner):
         self.ctx.pet.activate(self.model, self.answer_module)
         self.model.eval()
         return self.model
-
-    # -- saving and resuming ---------------------------------------------------------------------------
-    def save(self, t: int, folder: Path) -> None:
-        super().save(t, folder)
-        (folder / SLOW).mkdir()
-        self.ctx.pet.save(self.model, SLOW, folder / SLOW)
-
-    def restore(self, run_dir: Path, seed: int) -> None:
-        super().restore(run_dir, seed)
-        self.ctx.pet.load(self.model, adapter_dir(run_dir, seed, self.ctx.stream.tasks[-1].name) / SLOW, SLOW)
-        self.ctx.pet.activate(self.model, self.module_name)
-
-    def state(self):
-        tensors, meta = super().state()
-        meta["i_lora"] = {"buffer": list(self.buffer), "seen": self.seen, "global_step": self.global_step}
-        return tensors, meta
-
-    def load_state(self, tensors, meta) -> None:
-        super().load_state(tensors, meta)
-        own = meta["i_lora"]
-        self.buffer, self.seen, self.global_step = list(own["buffer"]), own["seen"], own["global_step"]
-
-    def tunable_params(self) -> dict[str, int]:
-        out = super().tunable_params()
-        out["stored_params"] = out["pet_params"] * 2 + out["head_params"]
-        return out

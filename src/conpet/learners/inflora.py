@@ -37,9 +37,10 @@ import math
 import torch
 
 from conpet.device import full_precision
-from conpet.learners.base import new_task_loss, register_learner, train_module
+from conpet.learners.base import register_learner
 from conpet.learners.o_lora import HISTORY, NEW, OLoRA
 from conpet.learners.options import Option
+from conpet.learners.training import new_task_loss
 
 
 def design_down_projection(covariance: torch.Tensor, basis: torch.Tensor | None, rank: int) -> torch.Tensor:
@@ -82,39 +83,40 @@ class InfLoRA(OLoRA):
     options = {"eps_start": Option(0.95, float, minimum=0.0, help="GPM energy threshold at the first task"),
                "eps_end": Option(1.0, float, minimum=0.0, help="GPM energy threshold at the last task")}
 
+    state_attrs = ("bases",)
+
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         self.bases: dict[str, torch.Tensor] = {}
         """Per targeted layer path: the orthonormal basis [d_in, k] of the earlier tasks' inputs."""
 
-    def learn(self, t: int) -> None:
-        ctx, pet = self.ctx, self.ctx.pet
-        task = self.start_new_lora(t)
-        self.activate_training()
-        covariances = self.input_covariances(task.train, NEW)
+    def before_task(self, t: int) -> None:
+        """Design the new LoRA's A from the task's inputs (the model as it is) and zero its B."""
+        pet = self.ctx.pet
+        self.setup_forward(None)
+        covariances = self.input_covariances(self.ctx.stream.tasks[t].train, NEW)
         with torch.no_grad():
             for path, layer in pet.tuner_layers(self.model, NEW):
                 a = design_down_projection(covariances[path], self.bases.get(path), layer.lora_A[NEW].weight.shape[0])
                 layer.lora_A[NEW].weight.copy_(a)
                 layer.lora_B[NEW].weight.zero_()
-        b_params = [layer.lora_B[NEW].weight for _, layer in pet.tuner_layers(self.model, NEW)]
-        self.last_fit = train_module(ctx, self.model, NEW, self.task_loss(t), ctx.epoch_batches(task.train),
-                                     f"{task.name} inflora", t, list(self.head.parameters()),
-                                     extra_groups=[{"params": b_params, "lr": ctx.cfg.train.lr}], pet_frozen=True,
-                                     activate=self.activate_training)
-        self.fold_new_into_history()
-        n_tasks = len(ctx.stream.tasks)
+
+    def fits(self, t: int):
+        """Only B trains (and the head), on the new task's classes alone (the LM loss on generative streams)."""
+        ctx = self.ctx
+        b_params = [layer.lora_B[NEW].weight for _, layer in ctx.pet.tuner_layers(self.model, NEW)]
+        loss = new_task_loss(ctx, t, self.logits, lambda idx: self.objective_loss(idx)[0])
+        return [self.fit_on(t, ctx.epoch_batches(ctx.stream.tasks[t].train), loss=loss, train_module=False,
+                            groups=[{"params": b_params, "lr": ctx.cfg.train.lr}])]
+
+    def after_task(self, t: int) -> None:
+        """Fold the LoRA into the history, then extend the input basis with the trained model's covariances."""
+        super().after_task(t)
+        n_tasks = len(self.ctx.stream.tasks)
         eps = self.opts["eps_start"] + (self.opts["eps_end"] - self.opts["eps_start"]) * t / max(1, n_tasks)
-        for path, covariance in self.input_covariances(task.train, HISTORY).items():
+        for path, covariance in self.input_covariances(self.ctx.stream.tasks[t].train, HISTORY).items():
             self.bases[path] = update_basis(covariance, self.bases.get(path), eps)
-        pet.activate(self.model, HISTORY)
-
-    def task_loss(self, t: int):
-        """Cross-entropy over task t's classes only (its own head); the LM loss on generative streams."""
-        return new_task_loss(self.ctx, t, self.logits, lambda idx: self.objective_loss(idx)[0])
-
-    def penalty(self) -> float:
-        return 0.0  # InfLoRA has no regulariser: A is designed, not pushed
+        self.ctx.pet.activate(self.model, HISTORY)
 
     @torch.no_grad()
     def input_covariances(self, rows: list[int], module: str) -> dict[str, torch.Tensor]:
@@ -154,12 +156,3 @@ class InfLoRA(OLoRA):
                 handle.remove()
             model.train(was_training)
         return {path: total / max(1, count) for path, total in sums.items() if total is not None}
-
-    def state(self):
-        tensors, meta = super().state()
-        tensors.update({f"gpm/{path}": basis for path, basis in self.bases.items()})
-        return tensors, meta
-
-    def load_state(self, tensors, meta) -> None:
-        super().load_state({k: v for k, v in tensors.items() if not k.startswith("gpm/")}, meta)
-        self.bases = {k[4:]: v.to(self.ctx.device) for k, v in tensors.items() if k.startswith("gpm/")}

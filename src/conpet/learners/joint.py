@@ -7,7 +7,8 @@ point of comparison for learners whose cost does not.
 
 from __future__ import annotations
 
-from conpet.learners.base import CONPET_PAPER, OneModuleLearner, register_learner
+from conpet.learners.base import CONPET_PAPER, register_learner
+from conpet.learners.one_module import OneModuleLearner
 
 
 @register_learner("joint")
@@ -18,9 +19,10 @@ class Joint(OneModuleLearner):
     generative = True
     shards_backbone = True
 
-    def learn(self, t: int) -> None:
+    def begin_task(self, t: int):
         self.new_module(t)
-        stream = self.ctx.stream
-        self.grow_head(stream.seen_labels(t))
-        rows = [i for task in stream.tasks[: t + 1] for i in task.train]
-        self.train_on(rows, f"joint 1..{t + 1} train", t)
+        self.grow_head(self.ctx.stream.seen_labels(t))
+
+    def fits(self, t: int):
+        rows = [i for task in self.ctx.stream.tasks[: t + 1] for i in task.train]
+        return [self.fit_on(t, self.ctx.epoch_batches(rows), desc=f"joint 1..{t + 1}")]

@@ -27,17 +27,16 @@ there is no warm-up (it trains a head, and a generative stream answers through t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
 from conpet.errors import ConfigError
-from conpet.learners.base import Context, OneModuleLearner, new_task_loss, register_learner, train_module
+from conpet.learners.base import register_learner
+from conpet.learners.one_module import OneModuleLearner
 from conpet.learners.options import Option
+from conpet.learners.training import ema_update, new_task_loss
 from conpet.pet import PET_METHODS, get_pet_class
 from conpet.pet.base import module_pairs
-from conpet.runs import adapter_dir
 
 OFFLINE = "lae-offline"
 """The accumulated (EMA) module."""
@@ -50,6 +49,7 @@ class LAE(OneModuleLearner):
     paper = "Gao et al. 2023, A Unified Continual Learning Framework with General Parameter-Efficient Tuning"
     shards_backbone = True
     generative = True
+    saved_modules = (OFFLINE,)
     options = {"ema_decay": Option(0.9999, float, minimum=0.0, maximum=1.0, help="EMA decay of the offline module"),
                "freeze_epochs": Option(None, int, minimum=0, nullable=True,
                                        help="epochs per task (from the second) with the PET frozen; "
@@ -63,50 +63,31 @@ class LAE(OneModuleLearner):
                               f"side by side in one batch, which '{cfg.pet.method}' cannot route; use one of: "
                               f"{', '.join(able)}")
 
-    def __init__(self, ctx: Context) -> None:
-        super().__init__(ctx)
-        self.has_offline = False
-        self.ema_pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []
-        """(online, offline) parameters of one place (the EMA's pairs, matched once per task)."""
-
     # -- learning --------------------------------------------------------------------------------------
-    def learn(self, t: int) -> None:
-        ctx = self.ctx
-        task = self.begin_task(t)
-        if t == 1 and not self.has_offline:
-            ctx.pet.copy(self.model, self.module_name, OFFLINE)
-            self.has_offline = True
+    def before_task(self, t: int) -> None:
+        if t == 1 and not self.has_module(OFFLINE):
+            self.ctx.pet.copy(self.model, self.module_name, OFFLINE)
+        self.ema_pairs = module_pairs(self.model, self.module_name, OFFLINE) if self.has_module(OFFLINE) else []
+
+    def fits(self, t: int):
+        """The warm-up (head only, the module frozen) from the second task on, then the rest of the epochs."""
+        ctx, task = self.ctx, self.ctx.stream.tasks[t]
         epochs = ctx.cfg.train.epochs
+        given = self.opts["freeze_epochs"]
         # the warm-up trains the head alone: a generative stream has none, so it has no warm-up
-        frozen = 0 if t == 0 or ctx.generative else min(epochs, self._freeze_epochs())
+        frozen = 0 if t == 0 or ctx.generative else min(epochs, given if given is not None else round(0.6 * epochs))
         loss = new_task_loss(ctx, t, lambda idx: self.logits_of(self.module_name, idx),
                              lambda idx: self.objective_loss(idx)[0])
-
-        self.ema_pairs = module_pairs(self.model, self.module_name, OFFLINE) if self.has_offline else []
-        hooks = [self.ema_step] if self.has_offline else []
-        head = list(self.head.parameters())
-        fits = []
         if frozen:
-            fits.append(train_module(ctx, self.model, self.module_name, loss, ctx.epoch_batches(task.train, frozen),
-                                     f"{task.name} lae warm-up", t, head, after_step=hooks, pet_frozen=True,
-                                     epochs=frozen))
+            yield self.fit_on(t, ctx.epoch_batches(task.train, frozen), desc=f"{task.name} lae warm-up", loss=loss,
+                              train_module=False, epochs=frozen, dev_score=None)
         if epochs - frozen:
-            fits.append(train_module(ctx, self.model, self.module_name, loss,
-                                     ctx.epoch_batches(task.train, epochs - frozen), f"{task.name} lae", t,
-                                     head, after_step=hooks, epochs=epochs - frozen))
-        self.last_fit = sum(fits[1:], fits[0])
+            yield self.fit_on(t, ctx.epoch_batches(task.train, epochs - frozen), loss=loss, epochs=epochs - frozen,
+                              dev_score=None)
 
-    def _freeze_epochs(self) -> int:
-        given = self.opts["freeze_epochs"]
-        return given if given is not None else round(0.6 * self.ctx.cfg.train.epochs)
-
-    @torch.no_grad()
-    def ema_step(self, step: int) -> None:
-        """``theta_off <- decay theta_off + (1 - decay) theta_on``, tensor by tensor (the
-        (online, offline) pairs are matched once per task, not at every step)."""
-        decay = self.opts["ema_decay"]
-        for online, offline in self.ema_pairs:
-            offline.mul_(decay).add_(online, alpha=1.0 - decay)
+    def after_step(self, fit, step: int) -> None:
+        """``theta_off <- decay theta_off + (1 - decay) theta_on`` (pairs matched once per task)."""
+        ema_update(self.ema_pairs, self.opts["ema_decay"])
 
     # -- prediction ------------------------------------------------------------------------------------
     def logits_of(self, module: str, indices: list[int]) -> torch.Tensor:
@@ -116,7 +97,7 @@ class LAE(OneModuleLearner):
     def logits(self, indices: list[int]) -> torch.Tensor:
         """log max(softmax(online), softmax(offline)) over the seen classes (the online module
         alone before the offline one exists); the online module is left active."""
-        if not self.has_offline or self.model.training:
+        if not self.has_module(OFFLINE) or self.model.training:
             return self.logits_of(self.module_name, indices)
         offline = F.softmax(self.logits_of(OFFLINE, indices).float(), dim=-1)
         online = F.softmax(self.logits_of(self.module_name, indices).float(), dim=-1)
@@ -125,39 +106,9 @@ class LAE(OneModuleLearner):
     @torch.no_grad()
     def generate(self, indices: list[int]) -> list[str]:
         """Greedy answers; each step's token is the argmax of max(p_online, p_offline)."""
-        if not self.has_offline:
+        if not self.has_module(OFFLINE):
             return super().generate(indices)
         names = [self.module_name] * len(indices) + [OFFLINE] * len(indices)
         answers = self.ctx.generate(self.model, indices, ensemble=2, adapter_names=names)
         self.ctx.pet.activate(self.model, self.module_name)
         return answers
-
-    # -- saving ----------------------------------------------------------------------------------------
-    def save(self, t: int, folder: Path) -> None:
-        super().save(t, folder)
-        if self.has_offline:
-            (folder / OFFLINE).mkdir()
-            self.ctx.pet.save(self.model, OFFLINE, folder / OFFLINE)
-
-    def restore(self, run_dir: Path, seed: int) -> None:
-        super().restore(run_dir, seed)
-        offline = adapter_dir(run_dir, seed, self.ctx.stream.tasks[-1].name) / OFFLINE
-        if offline.is_dir():
-            self.ctx.pet.load(self.model, offline, OFFLINE)
-            self.has_offline = True
-        self.ctx.pet.activate(self.model, self.module_name)
-
-    def state(self):
-        tensors, meta = super().state()
-        meta["has_offline"] = self.has_offline
-        return tensors, meta
-
-    def load_state(self, tensors, meta) -> None:
-        super().load_state(tensors, meta)
-        self.has_offline = meta["has_offline"]
-
-    def tunable_params(self) -> dict[str, int]:
-        out = super().tunable_params()
-        if self.has_offline:
-            out["stored_params"] = out["pet_params"] * 2 + out["head_params"]
-        return out

@@ -33,8 +33,11 @@ from conpet.adapters import merge_lora
 from conpet.errors import ConfigError
 from conpet.generation import lm_loss
 from conpet.heads import GrowingHead, concat_heads
-from conpet.learners.base import (Context, OneModuleLearner, dev_scorer, head_tensors, load_expert_heads,
-                                  load_module_tensors, module_tensors, register_learner, train_module)
+from conpet.learners.base import register_learner
+from conpet.learners.context import Context
+from conpet.learners.one_module import OneModuleLearner
+from conpet.learners.state import head_tensors, load_expert_heads, load_module_tensors, module_tensors
+from conpet.learners.training import dev_scorer
 from conpet.learners.options import Option
 from conpet.merging import get_merge_method
 from conpet.pet import get_pet_class
@@ -97,8 +100,9 @@ class MergeLearner(OneModuleLearner):
 
         score = dev_scorer(ctx, self.model, [t], lambda idx: head(ctx.features(self.model, idx)),
                            lambda idx: ctx.targets(idx) - start)
-        self.last_fit = train_module(ctx, self.model, EXPERT, expert_loss, ctx.epoch_batches(task.train),
-                                     f"{task.name} expert", t, list(head.parameters()), dev_score=score)
+        self.last_fit = self.train(self.fit_on(t, ctx.epoch_batches(task.train), desc=f"{task.name} expert",
+                                               loss=expert_loss, module=EXPERT, params=list(head.parameters()),
+                                               dev_score=score))
         self.experts.append(pet.lora_factors(self.model, EXPERT))
         self._remerge()
         pet.remove(self.model, EXPERT)

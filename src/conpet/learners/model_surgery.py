@@ -72,8 +72,10 @@ from conpet.device import full_precision
 from conpet.errors import ConfigError
 from conpet.generation import target_positions
 from conpet.heads import GrowingHead, task_targets
-from conpet.learners.base import (Context, Learner, Route, dev_scorer, head_tensors, load_head, load_module_tensors,
-                                  module_features, module_tensors, register_learner, train_module, write_module_meta)
+from conpet.learners.base import Learner, Route, register_learner
+from conpet.learners.context import Context
+from conpet.learners.state import head_tensors, load_head, load_module_tensors, module_tensors, write_module_meta
+from conpet.learners.training import Fit, dev_scorer, module_features, train
 from conpet.learners.options import Option
 from conpet.learners.routing import load_task_modules, routed_features, routed_generate
 from conpet.pet.base import counterpart, in_module
@@ -210,11 +212,10 @@ class ModelSurgery(Learner):
 
         params = module_params(self.model, name)
         self.merge_pairs = [(p, self.prefix[k]) for k, p in params.items()] if t else []
-        hooks = [self.merge_step] if t and self.opts["adapter_momentum"] else []
         score = dev_scorer(ctx, self.model, [t], masked_logits, ctx.targets)
-        self.last_fit = train_module(ctx, self.model, name, lambda idx: self.loss(idx, columns, local),
-                                     ctx.epoch_batches(task.train), f"{task.name} model-surgery", t,
-                                     list(self.head.parameters()), dev_score=score, after_step=hooks)
+        self.last_fit = train(ctx, self.model, Fit(t, f"{task.name} model-surgery", ctx.epoch_batches(task.train),
+                                                   lambda idx: self.loss(idx, columns, local), name,
+                                                   list(self.head.parameters()), dev_score=score), self)
         with torch.no_grad():
             for key, p in params.items():
                 p.requires_grad_(False)
@@ -242,8 +243,10 @@ class ModelSurgery(Learner):
         return task_loss + self.opts["reg"] * orth_loss(self.means, features)
 
     @torch.no_grad()
-    def merge_step(self, step: int) -> None:
-        """``theta_t <- (1 - m) theta_t + m (sum of the finished modules) / t``, once per step."""
+    def after_step(self, fit, step: int) -> None:
+        """``theta_t <- (1 - m) theta_t + m (sum of the finished modules) / t``, once per step (from the second task)."""
+        if not (fit.task and self.opts["adapter_momentum"]):
+            return
         m, n_old = self.opts["adapter_momentum"], self.n_tasks - 1
         for p, total in self.merge_pairs:
             p.mul_(1.0 - m).add_(total.to(p.dtype), alpha=m / n_old)

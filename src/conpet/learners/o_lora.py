@@ -35,16 +35,13 @@ trained as ``sequential``'s (the official code is generative: T5 / LLaMA answers
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from conpet.errors import ConfigError
-from conpet.learners.base import (Context, OneModuleLearner, load_head, load_module_tensors, register_learner,
-                                  train_module)
+from conpet.learners.base import register_learner
+from conpet.learners.one_module import OneModuleLearner
 from conpet.learners.options import Option
 from conpet.pet import get_pet_class
-from conpet.runs import adapter_dir
 
 HISTORY = "o-lora"
 """The frozen history: every finished task's LoRA, concatenated (what answers after each task)."""
@@ -60,6 +57,7 @@ class OLoRA(OneModuleLearner):
     shards_backbone = True
     generative = True
     module_name = HISTORY
+    training_module = NEW
     options = {"lambda_orth": Option(0.5, float, minimum=0.0, help="weight of the orthogonality penalty"),
                "lambda_l2": Option(0.0, float, minimum=0.0, help="weight of the new LoRA's Frobenius norms")}
 
@@ -70,36 +68,24 @@ class OLoRA(OneModuleLearner):
             raise ConfigError(f"learner 'o-lora' stacks plain LoRA modules (dW = s B A); pet.method "
                               f"'{cfg.pet.method}' with these options is not one")
 
-    def __init__(self, ctx: Context) -> None:
-        super().__init__(ctx)
-        self.history_rank = 0
-        self._penalty_weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
-        """(A_hist, A_new, B_new) of every layer the new LoRA touches, matched once per task."""
+    @property
+    def history_rank(self) -> int:
+        """The rank of the history (r times the tasks folded in), 0 before the first task's end."""
+        return self.model.peft_config[HISTORY].r if self.has_module(HISTORY) else 0
 
     # -- learning --------------------------------------------------------------------------------------
-    def learn(self, t: int) -> None:
-        ctx = self.ctx
-        task = self.start_new_lora(t)
-        batches = ctx.epoch_batches(task.train)
-        self.last_fit = train_module(ctx, self.model, NEW, self.loss, batches, f"{task.name} o-lora", t,
-                                     list(self.head.parameters()), activate=self.activate_training)
-        self.fold_new_into_history()
-
-    def start_new_lora(self, t: int):
-        """A fresh LoRA for task ``t`` (the model wrapped at the first task), head columns for its
-        labels; returns the task."""
+    def begin_task(self, t: int):
+        """A fresh LoRA for task ``t`` (the model wrapped at the first task), head columns for its labels."""
         ctx, pet = self.ctx, self.ctx.pet
         torch.manual_seed(int(ctx.rng.integers(2**31)))
         if self.model is None:
             self.model = pet.attach(ctx.backbone.model, NEW, ctx.calibration(t))
         elif NEW not in pet.modules(self.model):
             pet.add(self.model, NEW, ctx.calibration(t))
-        self._penalty_weights = None
-        task = ctx.stream.tasks[t]
-        self.grow_head(list(task.labels))
-        return task
+        self._penalty_weights: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] | None = None
+        self.grow_head(list(ctx.stream.tasks[t].labels))
 
-    def activate_training(self) -> None:
+    def setup_forward(self, fit) -> None:
         """The new LoRA trains with the frozen history active beside it."""
         if self.history_rank:
             self.ctx.pet.activate_stacked(self.model, NEW, [HISTORY])
@@ -107,45 +93,36 @@ class OLoRA(OneModuleLearner):
             self.ctx.pet.activate(self.model, NEW)
 
     def loss(self, indices: list[int]) -> torch.Tensor:
-        loss, _ = self.objective_loss(indices)
-        return loss + self.penalty()
+        return self.objective_loss(indices)[0] + self.penalty()
 
     def penalty(self) -> torch.Tensor | float:
         """``lambda_orth * sum |A_hist A_new^T| + lambda_l2 * sum ||p||_F`` over the new LoRA's layers."""
         total = 0.0
-        for a_old, a_new, b_new in self.penalty_weights():
+        if self._penalty_weights is None:  # matched once per task (a step would walk every module of the model)
+            pet, history = self.ctx.pet, dict(self.ctx.pet.tuner_layers(self.model, HISTORY)) if self.history_rank else {}
+            self._penalty_weights = [(history[path].lora_A[HISTORY].weight if path in history else None,
+                                      layer.lora_A[NEW].weight, layer.lora_B[NEW].weight)
+                                     for path, layer in pet.tuner_layers(self.model, NEW)]
+        for a_old, a_new, b_new in self._penalty_weights:
             if self.opts["lambda_orth"] and a_old is not None:
                 total = total + self.opts["lambda_orth"] * (a_old.float() @ a_new.float().T).abs().sum()
             if self.opts["lambda_l2"]:
                 total = total + self.opts["lambda_l2"] * (a_new.float().norm() + b_new.float().norm())
         return total
 
-    def penalty_weights(self) -> list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]:
-        """(A_hist or None before any history, A_new, B_new) per layer of the new LoRA; matched
-        once per task (a step would otherwise walk every module of the model)."""
-        if self._penalty_weights is None:
-            pet, model = self.ctx.pet, self.model
-            history = dict(pet.tuner_layers(model, HISTORY)) if self.history_rank else {}
-            self._penalty_weights = [
-                (history[path].lora_A[HISTORY].weight if path in history else None,
-                 layer.lora_A[NEW].weight, layer.lora_B[NEW].weight)
-                for path, layer in pet.tuner_layers(model, NEW)]
-        return self._penalty_weights
-
-    def fold_new_into_history(self) -> None:
+    def after_task(self, t: int) -> None:
         """Append the new factors to the history (A rows; ``s B`` columns), drop the new LoRA."""
-        pet, model = self.ctx.pet, self.model
+        pet, model, rank = self.ctx.pet, self.model, self.history_rank
         config, new = pet.lora_factors(model, NEW)
         scaling = config["lora_alpha"] / config["r"]
-        if self.history_rank:
+        if rank:
             _, old = pet.lora_factors(model, HISTORY)
             factors = {k: (torch.cat([old[k][0], a]), torch.cat([old[k][1], scaling * b], dim=1))
                        for k, (a, b) in new.items()}
             pet.remove(model, HISTORY)
         else:
             factors = {k: (a, scaling * b) for k, (a, b) in new.items()}
-        self.history_rank += config["r"]
-        history_pet = pet.resized(self.history_rank)  # scaling 1: the factors carry it
+        history_pet = pet.resized(rank + config["r"])  # scaling 1: the factors carry it
         history_pet.add(model, HISTORY)
         history_pet.set_lora_factors(model, HISTORY, factors)
         pet.activate(model, HISTORY)
@@ -154,39 +131,20 @@ class OLoRA(OneModuleLearner):
         for p in pet.tensors(model, HISTORY):
             p.requires_grad_(False)
 
-    # -- saving and resuming -----------------------------------------------------------------------------
-    def restore(self, run_dir: Path, seed: int) -> None:
-        super().restore(run_dir, seed)
-        folder = adapter_dir(run_dir, seed, self.ctx.stream.tasks[-1].name)
-        self.history_rank = self.model.peft_config[HISTORY].r if folder.is_dir() else 0
-
-    def state(self):
-        tensors, meta = super().state()
-        meta["history_rank"] = self.history_rank
-        return tensors, meta
-
-    def load_state(self, tensors, meta) -> None:
+    # -- resuming and counting -------------------------------------------------------------------------
+    def add_module(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """The history has its own rank (read from its saved factors); the new LoRA the method's."""
         pet = self.ctx.pet
-        self.history_rank = meta["history_rank"]
-        self._penalty_weights = None  # modules may be created anew below
-        for name in meta["modules"]:  # the history has its own rank; the new LoRA the method's
-            maker = pet.resized(self.history_rank) if name == HISTORY else pet
-            if self.model is None:
-                self.model = maker.attach(self.ctx.backbone.model, name)
-            elif name not in pet.modules(self.model):
-                maker.add(self.model, name)
-        if meta["modules"]:
-            load_module_tensors(pet, self.model, meta["modules"], tensors)
-            if NEW in meta["modules"]:  # inside a task (an in-task checkpoint): train as before the kill
-                self.activate_training()
-            elif HISTORY in meta["modules"]:
-                pet.activate(self.model, HISTORY)
-        self.head = load_head(self.head, {k[5:]: v for k, v in tensors.items() if k.startswith("head/")},
-                              meta["head_labels"])
+        if name == HISTORY:
+            pet = pet.resized(next(v.shape[0] for k, v in tensors.items() if f".lora_A.{HISTORY}." in k))
+        if self.model is None:
+            self.model = pet.attach(self.ctx.backbone.model, name)
+        else:
+            pet.add(self.model, name)
 
     def tunable_params(self) -> dict[str, int]:
         pet = self.ctx.pet
-        stored = pet.count(self.model, HISTORY) if HISTORY in pet.modules(self.model) else 0
+        stored = pet.count(self.model, HISTORY) if self.has_module(HISTORY) else 0
         tasks = max(1, self.history_rank // max(1, pet.rank))
         head = sum(p.numel() for p in self.head.parameters())
         return {"pet_params": stored, "pet_params_per_task": stored // tasks, "head_params": head,

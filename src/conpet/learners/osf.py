@@ -45,8 +45,10 @@ from torch import nn
 
 from conpet.errors import ConfigError
 from conpet.heads import GrowingHead
-from conpet.learners.base import (Context, OneModuleLearner, head_tensors, load_head, load_module_tensors,
-                                  module_tensors, register_learner, write_module_meta)
+from conpet.learners.base import register_learner
+from conpet.learners.context import Context
+from conpet.learners.one_module import OneModuleLearner
+from conpet.learners.state import head_tensors, load_head, load_module_tensors, module_tensors, write_module_meta
 from conpet.learners.options import Option
 from conpet.pet.osf import OSF
 from conpet.runs import adapter_dir, check_safe_folder
@@ -128,7 +130,7 @@ class OSFLearner(OneModuleLearner):
         self.trained_params.append(ctx.pet.count(self.model, self.module_name))
         task = ctx.stream.tasks[t]
         self.grow_head(list(task.labels))
-        self.train_on(task.train, f"{task.name} osf", t)
+        self.last_fit = self.train(self.fit_on(t, ctx.epoch_batches(task.train)))
         self.merge()
 
     def merge(self) -> None:

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from conpet.learners.base import Context
+from conpet.learners.context import Context
 from conpet.runs import adapter_dir
 
 

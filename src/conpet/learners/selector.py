@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from conpet.learners.base import Context, dev_scorer, train_module
+from conpet.learners.context import Context
+from conpet.learners.training import Fit, dev_scorer, train
 from conpet.learners.loop import FitStats
 
 SELECTOR = "selector"
@@ -45,8 +46,8 @@ class ModuleSelector:
     def train(self, model: torch.nn.Module, batches: list[list[int]], desc: str, task: int) -> FitStats:
         score = dev_scorer(self.ctx, model, list(range(task + 1)),
                            lambda idx: self.head(self.ctx.features(model, idx)), self.task_ids)
-        return train_module(self.ctx, model, SELECTOR, lambda idx: self.loss(model, idx), batches, desc, task,
-                            list(self.head.parameters()), dev_score=score)
+        return train(self.ctx, model, Fit(task, desc, batches, lambda idx: self.loss(model, idx), SELECTOR,
+                                          list(self.head.parameters()), dev_score=score))
 
     @torch.no_grad()
     def probabilities(self, model: torch.nn.Module, indices: list[int]) -> torch.Tensor:

@@ -6,7 +6,8 @@ task's rows, so earlier tasks are forgotten as far as the backbone's plasticity 
 
 from __future__ import annotations
 
-from conpet.learners.base import CONPET_PAPER, OneModuleLearner, register_learner
+from conpet.learners.base import CONPET_PAPER, register_learner
+from conpet.learners.one_module import OneModuleLearner
 
 
 @register_learner("sequential")
@@ -16,7 +17,3 @@ class Sequential(OneModuleLearner):
     paper = f"{CONPET_PAPER} (its PET-only lower bound)"
     generative = True
     shards_backbone = True
-
-    def learn(self, t: int) -> None:
-        task = self.begin_task(t)
-        self.train_on(task.train, f"{task.name} train", t)

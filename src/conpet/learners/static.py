@@ -24,7 +24,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from conpet.learners.base import CONPET_PAPER, Context, OneModuleLearner, register_learner, update_memory
+from conpet.learners.base import CONPET_PAPER, register_learner
+from conpet.learners.context import Context
+from conpet.learners.one_module import OneModuleLearner
+from conpet.learners.training import update_memory
 from conpet.learners.options import REPLAY_OPTIONS, Option
 from conpet.replay import ExemplarMemory, replay_schedule, split_batch
 
@@ -91,6 +94,7 @@ class Plugin:
 class StaticConPET(OneModuleLearner):
     plugin_cls: ClassVar[type[Plugin]]
     dynamic: ClassVar[bool] = False
+    state_attrs = ("memory",)
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
@@ -109,21 +113,16 @@ class StaticConPET(OneModuleLearner):
         return replay_schedule(self.ctx.stream, t, self.opts, self.memory, train.batch_size, train.epochs,
                                self.ctx.rng, lengths)
 
-    def learn(self, t: int) -> None:
-        task = self.begin_task(t)
-        for plugin in self.plugins:
-            plugin.before_task(t)
+    def fits(self, t: int):
         if t > 0 and self.dynamic:
-            self.train_on(task.train, f"{task.name} {self.name}", t, batches=self.replay_batches(t))
-        else:
-            rows = list(task.train) + [i for plugin in self.plugins for i in plugin.replay_rows(t)]
-            self.train_on(rows, f"{task.name} {self.name}", t)
+            return [self.fit_on(t, self.replay_batches(t))]
+        rows = list(self.ctx.stream.tasks[t].train) + [i for plugin in self.plugins for i in plugin.replay_rows(t)]
+        return [self.fit_on(t, self.ctx.epoch_batches(rows))]
+
+    def after_task(self, t: int) -> None:
         if any(plugin.needs_memory() for plugin in self.plugins):
             update_memory(self.ctx, self.memory, t, self.raw_features)
-        for plugin in self.plugins:
-            plugin.after_task(t)
-
-
+        super().after_task(t)
 
 
 def register_method(plugin_cls: type[Plugin]) -> type[Plugin]:

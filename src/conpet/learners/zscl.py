@@ -71,7 +71,6 @@ The backbone needs its LM head (a decoder): on an encoder ``zscl`` is a ``Config
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 import torch
@@ -83,7 +82,9 @@ from conpet.errors import ConfigError
 from conpet.generation import target_tokens, token_logits
 from conpet.heads import task_targets
 from conpet.inputs import text_chunks
-from conpet.learners.base import Context, OneModuleLearner, register_learner, train_module
+from conpet.learners.base import register_learner
+from conpet.learners.context import Context
+from conpet.learners.one_module import OneModuleLearner
 from conpet.learners.options import Option
 from conpet.pet.base import backbone_alone
 
@@ -120,6 +121,8 @@ class WeightEnsemble:
     """The running average ``theta_hat`` of one task: of ``s B A`` per LoRA layer (kept as side-by-side
     factor stacks, exact) and of every other tensor (``dense``: other PET tensors and the head)."""
 
+    state_attrs = ("n", "b_sum", "a_sum", "mean")
+
     def __init__(self, lora: list[tuple[nn.Parameter, nn.Parameter, float]], dense: list[nn.Parameter]) -> None:
         self.lora, self.dense = lora, dense
         self.n = 1
@@ -155,16 +158,6 @@ class WeightEnsemble:
             p.copy_(m)
         return (dropped / total) ** 0.5 if total > 0 else 0.0
 
-    def state(self) -> dict[str, torch.Tensor]:
-        return {**{f"b/{k}": v for k, v in enumerate(self.b_sum)}, **{f"a/{k}": v for k, v in enumerate(self.a_sum)},
-                **{f"mean/{k}": v for k, v in enumerate(self.mean)}}
-
-    def load_state(self, tensors: dict[str, torch.Tensor], n: int) -> None:
-        self.n = n
-        self.b_sum = [tensors[f"b/{k}"].clone() for k in range(len(self.lora))]
-        self.a_sum = [tensors[f"a/{k}"].clone() for k in range(len(self.lora))]
-        self.mean = [tensors[f"mean/{k}"].clone() for k in range(len(self.dense))]
-
 
 @register_learner("zscl")
 class ZSCL(OneModuleLearner):
@@ -197,6 +190,8 @@ class ZSCL(OneModuleLearner):
             raise ConfigError("train.select_on_dev: zscl keeps the weight ensemble of each task, not a dev-selected "
                               "epoch; leave it off")
 
+    state_attrs = ("task", "step", "last_step", "errors", "anchor", "ensemble")
+
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
         self.chunks: list[list[int]] | None = None
@@ -217,18 +212,21 @@ class ZSCL(OneModuleLearner):
         return given if given is not None else (0.0 if self.ctx.generative else 0.2)
 
     # -- learning --------------------------------------------------------------------------------------
-    def learn(self, t: int) -> None:
-        ctx = self.ctx
-        task = self.begin_task(t)
+    def before_task(self, t: int) -> None:
+        """The task's anchor (its start weights) and a weight ensemble starting there."""
         self.task, self.step = t, 0
-        self._targets = None if ctx.generative else task_targets(ctx.stream, t, ctx.device)
+        self._targets = None if self.ctx.generative else task_targets(self.ctx.stream, t, self.ctx.device)
         self.params = self.pet_parameters()
         self.anchor = [p.detach().clone() for p in self.params]
         self.ensemble = self.new_ensemble()
-        batches = ctx.epoch_batches(task.train)
+
+    def fits(self, t: int):
+        batches = self.ctx.epoch_batches(self.ctx.stream.tasks[t].train)
         self.last_step = len(batches) - 1
-        self.last_fit = train_module(ctx, self.model, self.module_name, self.loss, batches, f"{task.name} zscl", t,
-                                     list(self.head.parameters()), after_step=[self.after_step])
+        return [self.fit_on(t, batches, dev_score=None)]
+
+    def after_task(self, t: int) -> None:
+        """The ensemble becomes the module (and the head)."""
         self.errors.append(self.ensemble.write())
         self.ensemble = None
 
@@ -243,7 +241,8 @@ class ZSCL(OneModuleLearner):
         dense = [p for p in self.params if id(p) not in factors] + list(self.head.parameters())
         return WeightEnsemble(lora, dense)
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, fit, step: int) -> None:
+        """A weight-ensemble snapshot after step 0, every ``we_interval`` steps and the last one."""
         self.step = step + 1
         if step % self.opts["we_interval"] == 0 or step == self.last_step:
             self.ensemble.add()
@@ -311,21 +310,3 @@ class ZSCL(OneModuleLearner):
     # -- state -----------------------------------------------------------------------------------------
     def eval_extra(self, t: int) -> dict[str, list[float]]:
         return {"we_truncation_error": list(self.errors[: t + 1])}
-
-    def state(self):
-        tensors, meta = super().state()
-        tensors.update({f"zscl/anchor/{k}": v for k, v in enumerate(self.anchor)})
-        meta["zscl"] = {"task": self.task, "step": self.step, "last_step": self.last_step, "errors": self.errors,
-                        "anchor": len(self.anchor), "we_n": self.ensemble.n if self.ensemble else None}
-        if self.ensemble is not None:
-            tensors.update({f"zscl/we/{k}": v for k, v in self.ensemble.state().items()})
-        return tensors, meta
-
-    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        super().load_state(tensors, meta)
-        own = meta["zscl"]
-        self.task, self.step, self.last_step = own["task"], own["step"], own["last_step"]
-        self.errors = list(own["errors"])
-        self.anchor = [tensors[f"zscl/anchor/{k}"].clone() for k in range(own["anchor"])]
-        if own["we_n"] is not None:  # inside a task: the learn() preamble made the ensemble's tensors
-            self.ensemble.load_state({k[8:]: v for k, v in tensors.items() if k.startswith("zscl/we/")}, own["we_n"])
