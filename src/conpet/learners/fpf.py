@@ -1,25 +1,17 @@
-"""``fpf``: Forgetting-Prone-part Fine-tuning (Zhao et al. 2023, "Does Continual Learning Equally
-Forget All Parameters?", ICML).
+"""``fpf`` / ``k-fpf``: FPF, Forgetting-Prone-part Fine-tuning (Zhao et al. 2023, "Does Continual
+Learning Equally Forget All Parameters?", ICML).
 
-The paper finds that forgetting concentrates in a few modules that shift sharply between tasks,
-and proposes FPF: after the continual method's training on a task, fine-tune **only those
-modules** for a few iterations on a small replay buffer. Here (conpet's mapping of the paper's
-"sensitive set" to a PET-tuned LLM): the continual method is ``sequential``'s (one PET module,
-each task's rows only); the buffer is the exemplar memory (k-means, ``memory_per_class`` rows
-per class, as EMR's); the forgetting-prone set is the classification head and the PET
-parameters of the top ``fpf_layers`` PET layers (the layers nearest the output shift most); the
-FPF phase after every task from the second on is ``fpf_steps`` steps of cross-entropy (the
-FPF-CE variant; the LM loss on a generative stream) on batches drawn uniformly from the buffer,
-with every other parameter frozen.
+``sequential``'s training on each task, then from the second task an FPF phase: ``fpf_steps``
+steps of cross-entropy (FPF-CE; the LM loss on generative streams) on batches drawn from an
+exemplar buffer (k-means, ``memory_per_class`` rows per class), training only the forgetting-prone
+parts with everything else frozen. ``k-fpf`` runs the phase k times over the stream at fixed
+intervals of training steps, whatever the task boundaries, on the earlier tasks' exemplars and
+the current task's rows seen so far.
 
-Deviations, named: the paper ranks modules by a sensitivity score measured on ResNets (BN layers,
-the final FC, the last block); its formula, iteration counts and k-FPF schedule are not verified
-here, so the set and ``fpf_steps`` (100) are conpet's choices, options to change. ``k-fpf``
-(:class:`KFPF`, below) runs the phase k times at fixed intervals of training steps, regardless of
-task boundaries.
-
-Cost per task: the task's own steps plus ``fpf_steps`` buffer steps (constant in the number of
-tasks); storage: the PET module, the head, the memory's row ids.
+Deviations, named: the paper ranks modules by a sensitivity score measured on ResNets; here the
+forgetting-prone set is conpet's mapping to a PET-tuned LLM, the head and the PET parameters of
+the top ``fpf_layers`` PET layers; the set and ``fpf_steps`` (100) are options, not verified
+against the paper's iteration counts.
 """
 
 from __future__ import annotations

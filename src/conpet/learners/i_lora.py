@@ -1,58 +1,24 @@
-"""``i-lora``: Interpolation-based LoRA (Ren et al. 2024, "Analyzing and Reducing Catastrophic
-Forgetting in Parameter Efficient Tuning", arXiv 2402.18865, ICASSP 2025; official code
+"""``i-lora``: I-LoRA, interpolation-based LoRA (Ren et al. 2024, "Analyzing and Reducing
+Catastrophic Forgetting in Parameter Efficient Tuning", arXiv 2402.18865; official code
 which47/LLMCL ``method/ILORA.py``).
 
-Two PET modules on one backbone:
+A fast module trains on each batch and, from the second task, on as many rows drawn from a
+reservoir of training rows (``buffer_size``), with
+``L = 1/2 (CE_fast(batch) + CE_fast(b)) + reg_weight * mean (h_fast(b) - max(h_fast(b), h_slow(b)))^2``
+over every hidden state of the replayed rows b; a slow module (a fresh module of the same config,
+never trained) follows the fast one after every step,
+``theta_s <- alpha theta_s + (1 - alpha) theta_f``, ``alpha = min(1 - 1/(step + 1), ema_alpha)``.
+The fast module answers (``eval_module=slow``: the slow one); both are saved. The reservoir and
+every step's replay rows are laid out from the run's seeded generator before each fit, so
+micro-batches and processes replay their share and ``--resume`` is exact.
 
-- the **fast** module (the learner's own, ``default``) trains on the current batch and on a
-  batch of the same size drawn from a replay buffer;
-- the **slow** module (``i-lora-slow``, a fresh module of the same PET config, as the official
-  ``add_adapter('ema', peft_cfg)``) is not trained: after **every** optimizer step it moves
-  towards the fast one, ``theta_s <- alpha theta_s + (1 - alpha) theta_f`` with
-  ``alpha = min(1 - 1 / (step + 1), ema_alpha)`` (``step`` = optimizer steps done, counted over
-  the whole stream; ``ema_alpha`` 0.25).
-
-The buffer is a reservoir of ``buffer_size`` (500) training rows (row indices), fed with every
-row of every batch, of every task, before that batch's buffer draw (as the official
-``compute_loss`` adds the batch, then ``forward`` draws). From the second task on (the official
-code skips replay on its first task, ``C-STANCE``) each step draws b, ``min(batch size, buffer)``
-buffer rows without replacement, and the loss is::
-
-    L = 1/2 (CE_fast(batch) + CE_fast(b)) + reg_weight * mean (h_fast(b) - max(h_fast(b), h_slow(b)))^2
-
-``h`` = every hidden state of b (HF's ``hidden_states``: the embeddings and each layer's output,
-the last one after the final norm), the slow pass without gradient; the elementwise max makes the
-penalty pull the fast states up to the slow ones only where they are below (official L223-263;
-``reg_weight`` 1.0). CE: cross-entropy over the seen classes through the growing head, or on a
-generative stream the LM loss on the target tokens. Prediction uses the fast module (the official
-code saves and evaluates ``default``), or the slow one with ``eval_module=slow``; both are saved.
-
-The reservoir and each step's buffer rows are laid out before a task's fit from the run's seeded
-generator (like the epochs' batches), so under ``train.grad_accum`` / several processes every
-micro-batch replays its own share of the step's buffer rows, and ``state`` (the reservoir, the
-step count, both modules) makes a resumed run identical.
-
-Cost: from the second task three forward passes per step (batch and buffer through the fast
-module, buffer through the slow one, no gradient), one backward through the first two; the EMA is
-one pass over the module's parameters per step. Storage: two modules, the head and at most
-``buffer_size`` row indices, constant in the number of tasks.
-
-Deviations, named:
-
-- the official code's defects are fixed, not copied: its EMA loop matches the *fast* module's
-  parameter names, so it rewrites the fast weights with themselves and the slow module stays at
-  its initialisation; here each fast parameter is paired with the slow one at its place. It calls
-  a missing ``load_ema_model`` after task 1 (crash): nothing is reloaded here, the slow module
-  simply carries over. It never passes the attention mask: here padding is masked in every
-  forward pass and left out of the consistency mean;
-- the consistency mean is over the real tokens of b, hidden size and the ``n_layers + 1`` hidden
-  states; with ``train.top_layers`` the lower layers are cached and carry no PET, so their states
-  are the same under both modules and their (zero) terms are counted without being computed;
-- ``step`` in alpha counts over the whole stream (the official HF ``global_step`` restarts each
-  task): with ``ema_alpha <= 0.5`` alpha is ``ema_alpha`` at every step either way;
-- buffer rows are row indices (the official buffer stores token tensors) and their draws use the
-  run's seeded generator instead of numpy's global one; conpet's PET method, confinement and
-  AdamW apply (official: LoRA r 8, alpha 32 on q/k/v/o of LLaMA-2-7B, lr 1e-5, 3 epochs).
+Deviations, named: the official code's defects are fixed, not copied (its EMA rewrites the fast
+weights with themselves; it calls a missing ``load_ema_model``; it never passes the attention
+mask: here padding is masked and left out of the consistency mean); with ``train.top_layers`` the
+cached lower layers carry no PET and their zero terms are counted without being computed;
+``step`` counts over the whole stream (the official one restarts each task: the same alpha while
+``ema_alpha <= 0.5``); buffer rows are row indices; conpet's PET method, confinement and AdamW
+(official: LoRA r 8, alpha 32 on q/k/v/o of LLaMA-2-7B, lr 1e-5, 3 epochs).
 """
 
 from __future__ import annotations

@@ -1,33 +1,16 @@
-"""``inflora``: interference-free LoRA (Liang & Li 2024, "InfLoRA: Interference-Free Low-Rank
-Adaptation for Continual Learning", CVPR; official code liangyanshuo/InfLoRA).
+"""``inflora``: InfLoRA (Liang & Li 2024, "InfLoRA: Interference-Free Low-Rank Adaptation for
+Continual Learning", CVPR; official code liangyanshuo/InfLoRA ``methods/inflora.py``).
 
-As O-LoRA, every task adds a LoRA summed into the model (the frozen history of earlier tasks is
-active beside it), but instead of a penalty the new down-projection A_t is **designed and frozen**:
-its rows lie in the span of the current task's inputs and orthogonal to the stored input
-subspace M of the earlier tasks, and only B_t trains. So ``dW_t x_old ~ 0`` for the earlier
-tasks' inputs by construction (up to the energy threshold). Per task t, as ``methods/inflora.py``:
+As O-LoRA, every task adds a LoRA beside the frozen history, but its down-projection A is
+**designed and frozen**: the top-r left singular vectors (/ sqrt 3) of the covariance of the
+task's layer inputs with the earlier tasks' input subspace M projected out; only B (zero-
+initialised) and the new task's classes train (the LM loss on generative streams). After the task
+the LoRA joins the history (O-LoRA's storage) and M grows by GPM with the energy threshold
+``eps_t = eps_start + (eps_end - eps_start) t / T`` (official 0.95 -> 1.0), from the covariance of
+the trained model; padding is left out of every covariance.
 
-1. Before training, with the model as it is, the covariance ``C = mean x x^T`` of every targeted
-   layer's input over the task's training tokens (padding excluded, as the reference's advice for
-   decoder LMs).
-2. ``A_t = (top-r left singular vectors of C_hat)^T / sqrt(3)``, ``C_hat = C`` at the first task,
-   else ``C - M M^T C`` (the dual "retain" form of the official code, used when the basis grows
-   past d/2, is the same matrix).
-3. Train only B_t (zero-initialised) and the new task's classifier columns: cross-entropy over
-   the new task's classes (the official code's per-task head; the LM loss on generative streams).
-4. Fold the LoRA into the history (O-LoRA's storage: one plain peft LoRA of rank r x tasks), then
-   the covariance again with the trained model and the GPM update of M with the threshold
-   ``eps_t = eps_start + (eps_end - eps_start) t / T`` (t from 0, T the stream's tasks): at the
-   first task the top singular directions of C up to a cumulative energy ``eps_t``; later the
-   residual ``C - M M^T C``'s directions until the energy kept reaches ``eps_t`` (energies are
-   squared singular values of the covariance, as ``update_DualGPM``).
-
-Defaults from the official configs: ``eps_start`` 0.95, ``eps_end`` 1.0; rank: the PET's ``r``.
-Deviations, named: conpet's LoRA targets and confinement (the official ViT code puts LoRA on K
-and V of every block), conpet's AdamW settings; plain LoRA only. Cost per task: two passes over
-the task's rows without gradients and one d x d SVD per targeted layer, then only B trains;
-storage: the history (linear in the tasks) and M (at most d x d per layer, kept for training
-only).
+Deviations, named: conpet's LoRA targets and confinement (official: K and V of every ViT block)
+and AdamW settings; plain LoRA only.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ class L2(Plugin):
     paper = "Smith et al. 2023, A Closer Look at Rehearsal-Free Continual Learning (CVPR workshops)"
     shards_backbone = True
     options = {"l2_lambda": Option(1.0, float, minimum=0.0, help="weight of the L2 penalty")}
+    state_attrs = ("anchor",)
 
     def __init__(self, learner, options) -> None:
         super().__init__(learner, options)
@@ -40,14 +41,10 @@ class L2(Plugin):
     def after_task(self, t: int) -> None:
         self.anchor = [p.detach().clone() for p in self.learner.pet_parameters()]
 
-    def state(self):
-        if self.anchor is None:
-            return {}, {"n": None}
-        return {f"anchor/{i}": v for i, v in enumerate(self.anchor)}, {"n": len(self.anchor)}
-
-    def load_state(self, tensors, meta):
-        n = meta["n"]
-        self.anchor = None if n is None else [tensors[f"anchor/{i}"].clone() for i in range(n)]
-
     def extra_loss(self, indices, logits):
-        return self.opts["l2_lambda"] * sum(((p - q) ** 2).sum() for p, q in zip(self.params, self.anchor))
+        return self.opts["l2_lambda"] * l2_pull(self.params, self.anchor)
+
+
+def l2_pull(params: list[torch.Tensor], anchor: list[torch.Tensor]) -> torch.Tensor:
+    """``sum_i (theta_i - anchor_i)^2`` over every element of every tensor (ZSCL's L2 too)."""
+    return sum(((p - q) ** 2).sum() for p, q in zip(params, anchor))

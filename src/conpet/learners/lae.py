@@ -1,28 +1,15 @@
-"""``lae``: Learning-Accumulation-Ensemble (Gao et al. 2023, "A Unified Continual Learning
+"""``lae``: LAE, Learning-Accumulation-Ensemble (Gao et al. 2023, "A Unified Continual Learning
 Framework with General Parameter-Efficient Tuning", official code gqk/LAE ``main.py``).
 
-- **Learning.** One *online* PET module trained on each task in turn; the cross-entropy uses only
-  the new task's logits (the official code gives every task a new linear head and trains the new
-  one; here the growing head's new columns, the same thing). No replay. From the second task on,
-  the PET module is **frozen for the first** ``freeze_epochs`` **epochs of each task** (only the
-  head trains): the official code's adaptation-speed calibration (3 of 5 epochs on CIFAR-100, 30
-  of 50 on ImageNet-R and DomainNet: 60%, the default here, rounded).
-- **Accumulation.** An *offline* module, created at the start of the second task as a copy of the
-  online one, follows it as an exponential moving average after every optimizer step:
-  ``theta_off <- decay theta_off + (1 - decay) theta_on`` (timm's ``ModelEmaV2``, decay 0.9999).
-- **Ensemble.** Prediction takes, class by class, the larger of the two modules' softmax
-  probabilities, then the argmax (``logits`` returns the log of that maximum). On a generative
-  stream every decoding step does the same over the vocabulary: both modules run in one batch
-  (peft's per-row ``adapter_names``) and the next token is the argmax of the element-wise max of
-  their next-token distributions.
+An online module learns each task on the new task's classes only, frozen for the first
+``freeze_epochs`` epochs of every task from the second (60% of ``train.epochs``, the official
+3 of 5 and 30 of 50) while the head trains; an offline copy made at the second task follows it as
+an EMA after every step (decay 0.9999, timm's ``ModelEmaV2``); prediction takes, class by class
+(or token by token), the larger of the two softmax probabilities. docs/learners.md has the costs.
 
-Cost: two backbone passes per input at inference (one batch), constant training cost per task
-(the EMA is one pass over the module's parameters per step), two modules stored.
-
-Deviations, named: LAE's PET is adapters/LoRA/prefix in ViT blocks 0-4 with Adam and no weight
-decay; here conpet's PET method, confinement and AdamW settings apply. On a generative stream
-the loss is the LM loss on the target tokens (there are no per-task logits to restrict) and
-there is no warm-up (it trains a head, and a generative stream answers through the LM head).
+Deviations, named: conpet's PET method, confinement and AdamW instead of ViT adapters/prefixes in
+blocks 0-4 with Adam and no weight decay; on a generative stream the LM loss and no warm-up (the
+warm-up trains a head, and a generative stream answers through the LM head).
 """
 
 from __future__ import annotations

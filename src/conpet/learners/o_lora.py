@@ -1,36 +1,18 @@
-"""``o-lora``: orthogonal subspace LoRA (Wang et al. 2023, "Orthogonal Subspace Learning for
-Language Model Continual Learning", official code cmnfriend/O-LoRA).
+"""``o-lora``: O-LoRA (Wang et al. 2023, "Orthogonal Subspace Learning for Language Model Continual
+Learning", official code cmnfriend/O-LoRA).
 
-Each task trains a fresh LoRA (A_t, B_t) while every earlier task's LoRA stays frozen and active:
-the forward pass is ``W0 x + s B_hist A_hist x + s B_t A_t x``. A penalty pushes the new A
-towards orthogonality with every earlier A, so the new update reads input directions the old
-ones do not; no replay, no task id: every input runs through the sum of all LoRAs. The loss of a
-batch, as the official trainer computes it (``uie_trainer_lora.py``)::
+Each task trains a fresh LoRA while every earlier task's LoRA stays frozen and active (their sum
+answers every input, no task id). The loss is, as the official trainer's,
+``L_task + lambda_orth * sum |A_hist A_t^T| + lambda_l2 * sum ||p||_F`` (defaults 0.5 and 0, the
+Standard CL scripts), counted once per optimizer step whatever ``train.grad_accum``. After the task
+the new factors join the history as the official code stores it: ``A_hist`` gains A_t's rows,
+``B_hist`` gains ``s B_t``'s columns, so the history is one plain peft LoRA of rank ``r (t + 1)``
+and scaling 1 (the saved adapter is the whole model).
 
-    L = L_task + lambda_orth * sum over layers of sum |A_hist A_t^T| + lambda_l2 * sum ||p||_F
-
-(the elementwise-absolute sum of the r_sum x r overlap matrix, an L1 norm; ``||p||_F`` the plain,
-not squared, Frobenius norm of the new A and B). Defaults from the official scripts of the
-Standard CL benchmark orders 1-3: ``lambda_orth`` 0.5, ``lambda_l2`` 0. The penalty is added to
-the mean task loss once per micro-batch, so per optimizer step it is counted once whatever
-``train.grad_accum`` (the official code counts it grad-accum times without DeepSpeed).
-
-**Storage, as the official code.** After task t the new factors are appended to the history:
-``A_hist`` gains A_t's rows, ``B_hist`` gains ``s B_t``'s columns (the scaling folded into B), so
-the history is one plain LoRA of rank ``r (t + 1)`` and scaling 1 whose ``B_hist A_hist`` is
-``s sum_i B_i A_i``: the saved adapter after each task opens in plain peft and is the whole
-model. The next task starts a fresh LoRA (A Kaiming-uniform, B zero: peft's init, as the
-official ``loranew``).
-
-**Cost.** Trainable parameters per task are constant; the stored history and the unmerged
-forward grow linearly with the tasks (rank ``r t``; the history can be merged into the weights
-for inference, ``conpet merge``-style); the penalty is one (r t) x r matmul per layer per step.
-
-Deviations, named: conpet's default targets and confinement apply (every linear layer of the
-top ``train.top_layers`` layers) where the official LLaMA scripts put LoRA on ``q_proj`` and
-``v_proj`` of every layer (``--set pet.options.target_modules=[q_proj,v_proj]
---set train.top_layers=null`` gives theirs); on classification streams the growing head is
-trained as ``sequential``'s (the official code is generative: T5 / LLaMA answers).
+Deviations, named: conpet's targets and confinement (the official LLaMA scripts: ``q_proj`` and
+``v_proj`` of every layer, ``--set pet.options.target_modules=[q_proj,v_proj] --set
+train.top_layers=null``); on classification streams a growing head as ``sequential``'s (the
+official code is generative).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ import torch
 from conpet.learners.base import CONPET_PAPER, register_learner
 from conpet.learners.context import Context
 from conpet.learners.one_module import OneModuleLearner
+from conpet.learners.state import pack, unpack
 from conpet.learners.training import update_memory
 from conpet.learners.options import REPLAY_OPTIONS, Option
 from conpet.replay import ExemplarMemory, replay_schedule, split_batch
@@ -75,12 +76,16 @@ class Plugin:
     def load(self, folder) -> None:
         """Read what :meth:`save` wrote."""
 
+    state_attrs: ClassVar[tuple[str, ...]] = ()
+    """The attributes holding the method's training state (:func:`conpet.learners.state.pack`)."""
+
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The method's training state (for resume): tensors and JSON-able metadata."""
-        return {}, {}
+        """The method's training state (for resume): its declared :attr:`state_attrs`."""
+        return pack(self)
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Inverse of :meth:`state`."""
+        unpack(self, tensors, meta)
 
     def needs_memory(self) -> bool:
         """Whether an exemplar memory must be kept (default: only to replay from it)."""

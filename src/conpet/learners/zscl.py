@@ -1,72 +1,26 @@
-"""``zscl``: Zero-Shot Continual Learning (Zheng et al. 2023, "Preventing Zero-Shot Transfer
-Degradation in Continual Learning of Vision-Language Models", ICCV; official code
-Thunderbeee/ZSCL ``mtil/src/models/finetune.py``, settings ``mtil/scripts/ZSCL.sh``).
+"""``zscl``: ZSCL, Zero-Shot Continual Learning (Zheng et al. 2023, "Preventing Zero-Shot Transfer
+Degradation in Continual Learning of Vision-Language Models", ICCV; official code Thunderbeee/ZSCL
+``mtil/src/models/finetune.py``, settings ``mtil/scripts/ZSCL.sh``), for language models.
 
-One PET module is trained task after task; every step's loss is, as the official trainer's::
+One PET module learns task after task with, at every step,
+``L = CE_ls(task) + kd_weight * tau^2 KL(p_base^tau || p_module^tau) + l2 * sum (theta - theta_start)^2``:
+label-smoothed cross-entropy over the new task's classes (the LM loss on generative streams); the
+distillation of the frozen base model's next-token distributions (the backbone with the module
+switched off, no second model held) on ``ref_batch_size`` chunks of a reference text disjoint
+from the tasks, tau 2, optionally over the teacher's top ``kd_top_k`` tokens; the L2 pull of
+:mod:`conpet.learners.l2` towards the task's start. A **weight ensemble** (after step 0, every
+``we_interval`` steps and the last) replaces the module and the head at the task's end; for LoRA
+it averages the update ``s B A`` exactly (factor stacks side by side) and refits it to the
+module's rank by a truncated SVD, reporting the relative error (``we_truncation_error``).
 
-    L = CE_ls(task) + kd_weight * tau^2 KL(p_base^tau || p_module^tau) + l2 * sum (theta - theta_start)^2
-
-- **Task loss**: cross-entropy with label smoothing over the **new task's classes only** (the
-  official code scores images against the current dataset's class names); on a generative stream
-  the LM loss on the target tokens.
-- **Distillation from the zero-shot model** on a **reference set disjoint from the tasks**: the
-  teacher is the frozen backbone itself with the PET module switched off (peft's
-  ``disable_adapter()``, the unwrapped backbone under prompt learning, conpet's own modules with
-  none active), so no second model is held.
-  Each step draws ``ref_batch_size`` chunks of the reference text (``data.reference_text``, else
-  the built-in sample; the chunks of ``train.max_length`` tokens the runner's reference
-  perplexity reads) and distils the base model's next-token distribution at every position,
-  ``tau^2 KL`` with ``tau = 2``, averaged over tokens; ``kd_top_k`` restricts it to the teacher's
-  top-k tokens of each position (both distributions renormalised over them).
-- **L2** to the module's weights at the start of the task (``l2``, official 1), over the PET
-  parameters.
-- **Weight ensemble (WE)**: after step 0 and every ``we_interval`` steps (official 100),
-  ``theta_hat <- (n theta_hat + theta) / (n + 1)`` with ``theta_hat`` starting at the task-start
-  weights; at the end of the task ``theta_hat`` replaces the module (and the head): it is what is
-  evaluated, saved and what the next task starts from. For **LoRA** the average is taken of the
-  update ``dW = s B A`` (averaging A and B apart is not averaging their product): the snapshots'
-  factors are kept side by side (``[s B_0 .. s B_n] [A_0; ..; A_n] / (n + 1)`` is the average
-  exactly) and at the task's end refitted to the module's rank by a truncated SVD (QR of both
-  factor stacks, then an SVD of the small core); ``A`` gets the orthonormal right singular vectors
-  and ``s B`` the rest, so no rank component is left with both factors zero. The relative
-  Frobenius error of that truncation is reported per task (``we_truncation_error``). For every
-  other PET method the parameters are averaged, which is the paper's own averaging of weights.
-
-Cost per step: one extra no-grad forward (teacher) and one forward/backward (student) on the
-reference batch, with logits over the whole vocabulary at every reference token; under
-``train.top_layers`` both run only the top layers, the frozen ones below running once per
-reference chunk and run (the engine's cache, :meth:`conpet.engine.FeatureEngine.sequence_states`:
-teacher and student see the same lower layers, which carry no PET); plus a pass over the PET
-parameters for L2; the WE keeps one snapshot per ``we_interval``
-steps within a task (LoRA: ``r`` rows of each factor per snapshot, recompressed exactly once they
-reach a layer's full rank). Storage: one module + the head, constant in the number of tasks.
-
-Deviations, named:
-
-- the KD is ``KL(p_T || p_S)``: the official ``CE(s / T, softmax(t / T)) T^2`` minus the
-  teacher's entropy (the same gradient; the value is 0 when the module is the identity);
-- no second (text-side, transposed) KD term: a language model has no second tower; the one
-  token-level term takes the official weight 1 of each term (``kd_weight``);
-- the reference batch is an independent random draw of chunks each step (the official code
-  cycles a shuffled ImageNet loader); under ``train.grad_accum`` each micro-batch distils the
-  step's whole reference batch (the micro-batch weights sum to 1, so the term counts once);
-- the WE also snapshots the task's last step (the official 1000 iterations end on a multiple of
-  100); with fewer than ``we_interval`` steps a task averages its start, step 0 and its end;
-- label smoothing (``label_smoothing``) defaults to the official 0.2 on classification streams
-  and to 0 on generative ones: smoothing over a vocabulary of tens of thousands of tokens pulls
-  every answer distribution towards uniform noise (the class CE smooths over a task's few
-  classes, as CLIP's over its class names); a value given applies to both;
-- conpet's PET module and optimizer (AdamW, constant ``train.lr``, ``train.epochs`` passes)
-  instead of full fine-tuning of CLIP ViT-B/16 with 1000 iterations, cosine schedule, lr 1e-5;
-- WE averages parameters, not effective updates, for PET methods whose update is another
-  non-linear function of their parameters (AdaLoRA, Compacter, MoLA, MoS, DePT, CorDA, DoRA,
-  LoRA on embeddings); adapters and prompts are network weights, which the paper averages;
-- the L2 covers the PET parameters, not the growing head (a new head row starts random, not as a
-  zero-shot classifier); the WE does average the head;
-- ``train.select_on_dev`` is refused: the method keeps the ensemble, not a dev-selected epoch.
-
-The backbone needs its LM head (a decoder): on an encoder ``zscl`` is a ``ConfigError`` raised by
-:func:`conpet.build.prepare` (``needs_lm_head``) before anything is written.
+Deviations, named (details in docs/learners.md): the KD is ``KL(p_T || p_S)`` (the official
+``CE(s / T, softmax(t / T)) T^2`` minus the teacher's entropy, the same gradient); one token-level
+KD term (a language model has no second tower); a fresh random reference batch per step; the WE
+also snapshots the last step; label smoothing defaults to 0 on generative streams (0.2 on
+classification, the official value); conpet's PET and AdamW instead of full fine-tuning of CLIP
+ViT-B/16; the L2 covers the PET parameters, not the head; for PET methods whose update is not
+linear in their parameters the WE averages parameters; ``train.select_on_dev`` is refused. The
+backbone needs its LM head (``needs_lm_head``): an encoder is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -84,6 +38,7 @@ from conpet.heads import task_targets
 from conpet.inputs import text_chunks
 from conpet.learners.base import register_learner
 from conpet.learners.context import Context
+from conpet.learners.l2 import l2_pull
 from conpet.learners.one_module import OneModuleLearner
 from conpet.learners.options import Option
 from conpet.pet.base import backbone_alone
@@ -252,7 +207,7 @@ class ZSCL(OneModuleLearner):
         if self.opts["kd_weight"]:
             loss = loss + self.opts["kd_weight"] * self.kd_loss(self.reference_batch(self.task, self.step))
         if self.opts["l2"]:
-            loss = loss + self.opts["l2"] * sum(((p - q) ** 2).sum() for p, q in zip(self.params, self.anchor))
+            loss = loss + self.opts["l2"] * l2_pull(self.params, self.anchor)
         return loss
 
     def task_loss(self, indices: list[int]) -> torch.Tensor:
