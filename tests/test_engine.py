@@ -12,7 +12,7 @@ from conpet.errors import ConfigError
 from conpet.inputs import collate, encode_rows
 from conpet.pet import get_pet
 from conpet.build import prepare
-from conpet.runner import evaluate_run, resume, run
+from conpet.runner import evaluate_run, run
 from conpet.runs import load_run_config
 
 
@@ -129,18 +129,20 @@ def deep_decoder(tmp_path_factory):
     return folder
 
 
-def test_a_run_saves_the_number_auto_chose_and_an_old_auto_keeps_its_old_meaning(deep_decoder, typing_data, tmp_path,
-                                                                                  capsys):
-    """``auto`` is a rule that may change between versions (4 layers before 2026-12-05), so a new
-    run saves the number it resolved to; a run directory saved with the word ``auto`` was made
-    under the old rule and must resume and evaluate on the layers it trained (4), not on what
-    ``auto`` means today."""
+def test_a_run_saves_the_number_auto_chose_and_a_saved_auto_is_a_clear_error(deep_decoder, typing_data, tmp_path,
+                                                                             capsys):
+    """``auto`` is a rule that may change between versions, so a run saves the number it resolved
+    to and resumes, evaluates and predicts on those layers; a run directory that saved the word
+    ``auto`` (a development snapshot) stops with the file, the line and what to write, and runs
+    on the layers written there."""
+    from conpet.cli import main
+
     data, tasks = typing_data
     base = {"model": str(deep_decoder), "data": {"file": str(data), "tasks": str(tasks)},
             "train": {"epochs": 1, "batch_size": 8, "precision": "fp32"}}
     run(from_dict({**base, "out": str(tmp_path / "new")}), progress=False)
     assert "PET in the top 8 of 20 layers, the 12 below computed once per row" in capsys.readouterr().err
-    assert auto_top_layers(20) == 8 and auto_top_layers(20, before_2026_12_05=True) == 4
+    assert auto_top_layers(20) == 8 and auto_top_layers(8) is None
     assert load_config(str(tmp_path / "new" / "config.yaml")).train.top_layers == 8
 
     old = tmp_path / "old"
@@ -148,25 +150,17 @@ def test_a_run_saves_the_number_auto_chose_and_an_old_auto_keeps_its_old_meaning
     finished = run(from_dict(explicit), progress=False)
     text = (old / "config.yaml").read_text()
     assert "top_layers: 4\n" in text
-    (old / "config.yaml").write_text(text.replace("top_layers: 4\n", "top_layers: auto\n"))  # as saved before
+    (old / "config.yaml").write_text(text.replace("top_layers: 4\n", "top_layers: auto\n"))  # as once saved
+    line = text.splitlines().index(next(x for x in text.splitlines() if x.strip().startswith("top_layers:"))) + 1
+    with pytest.raises(ConfigError, match=rf"config.yaml:{line}: train.top_layers: auto was saved by a development"):
+        load_run_config(old / "config.yaml")
+    before = sorted(p.name for p in old.rglob("*"))
+    assert main(["evaluate", str(old)]) == 2
+    assert f"config.yaml:{line}: train.top_layers: auto" in capsys.readouterr().err
+    assert sorted(p.name for p in old.rglob("*")) == before  # nothing written
+    (old / "config.yaml").write_text(text)  # the fix the error names
     assert prepare(load_run_config(old / "config.yaml")).engine.top_layers == 4
     assert list(evaluate_run(old)["per_task"].values()) == finished["accuracy_matrix"][-1]
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_first_task(seed, t, accs):
-        if t == 0:
-            raise Stop
-
-    stopped = tmp_path / "stopped"
-    with pytest.raises(Stop):
-        run(from_dict({**explicit, "out": str(stopped)}), progress=False, on_task=stop_after_first_task)
-    text = (stopped / "config.yaml").read_text()
-    (stopped / "config.yaml").write_text(text.replace("top_layers: 4\n", "top_layers: auto\n"))
-    resumed = resume(stopped, progress=False)
-    for key in ("accuracy_matrix", "train_loss", "tunable_params"):
-        assert resumed[key] == finished[key], key
 
 
 # -- backbone.pooling ------------------------------------------------------------------------------

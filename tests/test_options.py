@@ -136,3 +136,20 @@ def test_an_unknown_method_name_gets_the_closest_known_one():
         get_learner("model_surgery")
     with pytest.raises(ConfigError, match=r"unknown learner 'qqq' \(available: cofitune, crl,"):
         get_learner("qqq")
+
+
+def test_a_run_checks_the_learners_options_once(tiny_encoder, typing_data, tmp_path, monkeypatch):
+    """``conpet.build.check`` checks them before anything loads; preparation and every seed's
+    learner reuse what it returned."""
+    from conpet.config import from_dict
+    from conpet.learners import get_learner
+    from conpet.runner import run
+
+    data, tasks = typing_data
+    cls = get_learner("emr*")
+    original, calls = cls.check_options.__func__, []
+    monkeypatch.setattr(cls, "check_options", classmethod(lambda c, cfg: (calls.append(1), original(c, cfg))[1]))
+    run(from_dict({"model": str(tiny_encoder), "learner": "emr*", "seeds": 2, "out": str(tmp_path / "run"),
+                   "data": {"file": str(data), "tasks": str(tasks)}, "train": {"epochs": 1, "precision": "fp32"}}),
+        progress=False)
+    assert len(calls) == 1

@@ -15,7 +15,7 @@ process group (:mod:`conpet.distributed`).
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, TypeVar
+from typing import Any, Callable, NamedTuple, TypeVar
 
 import torch
 
@@ -67,20 +67,22 @@ def compute_of(cfg: RunConfig) -> Compute:
     return Compute(device, resolve_precision(cfg.train.precision, device))
 
 
-def check(cfg: RunConfig) -> None:
+def check(cfg: RunConfig) -> dict[str, Any]:
     """Check what needs no model (learner and PET options, device, precision, quantization) before
-    anything is written or loaded."""
+    anything is written or loaded; return the learner's options, checked and converted (the one
+    place they are: pass them on to :func:`prepare` and :func:`build_learner`)."""
     learner = get_learner(cfg.learner)
     if learner.requires_pet and cfg.pet.method != learner.requires_pet:
         raise ConfigError(f"learner '{cfg.learner}' is built around {learner.requires_pet} modules; it needs "
                           f"pet.method: {learner.requires_pet} (--pet {learner.requires_pet}), not '{cfg.pet.method}'")
-    learner.check_options(cfg)
+    options = learner.check_options(cfg)
     pet = get_pet(cfg.pet.method, cfg.pet.options)
     compute = compute_of(cfg)
     if cfg.backbone.quantize:
         check_quantize(cfg.backbone.quantize, compute.device, pet_supports_kbit=pet.supports_kbit)
     if cfg.backbone.fsdp:
         check_fsdp(cfg)
+    return options
 
 
 def check_fsdp(cfg: RunConfig) -> None:
@@ -100,22 +102,24 @@ def check_fsdp(cfg: RunConfig) -> None:
                           f"{', '.join(able)}")
 
 
-def check_stream(cfg: RunConfig, stream: Stream) -> None:
-    """What the stream's kind asks of the learner and the settings (before the backbone is loaded)."""
+def check_stream(cfg: RunConfig, stream: Stream, options: dict[str, Any] | None = None) -> None:
+    """What the stream's kind asks of the learner and the settings (before the backbone is loaded);
+    ``options``: the learner's, from :func:`check` (checked here when not given)."""
     learner = get_learner(cfg.learner)
+    options = options if options is not None else learner.check_options(cfg)
     if stream.domain_incremental:
         if cfg.data.setting == "task-incremental":
             raise ConfigError("data.setting: the tasks share labels (a domain-incremental stream); masking "
                               "predictions to a task's classes is not supported there yet; leave data.setting at "
                               "class-incremental")
-        learner.validate_domain_incremental(cfg, learner.check_options(cfg))
+        learner.validate_domain_incremental(cfg, options)
     if not stream.generative:
         return
     if not learner.generative:
         able = sorted(name for name, cls in LEARNERS.items() if cls.generative)
         raise ConfigError(f"learner: '{cfg.learner}' does not train generative (prompt -> target) streams yet; "
                           f"these do: {', '.join(able)}")
-    learner.validate_generative(cfg, learner.check_options(cfg))
+    learner.validate_generative(cfg, options)
     if cfg.backbone.pooling not in ("auto", "cloze"):
         raise ConfigError(f"backbone.pooling: '{cfg.backbone.pooling}' pools classification rows; a generative "
                           "stream reads the prompt's last token (leave backbone.pooling at auto)")
@@ -128,7 +132,8 @@ def check_stream(cfg: RunConfig, stream: Stream) -> None:
 
 
 def prepare(cfg: RunConfig, stream: Stream | None = None, check_rows: int = 8, cast_frozen: bool = True,
-            backbone: Backbone | None = None, also_for: tuple[str, ...] = ()) -> Prepared:
+            backbone: Backbone | None = None, also_for: tuple[str, ...] = (),
+            options: dict[str, Any] | None = None) -> Prepared:
     """Load and validate the data (first: bad data fails fast) unless ``stream`` is given (predict
     builds it from a run's ``stream.json`` and the rows to predict), then the backbone; tokenize
     once; build the feature engine and check its split forward pass on ``check_rows`` rows.
@@ -137,9 +142,10 @@ def prepare(cfg: RunConfig, stream: Stream | None = None, check_rows: int = 8, c
     that keeps fp32 weights under autocast, as HF Trainer does, turns it off). ``backbone`` (e.g.
     :func:`conpet.backbone.backbone_from_model`) replaces loading ``cfg.model``. ``also_for``
     names further learners that will reuse the preparation (:func:`conpet.runner.run_many`): the
-    LM head is loaded, or the encoder refused, when any of them reads next-token distributions."""
+    LM head is loaded, or the encoder refused, when any of them reads next-token distributions.
+    ``options``: the learner's options from :func:`check`."""
     stream = load_stream(cfg.data) if stream is None else stream
-    check_stream(cfg, stream)
+    check_stream(cfg, stream, options)
     if cfg.train.threads:  # entry points that call this are @keeps_torch_threads
         torch.set_num_threads(cfg.train.threads)
     compute = compute_of(cfg)
@@ -213,14 +219,17 @@ def build_pet(cfg: RunConfig, engine: FeatureEngine, precision: str | None = Non
 
 
 def build_learner(cfg: RunConfig, prepared: Prepared, seed: int, progress: bool = False,
-                  checkpointer=None, pet_precision: str | None = None) -> Learner:
+                  checkpointer=None, pet_precision: str | None = None,
+                  options: dict[str, Any] | None = None) -> Learner:
     """A fresh learner of ``cfg.learner`` for one seed, with its own PET method object
-    (``pet_precision``: see :func:`build_pet`; benchmarks only)."""
+    (``pet_precision``: see :func:`build_pet`; benchmarks only) and ``options`` (from
+    :func:`check`; checked here when not given)."""
     stream, engine = prepared
     learner_cls = get_learner(cfg.learner)
     if learner_cls.needs_lm_head:  # a preparation made for another learner may lack it
         check_lm_head(cfg.learner, engine.backbone)
         attach_lm_head(engine.backbone)
     ctx = Context(cfg=cfg, stream=stream, engine=engine, pet=build_pet(cfg, engine, pet_precision), seed=seed,
-                  options=learner_cls.check_options(cfg), progress=progress, checkpointer=checkpointer)
+                  options=options if options is not None else learner_cls.check_options(cfg), progress=progress,
+                  checkpointer=checkpointer)
     return learner_cls(ctx)

@@ -29,17 +29,6 @@ from conpet.device import PRECISIONS
 from conpet.errors import ConfigError, choices_hint, read_user_text
 
 
-AUTO_BEFORE_2026_12_05 = "auto-4"
-"""What ``train.top_layers: auto`` meant in a run directory written before 2026-12-05: the top 4
-layers of a backbone deeper than 8. Such a run saved the word ``auto``; :func:`conpet.runs.load_run_config`
-reads it as this value, so the run resumes, evaluates and predicts on the layers it was trained on.
-Runs made since save the number ``auto`` resolved to (:func:`conpet.runner.run`)."""
-
-
-def is_auto_top_layers(setting: object) -> bool:
-    """Whether ``train.top_layers`` leaves the number to the backbone's depth (``auto``, either rule)."""
-    return setting in ("auto", AUTO_BEFORE_2026_12_05)
-
 
 @dataclass
 class DataConfig:
@@ -100,16 +89,21 @@ class PETConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 3
+    """Passes over each task's training rows (a replay schedule lays out as many steps)."""
     batch_size: int = 16
+    """Rows per optimizer step (the global batch, over every process of a launcher)."""
     lr: float = 1e-3
     """Learning rate of the PET parameters."""
     head_lr: float = 5e-3
     """Learning rate of the classification head."""
     weight_decay: float = 0.01
+    """AdamW's decoupled weight decay."""
     grad_clip: float = 1.0
+    """Clip the gradient norm of every step to this (0: no clipping)."""
     max_length: int = 128
     """Maximum prompt length in tokens (the text is truncated, the template is kept)."""
     eval_batch_size: int = 64
+    """Rows per batch at evaluation, prediction and feature passes (no gradients)."""
     device: str = "auto"
     """``auto`` (CUDA if present, then Apple MPS, then the CPU), ``cpu``, ``cuda``, ``cuda:N`` or
     ``mps``. Under ``torchrun`` / ``accelerate launch`` each process takes ``cuda:<LOCAL_RANK>``."""
@@ -128,7 +122,7 @@ class TrainConfig:
     """Confine PET modules to the top L transformer layers and compute the frozen lower layers
     once per row (cached, reused by every epoch, replay batch and evaluation). ``auto`` (default):
     the top 40% of the layers (rounded) of a backbone with more than 8 (SmolLM2: 12 of 30; chosen
-    by dev accuracy over four streams, docs/speed.md; 4 before 2026-12-05), every layer otherwise (MiniLM);
+    by dev accuracy over four streams, docs/speed.md), every layer otherwise (MiniLM);
     ``null`` = PET in every layer, no cache. With a confined LoRA and no ``target_modules`` given,
     LoRA goes on every linear layer of those L layers (docs/speed.md). A run directory saves the
     number ``auto`` chose, so that it resumes and predicts on the same layers in a later version."""
@@ -175,6 +169,8 @@ class RunConfig:
     seeds: int = 1
     """Number of seeds; seeds are ``seed, seed+1, ...``."""
     seed: int = 0
+    """The first seed: it seeds batch order, module initialisation and replay draws (the data split has
+    its own, ``data.split_seed``)."""
     orders: int = 1
     """Task orders: ``N > 1`` runs the stream in N orders (the stream's own, then N-1 seeded
     permutations), each a run directory ``out/order-<k>``, and reports mean ± std over orders."""
@@ -265,7 +261,7 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
         (cfg.train.lr > 0, "train.lr", "must be > 0"),
         (cfg.train.head_lr > 0, "train.head_lr", "must be > 0"),
         (cfg.train.max_length >= 16, "train.max_length", "must be >= 16"),
-        (cfg.train.top_layers is None or is_auto_top_layers(cfg.train.top_layers)
+        (cfg.train.top_layers in (None, "auto")
          or (isinstance(cfg.train.top_layers, int) and cfg.train.top_layers >= 1),
          "train.top_layers", "must be an integer >= 1, auto or null"),
         (cfg.train.cache_mb > 0, "train.cache_mb", "must be > 0"),

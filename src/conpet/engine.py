@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from conpet.backbone import Backbone, cloze_features, last_hidden, pool, token_states
-from conpet.config import AUTO_BEFORE_2026_12_05, is_auto_top_layers
 from conpet.device import Compute, as_compute, shrink_on_oom
 from conpet.errors import ConfigError
 from conpet.families import family_of
@@ -77,21 +76,20 @@ def find_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
 AUTO_TOP_FRACTION = 0.4
 """``train.top_layers: auto`` confines PET to this share of the layers (rounded) of a backbone
 deeper than 8 layers: SmolLM2's top 12 of 30, the best mean dev accuracy over the WordNet streams
-in the 3-seed sweep of L in {4, 8, 12, all} (docs/speed.md). Before 2026-12-05 it was 4 layers."""
+in the 3-seed sweep of L in {4, 8, 12, all} (docs/speed.md)."""
 
 
-def auto_top_layers(n_layers: int | None, before_2026_12_05: bool = False) -> int | None:
+def auto_top_layers(n_layers: int | None) -> int | None:
     """What ``auto`` confines PET to in a backbone of ``n_layers``: ``None`` (every layer) for 8
-    layers or fewer, else the top :data:`AUTO_TOP_FRACTION` of them (the old rule: the top 4)."""
+    layers or fewer, else the top :data:`AUTO_TOP_FRACTION` of them."""
     if n_layers is None or n_layers <= 8:
         return None
-    return 4 if before_2026_12_05 else max(1, round(AUTO_TOP_FRACTION * n_layers))
+    return max(1, round(AUTO_TOP_FRACTION * n_layers))
 
 
 def resolve_top_layers(setting: int | str | None, model: nn.Module, input_level: bool,
                        sharded: bool = False) -> int | None:
-    """The one decision on ``train.top_layers``: ``auto`` -> :func:`auto_top_layers` (a run saved
-    before 2026-12-05: the rule of then); a method working at the input (``input_level``) needs every
+    """The one decision on ``train.top_layers``: ``auto`` -> :func:`auto_top_layers`; a method working at the input (``input_level``) needs every
     layer, so ``auto`` gives it ``None`` and an explicit number is an error. A ``sharded``
     backbone (``backbone.fsdp``) runs whole: the lower-layer cache is per process (an explicit
     number was refused by :func:`conpet.build.check_fsdp`)."""
@@ -102,9 +100,8 @@ def resolve_top_layers(setting: int | str | None, model: nn.Module, input_level:
             raise ConfigError(f"train.top_layers: the PET method works at the input embeddings, so every layer "
                               f"must see it; it needs train.top_layers: null (or auto), not {setting}")
         return None
-    if is_auto_top_layers(setting):
-        return auto_top_layers(getattr(model.config, "num_hidden_layers", None),
-                               before_2026_12_05=setting == AUTO_BEFORE_2026_12_05)
+    if setting == "auto":
+        return auto_top_layers(getattr(model.config, "num_hidden_layers", None))
     return setting
 
 

@@ -111,19 +111,20 @@ class SeedProgress:
 
 
 def run_seed(cfg: RunConfig, prepared: Prepared, seed: int, out: Path, progress: bool = True,
-             resume: bool = False, on_task: OnTask | None = None) -> dict:
+             resume: bool = False, on_task: OnTask | None = None, options: dict | None = None) -> dict:
     """Learn the whole stream with one seed; write adapters and metrics under ``out/seed-<seed>``.
     ``on_task(seed, t, accs)`` is called after each finished (saved) task with the accuracy row of
     ``data.eval_split`` (a search's pruner; raising there stops the run, which can be resumed).
 
     With ``resume``, continue from the last finished task recorded in ``seed-<seed>/state.json``
-    (and inside the next task from its in-task checkpoint, if one was written)."""
+    (and inside the next task from its in-task checkpoint, if one was written). ``options``: the
+    learner's, from :func:`conpet.build.check`."""
     set_seed(seed)
     main = distributed.is_main()
     stream, engine = prepared
     sdir = seed_dir(out, seed)
     checkpointer = Checkpointer(sdir, cfg.train.checkpoint_seconds)
-    learner = build_learner(cfg, prepared, seed, progress=progress, checkpointer=checkpointer)
+    learner = build_learner(cfg, prepared, seed, progress=progress, checkpointer=checkpointer, options=options)
     checkpointer.bind(learner, learner.ctx)
     T = len(stream.tasks)
     state = SeedProgress.read(sdir / "state.json") if resume and (sdir / "state.json").is_file() else SeedProgress()
@@ -238,13 +239,13 @@ def run(cfg: RunConfig, progress: bool | None = None, prepared: Prepared | None 
         return run_orders(cfg, progress, prepared)
     cfg = copy.deepcopy(cfg)
     progress = default_progress() if progress is None else progress
-    check(cfg)
-    prepared = prepared or prepare(cfg)
+    options = check(cfg)
+    prepared = prepared or prepare(cfg, options=options)
     save_resolved_settings(cfg, prepared)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     cfg.out = str(out)
     distributed.on_main(start_run_dir, cfg, out, prepared.stream)
-    return _run_seeds(cfg, prepared, out, progress, resume=False, on_task=on_task)
+    return _run_seeds(cfg, prepared, out, progress, resume=False, on_task=on_task, options=options)
 
 
 ORDERS_CONFIG = "orders-config.yaml"
@@ -280,8 +281,8 @@ def run_orders(cfg: RunConfig, progress: bool | None = None, prepared: Prepared 
     and mean ± std over orders (and over every order x seed run) of :data:`ORDER_KEYS`. ``cfg`` is
     not changed."""
     cfg = copy.deepcopy(cfg)
-    check(cfg)
-    prepared = prepared or prepare(dataclasses.replace(cfg, orders=1))
+    options = check(cfg)
+    prepared = prepared or prepare(dataclasses.replace(cfg, orders=1), options=options)
     save_resolved_settings(cfg, prepared)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     cfg.out = str(out)
@@ -385,21 +386,21 @@ def resume(run_dir: str | Path, progress: bool | None = None, device: str | None
     cfg.out = str(out)
     if device is not None:
         cfg.train.device = device
-    check(cfg)
+    options = check(cfg)
     distributed.setup(compute_of(cfg).device)
     distributed.on_main(_reopen, out)
-    prepared = prepare(cfg)
+    prepared = prepare(cfg, options=options)
     saved = read_json(out / "stream.json") if (out / "stream.json").is_file() else None
     if saved is not None and saved != stream_description(prepared.stream):
         raise ConpetError(f"{out}: the data no longer matches the run's stream.json (tasks or labels changed); "
                           f"cannot resume")
     if not (out / LEARNER_FILE).is_file():
         distributed.on_main(atomic_write_json, out / LEARNER_FILE, learner_description(cfg.learner))
-    return _run_seeds(cfg, prepared, out, progress, resume=True, on_task=on_task)
+    return _run_seeds(cfg, prepared, out, progress, resume=True, on_task=on_task, options=options)
 
 
 def _run_seeds(cfg: RunConfig, prepared: Prepared, out: Path, progress: bool, resume: bool,
-               on_task: OnTask | None = None) -> dict:
+               on_task: OnTask | None = None, options: dict | None = None) -> dict:
     if distributed.is_main():
         pooled = "" if prepared.engine.pooling == "cloze" else f", {prepared.engine.pooling}-pooled features"
         print(f"{out}: {cfg.learner} + {cfg.pet.method} on {cfg.model}, {prepared.engine.placement()}{pooled}, "
@@ -412,7 +413,8 @@ def _run_seeds(cfg: RunConfig, prepared: Prepared, out: Path, progress: bool, re
             kept = read_json(finished)
             per_seed.append({**M.summarize(kept["accuracy_matrix"], kept["test_counts"]), **kept})
         else:
-            per_seed.append(run_seed(cfg, prepared, seed, out, progress, resume=resume, on_task=on_task))
+            per_seed.append(run_seed(cfg, prepared, seed, out, progress, resume=resume, on_task=on_task,
+                                     options=options))
     metrics = M.aggregate_seeds(per_seed)
     metrics["run"] = {
         "learner": cfg.learner,

@@ -32,8 +32,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from conpet.config import AUTO_BEFORE_2026_12_05, RunConfig, load_config
-from conpet.errors import ConpetError, ModelError
+from conpet.config import RunConfig, load_config
+from conpet.errors import ConfigError, ConpetError, ModelError
 
 
 def _fsync_dir(path: Path) -> None:
@@ -121,12 +121,16 @@ def adapter_dir(run_dir: str | os.PathLike, seed: int, task: str) -> Path:
 
 def load_run_config(path: str | os.PathLike) -> RunConfig:
     """The configuration a run directory saved (``config.yaml``, or a task-orders folder's
-    ``orders-config.yaml``), read as the run was made: a saved ``train.top_layers: auto`` comes
-    from a run written before 2026-12-05 (since then the resolved number is saved) and means what
-    ``auto`` meant then (:data:`conpet.config.AUTO_BEFORE_2026_12_05`)."""
+    ``orders-config.yaml``). A run saves the number of layers ``train.top_layers: auto`` chose, so
+    it resumes and predicts on the layers it trained whatever ``auto`` means later; a saved
+    ``auto`` comes from a development snapshot that did not, and is an error saying what to write."""
     cfg = load_config(str(path))
     if cfg.train.top_layers == "auto":
-        cfg.train.top_layers = AUTO_BEFORE_2026_12_05
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        line = next((k for k, text in enumerate(lines, 1) if text.strip().startswith("top_layers:")), 1)
+        raise ConfigError(f"{path}:{line}: train.top_layers: auto was saved by a development version that did not "
+                          f"record the layers it chose; write the number this run used (4 for a backbone deeper "
+                          f"than 8 layers, null for a shallower one), then resume or predict again")
     return cfg
 
 

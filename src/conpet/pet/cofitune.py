@@ -6,7 +6,6 @@ import re
 
 from torch import nn
 
-from conpet.config import is_auto_top_layers
 from conpet.errors import ConfigError
 from conpet.families import FFN_LAYOUTS, ffn_layout
 from conpet.pet.base import register_pet
@@ -79,7 +78,7 @@ class CoFiTune(DeltaPET):
         """``train.top_layers`` for this method: ``auto`` caches every layer below the window."""
         name = options.get("window", cls.defaults["window"])
         window = window_layers(name, n_layers) if name in WINDOWS else []  # a bad name: the constructor says so
-        return n_layers - window[0] if is_auto_top_layers(setting) and window else setting
+        return n_layers - window[0] if setting == "auto" and window else setting
 
     def window(self) -> list[int]:
         """The trained layers (the model's depth is known once a scope is given or a model attached)."""
