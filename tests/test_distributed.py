@@ -220,7 +220,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 240) -> int:
     return proc.returncode
 
 
-@pytest.mark.parametrize("learner", ["emr*", "crl*"])
+@pytest.mark.parametrize("learner", ["emr*", pytest.param("crl*", marks=pytest.mark.slow)])
 def test_two_processes_give_the_metrics_of_one(no_dropout_encoder, typing_data, tmp_path, learner):
     """crl*: its memory bank is sampled for the whole batch's labels and written with every
     process's rows (it once saw only each process's share: losses 2.8% apart); its two processes
@@ -261,7 +261,8 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the rank's process through /proc")
-@pytest.mark.parametrize("sharding", [[], ["--set", "backbone.fsdp=true"]], ids=["ddp", "fsdp"])
+@pytest.mark.parametrize("sharding", [pytest.param([], id="ddp"),
+                                      pytest.param(["--set", "backbone.fsdp=true"], id="fsdp", marks=pytest.mark.slow)])
 def test_kill_one_rank_then_resume_gives_the_uninterrupted_run(no_dropout_encoder, typing_data, tmp_path, sharding):
     data, tasks = typing_data
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -288,8 +289,9 @@ def test_kill_one_rank_then_resume_gives_the_uninterrupted_run(no_dropout_encode
 
 
 # -- FSDP: the frozen backbone sharded over 2 processes ----------------------------------------------
-@pytest.mark.parametrize("learner", ["emr*", "lwf*", "ewc*", "l2*", "joint", "dynamic", "o-lora", "inflora", "lae", "fpf",
-                                     "k-fpf", "i-lora", "merge[rank=4]", "crl", "crl*"])
+@pytest.mark.parametrize("learner", ["emr*", *(pytest.param(name, marks=pytest.mark.slow) for name in (
+    "lwf*", "ewc*", "l2*", "joint", "dynamic", "o-lora", "inflora", "lae", "fpf", "k-fpf", "i-lora", "merge[rank=4]",
+    "crl", "crl*"))])
 def test_fsdp_shards_the_backbone_and_gives_the_run_of_one_process(no_dropout_encoder, typing_data, tmp_path,
                                                                   learner):
     data, tasks = typing_data
@@ -321,7 +323,8 @@ def test_fsdp_shards_the_backbone_and_gives_the_run_of_one_process(no_dropout_en
     assert main(["verify", str(two)]) == 0
 
 
-@pytest.mark.parametrize("learner", ["sequential", "dynamic", "zscl"])
+@pytest.mark.parametrize("learner", ["sequential", pytest.param("dynamic", marks=pytest.mark.slow),
+                                     pytest.param("zscl", marks=pytest.mark.slow)])
 def test_fsdp_decodes_a_generative_stream_in_step(lively_decoder, tmp_path, learner):
     """Greedy decoding stops together on every rank (each step is a collective), and answers as
     one process does. ``lr 1e-12`` keeps both runs on the same weights: the lively decoder turns the

@@ -12,6 +12,7 @@ from conpet.runner import run
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow
 def test_minilm_sequential_on_wordnet_typing(tmp_path):
     cfg = from_dict({"model": "minilm", "out": str(tmp_path / "run"),
                      "data": {"benchmark": "wordnet-typing", "max_train_per_class": 32},

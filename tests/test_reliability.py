@@ -96,6 +96,7 @@ def baselines(tmp_path_factory, tiny_encoder, tiny_decoder):
     return root, data, runs
 
 
+@pytest.mark.slow
 def test_kill_at_random_moments_then_resume_gives_the_same_run(baselines, tiny_encoder, tiny_decoder, capsys):
     root, data, runs = baselines
     rng = random.Random(0)

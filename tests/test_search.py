@@ -189,6 +189,7 @@ def test_a_worker_counts_the_trials_others_are_running_towards_the_budget(tmp_pa
     assert len(ran) == 3 and dead.trials[gone.number].state == optuna.trial.TrialState.FAIL
 
 
+@pytest.mark.slow
 def test_a_killed_worker_leaves_the_study_usable(tmp_path, tiny_encoder, typing_data):
     data, tasks = typing_data
     space = _space(tmp_path, tiny_encoder, data, tasks, {"pet.method": ["lora"], "train.epochs": [40]})

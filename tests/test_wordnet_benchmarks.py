@@ -260,6 +260,7 @@ def test_license_present():
     assert "WordNet 3.0 Copyright 2006 by Princeton University" in text
 
 
+@pytest.mark.slow
 def test_rebuild_is_byte_identical(tmp_path):
     if not (WORDNET / "data.noun").exists() or not WORDNET_LICENSE.exists():
         pytest.skip("WordNet 3.0 (Debian package wordnet-base) is not installed")
