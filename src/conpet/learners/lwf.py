@@ -38,11 +38,13 @@ class LwF(Plugin):
     generative = True
     options = {"lwf_lambda": Option(1.0, float, minimum=0.0, help="weight of the distillation term"),
                "lwf_temperature": Option(2.0, float, minimum=1e-6, help="distillation temperature")}
+    state_attrs = ("n_old", "teacher_head", "teacher_lm")
 
     def __init__(self, learner, options) -> None:
         super().__init__(learner, options)
         self.n_old = 0
-        self.teacher_head: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.teacher_head: list[torch.Tensor] | None = None
+        """[weight, bias] of the previous head's old-class rows (classification)."""
         self.teacher_lm = False
         """Generative stream: a teacher module exists and distils next-token distributions."""
 
@@ -59,20 +61,8 @@ class LwF(Plugin):
             self.teacher_lm = True
             return
         self.n_old = len(learner.ctx.stream.seen_labels(t - 1))
-        self.teacher_head = (learner.head.weight[: self.n_old].detach().clone(),
-                             learner.head.bias[: self.n_old].detach().clone())
-
-    def state(self):
-        if self.teacher_head is None:
-            return {}, {"n_old": self.n_old, "teacher": False, "teacher_lm": self.teacher_lm}
-        return {"teacher_weight": self.teacher_head[0], "teacher_bias": self.teacher_head[1]}, \
-            {"n_old": self.n_old, "teacher": True}
-
-    def load_state(self, tensors, meta):
-        self.n_old = meta["n_old"]
-        self.teacher_lm = meta.get("teacher_lm", False)
-        self.teacher_head = ((tensors["teacher_weight"].clone(), tensors["teacher_bias"].clone())
-                             if meta["teacher"] else None)
+        self.teacher_head = [learner.head.weight[: self.n_old].detach().clone(),
+                             learner.head.bias[: self.n_old].detach().clone()]
 
     def extra_loss(self, indices, logits):
         if self.teacher_head is None and not self.teacher_lm:
