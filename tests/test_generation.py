@@ -98,6 +98,8 @@ def test_misuse_is_a_clear_error_before_anything_is_written(tiny_decoder, tiny_e
         (["--data", str(gen_data), "--model", str(tiny_encoder)], "an encoder cannot generate answers"),
         (["--data", str(gen_data), "--model", str(tiny_decoder), "--learner", "ea-emr"],
          "does not train generative (prompt -> target) streams yet"),
+        (["--data", str(gen_data), "--model", str(tiny_decoder), "--learner", "sequential,crl"],
+         "'crl' does not train generative (prompt -> target) streams yet"),  # the second of a comparison too
         (["--data", str(gen_data), "--model", str(tiny_decoder), "--learner", "dynamic",
           "--set", "learner_options.top_k=2"], "the selector routes each prompt to one expert"),
     ]

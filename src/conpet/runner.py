@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 
 from conpet import distributed
 from conpet import metrics as M
-from conpet.build import Prepared, build_learner, check, compute_of, keeps_torch_threads, prepare
+from conpet.build import Prepared, build_learner, check, check_stream, compute_of, keeps_torch_threads, prepare
 from conpet.checkpoint import Checkpointer
 from conpet.config import RunConfig, default_out, parse_learner_spec, spec_dir_name
+from conpet.data import load_stream
 from conpet.data.stream import Stream, reorder_tasks
 from conpet.errors import ConpetError
 from conpet.evaluation import evaluate, evaluate_generation, reference_chunks, task_metric
@@ -457,8 +458,11 @@ def run_many(cfg: RunConfig, learners: list[str], out: str | Path | None = None,
                                   learner_options={**cfg.learner_options, **options})
         check(one)  # every learner's options before anything is loaded or written
         configs.append((spec, one))
+    stream = load_stream(cfg.data)
+    for _, one in configs:  # every learner against the stream's kind, before any of them writes
+        check_stream(one, stream)
     check_out_dir(out)
-    prepared = prepare(cfg, also_for=tuple(one.learner for _, one in configs))
+    prepared = prepare(cfg, stream, also_for=tuple(one.learner for _, one in configs))
     return {spec: run(one, progress=progress, prepared=prepared) for spec, one in configs}
 
 
