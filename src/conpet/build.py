@@ -106,20 +106,23 @@ def check_stream(cfg: RunConfig, stream: Stream, options: dict[str, Any] | None 
     """What the stream's kind asks of the learner and the settings (before the backbone is loaded);
     ``options``: the learner's, from :func:`check` (checked here when not given)."""
     learner = get_learner(cfg.learner)
-    options = options if options is not None else learner.check_options(cfg)
+
+    def checked() -> dict[str, Any]:  # only the streams that ask the learner need its options
+        return options if options is not None else learner.check_options(cfg)
+
     if stream.domain_incremental:
         if cfg.data.setting == "task-incremental":
             raise ConfigError("data.setting: the tasks share labels (a domain-incremental stream); masking "
                               "predictions to a task's classes is not supported there yet; leave data.setting at "
                               "class-incremental")
-        learner.validate_domain_incremental(cfg, options)
+        learner.validate_domain_incremental(cfg, checked())
     if not stream.generative:
         return
     if not learner.generative:
         able = sorted(name for name, cls in LEARNERS.items() if cls.generative)
         raise ConfigError(f"learner: '{cfg.learner}' does not train generative (prompt -> target) streams yet; "
                           f"these do: {', '.join(able)}")
-    learner.validate_generative(cfg, options)
+    learner.validate_generative(cfg, checked())
     if cfg.backbone.pooling not in ("auto", "cloze"):
         raise ConfigError(f"backbone.pooling: '{cfg.backbone.pooling}' pools classification rows; a generative "
                           "stream reads the prompt's last token (leave backbone.pooling at auto)")

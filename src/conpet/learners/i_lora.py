@@ -34,7 +34,7 @@ from conpet.generation import target_positions
 from conpet.learners.base import register_learner
 from conpet.learners.context import Context
 from conpet.learners.one_module import OneModuleLearner
-from conpet.learners.training import dev_scorer
+from conpet.learners.training import dev_scorer, ema_update
 from conpet.learners.options import Option
 from conpet.pet.base import module_pairs
 
@@ -182,14 +182,11 @@ class ILoRA(OneModuleLearner):
                                "that replaces whole layers hides their hidden states)")
         return [token_states(h, final.shape[1]) for h in captured[:-1]] + [final]
 
-    @torch.no_grad()
     def after_step(self, fit, step: int) -> None:
         """``theta_s <- alpha theta_s + (1 - alpha) theta_f``, ``alpha = min(1 - 1/(n + 1),
         ema_alpha)`` after optimizer step n (1-based, over the stream), pair by pair."""
         self.global_step += 1
-        alpha = min(1.0 - 1.0 / (self.global_step + 1), self.opts["ema_alpha"])
-        for fast, slow in self.ema_pairs:
-            slow.mul_(alpha).add_(fast, alpha=1.0 - alpha)
+        ema_update(self.ema_pairs, min(1.0 - 1.0 / (self.global_step + 1), self.opts["ema_alpha"]))
 
     # -- prediction ------------------------------------------------------------------------------------
     def logits_of(self, module: str, indices: list[int]) -> torch.Tensor:
