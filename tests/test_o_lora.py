@@ -75,7 +75,7 @@ def test_the_penalty_is_the_official_l1_of_the_overlap(tiny_encoder, typing_data
         a, b = layer.lora_A[NEW].weight.detach(), layer.lora_B[NEW].weight.detach()
         by_hand += 0.5 * float((history[path].lora_A[HISTORY].weight @ a.T).abs().sum())
         by_hand += 0.1 * float(a.norm() + b.norm())
-    assert float(learner.penalty()) == pytest.approx(by_hand, rel=1e-5) and by_hand > 0
+    assert float(learner.penalty().detach()) == pytest.approx(by_hand, rel=1e-5) and by_hand > 0
     # only the new LoRA trains; the history is active beside it
     assert all(not p.requires_grad for p in pet.tensors(learner.model, HISTORY))
     assert set(learner.model.base_model.active_adapter) == {NEW, HISTORY}

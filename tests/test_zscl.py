@@ -81,7 +81,7 @@ def test_kd_is_the_token_kl_to_the_bare_backbone_and_zero_before_any_update(tiny
     columns, local = learner._targets
     ce = torch.nn.functional.cross_entropy(learner.logits(rows)[:, columns], local[learner.ctx.targets(rows)],
                                            label_smoothing=0.2)
-    l2 = sum(float((p.double() ** 2).sum()) for p in learner.params)
+    l2 = sum(float((p.detach().double() ** 2).sum()) for p in learner.params)
     total = float(ce.detach()) + float(learner.kd_loss(learner.reference_batch(0, 0)).detach()) + 0.5 * l2
     assert float(learner.loss(rows).detach()) == pytest.approx(total, rel=1e-5)
     learner.close()
