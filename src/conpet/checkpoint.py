@@ -126,7 +126,7 @@ def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch
 
 class Checkpointer:
     """Writes and reads one seed's checkpoints; :func:`~conpet.learners.loop.fit` calls
-    :meth:`begin_fit` and :meth:`after_step` (in-task checkpoints and their resume)."""
+    :meth:`begin_fit`, :meth:`after_step` and :meth:`end_fit` (in-task checkpoints and their resume)."""
 
     def __init__(self, seed_folder: Path, every_seconds: float) -> None:
         self.root = seed_folder / "checkpoint"
@@ -137,6 +137,10 @@ class Checkpointer:
         self.fit_index = 0
         self.resume_at: tuple[int, int, int] | None = None
         """(task, fit, step) of an in-task checkpoint to resume from, once."""
+        self.fit_losses: list[list[float]] = []
+        """The step losses of the current task's finished fits (an in-task checkpoint keeps them)."""
+        self.resume_losses: list[list[float]] = []
+        """Those of the checkpoint resumed from: a fit finished before it reports them again."""
         self.last_save = time.monotonic()
 
     def bind(self, learner, ctx) -> None:
@@ -147,7 +151,7 @@ class Checkpointer:
         return self.root / f"task-{t + 1:03d}"
 
     def start_task(self, t: int) -> None:
-        self.task, self.fit_index = t, 0
+        self.task, self.fit_index, self.fit_losses = t, 0, []
         self.last_save = time.monotonic()
 
     def save_task_end(self, t: int) -> None:
@@ -181,6 +185,7 @@ class Checkpointer:
             meta = json.loads((folder / META_FILE).read_text())
             if meta["task"] == t:
                 self.resume_at = (t, meta["fit"], meta["step"])
+                self.resume_losses = meta.get("fit_losses", [])
 
     # -- inside fit --
     def begin_fit(self, optimizer: torch.optim.Optimizer, stats, scaler=None) -> int:
@@ -191,8 +196,9 @@ class Checkpointer:
         if self.resume_at is None or self.resume_at[0] != self.task:
             return 0
         _, fit, step = self.resume_at
-        if k < fit:
-            return -1  # this fit finished before the checkpoint: its result is in the saved state
+        if k < fit:  # this fit finished before the checkpoint: its result is in the saved state
+            stats.losses.extend(self.resume_losses[k] if k < len(self.resume_losses) else [])
+            return -1
         self.resume_at = None
         tensors, meta = read_checkpoint(self.root / "in-task", self.ctx.device)
         self.learner.load_state(unprefixed("learner/", tensors), meta["learner"])
@@ -206,6 +212,10 @@ class Checkpointer:
                               [tensors[f"best/{i}"].clone() for i in range(meta["best"]["n"])])
         return step + 1
 
+    def end_fit(self, stats) -> None:
+        """Called by ``fit`` after its last step: keep its losses for this task's later checkpoints."""
+        self.fit_losses.append(list(stats.losses))
+
     def after_step(self, step: int, optimizer: torch.optim.Optimizer, stats, scaler=None) -> None:
         # rank 0's clock decides, so that every process takes part in the same checkpoints
         if not distributed.agree(time.monotonic() - self.last_save >= self.every_seconds, self.ctx.device):
@@ -218,6 +228,7 @@ class Checkpointer:
         write_checkpoint(self.root / "in-task", {**prefixed("learner/", tensors), **opt_t, **rng_t, **best_t}, {
             "kind": "in-task", "task": self.task, "fit": self.fit_index - 1, "step": step,
             "learner": meta, "optimizer": opt_meta, "rng": rng_meta, "losses": stats.losses,
+            "fit_losses": self.fit_losses,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "best": None if best is None else {"score": best.score, "step": best.step, "n": len(best.tensors)},
         })

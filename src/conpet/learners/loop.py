@@ -206,6 +206,8 @@ def fit(
         if checkpointer is not None:
             checkpointer.after_step(step, optimizer, stats, scaler)
     bar.close()
+    if checkpointer is not None:
+        checkpointer.end_fit(stats)
     if stats.best is not None and first >= 0:
         with torch.no_grad():
             for p, kept in zip(params, stats.best.tensors):
