@@ -8,7 +8,7 @@ import pytest
 from conpet.build import check
 from conpet.config import from_dict
 from conpet.errors import ConfigError
-from conpet.learners import CAPABILITIES, LEARNERS, Learner
+from conpet.learners import LEARNERS, Learner
 from conpet.learners.base import ROUTES
 from conpet.pet import PET_METHODS
 

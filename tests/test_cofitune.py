@@ -5,12 +5,7 @@ to the dropout of the two passes, combined over tasks by max; runs end to end an
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -214,33 +209,3 @@ def test_bad_settings_are_clear_errors(tiny_encoder, typing_data, tmp_path, caps
             "--out", str(tmp_path / "x"), "--no-progress", *args]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
-
-
-# -- kill -9 and resume --------------------------------------------------------------------------------------
-def test_kill_then_resume_gives_the_same_run(tiny_encoder, typing_data, tmp_path):
-    """As tests/test_reliability.py, for cofitune (its harness passes no --pet): killed inside
-    task 1 and inside task 2, resumed, identical to an uninterrupted run."""
-    from test_reliability import _same_run
-
-    data, tasks = typing_data
-
-    def args(out):
-        return ["run", "--model", str(tiny_encoder), "--data", str(data), "--tasks", str(tasks), "--learner",
-                "cofitune", "--pet", "cofitune", "--epochs", "2", "--batch-size", "4", "--no-progress", "--set",
-                "train.checkpoint_seconds=0", "--out", str(out)]
-
-    base = tmp_path / "base"
-    assert main(args(base)) == 0
-    env = {**os.environ, "CONPET_PROGRESS": "0"}
-    for k, moment in enumerate(["in-task", "task-001"]):
-        out = tmp_path / f"killed-{k}"
-        proc = subprocess.Popen([sys.executable, "-m", "conpet.cli", *args(out)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=env)
-        marker = out / "seed-0" / "checkpoint" / moment
-        while not marker.exists() and proc.poll() is None:
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        assert not (out / "manifest.json").exists(), "the run finished before the kill"
-        assert main(["run", "--resume", str(out), "--no-progress"]) == 0
-        _same_run(base, out)

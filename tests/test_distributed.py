@@ -26,6 +26,7 @@ from conpet.device import Compute, resolve_device, resolve_precision, shrink_on_
 from conpet.distributed import shard
 from conpet.errors import ConfigError
 from conpet.learners.loop import micro_batches, predict
+from test_learner_matrix import rows
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "conpet"
 
@@ -289,11 +290,11 @@ def test_kill_one_rank_then_resume_gives_the_uninterrupted_run(no_dropout_encode
 
 
 # -- FSDP: the frozen backbone sharded over 2 processes ----------------------------------------------
-@pytest.mark.parametrize("learner", ["emr*", *(pytest.param(name, marks=pytest.mark.slow) for name in (
-    "lwf*", "ewc*", "l2*", "joint", "dynamic", "o-lora", "inflora", "lae", "fpf", "k-fpf", "i-lora", "merge[rank=4]",
-    "crl", "crl*"))])
-def test_fsdp_shards_the_backbone_and_gives_the_run_of_one_process(no_dropout_encoder, typing_data, tmp_path,
-                                                                  learner):
+@pytest.mark.parametrize("case", rows("processes", lambda case: case.cls.shards_backbone and not case.cls.needs_lm_head))
+def test_fsdp_shards_the_backbone_and_gives_the_run_of_one_process(no_dropout_encoder, typing_data, tmp_path, case):
+    """Every row of the learner matrix that declares ``shards_backbone`` (ZSCL, which needs a causal
+    LM: ``test_fsdp_decodes_a_generative_stream_in_step``)."""
+    learner = case.spec
     data, tasks = typing_data
     one, two = tmp_path / "one", tmp_path / "two"
     args = [a if a != "emr*" else learner for a in _run_args(no_dropout_encoder, data, tasks, one)]
@@ -308,7 +309,7 @@ def test_fsdp_shards_the_backbone_and_gives_the_run_of_one_process(no_dropout_en
 
     saved = sorted(two.glob("seed-0/adapters/*/adapter_model.safetensors"))
     assert len(saved) >= 2
-    if learner == "inflora":  # its A is the top singular vectors of an input covariance with near-equal
+    if case.name == "inflora":  # its A is the top singular vectors of an input covariance with near-equal
         return  # eigenvalues on this tiny model: two processes' summation order rotates them (docs/reliability.md)
     for f in saved:  # plain LoRA tensors; the update B A each one process trains (merge's refit is an SVD)
         mine, ref = load_file(str(f)), load_file(str(one / f.relative_to(two)))
@@ -317,7 +318,7 @@ def test_fsdp_shards_the_backbone_and_gives_the_run_of_one_process(no_dropout_en
             theirs = ref[b] @ ref[key]
             # CRL's contrastive fit amplifies rounding: a learning rate 1e-7 (relative) apart moves its
             # task-2 update by ~1.3% of its largest entry, as two processes do (emr*: 1e-6%; docs/gpus.md)
-            atol = 0.02 * float(theirs.abs().max()) if learner.startswith("crl") else 1e-5
+            atol = 0.02 * float(theirs.abs().max()) if case.name.startswith("crl") else 1e-5
             gap = float((mine[b] @ mine[key] - theirs).abs().max())
             assert gap <= atol, (key, gap, atol)
     assert main(["verify", str(two)]) == 0

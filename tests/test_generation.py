@@ -219,22 +219,6 @@ def test_decoding_through_an_injected_module_passes_the_cache_under_the_backbone
     learner.close()
 
 
-# -- every generative learner, end to end --------------------------------------------------------------
-@pytest.mark.parametrize("learner", ["sequential", "joint", "emr*", "ewc*", "l2*", "emr", "lwf", "lwf*", "dynamic", "o-lora", "lae", "fpf", "inflora",
-                                     "merge"])
-def test_generative_learners_run_end_to_end(tiny_decoder, gen_data, tmp_path, learner):
-    from conpet.runner import run
-
-    metrics = run(_cfg(tiny_decoder, gen_data, tmp_path / "run", learner), progress=False)
-    seed = metrics["per_seed"][0] if "per_seed" in metrics else metrics
-    assert len(seed["accuracy_matrix"]) == 2 and all(0 <= v <= 1 for v in seed["accuracy_matrix"][1])
-    assert seed["task_metric"] == ["exact_match", "exact_match"]
-    assert seed["score_exact_match"] == seed["accuracy_matrix"]  # the primary metric, recorded again
-    assert len(seed["score_chrf"][1]) == 2 and all(0 <= v <= 1 for v in seed["score_chrf"][1])
-    assert len(seed["reference_perplexity"]) == 2 and seed["base_reference_perplexity"] > 1
-    assert main(["verify", str(tmp_path / "run")]) == 0
-
-
 @pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning", "p_tuning", "dept"])
 def test_prompt_methods_decode_and_score_without_repeating_their_virtual_tokens(lively_decoder, gen_data, tmp_path,
                                                                                  method):

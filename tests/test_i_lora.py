@@ -201,13 +201,3 @@ def test_runs_on_a_generative_stream(tiny_decoder, tmp_path, capsys):
 def test_bad_options(options, match):
     with pytest.raises(ConfigError, match=match):
         check(from_dict({"model": "minilm", "learner": "i-lora", "learner_options": options}))
-
-
-def test_killed_inside_the_second_task_resumes_to_the_same_run(tiny_encoder, typing_data, tmp_path):
-    from test_reliability import _args, _same_run, kill_inside_task
-
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    assert main(_args(tiny_encoder, typing_data, full, "i-lora")) == 0
-    kill_inside_task(_args(tiny_encoder, typing_data, killed, "i-lora"), killed, task=1)  # the replay task
-    assert main(["run", "--resume", str(killed), "--no-progress"]) == 0
-    _same_run(full, killed)

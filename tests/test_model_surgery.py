@@ -240,13 +240,3 @@ def test_a_domain_incremental_stream_is_refused(tmp_path):
     cfg = from_dict({"model": "minilm", "learner": "model-surgery", "data": {"file": str(write_domains(tmp_path))}})
     with pytest.raises(ConfigError, match="each label must belong to one task"):
         check_stream(cfg, load_stream(cfg.data))
-
-
-def test_killed_inside_the_second_task_resumes_to_the_same_run(tiny_encoder, typing_data, tmp_path):
-    from test_reliability import _args, _same_run, kill_inside_task
-
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    assert main(_args(tiny_encoder, typing_data, full, "model-surgery")) == 0
-    kill_inside_task(_args(tiny_encoder, typing_data, killed, "model-surgery"), killed, task=1)  # the merging task
-    assert main(["run", "--resume", str(killed), "--no-progress"]) == 0
-    _same_run(full, killed)

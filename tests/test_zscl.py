@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -297,21 +296,3 @@ def test_an_encoder_is_refused_up_front_when_zscl_comes_after_another_learner(ti
                  "sequential,zscl", "--out", str(out), "--no-progress"]) == 2
     assert "learner 'zscl' distils" in capsys.readouterr().err
     assert not any(out.rglob("*"))  # nothing written (sequential did not run first)
-
-
-def test_kill_inside_a_task_then_resume_gives_the_same_run(tiny_decoder, typing_data, short_reference, tmp_path):
-    """kill -9 inside the second task (at an in-task checkpoint: WE snapshots, anchor and step
-    saved mid-task), then ``--resume``: the same metrics and adapters as an uninterrupted run."""
-    from test_reliability import _args, _same_run, kill_inside_task
-
-    def args(out):
-        return [*_args(tiny_decoder, typing_data, out, "zscl[we_interval=2]"), "--set",
-                f"data.reference_text={short_reference}"]
-
-    base, killed = tmp_path / "base", tmp_path / "killed"
-    assert main(args(base)) == 0
-    kill_inside_task(args(killed), killed, task=1, min_step=3)
-    assert main(["run", "--resume", str(killed), "--no-progress"]) == 0
-    _same_run(base, killed)
-    assert np.array_equal(*(json.loads((d / "seed-0" / "metrics.json").read_text())["we_truncation_error"]
-                            for d in (base, killed)))
