@@ -25,7 +25,7 @@ from conpet.runs import adapter_dir, finished_run
 def _cfg(model, data, tasks=None, out="unused", pet=None, **options):
     return from_dict({"model": str(model), "learner": "osf", "out": str(out),
                       "data": {"file": str(data), **({"tasks": str(tasks)} if tasks else {})},
-                      "learner_options": options, "pet": pet or {"method": "lora", "options": {}},
+                      "learner_options": options, "pet": pet or {"method": "osf", "options": {}},
                       "train": {"epochs": 2, "batch_size": 4, "lr": 0.01, "precision": "fp32", "top_layers": 1}})
 
 
@@ -103,18 +103,18 @@ def test_each_task_is_merged_then_redecomposed_with_a_larger_preserved_rank(tiny
     learner = build_learner(cfg, prepared, seed=0)
     assert learner.fractions == [0.0, 0.5]  # t / n of two tasks
     seen = []
-    real_merge = learner.merge
+    real_merge = learner.after_task
 
-    def record():  # the module's update, ranks and initial singular values, just before it is merged
+    def record(t):  # the module's update, ranks and initial singular values, just before it is merged
         pet = learner.ctx.pet
         seen.append({"delta": pet.delta_weights(learner.model, learner.module_name),
                      "ranks": {p: l.effective_rank[learner.module_name]
                                for p, l in pet.tuner_layers(learner.model, learner.module_name)},
                      "s_low": {p: l._osf_S_low_init[learner.module_name].detach().clone()
                                for p, l in pet.tuner_layers(learner.model, learner.module_name)}})
-        real_merge()
+        real_merge(t)
 
-    learner.merge = record
+    learner.after_task = record
     learner.learn(0)
     params = dict(backbone.model.named_parameters())
     assert set(seen[0]["delta"]) == {n for n in params if ".layers.1." in f".{n}" and n.endswith("proj.weight")}
@@ -125,7 +125,7 @@ def test_each_task_is_merged_then_redecomposed_with_a_larger_preserved_rank(tiny
         assert not torch.equal(params[name], original[name])
         after_first[name] = params[name].detach().clone()
     assert set(seen[0]["ranks"].values()) == {1}  # task 0: the smallest rank peft accepts
-    assert not learner.wrapped and learner.model is backbone.model  # the plain, merged backbone answers
+    assert not learner.has_module(learner.module_name) and learner.model is backbone.model  # the plain, merged backbone answers
     learner.learn(1)
     for path, rank in seen[1]["ranks"].items():  # a larger preserved rank, on the merged weights' SVD
         w = after_first[f"{path}.weight"]
@@ -185,7 +185,6 @@ def test_generative_run_with_osf_options(tiny_decoder, tmp_path):
     ({"preserve_start": -0.1}, None, "must be >= 0.0"),
     ({"rank": 3}, None, "unknown option 'rank'"),
     ({}, {"method": "osf", "options": {"effective_rank": 4}}, "sets the preserved rank of every task"),
-    ({}, {"method": "lora", "options": {"r": 4}}, "pet.options for 'lora' do not apply"),
 ])
 def test_bad_learner_options(options, pet, message, tiny_encoder, typing_data):
     from conpet.learners import get_learner
@@ -205,7 +204,7 @@ def test_osf_trains_at_its_own_full_fine_tuning_rate_unless_told(tiny_decoder, t
         cfg = _cfg(tiny_decoder, data, tasks, pet={"method": "osf", "options": options})
         learner = build_learner(cfg, prepare(cfg), seed=0)
         for t in (0, 1):
-            pet = learner.pet_for(t)
+            pet = learner.method_for(t)
             model = pet.attach(learner.ctx.backbone.model, learner.module_name)
             groups = pet.param_groups(model, learner.module_name, cfg.train.lr)
             assert [g["lr"] for g in groups] == [expected] and groups[0]["params"], (options, t)

@@ -150,16 +150,21 @@ class OneModuleLearner(Learner):
     def logits(self, indices: list[int]) -> torch.Tensor:
         return self.head(self.features(indices))
 
+    def answering_model(self) -> torch.nn.Module:
+        """The model with the answering module active (in eval mode); a learner that merged its
+        module into the backbone's weights (OSF) answers with the backbone alone."""
+        if self.has_module(self.module_name):
+            self.ctx.pet.activate(self.model, self.module_name)
+        self.model.eval()
+        return self.model
+
     def generate(self, indices: list[int]) -> list[str]:
         """Greedy answers to the prompts of rows ``indices`` (generative streams)."""
-        self.ctx.pet.activate(self.model, self.module_name)
-        return self.ctx.generate(self.model, indices)
+        return self.ctx.generate(self.answering_model(), indices)
 
     def reference_model(self) -> torch.nn.Module:
         """The backbone with the module that answers, for the reference-text perplexity."""
-        self.ctx.pet.activate(self.model, self.module_name)
-        self.model.eval()
-        return self.model
+        return self.answering_model()
 
     def pet_parameters(self) -> list[torch.nn.Parameter]:
         return self.ctx.pet.parameters(self.model, self.module_name)
