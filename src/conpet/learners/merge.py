@@ -36,7 +36,6 @@ from conpet.heads import GrowingHead, concat_heads
 from conpet.learners.base import register_learner
 from conpet.learners.context import Context
 from conpet.learners.one_module import OneModuleLearner
-from conpet.learners.state import head_tensors, load_expert_heads, load_module_tensors, module_tensors
 from conpet.learners.training import dev_scorer
 from conpet.learners.options import Option
 from conpet.merging import get_merge_method
@@ -57,6 +56,7 @@ class MergeLearner(OneModuleLearner):
     options = {"method": Option("ties", str, help="merge rule (any name in conpet.merging)"),
                "rank": Option(None, int, minimum=1, nullable=True, help="rank of the merged LoRA (default: r)"),
                "merge_options": Option({}, dict, help="the merge rule's options, e.g. {density: 0.2}")}
+    state_attrs = ("factors", "configs", "errors", "expert_head")
 
     @classmethod
     def validate(cls, cfg, opts) -> None:
@@ -74,12 +74,17 @@ class MergeLearner(OneModuleLearner):
         super().__init__(ctx)
         self.rank = self.opts["rank"] or ctx.pet.rank
         self.merged_pet = ctx.pet.resized(self.rank)
-        self.experts: list[tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = []
-        self.expert_heads: list[GrowingHead] = []
+        self.factors: dict[str, torch.Tensor] = {}
+        """Every expert's LoRA factors (fp32), keyed ``<task>/<peft key>/A`` and ``.../B``."""
+        self.configs: list[dict] = []
+        """Every expert's LoRA config (``r``, ``lora_alpha``, ``use_rslora``)."""
         self.errors: list[float] = []
+        self.expert_head: GrowingHead | None = None
+        """The head of the task being learned, over its own classes (``self.head`` stacks the
+        finished ones); ``None`` between tasks."""
 
-    # -- learning ------------------------------------------------------------------------------------
-    def learn(self, t: int) -> None:
+    # -- a task: train an expert, merge every expert so far -------------------------------------------
+    def begin_task(self, t: int):
         ctx, pet = self.ctx, self.ctx.pet
         task = ctx.stream.tasks[t]
         torch.manual_seed(int(ctx.rng.integers(2**31)))
@@ -87,10 +92,13 @@ class MergeLearner(OneModuleLearner):
             self.model = pet.attach(ctx.backbone.model, EXPERT, ctx.calibration(t))
         elif EXPERT not in pet.modules(self.model):
             pet.add(self.model, EXPERT, ctx.calibration(t))
-        head = ctx.new_head()
+        self.expert_head = ctx.new_head()
         if not ctx.generative:  # a generative expert answers through the LM head
-            head.grow(list(task.labels), ctx.torch_gen)
-        self.expert_heads.append(head)
+            self.expert_head.grow(list(task.labels), ctx.torch_gen)
+        return task
+
+    def fits(self, t: int):
+        ctx, head = self.ctx, self.expert_head
         start = ctx.stream.class_range(t)[0]
 
         def expert_loss(indices):
@@ -100,21 +108,36 @@ class MergeLearner(OneModuleLearner):
 
         score = dev_scorer(ctx, self.model, [t], lambda idx: head(ctx.features(self.model, idx)),
                            lambda idx: ctx.targets(idx) - start)
-        self.last_fit = self.train(self.fit_on(t, ctx.epoch_batches(task.train), desc=f"{task.name} expert",
-                                               loss=expert_loss, module=EXPERT, params=list(head.parameters()),
-                                               dev_score=score))
-        self.experts.append(pet.lora_factors(self.model, EXPERT))
-        self._remerge()
-        pet.remove(self.model, EXPERT)
+        task = ctx.stream.tasks[t]
+        return [self.fit_on(t, ctx.epoch_batches(task.train), desc=f"{task.name} expert", loss=expert_loss,
+                            module=EXPERT, params=list(head.parameters()), dev_score=score)]
 
-    def _remerge(self) -> None:
-        result = merge_lora(self.experts, self.opts["method"], self.rank, **dict(self.opts["merge_options"]))
+    def after_task(self, t: int) -> None:
+        """Keep the expert's factors, merge all of them into the answering module, drop the expert."""
+        config, factors = self.ctx.pet.lora_factors(self.model, EXPERT)
+        self.configs.append(config)
+        for path, (a, b) in factors.items():
+            self.factors[f"{t}/{path}/A"], self.factors[f"{t}/{path}/B"] = a, b
+        experts = [(cfg, {key[len(f"{k}/"):-2]: (self.factors[key], self.factors[key[:-1] + "B"])
+                          for key in self.factors if key.startswith(f"{k}/") and key.endswith("/A")})
+                   for k, cfg in enumerate(self.configs)]
+        result = merge_lora(experts, self.opts["method"], self.rank, **dict(self.opts["merge_options"]))
         self.errors.append(result.mean_error)
         if self.module_name not in self.ctx.pet.modules(self.model):
             self.merged_pet.add(self.model, self.module_name)
         self.merged_pet.set_lora_factors(self.model, self.module_name, result.factors)
         self.ctx.pet.activate(self.model, self.module_name)
-        self.head = concat_heads(self.expert_heads, self.ctx.backbone.hidden_size)
+        self.head = concat_heads([self.head, self.expert_head], self.ctx.backbone.hidden_size)
+        self.expert_head = None
+        self.ctx.pet.remove(self.model, EXPERT)
+
+    def add_module(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """A resumed run's modules: the merged one at the merge rank, an expert as ``pet`` makes it."""
+        pet = self.merged_pet if name == self.module_name else self.ctx.pet
+        if self.model is None:
+            self.model = pet.attach(self.ctx.backbone.model, name)
+        else:
+            pet.add(self.model, name)
 
     def eval_extra(self, t: int) -> dict[str, list[float]]:
         return {"merge_reconstruction_error": [self.errors[-1]] * (t + 1)}
@@ -123,39 +146,5 @@ class MergeLearner(OneModuleLearner):
         super().save(t, folder)
         (folder / "merge.json").write_text(json.dumps({
             "method": self.opts["method"], "merge_options": self.opts["merge_options"], "rank": self.rank,
-            "tasks_merged": len(self.experts), "mean_relative_reconstruction_error": self.errors[-1],
+            "tasks_merged": len(self.configs), "mean_relative_reconstruction_error": self.errors[-1],
         }, indent=2))
-
-    # -- resume --------------------------------------------------------------------------------------
-    def state(self):
-        modules = self.ctx.pet.modules(self.model) if self.model is not None else []
-        tensors = module_tensors(self.model, modules)
-        for t, (cfg, factors) in enumerate(self.experts):
-            for path, (a, b) in factors.items():
-                tensors[f"experts/{t}/{path}/A"], tensors[f"experts/{t}/{path}/B"] = a, b
-        for t, head in enumerate(self.expert_heads):
-            tensors.update({f"expert_head/{t}/{k}": v for k, v in head_tensors(head).items()})
-        meta = {"modules": modules,
-                "expert_configs": [cfg for cfg, _ in self.experts],
-                "expert_paths": [sorted(f) for _, f in self.experts],
-                "expert_labels": [h.labels for h in self.expert_heads], "errors": self.errors}
-        return tensors, meta
-
-    def load_state(self, tensors, meta) -> None:
-        pet = self.ctx.pet
-        if meta["modules"]:
-            if self.model is None:
-                first = meta["modules"][0]
-                self.model = (self.merged_pet if first == self.module_name else pet).attach(self.ctx.backbone.model, first)
-            for name in meta["modules"]:
-                if name not in pet.modules(self.model):
-                    (self.merged_pet if name == self.module_name else pet).add(self.model, name)
-            load_module_tensors(pet, self.model, meta["modules"], tensors)
-        self.experts = [(cfg, {p: (tensors[f"experts/{t}/{p}/A"].clone(), tensors[f"experts/{t}/{p}/B"].clone())
-                               for p in paths})
-                        for t, (cfg, paths) in enumerate(zip(meta["expert_configs"], meta["expert_paths"]))]
-        self.expert_heads = load_expert_heads(self.expert_heads, tensors, meta["expert_labels"],
-                                              self.ctx.backbone.hidden_size, self.ctx.device)
-        self.errors = list(meta["errors"])
-        if self.expert_heads:
-            self.head = concat_heads(self.expert_heads, self.ctx.backbone.hidden_size)
