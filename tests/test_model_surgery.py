@@ -51,7 +51,7 @@ def test_merge_is_the_official_formula_once_per_step_and_stored_modules_never_ch
     old = [_module(learner, module_name(j)) for j in range(2)]
     mean = {k: (old[0][k] + old[1][k]) / 2 for k in old[0]}
     new = module_name(2)
-    starts, pairs, merge, loss = [], [], learner.after_step, learner.loss
+    starts, pairs, merge, loss = [], [], learner.after_step, learner.task_loss
 
     def first_loss(*args):  # the new module before its first step: a copy of the previous one
         if not starts:
@@ -63,7 +63,7 @@ def test_merge_is_the_official_formula_once_per_step_and_stored_modules_never_ch
         merge(fit, step)
         pairs.append((before, _module(learner, new)))
 
-    learner.loss, learner.after_step = first_loss, record
+    learner.task_loss, learner.after_step = first_loss, record
     learner.learn(2)
     assert _same(starts[0], old[1])
     assert len(pairs) == len(prepared.stream.tasks[2].train) // 4 * 2  # one merge per optimizer step
@@ -197,7 +197,7 @@ def test_runs_saves_and_predicts_on_a_classification_stream(tiny_encoder, typing
     seed = json.loads((out / "seed-0" / "metrics.json").read_text())
     assert len(seed["accuracy_matrix"]) == 2 and len(seed["retrieval_accuracy"][-1]) == 2
     assert seed["stored_params"] > seed["tunable_params"]
-    assert (out / "seed-0" / "adapters" / "task-02" / "prototypes.safetensors").is_file()
+    assert (out / "seed-0" / "adapters" / "task-02" / "method.safetensors").is_file()
     capsys.readouterr()
     assert main(["predict", str(out), "We saw the wolf.", "--entity", "wolf", "--json"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

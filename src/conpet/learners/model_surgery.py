@@ -2,89 +2,44 @@
 Pre-Trained Model-Based Class-Incremental Learning", official code sun-hailong/AAAI25-MOS). Not
 the ``mos`` PET method (Mixture of Shards, a different paper).
 
-- **One module per task, warm-started.** Task t trains its own PET module ``surgery-<t>``, made at
-  the start of the task as a copy of task t-1's module (the official adapter is never
-  re-initialised). Loss: cross-entropy over the new task's classes (old-class logits at -inf) plus
-  ``reg * L_orth``, where ``L_orth = CE(M M^T / 0.8, I)`` over ``M`` = [stored class means of the
-  old classes; the batch's unnormalised features] (the batch alone at the first task).
-- **Adapter merging.** After every optimizer step from the second task on,
-  ``theta_t <- (1 - m) theta_t + m mean(theta_0 .. theta_{t-1})`` (``m`` = ``adapter_momentum``),
-  parameter by parameter; the mean comes from one running sum of the finished modules, so its
-  cost does not grow with the number of tasks.
-- **After each task.** The module is frozen and stored; each new class gets a Gaussian of its
-  training features through that module (mean + covariance + 1e-4 I, fp32) and a prototype (its
-  mean feature through module 0). From the second task on, **classifier alignment**: the head
-  alone trains ``align_epochs`` epochs of SGD (momentum 0.9, cosine schedule) on pseudo-features
-  drawn from every class's Gaussian (``align_samples x batch`` per class per epoch, in batches of
-  that size), seeded.
-- **Self-refined retrieval.** The prototype classifier (cosine to the prototypes, module 0's
-  features) guesses a class, hence a task; that task's module's features go through the head,
-  giving a class and a task; repeated until the task is stable or ``max_refine`` passes have run.
-  Prediction: ``softmax(head logits of the last pass) + softmax(proto logits x T)`` (T tasks seen;
-  ``ensemble``); :meth:`logits` returns the log of half that sum.
+Task t trains its own module, warm-started from task t-1's, on its classes with ``reg * L_orth``
+(``CE(M M^T / 0.8, I)`` over the old class means and the batch's features), pulled after every
+step towards the mean of the finished modules (``adapter_momentum``); then each class gets a
+Gaussian (its module) and a prototype (module 0), and from task 2 the head is re-aligned on
+pseudo-features (SGD, ``align_epochs``). Prediction retrieves a module per row: the prototype
+classifier guesses a task, that module's head prediction refines it (``max_refine`` passes), and
+the prediction is the ensemble of both softmaxes. docs/learners.md has the costs and the
+generative case (a task is one "class").
 
-Cost per task: one fit of one module, two feature passes over the task's rows (its module and
-module 0), and ``align_epochs x classes`` head steps. What grows with the tasks: one stored module
-per task, and per class a mean, a prototype and a covariance (``hidden^2`` floats; ``hidden`` with
-``covariance: diagonal``). Inference: up to 1 + ``max_refine`` module passes per input, whatever
-the number of tasks (rows routed per row in one batch); the official code runs all T + 1 up front.
-
-Generative streams: each task is one "class" (its name), so the same machinery retrieves a task
-from the prompt (features at the prompt's last token, which never sees the target): prototypes and
-Gaussians per task, a head over tasks trained only by the alignment (a task's cross-entropy over
-its own single column is constant, so it is left out), ``L_orth`` on the prompt features beside
-the LM loss on the target tokens; the module of the task the ensemble picks generates the answer.
-The reference-text perplexity is measured through the last task's module.
-
-Deviations, named:
-
-- conpet's PET method (default LoRA) in place of the AdaptFormer adapter (closest:
-  ``--pet parallel_adapter --set pet.options.bottleneck=16 --set pet.options.scaling=0.1``, without
-  its 0.1 dropout); features are conpet's cloze features, not the ViT's class token.
-- conpet's optimizer for the task fit (AdamW, ``train.lr``, ``train.head_lr``, ``train.epochs``,
-  no schedule) where the official code runs SGD (lr 0.05, momentum 0.9, weight decay 0.005,
-  cosine, head at 0.1x the lr); the alignment keeps the official SGD, in its own loop (not
-  :func:`~conpet.learners.loop.fit`, so no in-task checkpoint inside it: a run killed there resumes
-  from the fit's last checkpoint and redoes it, to the same result).
-- The merge runs once per optimizer step, on the training module only. The official
-  ``reweight_adapter`` writes ``.data`` in place inside every block's forward pass (12 pulls per
-  forward, plus one per step) and also on stored adapters at evaluation, so they drift towards
-  the prefix mean on every test batch; here stored modules never change (tested bit for bit), and
-  the Gaussians are taken through the module as its task ended.
-- Retrieval is batched and computes a (row, module) feature only when the loop reaches it (same
-  predictions as the official per-row loop over all T + 1 features, tested).
-- ``covariance: diagonal`` is the official ``variance``; ``multi-centroid`` is not offered. A
-  class with one training row gets covariance 1e-4 I (the official ``torch.cov`` gives NaN there).
-- Tasks must be class-disjoint (retrieval maps a class to its task): a domain-incremental stream
-  is a ConfigError.
+Deviations, named: conpet's PET method (default LoRA) and cloze features in place of AdaptFormer
+and the ViT class token; AdamW for the task fit (the alignment keeps the official SGD, in its own
+loop without in-task checkpoints); the merge once per optimizer step on the training module only
+(the official code also moves stored adapters at evaluation); retrieval batched, computing a
+(row, module) feature only when reached; one-row classes get covariance 1e-4 I (official: NaN);
+no ``multi-centroid``; class-disjoint tasks only.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from conpet.device import full_precision
 from conpet.errors import ConfigError
 from conpet.generation import target_positions
-from conpet.heads import GrowingHead, task_targets
-from conpet.learners.base import Learner, Route, register_learner
+from conpet.heads import task_targets
+from conpet.learners.base import Route, register_learner
 from conpet.learners.context import Context
-from conpet.learners.state import head_tensors, load_head, load_module_tensors, module_tensors, write_module_meta
-from conpet.learners.training import Fit, dev_scorer, module_features, train
 from conpet.learners.options import Option
-from conpet.learners.routing import load_task_modules, routed_features, routed_generate
+from conpet.learners.routing import TaskModulesLearner, routed_features
+from conpet.learners.training import Fit, dev_scorer, module_features
 from conpet.pet.base import counterpart, in_module
-from conpet.runs import adapter_dir
 
 ORTH_TEMPERATURE = 0.8
 """The official ``orth_loss`` divides ``M M^T`` by 0.8."""
 COVARIANCE_RIDGE = 1e-4
-PROTOTYPES = "prototypes.safetensors"
 
 
 def module_name(t: int) -> str:
@@ -140,14 +95,17 @@ def class_spread(x: torch.Tensor, diagonal: bool) -> torch.Tensor:
 
 
 @register_learner("model-surgery")
-class ModelSurgery(Learner):
+class ModelSurgery(TaskModulesLearner):
     """MOS (Model Surgery, Sun et al. 2025): merged per-task modules, self-refined module retrieval."""
 
     paper = ("Sun et al. 2025 (AAAI), MOS: Model Surgery for Pre-Trained Model-Based Class-Incremental Learning "
              "(arXiv 2412.09441)")
     generative = True
-    module_per_task = True
     routes = "prototype"
+    module_prefix = "surgery"
+    routing_metric = "retrieval_accuracy"
+    saved_attrs = ("protos",)
+    state_attrs = ("prefix", "means", "spreads", "protos", "n_tasks")
     options = {
         "adapter_momentum": Option(0.1, float, minimum=0.0, maximum=1.0,
                                    help="pull m of the new module towards the old modules' mean"),
@@ -175,9 +133,6 @@ class ModelSurgery(Learner):
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
-        self.model = None
-        self.head = ctx.new_head()
-        self.n_tasks = 0
         self.prefix: dict[str, torch.Tensor] = {}
         """Running sum of the finished modules' parameters (fp32), keyed by :func:`module_params`."""
         self.merge_pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
@@ -187,47 +142,38 @@ class ModelSurgery(Learner):
         """[seen classes, hidden, hidden] covariances, or [seen classes, hidden] variances."""
         self.protos: torch.Tensor | None = None
         """[seen classes, hidden]: class means through module 0 (the prototype classifier)."""
-        self.routed: dict[int, int] = {}
-        """Retrieved task of each evaluated row (for :meth:`eval_extra`)."""
+        self.align_seed = 0
 
-    # -- learning --------------------------------------------------------------------------------------
-    def learn(self, t: int) -> None:
+    # -- a task: a warm-started module, merged towards the old ones at every step ----------------------
+    def begin_task(self, t: int):
         ctx, pet = self.ctx, self.ctx.pet
         task = ctx.stream.tasks[t]
-        name = module_name(t)
         self.routed = {}
         torch.manual_seed(int(ctx.rng.integers(2**31)))
         if t == 0:
-            self.model = pet.attach(ctx.backbone.model, name, ctx.calibration(t))
+            self.model = pet.attach(ctx.backbone.model, self.module_of(t), ctx.calibration(t))
         else:  # warm start: the previous task's module, copied
-            pet.copy(self.model, module_name(t - 1), name)
+            pet.copy(self.model, self.module_of(t - 1), self.module_of(t))
         self.head.grow(list(task.labels), ctx.torch_gen)
         self.n_tasks = t + 1
-        align_seed = int(ctx.rng.integers(2**31))
+        self.align_seed = int(ctx.rng.integers(2**31))
+        params = module_params(self.model, self.module_of(t))
+        self.merge_pairs = [(p, self.prefix[k]) for k, p in params.items()] if t else []
+        return task
+
+    def fits(self, t: int) -> list[Fit]:
+        ctx = self.ctx
         columns, local = task_targets(ctx.stream, t, ctx.device)
 
         def masked_logits(indices: list[int]) -> torch.Tensor:
             logits = self.head(ctx.features(self.model, indices))
             return torch.full_like(logits, float("-inf")).index_copy(1, columns, logits[:, columns])
 
-        params = module_params(self.model, name)
-        self.merge_pairs = [(p, self.prefix[k]) for k, p in params.items()] if t else []
-        score = dev_scorer(ctx, self.model, [t], masked_logits, ctx.targets)
-        self.last_fit = train(ctx, self.model, Fit(t, f"{task.name} model-surgery", ctx.epoch_batches(task.train),
-                                                   lambda idx: self.loss(idx, columns, local), name,
-                                                   list(self.head.parameters()), dev_score=score), self)
-        with torch.no_grad():
-            for key, p in params.items():
-                p.requires_grad_(False)
-                if key in self.prefix:
-                    self.prefix[key].add_(p.float())
-                else:
-                    self.prefix[key] = p.detach().float().clone()
-        self.store_statistics(t)
-        if t and self.opts["align_epochs"]:
-            self.align(align_seed)
+        return [self.fit_on(t, ctx.epoch_batches(ctx.stream.tasks[t].train), loss=lambda idx: self.task_loss(
+            idx, columns, local), module=self.module_of(t), dev_score=dev_scorer(ctx, self.model, [t], masked_logits,
+                                                                                   ctx.targets))]
 
-    def loss(self, indices: list[int], columns: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    def task_loss(self, indices: list[int], columns: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """The new task's loss (cross-entropy over its classes, or the LM loss on the target
         tokens) + ``reg * L_orth`` on the batch's features."""
         ctx = self.ctx
@@ -251,15 +197,28 @@ class ModelSurgery(Learner):
         for p, total in self.merge_pairs:
             p.mul_(1.0 - m).add_(total.to(p.dtype), alpha=m / n_old)
 
+    def after_task(self, t: int) -> None:
+        """Freeze the module and add it to the running sum; class statistics; classifier alignment."""
+        with torch.no_grad():
+            for key, p in module_params(self.model, self.module_of(t)).items():
+                p.requires_grad_(False)
+                if key in self.prefix:
+                    self.prefix[key].add_(p.float())
+                else:
+                    self.prefix[key] = p.detach().float().clone()
+        self.store_statistics(t)
+        if t and self.opts["align_epochs"]:
+            self.align(self.align_seed)
+
     @torch.no_grad()
     def store_statistics(self, t: int) -> None:
         """Gaussian (through module t) and prototype (through module 0) of each class of task t."""
         ctx, pet = self.ctx, self.ctx.pet
         rows = list(ctx.stream.tasks[t].train)
-        pet.activate(self.model, module_name(t))
+        pet.activate(self.model, self.module_of(t))
         own = module_features(ctx, self.model, rows)
         if t:
-            pet.activate(self.model, module_name(0))
+            pet.activate(self.model, self.module_of(0))
         base = module_features(ctx, self.model, rows) if t else own
         targets = ctx.targets(rows)
         diagonal = self.opts["covariance"] == "diagonal"
@@ -270,7 +229,7 @@ class ModelSurgery(Learner):
             protos = torch.stack([base[p].mean(0) for p in picks])
         self.means, self.spreads, self.protos = (new if old is None else torch.cat([old, new]) for old, new in
                                                  ((self.means, means), (self.spreads, spreads), (self.protos, protos)))
-        pet.activate(self.model, module_name(t))
+        pet.activate(self.model, self.module_of(t))
 
     def align(self, seed: int) -> None:
         """Classifier alignment: the head alone, SGD on pseudo-features from every class's Gaussian."""
@@ -319,7 +278,7 @@ class ModelSurgery(Learner):
             missing = [(r, j) for r, j in dict.fromkeys(zip(rows, tasks)) if (r, j) not in cache]
             if missing:
                 feats = routed_features(ctx, model, [indices[r] for r, _ in missing],
-                                        [module_name(j) for _, j in missing])
+                                        [self.module_of(j) for _, j in missing])
                 cache.update(zip(missing, feats.float()))
             return torch.stack([cache[(r, j)] for r, j in zip(rows, tasks)])
 
@@ -339,106 +298,18 @@ class ModelSurgery(Learner):
         retrieved = class_task[probs.argmax(-1)]
         per_task = probs.new_zeros(len(indices), self.n_tasks).index_add_(1, class_task, probs)
         self.routed.update(zip(indices, retrieved.tolist()))
-        ctx.pet.activate(model, module_name(self.n_tasks - 1))
+        ctx.pet.activate(model, self.module_name)
         return probs, Route(retrieved[:, None], per_task)
-
-    def logits(self, indices: list[int]) -> torch.Tensor:
-        return self.logits_and_route(indices)[0]
 
     def logits_and_route(self, indices: list[int]) -> tuple[torch.Tensor, Route]:
         """log of the retrieval's class probabilities (the official ensemble, halved), and the route."""
         probs, route = self.retrieve(indices)
         return torch.log(probs), route
 
-    def generate(self, indices: list[int]) -> list[str]:
-        return self.generate_and_route(indices)[0]
-
-    @torch.no_grad()
-    def generate_and_route(self, indices: list[int]) -> tuple[list[str], Route]:
-        """Greedy answers, each prompt generated by the module of the task retrieval picks for it."""
-        ctx = self.ctx
-        with ctx.compute.autocast():  # generation calls it outside the evaluation's autocast
-            route = self.retrieve(indices)[1]
-        modules = [module_name(int(j)) for j in route.tasks[:, 0].tolist()]
-        return routed_generate(ctx, self.model, indices, modules), route
-
-    def reference_model(self) -> torch.nn.Module:
-        """The last task's module (general text has no task to retrieve)."""
-        self.ctx.pet.activate(self.model, module_name(self.n_tasks - 1))
-        self.model.eval()
-        return self.model
-
-    def eval_extra(self, t: int) -> dict[str, list[float]]:
-        """Retrieval accuracy (the retrieved task is the row's task) on each seen task's evaluation rows."""
-        ctx = self.ctx
-        accs = []
-        for j in range(t + 1):
-            rows = ctx.stream.tasks[j].split(ctx.cfg.data.eval_split)
-            missing = [i for i in rows if i not in self.routed]
-            size = ctx.cfg.train.eval_batch_size
-            for start in range(0, len(missing), size):
-                with ctx.compute.autocast():
-                    self.retrieve(missing[start:start + size])
-            accs.append(sum(self.routed[i] == j for i in rows) / max(1, len(rows)))
-        return {"retrieval_accuracy": accs}
-
-    # -- saving, restoring, resuming -----------------------------------------------------------------------
-    def save(self, t: int, folder: Path) -> None:
-        self.ctx.pet.save(self.model, module_name(t), folder)
-        self.head.save(folder)
-        save_file({"prototypes": self.protos.detach().cpu().contiguous()}, str(folder / PROTOTYPES))
-        write_module_meta(self.ctx, t, folder, self.name, module_name(t), self.head.labels)
-
-    def restore(self, run_dir: Path, seed: int) -> None:
-        """Every task's module, and the head and prototypes after the last task."""
-        tasks = self.ctx.stream.tasks
-        self.model = load_task_modules(self.ctx, self.model, run_dir, seed, module_name)
-        folder = adapter_dir(run_dir, seed, tasks[-1].name)
-        self.head = GrowingHead.load(folder, self.ctx.device)
-        self.protos = load_file(str(folder / PROTOTYPES))["prototypes"].to(self.ctx.device)
-        self.n_tasks = len(tasks)
-        self.model.eval()
-
-    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        modules = self.ctx.pet.modules(self.model) if self.model is not None else []
-        tensors = dict(module_tensors(self.model, modules)) if modules else {}
-        tensors.update({f"head/{k}": v for k, v in head_tensors(self.head).items()})
-        tensors.update({f"prefix/{k}": v for k, v in self.prefix.items()})
-        for key in ("means", "spreads", "protos"):
-            if getattr(self, key) is not None:
-                tensors[f"stats/{key}"] = getattr(self, key)
-        return tensors, {"modules": modules, "head_labels": list(self.head.labels), "n_tasks": self.n_tasks,
-                         "prefix": sorted(self.prefix)}
-
-    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        pet = self.ctx.pet
-        if meta["modules"]:
-            if self.model is None:
-                self.model = pet.attach(self.ctx.backbone.model, meta["modules"][0])
-            load_module_tensors(pet, self.model, meta["modules"], tensors)
-            pet.activate(self.model, meta["modules"][-1])
-        self.head = load_head(self.head, {k[5:]: v for k, v in tensors.items() if k.startswith("head/")},
-                              meta["head_labels"])
-        for key in meta["prefix"]:  # in place: the merge step holds these tensors
-            value = tensors[f"prefix/{key}"]
-            if key in self.prefix and self.prefix[key].shape == value.shape:
-                self.prefix[key].copy_(value)
-            else:
-                self.prefix[key] = value.to(self.ctx.device, copy=True)
-        for key in ("means", "spreads", "protos"):
-            value = tensors.get(f"stats/{key}")
-            setattr(self, key, None if value is None else value.to(self.ctx.device, copy=True))
-        self.n_tasks = meta["n_tasks"]
-
     def tunable_params(self) -> dict[str, int]:
-        per_module = self.ctx.pet.count(self.model, module_name(0))
+        per_module = self.ctx.pet.count(self.model, self.module_of(0))
         head = sum(p.numel() for p in self.head.parameters())
         stats = sum(x.numel() for x in (self.means, self.spreads, self.protos) if x is not None)
         return {"pet_params": per_module * self.n_tasks, "pet_params_per_task": per_module, "head_params": head,
                 "tunable_params": per_module + head,
                 "stored_params": per_module * (self.n_tasks + 1) + head + stats}
-
-    def close(self) -> None:
-        if self.model is not None:
-            self.ctx.backbone.model = self.ctx.pet.detach(self.model)
-            self.model = None

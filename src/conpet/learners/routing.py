@@ -1,14 +1,19 @@
 """Learners with one PET module per task (Dynamic ConPET, Model Surgery): rows routed to their own
-module in one pass, and every task's saved module loaded back."""
+module in one pass, every task's saved module loaded back, and :class:`TaskModulesLearner`, the
+base that answers through a route."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
+from conpet.heads import GrowingHead
+from conpet.learners.base import Route
 from conpet.learners.context import Context
+from conpet.learners.one_module import OneModuleLearner
+from conpet.learners.state import read_attrs, write_attrs, write_module_meta
 from conpet.runs import adapter_dir
 
 
@@ -52,3 +57,83 @@ def load_task_modules(ctx: Context, model: torch.nn.Module | None, run_dir: Path
         else:
             ctx.pet.load(model, folder, name_of(t))
     return model
+
+
+class TaskModulesLearner(OneModuleLearner):
+    """The base of learners with one PET module per task (:meth:`module_of`) whose predictions
+    route each row to a module: :meth:`logits_and_route` decides (and records the route in
+    :attr:`routed`), generation follows the same route, and a task saves its own module beside
+    the head and the :attr:`saved_attrs`; a finished run loads every task's module back."""
+
+    module_per_task = True
+    module_prefix: ClassVar[str] = "task"
+    routing_metric: ClassVar[str] = "routing_accuracy"
+    """The ``metrics.json`` key of :meth:`eval_extra`: how often a row reaches its own task's module."""
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.n_tasks = 0
+        self.routed: dict[int, int] = {}
+        """The task each evaluated row was routed to (cleared by a learner when its modules change)."""
+
+    def module_of(self, t: int) -> str:
+        return f"{self.module_prefix}-{t:03d}"
+
+    @property
+    def module_name(self) -> str:
+        """The latest task's module (what a resume activates, what ``conpet.json`` names)."""
+        return self.module_of(max(0, self.n_tasks - 1))
+
+    # -- answering ---------------------------------------------------------------------------------------
+    def logits(self, indices: list[int]) -> torch.Tensor:
+        return self.logits_and_route(indices)[0]
+
+    def generate(self, indices: list[int]) -> list[str]:
+        return self.generate_and_route(indices)[0]
+
+    @torch.no_grad()
+    def generate_and_route(self, indices: list[int]) -> tuple[list[str], Route]:
+        """Greedy answers, each prompt generated through the module its route picks first."""
+        with self.ctx.compute.autocast():  # generation calls it outside the evaluation's autocast
+            route = self.logits_and_route(indices)[1]
+        modules = [self.module_of(int(j)) for j in route.tasks[:, 0].tolist()]
+        return routed_generate(self.ctx, self.model, indices, modules), route
+
+    def reference_model(self) -> torch.nn.Module:
+        """The last task's module (general text has no task to route to)."""
+        self.ctx.pet.activate(self.model, self.module_name)
+        self.model.eval()
+        return self.model
+
+    def eval_extra(self, t: int) -> dict[str, list[float]]:
+        """Routing accuracy (the row's own task first) on each seen task's evaluation rows."""
+        ctx = self.ctx
+        accs = []
+        for j in range(t + 1):
+            rows = ctx.stream.tasks[j].split(ctx.cfg.data.eval_split)
+            missing = [i for i in rows if i not in self.routed]
+            size = ctx.cfg.train.eval_batch_size
+            for start in range(0, len(missing), size):
+                with ctx.compute.autocast():
+                    self.logits_and_route(missing[start:start + size])
+            accs.append(sum(self.routed[i] == j for i in rows) / max(1, len(rows)))
+        return {self.routing_metric: accs}
+
+    # -- saving and restoring ----------------------------------------------------------------------------
+    def save(self, t: int, folder: Path) -> None:
+        self.ctx.pet.save(self.model, self.module_of(t), folder)
+        self.head.save(folder)
+        if self.saved_attrs:
+            write_attrs(self, self.saved_attrs, folder)
+        write_module_meta(self.ctx, t, folder, self.name, self.module_of(t), self.head.labels)
+
+    def restore(self, run_dir: Path, seed: int) -> None:
+        """Every task's module; the head and the saved attributes after the last task."""
+        tasks = self.ctx.stream.tasks
+        self.model = load_task_modules(self.ctx, self.model, run_dir, seed, self.module_of)
+        folder = adapter_dir(run_dir, seed, tasks[-1].name)
+        self.head = GrowingHead.load(folder, self.ctx.device)
+        if self.saved_attrs:
+            read_attrs(self, self.saved_attrs, folder, self.ctx.device)
+        self.n_tasks = len(tasks)
+        self.model.eval()
