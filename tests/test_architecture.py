@@ -159,7 +159,7 @@ CPU_BY_DESIGN = {
     "inputs.py:right_padded": "batches are built on the CPU and moved once (its device argument)",
     "inputs.py:collate": "batches are built on the CPU and moved once by the engine",
     "learners/crl.py:__init__": "an empty bank placeholder, replaced by fill() with device tensors",
-    "learners/dynamic.py:state": "cache keys for the checkpoint, which is written from CPU copies",
+    "learners/dynamic.py:cache": "cache keys for the checkpoint, which is written from CPU copies",
     "learners/ea_emr.py:__init__": "copy_ into a parameter already on the device (copy_ crosses devices)",
     "learners/model_surgery.py:align": "noise drawn on the CPU generator (same samples on every device), moved",
     "pet/bitfit.py:__init__": "module construction: sites.py moves each part to its layer's device",
@@ -241,11 +241,6 @@ def test_no_code_outside_the_learners_compares_a_learner_name():
     assert not found, "read a capability (Learner.module_per_task, .routes...) instead: " + ", ".join(found)
 
 
-LEARNERS_TO_MOVE = {"dynamic"}
-"""Learners still written against the interface directly (issue: one contract for every learner);
-the set may only shrink."""
-
-
 def overrides_per_class(cls) -> dict[str, set[str]]:
     """For ``cls`` and each class between it and the learner bases (the Static ConPET family's
     plugin host and the per-task-module base included): the methods of the learner interface and
@@ -269,7 +264,6 @@ def overrides_per_class(cls) -> dict[str, set[str]]:
 def test_learners_are_plugins_on_hooks_with_few_overrides():
     from conpet.learners import LEARNERS
 
-    heavy = {klass: sorted(names) for name, cls in LEARNERS.items() if name.rstrip("*") not in LEARNERS_TO_MOVE
+    heavy = {klass: sorted(names) for cls in LEARNERS.values()
              for klass, names in overrides_per_class(cls).items() if len(names) > 6}
     assert not heavy, f"learner classes overriding more than 6 hooks (split the method into hooks): {heavy}"
-    assert LEARNERS_TO_MOVE <= set(LEARNERS), "a learner in LEARNERS_TO_MOVE is gone: remove it from the set"

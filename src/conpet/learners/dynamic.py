@@ -46,12 +46,12 @@ from conpet.errors import ConfigError
 from conpet.generation import lm_loss, perplexity
 from conpet.heads import GrowingHead, task_targets
 from conpet.inputs import right_padded
-from conpet.learners.base import CONPET_PAPER, Learner, Route, register_learner
+from conpet.learners.base import CONPET_PAPER, Route, register_learner
 from conpet.learners.context import Context
-from conpet.learners.state import head_tensors, load_expert_heads, load_head, load_module_tensors, module_tensors, write_module_meta
+from conpet.learners.state import write_module_meta
 from conpet.learners.training import Fit, dev_scorer, module_features, train, update_memory
 from conpet.learners.options import REPLAY_OPTIONS, Option
-from conpet.learners.routing import load_task_modules, routed_features, routed_generate
+from conpet.learners.routing import TaskModulesLearner, load_task_modules, routed_features
 from conpet.learners.selector import SELECTOR, ModuleSelector
 from conpet.replay import ExemplarMemory, replay_schedule, split_batch
 from conpet.runs import adapter_dir
@@ -62,14 +62,15 @@ def expert_name(t: int) -> str:
 
 
 @register_learner("dynamic")
-class DynamicConPET(Learner):
+class DynamicConPET(TaskModulesLearner):
     """One PET module per task + a learned PET module selector (Dynamic ConPET, Song et al. 2023)."""
 
     paper = CONPET_PAPER
     generative = True
     shards_backbone = True  # with top_k 1: every step and prediction is one routed pass on every process
-    module_per_task = True
     routes = "selector"
+    module_prefix = "expert"
+    routing_metric = "selector_accuracy"
     options = {
         "top_k": Option(1, int, minimum=1, help="experts each input runs through"),
         **REPLAY_OPTIONS,
@@ -77,6 +78,7 @@ class DynamicConPET(Learner):
                               help="a new expert starts fresh, from the last expert, or from the selector"),
         "selector_balance": Option(False, bool, help="task-balanced selector loss"),
     }
+    state_attrs = ("n_tasks", "versions", "expert_heads", "selector", "memory", "cache")
 
     @classmethod
     def validate(cls, cfg, opts) -> None:
@@ -101,15 +103,11 @@ class DynamicConPET(Learner):
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
-        self.model = None
         self.expert_heads: list[GrowingHead] = []
         self.selector = ModuleSelector(ctx, self.opts["selector_balance"])
         self.memory = ExemplarMemory(self.opts["memory_per_class"])
         self.versions: dict[str, int] = {}
         self.logit_cache: dict[tuple[int, int, int], torch.Tensor] = {}
-        self.n_tasks = 0
-        self.routed: dict[int, int] = {}
-        """Top-1 task chosen for each row by the current selector (reused by eval_extra)."""
         self.expert_fit = None
         """The last task's expert fit alone (``last_fit`` adds the selector's)."""
         self.task_target_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -117,6 +115,26 @@ class DynamicConPET(Learner):
     @property
     def selector_head(self) -> GrowingHead:
         return self.selector.head
+
+    @property
+    def cache(self) -> dict[str, torch.Tensor]:
+        """The old experts' cached logits as resume state: per task, the (task, row, version) keys and the logits."""
+        by_task: dict[int, list] = {}
+        for key in sorted(self.logit_cache):
+            by_task.setdefault(key[0], []).append(key)
+        out = {}
+        for task, keys in by_task.items():
+            out[f"{task}/keys"] = torch.tensor(keys, dtype=torch.long)
+            out[f"{task}/logits"] = torch.stack([self.logit_cache[k] for k in keys])
+        return out
+
+    @cache.setter
+    def cache(self, saved: dict[str, torch.Tensor]) -> None:
+        self.logit_cache = {}
+        for name in saved:
+            if name.endswith("/keys"):
+                keys, logits = saved[name].tolist(), saved[name[:-4] + "logits"]
+                self.logit_cache.update({tuple(k): logits[r].to(self.ctx.device, copy=True) for r, k in enumerate(keys)})
 
     # -- modules ---------------------------------------------------------------------------------
     def _new_module(self, name: str, t: int, copy_from: str | None = None) -> None:
@@ -254,9 +272,6 @@ class DynamicConPET(Learner):
         return F.cross_entropy(logits, self.ctx.targets(indices))
 
     # -- prediction --------------------------------------------------------------------------------
-    def logits(self, indices: list[int]) -> torch.Tensor:
-        return self.logits_and_route(indices)[0]
-
     @torch.no_grad()
     def logits_and_route(self, indices: list[int]) -> tuple[torch.Tensor, Route]:
         """Logits over the seen classes, each row's filled only at its top-k experts' columns."""
@@ -264,6 +279,8 @@ class DynamicConPET(Learner):
         k = min(self.opts["top_k"], self.n_tasks)
         top, probs = self.select(indices, k)
         self.routed.update(zip(indices, top[:, 0].tolist()))
+        if self.ctx.generative:  # the route alone: a generative expert answers through the LM head
+            return torch.empty(len(indices), 0, device=self.ctx.device), Route(top, probs)
         out = torch.full((len(indices), stream.class_range(self.n_tasks - 1)[1]), float("-inf"), device=self.ctx.device)
         for j in range(top.shape[1]):
             modules = [expert_name(int(task)) for task in top[:, j]]
@@ -272,18 +289,6 @@ class DynamicConPET(Learner):
                 rows = (top[:, j] == task).nonzero().flatten()
                 out[rows[:, None], self._columns(task)[None, :]] = self.expert_heads[task](feats[rows]).float()
         return out, Route(top, probs)
-
-    def generate(self, indices: list[int]) -> list[str]:
-        return self.generate_and_route(indices)[0]
-
-    @torch.no_grad()
-    def generate_and_route(self, indices: list[int]) -> tuple[list[str], Route]:
-        """Greedy answers, each prompt generated by the expert the selector routes it to."""
-        with self.ctx.compute.autocast():  # generation calls it outside the evaluation's autocast
-            top, probs = self.select(indices, 1)
-        self.routed.update(zip(indices, top[:, 0].tolist()))
-        modules = [expert_name(int(j)) for j in top[:, 0]]
-        return routed_generate(self.ctx, self.model, indices, modules), Route(top, probs)
 
     @torch.no_grad()
     def reference_perplexity(self, chunks: list[list[int]]) -> float:
@@ -311,18 +316,6 @@ class DynamicConPET(Learner):
             tokens += n
         return math.exp(log_ppl / max(1, tokens))
 
-    def eval_extra(self, t: int) -> dict[str, list[float]]:
-        """Selector accuracy (top-1 task id) on each seen task's evaluation rows (``data.eval_split``)."""
-        accs = []
-        for j in range(t + 1):
-            rows = self.ctx.stream.tasks[j].split(self.ctx.cfg.data.eval_split)
-            missing = [i for i in rows if i not in self.routed]
-            for start in range(0, len(missing), self.ctx.cfg.train.eval_batch_size):
-                batch = missing[start:start + self.ctx.cfg.train.eval_batch_size]
-                self.routed.update(zip(batch, self.select(batch, 1)[0][:, 0].tolist()))
-            accs.append(sum(self.routed[i] == j for i in rows) / len(rows))
-        return {"selector_accuracy": accs}
-
     # -- saving --------------------------------------------------------------------------------------
     def save(self, t: int, folder: Path) -> None:
         pet = self.ctx.pet
@@ -349,45 +342,6 @@ class DynamicConPET(Learner):
         self.n_tasks = len(tasks)
         self.model.eval()
 
-    # -- resume ----------------------------------------------------------------------------------------
-    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        tensors: dict[str, torch.Tensor] = {}
-        modules = self.ctx.pet.modules(self.model) if self.model is not None else []
-        if modules:
-            tensors.update(module_tensors(self.model, modules))
-        for t, head in enumerate(self.expert_heads):
-            tensors.update({f"expert_head/{t}/{k}": v for k, v in head_tensors(head).items()})
-        tensors.update({f"selector_head/{k}": v for k, v in head_tensors(self.selector_head).items()})
-        keys = sorted(self.logit_cache)
-        by_task: dict[int, list] = {}
-        for key in keys:
-            by_task.setdefault(key[0], []).append(key)
-        for task, task_keys in by_task.items():
-            tensors[f"cache/{task}/keys"] = torch.tensor(task_keys, dtype=torch.long)
-            tensors[f"cache/{task}/logits"] = torch.stack([self.logit_cache[k] for k in task_keys])
-        meta = {"modules": modules, "expert_labels": [h.labels for h in self.expert_heads],
-                "selector_labels": self.selector_head.labels, "versions": self.versions,
-                "n_tasks": self.n_tasks, "memory": self.memory.rows_by_class, "cache_tasks": sorted(by_task)}
-        return tensors, meta
-
-    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        pet = self.ctx.pet
-        if meta["modules"]:
-            if self.model is None:
-                self.model = pet.attach(self.ctx.backbone.model, meta["modules"][0])
-            load_module_tensors(pet, self.model, meta["modules"], tensors)
-        self.expert_heads = load_expert_heads(self.expert_heads, tensors, meta["expert_labels"],
-                                              self.ctx.backbone.hidden_size, self.ctx.device)
-        self.selector.head = load_head(self.selector.head, {k[14:]: v for k, v in tensors.items()
-                                                            if k.startswith("selector_head/")}, meta["selector_labels"])
-        self.versions = dict(meta["versions"])
-        self.n_tasks = meta["n_tasks"]
-        self.memory.rows_by_class = {k: list(v) for k, v in meta["memory"].items()}
-        self.logit_cache = {}
-        for task in meta["cache_tasks"]:
-            keys, logits = tensors[f"cache/{task}/keys"].tolist(), tensors[f"cache/{task}/logits"]
-            self.logit_cache.update({tuple(k): logits[r].to(self.ctx.device, copy=True) for r, k in enumerate(keys)})
-
     def tunable_params(self) -> dict[str, int]:
         pet = self.ctx.pet
         per_expert = pet.count(self.model, expert_name(0))
@@ -397,8 +351,3 @@ class DynamicConPET(Learner):
         total = per_expert * len(self.expert_heads) + selector + heads
         return {"pet_params": per_expert * len(self.expert_heads) + selector, "head_params": heads,
                 "tunable_params": total, "pet_params_per_task": per_expert}
-
-    def close(self) -> None:
-        if self.model is not None:
-            self.ctx.backbone.model = self.ctx.pet.detach(self.model)
-            self.model = None

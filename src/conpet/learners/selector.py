@@ -30,6 +30,8 @@ def task_balanced_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> 
 class ModuleSelector:
     """Selector head + the training and routing of the ``selector`` PET module."""
 
+    state_attrs = ("head",)
+
     def __init__(self, ctx: Context, balance: bool = False) -> None:
         self.ctx = ctx
         self.balance = balance

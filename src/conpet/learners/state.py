@@ -4,7 +4,8 @@ as tensors, and the ``conpet.json`` beside each saved module.
 A learner (or any object it holds: a memory, a weight ensemble) lists the attributes that make
 up its training state in ``state_attrs``; :func:`pack` turns them into tensors + JSON and
 :func:`unpack` puts them back, so no learner writes ``state``/``load_state`` by hand. An
-attribute may hold a tensor, a list or a string-keyed dict of tensors, a torch module (its
+attribute may hold a tensor, a list or a string-keyed dict of tensors, a growing head or a list
+of them (labels and values; a head of another shape is made anew), a torch module (its
 ``state_dict``), JSON-able values, ``None`` or an object with its own ``state_attrs`` (packed
 under the attribute's name). :func:`write_attrs` / :func:`read_attrs` put such attributes beside
 a saved module (what prediction needs besides the module and the head).
@@ -34,7 +35,14 @@ def pack(obj: Any, prefix: str = "", attrs: tuple[str, ...] | None = None
     meta: dict[str, Any] = {}
     for attr in getattr(obj, "state_attrs", ()) if attrs is None else attrs:
         value, key = getattr(obj, attr), prefix + attr
-        if isinstance(value, torch.nn.Module):
+        if isinstance(value, GrowingHead):
+            tensors.update({f"{key}/{k}": v for k, v in head_tensors(value).items()})
+            meta[attr] = {"head": list(value.labels)}
+        elif isinstance(value, list) and value and all(isinstance(v, GrowingHead) for v in value):
+            for i, head in enumerate(value):
+                tensors.update({f"{key}/{i}/{k}": v for k, v in head_tensors(head).items()})
+            meta[attr] = {"heads": [list(head.labels) for head in value]}
+        elif isinstance(value, torch.nn.Module):
             tensors.update({f"{key}/{k}": v.detach() for k, v in value.state_dict().items()})
             meta[attr] = {"module": True}
         elif isinstance(value, torch.Tensor):
@@ -63,7 +71,14 @@ def unpack(obj: Any, tensors: dict[str, torch.Tensor], meta: dict[str, Any], pre
     learner's task preamble makes it), or be ``None`` in both."""
     for attr in getattr(obj, "state_attrs", ()) if attrs is None else attrs:
         entry, key, current = meta[attr], prefix + attr, getattr(obj, attr)
-        if "module" in entry:
+        if "head" in entry:
+            setattr(obj, attr, load_head(current, {k: tensors[f"{key}/{k}"] for k in ("weight", "bias")}, entry["head"]))
+        elif "heads" in entry:
+            saved = {f"expert_head/{k[len(key) + 1:]}": v for k, v in tensors.items() if k.startswith(key + "/")}
+            weight = saved["expert_head/0/weight"]
+            setattr(obj, attr, load_expert_heads(current if isinstance(current, list) else [], saved, entry["heads"],
+                                                 weight.shape[1], weight.device))
+        elif "module" in entry:
             current.load_state_dict({k[len(key) + 1:]: v for k, v in tensors.items() if k.startswith(key + "/")})
         elif "tensor" in entry:
             setattr(obj, attr, _into(current, tensors[key]))
