@@ -39,6 +39,7 @@ class EAEMR(EMR):
                "align_epochs": Option(20, int, minimum=1, help="passes of the alignment refit"),
                "align_batch_size": Option(32, int, minimum=1, help="batch size of the alignment refit"),
                "align_train_with_task": Option(True, bool, help="also train the alignment with the task's loss")}
+    state_attrs = (*EMR.state_attrs, "align", "stored")
 
     def __init__(self, learner, options) -> None:
         super().__init__(learner, options)
@@ -64,20 +65,6 @@ class EAEMR(EMR):
         from safetensors.torch import load_file
 
         self.align.load_state_dict(load_file(str(folder / "alignment.safetensors")))  # copied onto align's device
-
-    def state(self):
-        rows = sorted(self.stored)
-        tensors = {f"align/{k}": v.detach() for k, v in self.align.state_dict().items()}
-        if rows:
-            tensors["stored"] = torch.stack([self.stored[i] for i in rows])
-        return tensors, {"stored_rows": rows}
-
-    def load_state(self, tensors, meta):
-        with torch.no_grad():  # in place: an optimizer may hold these tensors
-            for k, v in self.align.state_dict(keep_vars=True).items():
-                v.copy_(tensors[f"align/{k}"])
-        rows = meta["stored_rows"]
-        self.stored = {i: tensors["stored"][k].clone() for k, i in enumerate(rows)} if rows else {}
 
     def transform(self, features: torch.Tensor) -> torch.Tensor:
         return self.align(features.float())

@@ -39,12 +39,21 @@ class EWC(Plugin):
     shards_backbone = True
     options = {"ewc_lambda": Option(1.0, float, minimum=0.0, help="weight of the EWC penalty"),
                "fisher_samples": Option(256, int, minimum=1, help="training rows of a task the Fisher is estimated on")}
+    state_attrs = ("n_penalties", "fisher_sum", "anchor_sum", "square_sum")
 
     def __init__(self, learner, options) -> None:
         super().__init__(learner, options)
         self.n_penalties = 0
-        self.sums: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (A, B, C) per tensor
+        self.fisher_sum: list[torch.Tensor] = []
+        """A = sum_k F_k, per PET tensor (B and C alike: ``sum_k F_k theta_k``, ``sum_k F_k theta_k^2``)."""
+        self.anchor_sum: list[torch.Tensor] = []
+        self.square_sum: list[torch.Tensor] = []
         self.params: list[torch.nn.Parameter] = []
+
+    @property
+    def sums(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(A, B, C)`` per PET tensor."""
+        return list(zip(self.fisher_sum, self.anchor_sum, self.square_sum))
 
     def before_task(self, t: int) -> None:
         self.params = self.learner.pet_parameters()
@@ -78,16 +87,9 @@ class EWC(Plugin):
 
     def after_task(self, t: int) -> None:
         params = self.learner.pet_parameters()
-        self.sums = accumulate(self.sums, self.fisher(t), [p.detach() for p in params])
+        sums = accumulate(self.sums, self.fisher(t), [p.detach() for p in params])
+        self.fisher_sum, self.anchor_sum, self.square_sum = (list(column) for column in zip(*sums))
         self.n_penalties += 1
-
-    def state(self):
-        tensors = {f"{name}/{i}": v for i, sums in enumerate(self.sums) for name, v in zip("abc", sums)}
-        return tensors, {"n_penalties": self.n_penalties, "n_tensors": len(self.sums)}
-
-    def load_state(self, tensors, meta):
-        self.n_penalties = meta["n_penalties"]
-        self.sums = [tuple(tensors[f"{name}/{i}"].clone() for name in "abc") for i in range(meta["n_tensors"])]
 
     def extra_loss(self, indices, logits):
         if not self.n_penalties:
