@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from conpet.errors import ConpetError
 from conpet.learners.state import pack, unpack
 
 
@@ -63,3 +64,10 @@ def test_an_object_saved_must_exist_when_loaded_and_other_values_must_be_json():
     a.step = object()
     with pytest.raises(TypeError):
         pack(a)
+
+
+def test_a_checkpoint_without_a_declared_attribute_is_a_clear_error():
+    tensors, meta = pack(Holder())
+    del meta["step"]
+    with pytest.raises(ConpetError, match="the checkpoint has no 'step' of Holder .* run it again"):
+        unpack(Holder(), tensors, meta)

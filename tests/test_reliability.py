@@ -6,6 +6,8 @@ Kill -9 and resume for every learner is in ``tests/test_learner_matrix.py``.
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
@@ -217,3 +219,20 @@ def test_fp16_resume_restores_the_gradient_scaler(tmp_path):
     assert resumed.resume_at == (0, 0, 4)
     again, _ = run(len(batches), resumed)
     assert torch.equal(again, whole)
+
+
+def test_resuming_a_checkpoint_of_an_older_state_layout_is_one_line(tmp_path, tiny_encoder, typing_data, capsys):
+    """A checkpoint written before a learner declared its state (a development snapshot) stops
+    ``--resume`` with one line naming what is missing, not a traceback."""
+    from test_learner_matrix import Case, _args, kill_inside_task
+
+    out = tmp_path / "run"
+    kill_inside_task(_args(tiny_encoder, typing_data, out, Case("dynamic")), out, task=1)
+    meta_file = out / "seed-0" / "checkpoint" / "task-001" / "state.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["learner"]["declared"]  # the layout Dynamic ConPET wrote before it declared its state
+    meta_file.write_text(json.dumps(meta))
+    assert main(["run", "--resume", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().split("\n")[-1]  # after the model loader's progress bar
+    assert last.startswith("conpet: error: the checkpoint has no 'n_tasks' of DynamicConPET") and "Traceback" not in err

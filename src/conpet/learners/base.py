@@ -169,7 +169,7 @@ class Learner:
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Inverse of :meth:`state`; tensors that already exist are overwritten in place (an
         optimizer holding them stays valid)."""
-        unpack(self, tensors, meta["declared"], "declared/")
+        unpack(self, tensors, meta.get("declared", {}), "declared/")
 
     def close(self) -> None:
         """Give the backbone back untouched (remove every PET module)."""

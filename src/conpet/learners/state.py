@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from conpet.errors import ConpetError
 from conpet.heads import GrowingHead
 from conpet.pet.base import PETMethod, in_module
 
@@ -70,6 +71,9 @@ def unpack(obj: Any, tensors: dict[str, torch.Tensor], meta: dict[str, Any], pre
     (an optimizer holding it stays valid); a module or object attribute must already exist (a
     learner's task preamble makes it), or be ``None`` in both."""
     for attr in getattr(obj, "state_attrs", ()) if attrs is None else attrs:
+        if attr not in meta:
+            raise ConpetError(f"the checkpoint has no '{attr}' of {type(obj).__name__} (written by a development "
+                              f"version before it declared its state): run it again")
         entry, key, current = meta[attr], prefix + attr, getattr(obj, attr)
         if "head" in entry:
             setattr(obj, attr, load_head(current, {k: tensors[f"{key}/{k}"] for k in ("weight", "bias")}, entry["head"]))
