@@ -57,10 +57,6 @@ from conpet.replay import ExemplarMemory, replay_schedule, split_batch
 from conpet.runs import adapter_dir
 
 
-def expert_name(t: int) -> str:
-    return f"expert-{t:03d}"
-
-
 @register_learner("dynamic")
 class DynamicConPET(TaskModulesLearner):
     """One PET module per task + a learned PET module selector (Dynamic ConPET, Song et al. 2023)."""
@@ -351,3 +347,7 @@ class DynamicConPET(TaskModulesLearner):
         total = per_expert * len(self.expert_heads) + selector + heads
         return {"pet_params": per_expert * len(self.expert_heads) + selector, "head_params": heads,
                 "tunable_params": total, "pet_params_per_task": per_expert}
+
+
+expert_name = DynamicConPET.module_of
+"""Task ``t``'s expert module name."""

@@ -42,10 +42,6 @@ ORTH_TEMPERATURE = 0.8
 COVARIANCE_RIDGE = 1e-4
 
 
-def module_name(t: int) -> str:
-    return f"surgery-{t:03d}"
-
-
 def module_params(model: torch.nn.Module, name: str) -> dict[str, torch.nn.Parameter]:
     """Module ``name``'s parameters keyed by their path with the module name replaced by ``*``
     (the same key names the same place in every module)."""
@@ -313,3 +309,7 @@ class ModelSurgery(TaskModulesLearner):
         return {"pet_params": per_module * self.n_tasks, "pet_params_per_task": per_module, "head_params": head,
                 "tunable_params": per_module + head,
                 "stored_params": per_module * (self.n_tasks + 1) + head + stats}
+
+
+module_name = ModelSurgery.module_of
+"""Task ``t``'s module name."""

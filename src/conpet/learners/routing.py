@@ -13,7 +13,7 @@ from conpet.heads import GrowingHead
 from conpet.learners.base import Route
 from conpet.learners.context import Context
 from conpet.learners.one_module import OneModuleLearner
-from conpet.learners.state import read_attrs, write_attrs, write_module_meta
+from conpet.learners.state import read_attrs
 from conpet.runs import adapter_dir
 
 
@@ -76,12 +76,15 @@ class TaskModulesLearner(OneModuleLearner):
         self.routed: dict[int, int] = {}
         """The task each evaluated row was routed to (cleared by a learner when its modules change)."""
 
-    def module_of(self, t: int) -> str:
-        return f"{self.module_prefix}-{t:03d}"
+    @classmethod
+    def module_of(cls, t: int) -> str:
+        """Task ``t``'s module: ``<module_prefix>-<t, 3 digits>``."""
+        return f"{cls.module_prefix}-{t:03d}"
 
     @property
     def module_name(self) -> str:
-        """The latest task's module (what a resume activates, what ``conpet.json`` names)."""
+        """The latest task's module: what a resume activates and what the one-module ``save`` of task
+    ``t`` writes (it runs right after task ``t``)."""
         return self.module_of(max(0, self.n_tasks - 1))
 
     # -- answering ---------------------------------------------------------------------------------------
@@ -120,13 +123,6 @@ class TaskModulesLearner(OneModuleLearner):
         return {self.routing_metric: accs}
 
     # -- saving and restoring ----------------------------------------------------------------------------
-    def save(self, t: int, folder: Path) -> None:
-        self.ctx.pet.save(self.model, self.module_of(t), folder)
-        self.head.save(folder)
-        if self.saved_attrs:
-            write_attrs(self, self.saved_attrs, folder)
-        write_module_meta(self.ctx, t, folder, self.name, self.module_of(t), self.head.labels)
-
     def restore(self, run_dir: Path, seed: int) -> None:
         """Every task's module; the head and the saved attributes after the last task."""
         tasks = self.ctx.stream.tasks
