@@ -247,6 +247,17 @@ def test_killed_inside_task_2_resumes_to_the_same_run(baselines, tiny_encoder, t
     assert not list(out.rglob("checkpoint")), "checkpoints are removed when the seed finishes"
 
 
+def test_killed_inside_the_first_of_several_fits_resumes_to_the_same_run(baselines, tiny_encoder, tiny_decoder):
+    """Dynamic ConPET's selector fit comes before its expert exists: resuming inside it once
+    activated the missing expert."""
+    root, data, runs = baselines
+    case = next(c for c in LEARNER_CASES if c.name == "dynamic")
+    out = root / "killed-selector-fit"
+    kill_inside_task(_args(_model(case, tiny_encoder, tiny_decoder), data, out, case), out, task=1, min_step=1)
+    assert main(["run", "--resume", str(out), "--no-progress"]) == 0
+    same_run(runs[case.spec][0], out)
+
+
 @pytest.mark.slow
 def test_kill_at_random_moments_then_resume_gives_the_same_run(baselines, tiny_encoder, tiny_decoder, capsys):
     """Kill moments drawn over a whole run (startup, between tasks, inside one), once per row."""

@@ -49,7 +49,7 @@ from conpet.inputs import right_padded
 from conpet.learners.base import CONPET_PAPER, Route, register_learner
 from conpet.learners.context import Context
 from conpet.learners.state import write_module_meta
-from conpet.learners.training import Fit, dev_scorer, module_features, train, update_memory
+from conpet.learners.training import Fit, dev_scorer, module_features, update_memory
 from conpet.learners.options import REPLAY_OPTIONS, Option
 from conpet.learners.routing import TaskModulesLearner, load_task_modules, routed_features
 from conpet.learners.selector import SELECTOR, ModuleSelector
@@ -168,7 +168,7 @@ class DynamicConPET(TaskModulesLearner):
         selector_fit = None
         if t > 0:
             self._new_module(SELECTOR, t)
-            selector_fit = self.selector.train(self.model, replay, f"{task.name} selector", t)
+            selector_fit = self.train(self.selector.fit(self.model, replay, f"{task.name} selector", t))
             self.versions[SELECTOR] += 1
 
         name = expert_name(t)
@@ -188,13 +188,12 @@ class DynamicConPET(TaskModulesLearner):
                 feats = self.ctx.features(self.model, indices)
                 return F.cross_entropy(head(feats), self._local_targets(t, indices))
 
-            self.last_fit = train(self.ctx, self.model, Fit(t, f"{task.name} expert", self.ctx.epoch_batches(task.train),
-                                                            expert_loss, name, list(head.parameters()),
-                                                            dev_score=score), self)
+            self.last_fit = self.train(Fit(t, f"{task.name} expert", self.ctx.epoch_batches(task.train), expert_loss,
+                                           name, list(head.parameters()), dev_score=score))
         else:
-            self.last_fit = train(self.ctx, self.model, Fit(t, f"{task.name} expert (k={k})", replay,
-                                                            lambda idx: self._calibrated_loss(idx, t, k), name,
-                                                            list(head.parameters()), dev_score=score), self)
+            self.last_fit = self.train(Fit(t, f"{task.name} expert (k={k})", replay,
+                                           lambda idx: self._calibrated_loss(idx, t, k), name,
+                                           list(head.parameters()), dev_score=score))
         self.expert_fit = self.last_fit
         if selector_fit is not None:  # the task's training is both fits
             self.last_fit = selector_fit + self.last_fit

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from conpet.learners.context import Context
-from conpet.learners.training import Fit, dev_scorer, train
-from conpet.learners.loop import FitStats
+from conpet.learners.training import Fit, dev_scorer
 
 SELECTOR = "selector"
 
@@ -45,11 +44,12 @@ class ModuleSelector:
         logits, targets = self.head(self.ctx.features(model, indices)), self.task_ids(indices)
         return task_balanced_cross_entropy(logits, targets) if self.balance else F.cross_entropy(logits, targets)
 
-    def train(self, model: torch.nn.Module, batches: list[list[int]], desc: str, task: int) -> FitStats:
+    def fit(self, model: torch.nn.Module, batches: list[list[int]], desc: str, task: int) -> Fit:
+        """The selector's fit of task ``task`` on ``batches`` (the learner runs it with its hooks)."""
         score = dev_scorer(self.ctx, model, list(range(task + 1)),
                            lambda idx: self.head(self.ctx.features(model, idx)), self.task_ids)
-        return train(self.ctx, model, Fit(task, desc, batches, lambda idx: self.loss(model, idx), SELECTOR,
-                                          list(self.head.parameters()), dev_score=score))
+        return Fit(task, desc, batches, lambda idx: self.loss(model, idx), SELECTOR, list(self.head.parameters()),
+                   dev_score=score)
 
     @torch.no_grad()
     def probabilities(self, model: torch.nn.Module, indices: list[int]) -> torch.Tensor:
