@@ -15,6 +15,7 @@ LAYERS = [
     ["conpet", "conpet.__main__", "conpet.cli"],
     ["conpet.search"],
     ["conpet.runner", "conpet.predict"],
+    ["conpet.model"],
     ["conpet.plots"],
     ["conpet.build", "conpet.report", "conpet.checkpoint", "conpet.evaluation"],
     ["conpet.learners"],

@@ -92,7 +92,7 @@ def test_run_then_predict_any_learner(learner, tiny_encoder, typing_data, tmp_pa
             Row(text="We talked about the soup.", label="?", entity="soup")]
     preds = predict(out, rows)
     assert len(preds) == 2 and all(p["label"] in {"animal", "food", "tool", "place"} for p in preds)
-    assert all(0 <= p["confidence"] <= 1 and p["tasks"] for p in preds)
+    assert all(0 <= p["confidence"] <= 1 and p["task"] in ("task-01", "task-02") for p in preds)
     # the CLI gives the same answers
     assert main(["predict", str(out), "We talked about the wolf.", "--entity", "wolf", "--json"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

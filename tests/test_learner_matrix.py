@@ -236,6 +236,41 @@ def test_the_saved_modules_reload_to_the_runs_logits(baselines, case):
     assert torch.equal(reloaded, outputs)
 
 
+def split_rows(run_dir: Path) -> list[list]:
+    """Each task's test rows of the stream a run was made on, as rows (labels kept for scoring)."""
+    from conpet.data import load_stream
+    from conpet.runs import load_run_config
+
+    stream = load_stream(load_run_config(run_dir / "config.yaml").data)
+    return [[stream.rows[i] for i in task.test] for task in stream.tasks]
+
+
+@pytest.mark.parametrize("case", rows("always"))
+def test_the_continual_model_gives_the_runs_final_accuracy_row(baselines, case):
+    from conpet import ContinualModel
+
+    _, _, runs = baselines
+    out, _ = runs[case.spec]
+    final = json.loads((out / "seed-0" / "metrics.json").read_text())["accuracy_matrix"][-1]
+    model = ContinualModel.from_run(out)
+    try:
+        assert model.tasks == ["task-01", "task-02"]
+        per_task = split_rows(out)
+        accs = []
+        for rows_of_task in per_task:
+            predictions = model.predict([{"text": r.text, "entity": r.entity} for r in rows_of_task])
+            accs.append(sum(p.label == r.label for p, r in zip(predictions, rows_of_task)) / len(rows_of_task))
+            assert all(p.task in model.tasks and 0 <= p.score <= 1 for p in predictions)
+        assert accs == final
+        rows_of_2 = [{"text": r.text, "entity": r.entity} for r in per_task[1]]
+        named = model.predict(rows_of_2, task="task-02")  # a named task answers with its labels only
+        assert {p.label for p in named} <= {"tool", "place"} and all(p.task == "task-02" for p in named)
+        routes = model.route(rows_of_2)
+        assert all(set(r.scores) == set(model.tasks) and r.task in model.tasks for r in routes)
+    finally:
+        model.close()
+
+
 @pytest.mark.parametrize("case", rows("kill"))
 def test_killed_inside_task_2_resumes_to_the_same_run(baselines, tiny_encoder, tiny_decoder, case):
     root, data, runs = baselines
@@ -333,3 +368,11 @@ def test_a_generative_run_reloads_to_the_same_answers(lively_decoder, tmp_path, 
     assert main(["verify", str(out)]) == 0
     assert len(set(answers)) > 1, "the lively decoder answers differently to different prompts"
     assert reloaded_outputs(out) == answers
+    from conpet import ContinualModel
+
+    model = ContinualModel.from_run(out)
+    try:
+        prompts = [r.text for rows_of_task in split_rows(out) for r in rows_of_task]
+        assert [g.text for g in model.generate(prompts)] == answers
+    finally:
+        model.close()

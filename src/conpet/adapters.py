@@ -29,7 +29,7 @@ from conpet.errors import ConfigError, ConpetError, ModelError
 from conpet.heads import GrowingHead, concat_heads
 from conpet.merging import get_merge_method, merge_state
 from conpet.runs import (LEARNER_FILE, adapter_dir, atomic_directory, atomic_write_json, atomic_write_text,
-                         check_safe_folder, finished_run, run_learner)
+                         check_safe_folder, finished_run, run_learner, write_manifest)
 
 LoraFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """module path -> (A [r, in], B [out, r])"""
@@ -204,6 +204,7 @@ def merge_run(run_dir: str | Path, method: str, rank: int, out: str | Path, seed
         (folder / "conpet.json").write_text(json.dumps(meta, indent=2))
         (folder / "merge.json").write_text(json.dumps(info, indent=2))
         atomic_write_json(tmp / "merge.json", info)
+        write_manifest(tmp)
     return info
 
 
@@ -234,6 +235,7 @@ def compress_run(run_dir: str | Path, density: float, out: str | Path, alpha: fl
                 "adapter_bytes": original, "compressed_bytes": compressed,
                 "compression_ratio": original / max(1, compressed)}
         atomic_write_json(tmp / "compress.json", info)
+        write_manifest(tmp)
     return info
 
 

@@ -234,25 +234,22 @@ def cmd_predict(args) -> int:
     if args.file:
         rows = read_rows(args.file, require_label=False)
     elif args.texts:
-        rows = [Row(text=t, label="?", entity=args.entity, head=args.head, tail=args.tail, where="argument")
+        rows = [Row(text=t, label="", entity=args.entity, head=args.head, tail=args.tail, where="argument")
                 for t in args.texts]
     else:
         raise ConpetError("predict: give TEXT arguments or --file FILE")
-    results = predict(args.run_dir, rows, seed=args.seed, device=args.device)
+    results = predict(args.run_dir, rows, seed=args.seed, device=args.device, task=args.task)
     if args.json:
         for r in results:
             print(json.dumps(r))
         return 0
     for r in results:
-        if "answer" in r:  # a generative run
-            sel = r.get("selector_confidence")
-            who = f"  [expert {r['tasks'][0]}, selector {sel[0]:.2f}]" if sel else ""
-            print(f"{r['prompt'][:70]}\n  -> {r['answer']}{who}")
+        conf = "" if r["confidence"] is None else f" ({r['confidence']:.2f})"
+        if "prompt" in r:  # a generative run
+            who = f"  [task {r['task']}{conf}]" if r["task"] else ""
+            print(f"{r['prompt'][:70]}\n  -> {r['text']}{who}")
             continue
-        tasks = ", ".join(r["tasks"])
-        sel = r.get("selector_confidence")
-        conf = f"selector {', '.join(f'{c:.2f}' for c in sel)}" if sel else f"p={r['probability']:.2f}"
-        print(f"{r['label']:24s} task {tasks:16s} {conf:20s} {r['text'][:70]}")
+        print(f"{r['label']:24s} p={r['score']:.2f}  task {r['task'] + conf:24s} {r['text'][:70]}")
     return 0
 
 
@@ -335,9 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat", type=int, default=60, help="seconds between a worker's heartbeats; a trial "
                                                              "silent for twice that is failed and retried")
     p.add_argument("--progress", action="store_true", help="progress bars for each trial")
-    p = sub.add_parser("predict", help="predict labels with a finished run",
-                       description="Predict the label of each input with the modules of a finished run "
-                                   "(any learner). Prints label, chosen task(s) and confidence.")
+    p = sub.add_parser("predict", help="answer inputs with a run's modules",
+                       description="Classify each input (or answer each prompt of a generative run) with the "
+                                   "modules of the tasks a run has finished (any learner). Prints the label, "
+                                   "its probability, the task that answered and the router's confidence.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
     p.add_argument("--file", help="JSONL/CSV rows to classify (text, and entity or head/tail)")
@@ -346,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tail", help="the tail of the TEXTs (relation runs)")
     p.add_argument("--seed", type=int, help="which seed's modules (default: the run's first seed)")
     p.add_argument("--device", help="where to predict (default: the run's train.device), e.g. cpu")
+    p.add_argument("--task", help="answer as this task's (its module, its labels) instead of the run's routing")
     p.add_argument("--json", action="store_true", help="one JSON object per input")
     p = sub.add_parser("evaluate", help="test accuracy of a run's final modules on its stream",
                        description="Test accuracy (per task, average, whole) of a run's final modules on the "

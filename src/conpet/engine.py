@@ -136,6 +136,12 @@ class FeatureEngine:
     def precision(self) -> str:
         return self.compute.precision
 
+    def replace_rows(self, encoded: Encoded) -> None:
+        """Work on other rows (a served batch): the cache, keyed by row index, is emptied."""
+        self.encoded = encoded
+        self.cache.clear()
+        self.cache_bytes = 0
+
     def placement(self) -> str:
         """Where the PET modules sit, in words (a run says it once at its start)."""
         if self.top_layers is None:

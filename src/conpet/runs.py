@@ -134,14 +134,19 @@ def load_run_config(path: str | os.PathLike) -> RunConfig:
     return cfg
 
 
+def run_config(run_dir: Path) -> RunConfig:
+    """The configuration of run directory ``run_dir``; a clear error if it is not one."""
+    for name in ("config.yaml", "stream.json"):
+        if not (run_dir / name).is_file():
+            raise ConpetError(f"{run_dir}: not a conpet run directory (no {name})")
+    return load_run_config(run_dir / "config.yaml")
+
+
 def finished_run(run_dir: str | os.PathLike, seed: int | None) -> tuple[RunConfig, int, list[str], Path]:
     """``(config, seed, task names, seed folder)`` of a run whose last task has finished; a clear
     error otherwise (shared by evaluate, predict, merge, compress and export)."""
     run_dir = Path(run_dir)
-    for name in ("config.yaml", "stream.json"):
-        if not (run_dir / name).is_file():
-            raise ConpetError(f"{run_dir}: not a conpet run directory (no {name})")
-    cfg = load_run_config(run_dir / "config.yaml")
+    cfg = run_config(run_dir)
     seed = cfg.seed if seed is None else seed
     tasks = [t["name"] for t in read_json(run_dir / "stream.json")["tasks"]]
     if not adapter_dir(run_dir, seed, tasks[-1]).is_dir():
@@ -289,3 +294,34 @@ def recover_interrupted(run_dir: str | os.PathLike) -> list[str]:
                 tmp.unlink()
         actions.append(f"removed {tmp.relative_to(root)}")
     return actions
+
+
+def verified_tasks(run_dir: str | os.PathLike, seed: int, tasks: list[str]) -> tuple[int, list[str]]:
+    """How many of ``tasks`` (in stream order) seed ``seed`` has finished with every adapter file
+    matching its recorded SHA-256 (``manifest.json`` of a finished run, else the seed's
+    ``state.json``), and the problems that stopped the count (a changed, missing or unrecorded
+    file): what may be loaded for serving. A task still being written is not finished yet; a
+    finished run's task may have no folder (a merged run keeps the last task's alone)."""
+    root = Path(run_dir)
+    state_file = seed_dir(root, seed) / "state.json"
+    if (root / MANIFEST).is_file():
+        recorded = {rel: info["sha256"] for rel, info in read_json(root / MANIFEST)["files"].items()}
+        finished = len(tasks) if adapter_dir(root, seed, tasks[-1]).is_dir() else 0
+    elif state_file.is_file():
+        state = read_json(state_file)
+        recorded, finished = state.get("artifacts", {}), int(state.get("finished_tasks", 0))
+    else:
+        return 0, []
+    for k, task in enumerate(tasks[:finished]):
+        folder = adapter_dir(root, seed, task)
+        prefix = folder.relative_to(root).as_posix() + "/"
+        on_disk = {f.relative_to(root).as_posix(): f for f in _artifact_files(root, folder)} if folder.is_dir() else {}
+        problems = [f"missing: {rel}" for rel in recorded if rel.startswith(prefix) and rel not in on_disk]
+        for rel, f in on_disk.items():
+            if rel not in recorded:
+                problems.append(f"not recorded: {rel} (no SHA-256 for it in the run's records)")
+            elif sha256_file(f) != recorded[rel]:
+                problems.append(f"changed: {rel} (SHA-256 differs from the run's records)")
+        if problems:
+            return k, problems
+    return finished, []

@@ -76,12 +76,7 @@ class Stream:
         for t, task in enumerate(self.tasks):
             for label in task.labels:
                 self.task_of_label.setdefault(label, t)
-        self.targets: list[int] = [self.label_index.get(row.label, -1) for row in self.rows]
-        self.task_of_row: list[int] = [-1] * len(self.rows)
-        """The task each row belongs to (-1: in no task, e.g. rows to predict)."""
-        for t, task in enumerate(self.tasks):
-            for i in (*task.train, *task.dev, *task.test):
-                self.task_of_row[i] = t
+        self._index_rows()
         self.domain_incremental: bool = len(self.labels) < sum(len(task.labels) for task in self.tasks)
         """Tasks share labels (rows name their task): the domain-incremental setting."""
         seen = [0]
@@ -90,6 +85,23 @@ class Stream:
             known.update(task.labels)
             seen.append(len(known))
         self._ranges: list[tuple[int, int]] = list(zip(seen[:-1], seen[1:]))
+
+    def _index_rows(self) -> None:
+        self.targets: list[int] = [self.label_index.get(row.label, -1) for row in self.rows]
+        self.task_of_row: list[int] = [-1] * len(self.rows)
+        """The task each row belongs to (-1: in no task, e.g. rows to predict)."""
+        for t, task in enumerate(self.tasks):
+            for i in (*task.train, *task.dev, *task.test):
+                self.task_of_row[i] = t
+
+    def replace_rows(self, rows: list[Row]) -> None:
+        """Hold ``rows`` (rows to answer, in no task) instead of the current ones: what a served
+        batch does with a stream of tasks whose own rows are not kept."""
+        if any(task.train or task.dev or task.test for task in self.tasks):
+            raise ValueError("replace_rows: the stream's tasks index its rows; only a stream of task names and "
+                             "labels (a finished run's) takes rows to answer")
+        self.rows = list(rows)
+        self._index_rows()
 
     @property
     def generative(self) -> bool:

@@ -136,6 +136,25 @@ class Learner:
         """:meth:`generate` and, for a learner that :attr:`routes`, the module each prompt went to."""
         return self.generate(indices), None
 
+    def task_logits(self, indices: list[int], t: int) -> torch.Tensor:
+        """Logits of rows answered as task ``t``'s (a client named the task): the learner's own,
+        every column outside task ``t``'s set to -inf (a learner with a module per task uses
+        task ``t``'s module instead of its route)."""
+        logits = self.logits(indices)
+        columns = torch.tensor(self.ctx.stream.task_columns(t), device=logits.device)
+        out = torch.full_like(logits, float("-inf"))
+        out[:, columns] = logits[:, columns]
+        return out
+
+    def task_generate(self, indices: list[int], t: int) -> list[str]:
+        """Greedy answers to prompts named as task ``t``'s: one module answers every task, so by
+        default the learner's own answers (a learner with a module per task uses task ``t``'s)."""
+        return self.generate(indices)
+
+    def rows_replaced(self) -> None:
+        """The stream's rows were replaced by others (a served batch): forget anything keyed by
+        row index (default: nothing is)."""
+
     def save(self, t: int, folder: Path) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -41,6 +41,9 @@ class Context:
         self.rng = np.random.default_rng(self.seed)
         self.torch_gen = torch.Generator().manual_seed(self.seed)
         self.targets_all = torch.tensor(self.stream.targets, dtype=torch.long, device=self.engine.device)
+        self.answer_tokens: dict[int, list[int]] = {}
+        """The generated tokens of the answers :meth:`generate` gave, by row index (what a server
+        counts and cuts; decoding and encoding again does not always give them back)."""
 
     @property
     def backbone(self) -> Backbone:
@@ -82,6 +85,7 @@ class Context:
         tokens = greedy_generate(model, self.lm_head, prompts, self.backbone.pad_id, [end_token_id(tok)],
                                  self.cfg.data.max_new_tokens, self.compute, ensemble=ensemble,
                                  kv_cache=not self.pet.input_level, **forward_kwargs)
+        self.answer_tokens.update(zip(indices, tokens))
         return [tok.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
     def new_head(self) -> GrowingHead:

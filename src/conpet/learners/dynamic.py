@@ -285,6 +285,13 @@ class DynamicConPET(TaskModulesLearner):
                 out[rows[:, None], self._columns(task)[None, :]] = self.expert_heads[task](feats[rows]).float()
         return out, Route(top, probs)
 
+    def task_head_logits(self, features: torch.Tensor, t: int) -> torch.Tensor:
+        """Task ``t``'s expert head at its columns of the seen classes (-inf elsewhere)."""
+        out = torch.full((len(features), self.ctx.stream.class_range(self.n_tasks - 1)[1]), float("-inf"),
+                         device=features.device)
+        out[:, self._columns(t)] = self.expert_heads[t](features).float()
+        return out
+
     @torch.no_grad()
     def reference_perplexity(self, chunks: list[list[int]]) -> float:
         """Each reference chunk through the expert the selector picks for it (read at the chunk's

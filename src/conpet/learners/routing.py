@@ -102,6 +102,32 @@ class TaskModulesLearner(OneModuleLearner):
         modules = [self.module_of(int(j)) for j in route.tasks[:, 0].tolist()]
         return routed_generate(self.ctx, self.model, indices, modules), route
 
+    @torch.no_grad()
+    def task_logits(self, indices: list[int], t: int) -> torch.Tensor:
+        """Rows through task ``t``'s module, read by :meth:`task_head_logits` (no routing)."""
+        self.model.eval()
+        features = routed_features(self.ctx, self.model, indices, [self.module_of(t)] * len(indices))
+        return self.task_head_logits(features.float(), t)
+
+    def task_head_logits(self, features: torch.Tensor, t: int) -> torch.Tensor:
+        """Logits over the seen classes of ``features`` made by task ``t``'s module: by default
+        the head's, every column outside task ``t``'s set to -inf."""
+        logits = self.head(features).float()
+        columns = torch.tensor(self.ctx.stream.task_columns(t), device=logits.device)
+        out = torch.full_like(logits, float("-inf"))
+        out[:, columns] = logits[:, columns]
+        return out
+
+    @torch.no_grad()
+    def task_generate(self, indices: list[int], t: int) -> list[str]:
+        """Greedy answers through task ``t``'s module (no routing)."""
+        self.ctx.pet.activate(self.model, self.module_of(t))
+        self.model.eval()
+        return self.ctx.generate(self.model, indices)
+
+    def rows_replaced(self) -> None:
+        self.routed.clear()
+
     def reference_model(self) -> torch.nn.Module:
         """The last task's module (general text has no task to route to)."""
         self.ctx.pet.activate(self.model, self.module_name)
