@@ -32,7 +32,7 @@ pipq() {
 }
 
 python -c "import torch" 2>/dev/null || pipq "torch" "torch==2.13.0"
-python -c "import conpet, pytest, hypothesis, attr, rouge_score, sacrebleu, pyarrow, optuna" 2>/dev/null \
+python -c "import conpet, pytest, hypothesis, attr, rouge_score, sacrebleu, pyarrow, optuna, fastapi, uvicorn, prometheus_client, openai" 2>/dev/null \
     || pipq "conpet and its dependencies" -e ".[dev]"
 python -c "import conpet" 2>/dev/null || fail "conpet does not import after installing it: $(python -c 'import conpet' 2>&1 | tail -1)"
 

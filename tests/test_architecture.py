@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "conpet"
 
 LAYERS = [
     ["conpet", "conpet.__main__", "conpet.cli"],
-    ["conpet.search"],
+    ["conpet.search", "conpet.serve"],
     ["conpet.runner", "conpet.predict"],
     ["conpet.model"],
     ["conpet.plots"],

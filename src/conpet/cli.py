@@ -31,6 +31,7 @@ from conpet.merging import MERGE_METHODS
 from conpet.pet import PET_METHODS
 from conpet.search import is_search_dir, report_search, search
 from conpet.predict import predict
+from conpet.serve import ServeSettings, serve
 from conpet.plots import plot_comparison
 from conpet.report import load_run, metrics_table, orders_table, per_task_seconds_table
 from conpet.runner import evaluate_run, resume, run, run_many
@@ -132,6 +133,12 @@ def resume_run(args) -> int:
     print(f"\n{run['benchmark']}: {len(run['tasks'])} tasks (resumed)")
     print(metrics_table([(f"{run['learner']}/{run['pet']}/{run['model']}", metrics)]))
     print(f"\nrun directory: {args.resume}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    values = {name: getattr(args, name) for name in ServeSettings.names() if getattr(args, name, None) is not None}
+    serve(args.run_dir, ServeSettings(**values))
     return 0
 
 
@@ -382,6 +389,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, help="which seed (default: the run's first seed)")
+    p = sub.add_parser("serve", help="answer requests with a run's modules over HTTP (OpenAI-compatible)",
+                       description="Serve a run (finished or still training) on OpenAI-compatible endpoints: "
+                                   "/v1/chat/completions and /v1/completions (generative runs), /v1/classify, "
+                                   "/v1/models (auto + each task), /health, /metrics. Tasks the run finishes "
+                                   "later are loaded live. Binds 127.0.0.1 unless --api-key-file is given.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    defaults = ServeSettings()
+    for name, kind, help_text in [
+            ("host", str, "address to bind (default 127.0.0.1; any other needs --api-key-file)"),
+            ("port", int, "port (default 8000; 0: any free port, printed at start)"),
+            ("api_key_file", str, "file whose first line is the key clients send as Authorization: Bearer KEY"),
+            ("max_batch", int, f"most rows one forward pass serves (default {defaults.max_batch})"),
+            ("max_wait_ms", float, f"how long the first request waits for others to batch with "
+                                   f"(default {defaults.max_wait_ms:g})"),
+            ("max_body_bytes", int, f"largest request body (default {defaults.max_body_bytes})"),
+            ("max_prompt_tokens", int, "longest prompt or row in tokens (default: the run's train.max_length)"),
+            ("max_tokens", int, f"largest max_tokens a request may ask (default {defaults.max_tokens})"),
+            ("max_rows", int, f"most inputs in one request (default {defaults.max_rows})"),
+            ("max_in_flight", int, f"requests answered at once; beyond: 429 (default {defaults.max_in_flight})"),
+            ("timeout_s", float, f"seconds before an unanswered request gets 503 (default {defaults.timeout_s:g})"),
+            ("watch_s", float, f"seconds between looks for newly finished tasks; 0: only POST /admin/reload "
+                               f"(default {defaults.watch_s:g})"),
+            ("seed", int, "which seed's modules (default: the run's first seed)"),
+            ("device", str, "where to answer (default: the run's train.device), e.g. cpu")]:
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=help_text)
     p = sub.add_parser("verify", help="check a run directory's files against their recorded SHA-256",
                        description="Check every artifact of a run directory against manifest.json (or, for an "
                                    "unfinished run, the adapter hashes in each seed's state.json). Exit 1 when a "
@@ -409,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    handlers = {"run": cmd_run, "report": cmd_report, "predict": cmd_predict, "verify": cmd_verify,
+    handlers = {"run": cmd_run, "report": cmd_report, "predict": cmd_predict, "serve": cmd_serve,
+                "verify": cmd_verify,
                 "evaluate": cmd_evaluate, "merge": cmd_merge, "compress": cmd_compress, "export": cmd_export,
                 "search": cmd_search}
     try:
