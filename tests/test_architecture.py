@@ -120,9 +120,15 @@ def test_no_import_cycle():
             dfs(node)
 
 
+EXTRA_IMPORTS = {("conpet/serve/__init__.py", "conpet.serve.app"):
+                 "the app imports FastAPI, which only the serve extra installs: `conpet serve` says so in one line"}
+"""Imports of conpet modules that stay inside a function, and why."""
+
+
 def test_no_conpet_import_inside_a_function():
     hidden = [f"{p.relative_to(SRC.parent)}:{line}: {t}" for name, p in modules().items()
-              for t, line, in_function in imports(p) if in_function]
+              for t, line, in_function in imports(p)
+              if in_function and (p.relative_to(SRC.parent).as_posix(), t) not in EXTRA_IMPORTS]
     assert not hidden, "imports of conpet modules belong at the top of the module:\n" + "\n".join(hidden)
 
 

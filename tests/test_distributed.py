@@ -262,7 +262,7 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the rank's process through /proc")
-@pytest.mark.parametrize("sharding", [pytest.param([], id="ddp"),
+@pytest.mark.parametrize("sharding", [pytest.param([], id="ddp", marks=pytest.mark.slow),
                                       pytest.param(["--set", "backbone.fsdp=true"], id="fsdp", marks=pytest.mark.slow)])
 def test_kill_one_rank_then_resume_gives_the_uninterrupted_run(no_dropout_encoder, typing_data, tmp_path, sharding):
     data, tasks = typing_data

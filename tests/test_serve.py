@@ -172,6 +172,7 @@ def test_auto_routing_names_the_task_of_rows_whose_task_is_clear(gen_run, gen_se
         assert [ch.model_extra["conpet"]["task"] for ch in r.choices] == [task] * len(rows)
 
 
+@pytest.mark.slow
 def test_classify_concurrent_requests_are_batched(cls_run):
     from conpet import ContinualModel
 
@@ -291,7 +292,12 @@ def test_a_tampered_adapter_is_refused_and_reported(cls_run, tmp_path, capsys):
         status, health, _ = raw(url, "/health")
         assert status == 200 and health["status"] == "degraded" and health["tasks"] == ["task-01"]
         assert "task-02" in health["problems"][0]
-        assert [m.id for m in client(url).models.list().data] == ["auto", "task-01"]
+        c = client(url)
+        assert [m.id for m in c.models.list().data] == ["auto", "task-01"]
+        rows = [{"text": f"Yesterday we talked about the {w} for a while.", "entity": w} for w in ("wolf", "soup")]
+        out = c.post("/classify", body={"model": "auto", "input": rows}, cast_to=object)
+        assert [d["task"] for d in out["data"]] == ["task-01", "task-01"]  # the only task it holds
+        assert {d["label"] for d in out["data"]} <= {"animal", "food"} and out["model"] == "auto"
     first = copy / "seed-0" / "adapters" / "task-01" / "adapter_model.safetensors"
     first.write_bytes(first.read_bytes()[:-1] + b"\0")
     capsys.readouterr()
