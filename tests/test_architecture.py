@@ -15,7 +15,7 @@ LAYERS = [
     ["conpet", "conpet.__main__", "conpet.cli"],
     ["conpet.search", "conpet.serve"],
     ["conpet.runner", "conpet.predict"],
-    ["conpet.model"],
+    ["conpet.model", "conpet.vllm_export"],
     ["conpet.plots"],
     ["conpet.build", "conpet.report", "conpet.checkpoint", "conpet.evaluation"],
     ["conpet.learners"],

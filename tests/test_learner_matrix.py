@@ -374,5 +374,51 @@ def test_a_generative_run_reloads_to_the_same_answers(lively_decoder, tmp_path, 
     try:
         prompts = [r.text for rows_of_task in split_rows(out) for r in rows_of_task]
         assert [g.text for g in model.generate(prompts)] == answers
+        exported_answers_are_conpets(model, out, tmp_path / "vllm", prompts)
     finally:
         model.close()
+
+
+def exported_answers_are_conpets(model, run: Path, out: Path, prompts: list[str]) -> None:
+    """``conpet export --to vllm``: each task's folder, loaded by plain peft on the plain causal
+    LM, answers greedily as conpet does with that task named (or refused, where the learner
+    declares its answers are not one module's)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conpet.errors import ConpetError
+    from conpet.inputs import end_token_id
+    from conpet.vllm_export import export_vllm
+
+    if not type(model.learner).exports_lora:
+        with pytest.raises(ConpetError, match="does not answer with one LoRA module"):
+            export_vllm(run, out)
+        return
+    done = export_vllm(run, out)
+    assert set(done["tasks"]) == set(model.tasks) and (out / "README.md").is_file()
+    config = json.loads((out / done["tasks"][model.tasks[0]] / "adapter_config.json").read_text())
+    assert config["modules_to_save"] is None and config["bias"] == "none" and config["task_type"] == "CAUSAL_LM"
+    tok = AutoTokenizer.from_pretrained(done["base_model"])
+    end = end_token_id(tok)
+    base = AutoModelForCausalLM.from_pretrained(done["base_model"], dtype=torch.float32)
+    for task in model.tasks:
+        served = PeftModel.from_pretrained(base, out / done["tasks"][task]).eval()
+        expected = [g.text for g in model.generate(prompts[:4], max_new_tokens=6, task=task)]
+        got = []
+        for prompt in prompts[:4]:
+            if model.chat_template:  # the run's prompt format
+                text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                               tokenize=False)
+                ids = tok(text, return_tensors="pt", add_special_tokens=False)
+            else:  # BERT's tokenizer would add [CLS] ... [SEP]; a prompt gets the BOS token alone, where it has one
+                ids = tok(prompt + "\n", return_tensors="pt", add_special_tokens=False)
+                if getattr(tok, "add_bos_token", False) and tok.bos_token_id is not None:
+                    ids = {k: torch.cat([torch.full_like(v[:, :1], tok.bos_token_id if k == "input_ids" else 1), v], 1)
+                           for k, v in ids.items()}
+            ids = {k: v for k, v in ids.items() if k != "token_type_ids"}  # the tiny models' BERT tokenizer
+            with torch.no_grad():
+                new = served.generate(**ids, max_new_tokens=6, do_sample=False, eos_token_id=end, pad_token_id=end)
+            new = new[0, ids["input_ids"].shape[1]:].tolist()
+            got.append(tok.decode(new[:new.index(end)] if end in new else new, skip_special_tokens=True).strip())
+        base = served.unload()
+        assert got == expected, task

@@ -32,6 +32,7 @@ from conpet.pet import PET_METHODS
 from conpet.search import is_search_dir, report_search, search
 from conpet.predict import predict
 from conpet.serve import ServeSettings, serve
+from conpet.vllm_export import export_vllm
 from conpet.plots import plot_comparison
 from conpet.report import load_run, metrics_table, orders_table, per_task_seconds_table
 from conpet.runner import evaluate_run, resume, run, run_many
@@ -200,6 +201,12 @@ def cmd_compress(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.to == "vllm":
+        done = export_vllm(args.run_dir, args.out, args.seed)
+        for task, folder in done["tasks"].items():
+            print(f"{task}: {Path(args.out) / folder} (rank {done['ranks'][folder]})")
+        print(f"serve it: see {Path(args.out) / 'README.md'}")
+        return 0
     for folder in export_peft(args.run_dir, args.out, args.seed):
         print(folder)
     return 0
@@ -389,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, help="which seed (default: the run's first seed)")
+    p.add_argument("--to", choices=("peft", "vllm"), default="peft",
+                   help="peft: the modules as saved; vllm: one LoRA folder per task in the form vLLM loads, checked "
+                        "against the base model, with the `vllm serve` line in README.md (generative runs)")
     p = sub.add_parser("serve", help="answer requests with a run's modules over HTTP (OpenAI-compatible)",
                        description="Serve a run (finished or still training) on OpenAI-compatible endpoints: "
                                    "/v1/chat/completions and /v1/completions (generative runs), /v1/classify, "

@@ -12,8 +12,8 @@ A learner implements:
   ``state_attrs`` (:mod:`conpet.learners.state`).
 
 What a learner can do is declared once, as class attributes (its *capabilities*): ``generative``,
-``needs_lm_head``, ``shards_backbone``, ``module_per_task``, ``routes``, ``requires_pet``. Build,
-prediction, export and the tests read them, never a learner's name.
+``needs_lm_head``, ``shards_backbone``, ``module_per_task``, ``routes``, ``requires_pet``,
+``exports_lora``. Build, prediction, export and the tests read them, never a learner's name.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from conpet.learners.state import pack, unpack
 from conpet.learners.training import Fit
 
 LEARNERS: dict[str, type["Learner"]] = {}
-CAPABILITIES = ("generative", "needs_lm_head", "shards_backbone", "module_per_task", "routes", "requires_pet")
+CAPABILITIES = ("generative", "needs_lm_head", "shards_backbone", "module_per_task", "routes", "requires_pet",
+                "exports_lora")
 """The class attributes that declare what a learner can do (``learner.json`` of a run records them)."""
 CONPET_PAPER = "Song et al. 2023, ConPET: Continual Parameter-Efficient Tuning for Large Language Models (arXiv 2309.14763)"
 """ConPET's paper: Static and Dynamic ConPET, and the lower and upper bounds it measures against."""
@@ -80,6 +81,10 @@ class Learner:
     :meth:`logits_and_route` and :meth:`generate_and_route`."""
     requires_pet: ClassVar[str | None] = None
     """The PET method the learner is built around (``pet.method`` must name it), or ``None``."""
+    exports_lora: ClassVar[bool] = True
+    """Whether every answer comes from one saved module alone (each task's, for a learner with
+    :attr:`module_per_task`), so that a server of plain LoRA adapters (vLLM) answers as conpet
+    does; not for an ensemble of modules or weights merged into the backbone."""
     options: ClassVar[dict[str, Option]] = {}
     """The learner's options (:class:`conpet.learners.options.Option`), declared once."""
     state_attrs: ClassVar[tuple[str, ...]] = ()

@@ -85,6 +85,7 @@ class CoFiTune(OneModuleLearner):
     paper = ("Zhang et al. 2024, Balancing Speciality and Versatility: a Coarse to Fine Framework for Supervised "
              "Fine-tuning Large Language Model")
     generative = True
+    exports_lora = False  # CoFiTune tunes backbone layers, not a LoRA
     requires_pet = "cofitune"  # the coarse level: full FFN up/down matrices of a layer window
     options = {
         "apply_softmask": Option("input_projection,output_projection", str,

@@ -59,6 +59,7 @@ class ILoRA(OneModuleLearner):
     paper = "Ren et al. 2024, Analyzing and Reducing Catastrophic Forgetting in Parameter Efficient Tuning"
     shards_backbone = True
     generative = True
+    exports_lora = False  # the answering module is an option (slow or fast); its export is not built yet
     options = {"buffer_size": Option(500, int, minimum=1, help="reservoir buffer size (training rows)"),
                "reg_weight": Option(1.0, float, minimum=0.0, help="weight of the hidden-state consistency loss"),
                "ema_alpha": Option(0.25, float, minimum=0.0, maximum=1.0,

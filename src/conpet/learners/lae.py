@@ -36,6 +36,7 @@ class LAE(OneModuleLearner):
     paper = "Gao et al. 2023, A Unified Continual Learning Framework with General Parameter-Efficient Tuning"
     shards_backbone = True
     generative = True
+    exports_lora = False  # the ensemble of the online and offline modules answers
     saved_modules = (OFFLINE,)
     options = {"ema_decay": Option(0.9999, float, minimum=0.0, maximum=1.0, help="EMA decay of the offline module"),
                "freeze_epochs": Option(None, int, minimum=0, nullable=True,

@@ -50,6 +50,7 @@ class OSFLearner(OneModuleLearner):
 
     paper = "Nayak et al. 2025, Sculpting Subspaces: Constrained Full Fine-Tuning in LLMs for Continual Learning"
     generative = True
+    exports_lora = False  # the modules are merged into the backbone's weights
     requires_pet = "osf"
     options = {"preserve_start": Option(0.0, float, minimum=0.0,
                                         help="fraction of min(m, n) preserved at the first task (0: rank 1)"),
