@@ -421,6 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
             ("timeout_s", float, f"seconds before an unanswered request gets 503 (default {defaults.timeout_s:g})"),
             ("watch_s", float, f"seconds between looks for newly finished tasks; 0: only POST /admin/reload "
                                f"(default {defaults.watch_s:g})"),
+            ("upstream", str, "an OpenAI-compatible server (e.g. vLLM) holding the run's adapters exported by "
+                              "`conpet export --to vllm`: only the router runs here, each request is answered "
+                              "there with model=<task>"),
+            ("upstream_key_file", str, "file holding the upstream server's API key, if it needs one"),
             ("seed", int, "which seed's modules (default: the run's first seed)"),
             ("device", str, "where to answer (default: the run's train.device), e.g. cpu")]:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=help_text)

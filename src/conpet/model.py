@@ -30,7 +30,7 @@ from conpet.build import Prepared, build_learner, keeps_torch_threads, prepare
 from conpet.config import RunConfig
 from conpet.data.stream import Row, Stream, Task
 from conpet.errors import ConpetError, DataError
-from conpet.inputs import encode_generation, encode_rows, sorted_batches
+from conpet.inputs import chat_template_on, encode_generation, encode_rows, sorted_batches
 from conpet.learners import Learner
 from conpet.runs import adapter_dir, check_binding, read_json, run_config, seed_dir, verified_tasks
 
@@ -205,6 +205,11 @@ class ContinualModel:
     def routes(self) -> str | None:
         """How a row reaches its module (``selector``, ``prototype``), or ``None``: one module answers."""
         return type(self.learner).routes
+
+    @property
+    def chat_template(self) -> bool:
+        """Whether prompts are wrapped in the model's chat template as a user turn (as the run trained)."""
+        return chat_template_on(self.tokenizer, self.cfg.data.chat_template)
 
     @property
     def tokenizer(self):

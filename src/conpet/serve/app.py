@@ -16,6 +16,8 @@ import hmac
 import json
 import logging
 import time
+import urllib.error
+import urllib.request
 import uuid
 from typing import Any
 
@@ -25,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from conpet.errors import ConpetError
-from conpet.model import ContinualModel
+from conpet.model import ContinualModel, Generation
 from conpet.serve.batcher import Batcher, Job
 from conpet.serve.settings import ServeSettings, read_api_key
 
@@ -40,7 +42,7 @@ class APIError(Exception):
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
              413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-             503: "server_error", 500: "server_error"}
+             502: "server_error", 503: "server_error", 500: "server_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
@@ -126,6 +128,7 @@ def create_app(model: ContinualModel, settings: ServeSettings) -> FastAPI:
     """The FastAPI app serving ``model`` under ``settings`` (checked)."""
     settings.check()
     key = read_api_key(settings.api_key_file) if settings.api_key_file else None
+    upstream_key = read_api_key(settings.upstream_key_file) if settings.upstream_key_file else None
     metrics = Metrics()
     batcher = Batcher(model, settings.max_batch, settings.max_wait_ms, metrics.observe_batch)
     prompt_limit = settings.max_prompt_tokens or model.cfg.train.max_length
@@ -266,6 +269,51 @@ def create_app(model: ContinualModel, settings: ServeSettings) -> FastAPI:
         except ConpetError as error:
             raise APIError(400, str(error)) from None
 
+    async def generated(task: str | None, prompts: list[str], limits: list[int], stop: tuple[str, ...]
+                        ) -> list[Generation]:
+        """The answers, made here or (``--upstream``) routed here and made by the upstream server."""
+        if settings.upstream is None:
+            return await answer(Job("generate", task, prompts, limits, stop))
+        if task is None and model.routes is not None:
+            routes = await answer(Job("route", None, prompts))
+            targets = [(r.task, r.confidence) for r in routes]
+        else:  # a named task, or one module that answers every task (exported under every task's name)
+            targets = [(task or model.tasks[0], None)] * len(prompts)
+        answers = await asyncio.gather(*(asyncio.to_thread(upstream_call, p, t, m, stop)
+                                         for p, (t, _), m in zip(prompts, targets, limits)))
+        return [Generation(p, text, t if task or model.routes else None, c, used, made, reason)
+                for p, (t, c), (text, used, made, reason) in zip(prompts, targets, answers)]
+
+    def upstream_call(prompt: str, target: str, limit: int, stop: tuple[str, ...]) -> tuple[str, int, int, str]:
+        """One greedy answer from the upstream server with ``model=target``, the prompt formatted as
+        the run formats it (a chat turn when it trained with the chat template)."""
+        body: dict[str, Any] = {"model": target, "max_tokens": limit, "temperature": 0}
+        if stop:
+            body["stop"] = list(stop)
+        if model.chat_template:
+            path, body["messages"] = "/chat/completions", [{"role": "user", "content": prompt}]
+        else:
+            path, body["prompt"] = "/completions", prompt + "\n"
+        headers = {"Content-Type": "application/json"}
+        if upstream_key:
+            headers["Authorization"] = f"Bearer {upstream_key}"
+        request = urllib.request.Request(settings.upstream.rstrip("/") + path, data=json.dumps(body).encode(),
+                                         headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=settings.timeout_s) as r:
+                data = json.loads(r.read())
+        except urllib.error.HTTPError as error:
+            raise APIError(502, f"the upstream server answered {error.code}: {error.read()[:300]!r}",
+                           code="upstream_error") from None
+        except (OSError, ValueError) as error:
+            raise APIError(502, f"the upstream server at {settings.upstream} failed: {error}",
+                           code="upstream_error") from None
+        choice = data["choices"][0]
+        text = choice["message"]["content"] if "message" in choice else choice["text"]
+        usage = data.get("usage") or {}
+        return (text.strip(), int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)),
+                choice.get("finish_reason") or "stop")
+
     def check_prompt(text: str, param: str) -> None:
         n = model.count_tokens(text)
         if n > prompt_limit:
@@ -355,7 +403,7 @@ def create_app(model: ContinualModel, settings: ServeSettings) -> FastAPI:
         task = task_of(body.model)
         for k, p in enumerate(prompts):
             check_prompt(p, "prompt" if len(prompts) == 1 else f"prompt[{k}]")
-        results = await answer(Job("generate", task, prompts, limits, stops(body)))
+        results = await generated(task, prompts, limits, stops(body))
         metrics.answered(results)
         made, ident = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
         choices = [{"index": k, "text": (p if body.echo else "") + g.text, "logprobs": None,
@@ -377,7 +425,7 @@ def create_app(model: ContinualModel, settings: ServeSettings) -> FastAPI:
         task = task_of(body.model)
         prompt = single_turn(body.messages)
         check_prompt(prompt, "messages")
-        results = await answer(Job("generate", task, [prompt], limits, stops(body)))
+        results = await generated(task, [prompt], limits, stops(body))
         metrics.answered(results)
         g = results[0]
         made, ident = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"

@@ -21,7 +21,7 @@ from conpet.model import ContinualModel
 
 @dataclass
 class Job:
-    """One request's work: ``kind`` is ``classify`` or ``generate``; ``task`` the model it named."""
+    """One request's work: ``kind`` is ``classify``, ``generate`` or ``route``; ``task`` the model it named."""
 
     kind: str
     task: str | None
@@ -121,6 +121,8 @@ class Batcher:
         began = time.perf_counter()
         if first.kind == "classify":
             out = self.model.predict(inputs, task=first.task)
+        elif first.kind == "route":
+            out = self.model.route(inputs)
         else:
             limits = [m for job in group for m in job.limits]
             out = self.model.generate(inputs, max_new_tokens=limits, task=first.task, stop=list(first.stop))

@@ -39,6 +39,11 @@ class ServeSettings:
     """A request not answered by then gets 503."""
     watch_s: float = 2.0
     """How often the run's records are read for newly finished tasks (0: only ``POST /admin/reload``)."""
+    upstream: str | None = None
+    """An OpenAI-compatible server holding the run's exported adapters by task name (``conpet export
+    --to vllm``, served by vLLM): generation requests are routed here and answered there."""
+    upstream_key_file: str | None = None
+    """The key the upstream server expects, if any (first line of the file)."""
     seed: int | None = None
     device: str | None = None
 
@@ -61,6 +66,10 @@ class ServeSettings:
                               f"(clients then send Authorization: Bearer KEY)")
         if self.api_key_file:
             read_api_key(self.api_key_file)
+        if self.upstream is not None and not self.upstream.startswith(("http://", "https://")):
+            raise ConfigError(f"--upstream {self.upstream}: give the server's base URL, e.g. http://127.0.0.1:8001/v1")
+        if self.upstream_key_file:
+            read_api_key(self.upstream_key_file)
         return self
 
     @classmethod
