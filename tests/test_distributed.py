@@ -324,8 +324,8 @@ def test_fsdp_shards_the_backbone_and_gives_the_run_of_one_process(no_dropout_en
     assert main(["verify", str(two)]) == 0
 
 
-@pytest.mark.parametrize("learner", ["sequential", pytest.param("dynamic", marks=pytest.mark.slow),
-                                     pytest.param("zscl", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("learner", ["sequential", "dynamic", "zscl"])
 def test_fsdp_decodes_a_generative_stream_in_step(lively_decoder, tmp_path, learner):
     """Greedy decoding stops together on every rank (each step is a collective), and answers as
     one process does. ``lr 1e-12`` keeps both runs on the same weights: the lively decoder turns the

@@ -282,6 +282,7 @@ def test_killed_inside_task_2_resumes_to_the_same_run(baselines, tiny_encoder, t
     assert not list(out.rglob("checkpoint")), "checkpoints are removed when the seed finishes"
 
 
+@pytest.mark.slow
 def test_killed_inside_the_first_of_several_fits_resumes_to_the_same_run(baselines, tiny_encoder, tiny_decoder):
     """Dynamic ConPET's selector fit comes before its expert exists: resuming inside it once
     activated the missing expert."""
