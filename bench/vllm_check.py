@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 from record import write_record
+from serve_load import start, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,16 +90,11 @@ def main() -> None:
     front = None
     try:
         wait_ready(f"http://127.0.0.1:{port}/v1/models", vllm, log, args.startup_seconds)
-        front = subprocess.Popen([sys.executable, "-m", "conpet.cli", "serve", str(run), "--port", "0",
-                                  "--upstream", f"http://127.0.0.1:{port}/v1", "--watch-s", "0"],
-                                 stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-        url = None
-        while url is None:
-            line = front.stderr.readline()
-            if not line and front.poll() is not None:
-                raise RuntimeError("conpet serve --upstream did not start")
-            found = re.search(r"listening on (http://\S+)", line)
-            url = found.group(1) if found else None
+        try:
+            front, url = start([sys.executable, "-m", "conpet.cli", "serve", str(run), "--port", "0",
+                                "--upstream", f"http://127.0.0.1:{port}/v1", "--watch-s", "0"])
+        except SystemExit as error:
+            raise RuntimeError(f"conpet serve --upstream did not start: {error}") from None
         client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
         got, began = [], time.perf_counter()
         for prompt in prompts:
@@ -123,12 +117,8 @@ def main() -> None:
         print(f"vLLM failed: {error}", file=sys.stderr)
     finally:
         for proc in (front, vllm):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            if proc is not None:
+                stop(proc)
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"vllm-check-{run.name}.json"
     write_record(out, record)
     print(f"record: {out}")

@@ -149,9 +149,8 @@ class ContinualModel:
             for name in names:
                 check_binding(adapter_dir(self.run_dir, self.seed, name), self.engine.backbone.fingerprint,
                               str(self.engine.backbone.path))
-        rows = self._meta.rows
-        stream = Stream(name=self._meta.name, kind=self._meta.kind, rows=[], tasks=_tasks(self._all_tasks[:finished]))
-        stream.replace_rows(rows)
+        stream = Stream(name=self._meta.name, kind=self._meta.kind, rows=list(self._meta.rows),
+                        tasks=_tasks(self._all_tasks[:finished]))
         learner = build_learner(self.cfg, Prepared(stream, self.engine), self.seed)
         try:
             learner.restore(self.run_dir, self.seed)

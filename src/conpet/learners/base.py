@@ -145,11 +145,7 @@ class Learner:
         """Logits of rows answered as task ``t``'s (a client named the task): the learner's own,
         every column outside task ``t``'s set to -inf (a learner with a module per task uses
         task ``t``'s module instead of its route)."""
-        logits = self.logits(indices)
-        columns = torch.tensor(self.ctx.stream.task_columns(t), device=logits.device)
-        out = torch.full_like(logits, float("-inf"))
-        out[:, columns] = logits[:, columns]
-        return out
+        return only_task(self.logits(indices), self.ctx.stream.task_columns(t))
 
     def task_generate(self, indices: list[int], t: int) -> list[str]:
         """Greedy answers to prompts named as task ``t``'s: one module answers every task, so by
@@ -197,6 +193,14 @@ class Learner:
 
     def close(self) -> None:
         """Give the backbone back untouched (remove every PET module)."""
+
+
+def only_task(logits: torch.Tensor, columns: list[int]) -> torch.Tensor:
+    """``logits`` with every column outside ``columns`` (a task's) set to -inf."""
+    keep = torch.tensor(columns, device=logits.device)
+    out = torch.full_like(logits, float("-inf"))
+    out[:, keep] = logits[:, keep]
+    return out
 
 
 def get_learner(name: str) -> type[Learner]:

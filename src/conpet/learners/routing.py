@@ -10,7 +10,7 @@ from typing import Callable, ClassVar
 import torch
 
 from conpet.heads import GrowingHead
-from conpet.learners.base import Route
+from conpet.learners.base import Route, only_task
 from conpet.learners.context import Context
 from conpet.learners.one_module import OneModuleLearner
 from conpet.learners.state import read_attrs
@@ -112,11 +112,7 @@ class TaskModulesLearner(OneModuleLearner):
     def task_head_logits(self, features: torch.Tensor, t: int) -> torch.Tensor:
         """Logits over the seen classes of ``features`` made by task ``t``'s module: by default
         the head's, every column outside task ``t``'s set to -inf."""
-        logits = self.head(features).float()
-        columns = torch.tensor(self.ctx.stream.task_columns(t), device=logits.device)
-        out = torch.full_like(logits, float("-inf"))
-        out[:, columns] = logits[:, columns]
-        return out
+        return only_task(self.head(features).float(), self.ctx.stream.task_columns(t))
 
     @torch.no_grad()
     def task_generate(self, indices: list[int], t: int) -> list[str]:

@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -164,8 +165,6 @@ def create_app(model: ContinualModel, settings: ServeSettings) -> FastAPI:
                     await reload()
                 except APIError:
                     pass
-
-    from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
